@@ -1,0 +1,3 @@
+from bdctl.cli import main
+
+main()

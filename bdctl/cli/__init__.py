@@ -1,0 +1,40 @@
+"""The `bdctl` command line: one module per command, registered only once it works.
+
+Importing this package must not import torch, deepspeed or transformers (`bdctl --help` is instant);
+commands import what they need when they run.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from bdctl import __version__
+from bdctl.cli import sft as sft_command
+
+app = typer.Typer(
+    name="bdctl",
+    help="Bellman Distill: distil a teacher LM into a student with DeepSpeed ZeRO-3, from one recipe file.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+app.command("sft", epilog=sft_command.EXAMPLE)(sft_command.sft)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"bdctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+) -> None:
+    """Bellman Distill: distil a teacher LM into a student with DeepSpeed ZeRO-3, from one recipe file."""
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,43 @@
+"""`bdctl sft`: fine-tune the teacher or the student on the recipe's instruction data."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated
+
+import typer
+
+from bdctl.cli.common import DryRunOpt, ForceOpt, NprocOpt, RecipeArg, SetOpt, say, user_errors
+
+EXAMPLE = """[bold]Examples[/]
+
+  bdctl sft recipes/smoke.yaml --model teacher
+  bdctl sft tiny --model student --nproc 2 --set stages.student_sft.lr=1e-3
+"""
+
+
+class Role(str, Enum):
+    teacher = "teacher"
+    student = "student"
+
+
+def sft(
+    recipe: RecipeArg,
+    model: Annotated[Role, typer.Option("--model", "-m", help="Which model to fine-tune.")] = Role.teacher,
+    set_: SetOpt = None,
+    nproc: NprocOpt = 1,
+    dry_run: DryRunOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Supervised fine-tuning (response tokens only) on a DeepSpeed ZeRO engine.
+
+    Keeps the weights with the lowest validation loss and exports them as a Hugging Face
+    directory: runs/<name>/<model>_sft/export.
+    """
+    with user_errors():
+        from bdctl.job import submit
+        from bdctl.launch import LaunchOptions
+
+        job = submit("sft", recipe, set_ or [], {"model": model.value}, LaunchOptions(nproc=nproc, dry_run=dry_run), force, log=say)
+        if not dry_run:
+            say(f"[green]done:[/] {job.stage_dir / 'export'}")

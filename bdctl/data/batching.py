@@ -1,0 +1,82 @@
+"""Tokenised examples, the global data order, and how a step's batch is cut across ranks.
+
+The data order depends only on (seed, epoch, global batch size), never on the number of ranks:
+step s of epoch e trains on the same examples whether they are spread over 1 or 8 ranks, which is
+what makes runs comparable across world sizes and resumable at an exact position.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+IGNORE = -100  # label of positions that are not scored (prompt tokens, padding)
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """One training sequence: prompt tokens, then response tokens and EOS."""
+
+    ids: list[int]
+    prompt_len: int
+
+
+def tokenize_examples(rows: list[dict], tokenizer) -> list[Tokenized]:
+    """Prompt and response tokenised separately (generation starts from the prompt's tokens)."""
+    prompts = tokenizer([r["prompt"] for r in rows])["input_ids"]
+    answers = tokenizer([r["output"] for r in rows], add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return [Tokenized(p + a + [eos], len(p)) for p, a in zip(prompts, answers, strict=True)]
+
+
+def collate(examples: list[Tokenized], pad_id: int):
+    """Right-padded `input_ids`, `attention_mask` and `labels` (response tokens only are scored).
+
+    `labels[b, t]` is the token the model should predict at position t (already shifted), so the
+    logits at position t are compared with labels[b, t] directly.
+    """
+    import torch
+
+    width = max(len(e.ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.ids)
+        ids = torch.tensor(example.ids, dtype=torch.long)
+        input_ids[row, :n] = ids
+        attention_mask[row, :n] = 1
+        # Position t predicts token t+1; only predictions of response tokens (and EOS) count.
+        labels[row, example.prompt_len - 1 : n - 1] = ids[example.prompt_len :]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def epoch_order(n_examples: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n_examples))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def steps_per_epoch(n_examples: int, global_batch: int) -> int:
+    """Full global batches per epoch (the remainder is dropped, a fresh shuffle each epoch)."""
+    return n_examples // global_batch
+
+
+def micro_batches(order: list[int], step: int, global_batch: int, micro: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's micro-batches of global step `step`: micro-batch m goes to rank m % world."""
+    batch = order[step * global_batch : (step + 1) * global_batch]
+    chunks = [batch[i : i + micro] for i in range(0, global_batch, micro)]
+    return chunks[rank::world]
+
+
+def eval_batches(n_examples: int, micro: int, rank: int, world: int) -> list[list[int]]:
+    """Every example once across ranks, and the same number of batches on every rank.
+
+    ZeRO-3 gathers parameters collectively, so a rank that ran fewer forward passes than the
+    others would hang them; ranks with fewer batches get empty ones, which run no forward pass
+    worth counting (the caller pads them with a dummy example of weight zero).
+    """
+    mine = list(range(n_examples))[rank::world]
+    per_rank = -(-n_examples // world)
+    n_batches = -(-per_rank // micro)
+    return [mine[i * micro : (i + 1) * micro] for i in range(n_batches)]

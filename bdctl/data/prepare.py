@@ -1,0 +1,164 @@
+"""The data stage: shared tokenizer, prompt template, seeded train / valid / test split.
+
+Runs once per run directory, in the launching process before any rank starts, so every rank and
+every later stage reads the same files:
+
+    data/train.jsonl valid.jsonl test.jsonl   {"id", "instruction", "input", "output", "prompt"}
+    data/split.json                            counts, including the dropped over-long examples
+    data/MANIFEST.json                         written last, with the fingerprint of what made it
+
+Over-long examples (prompt over `max_prompt_length`, or prompt + response + EOS over `max_length`
+tokens) are dropped before splitting, as MiniLLM does, and counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from bdctl.data.sources import read_hub, read_records, read_texts, to_instruction
+from bdctl.data.template import render_prompt
+from bdctl.errors import UserError
+from bdctl.models import load_tokenizer, tokenizer_hash, tokenizer_source, train_tokenizer
+from bdctl.recipe.schema import Recipe
+from bdctl.rundir import RunDir, manifest, mark_complete, write_json_atomic, write_text_atomic
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass
+class PreparedData:
+    directory: Path
+    counts: dict[str, int]
+    tokenizer_hash: str
+
+
+def data_fingerprint(recipe: Recipe) -> str:
+    """Everything that decides the data stage's output; a change means a different run directory."""
+    relevant = {"data": recipe.data.model_dump(mode="json"), "tokenizer": recipe.models.tokenizer.model_dump(mode="json")}
+    if recipe.models.tokenizer.train is None and recipe.models.tokenizer.path is None:
+        relevant["teacher"] = recipe.models.teacher.model_dump(mode="json")
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare_data(recipe: Recipe, run: RunDir, log=print) -> PreparedData:
+    """Make (or reuse) the run's tokenizer and split; idempotent and safe to interrupt."""
+    fingerprint = data_fingerprint(recipe)
+    done = manifest(run.data)
+    if done is not None:
+        if done.get("fingerprint") != fingerprint:
+            raise UserError(
+                f"{run.data}: prepared from different data or tokenizer settings; "
+                f"use another run_dir or delete {run.root}"
+            )
+        return PreparedData(run.data, done["counts"], done["tokenizer_hash"])
+
+    examples = load_instructions(recipe)
+    tokenizer = _make_tokenizer(recipe, run, examples)
+    kept, dropped = _drop_overlong(recipe, tokenizer, examples)
+    split = recipe.data.split
+    if len(kept) <= split.valid + split.test:
+        raise UserError(
+            f"data: {len(kept)} usable examples (of {len(examples)}, {sum(dropped.values())} too long) "
+            f"leave nothing to train on after {split.valid} validation and {split.test} test examples"
+        )
+    random.Random(split.seed).shuffle(kept)
+    parts = {
+        "valid": kept[: split.valid],
+        "test": kept[split.valid : split.valid + split.test],
+        "train": kept[split.valid + split.test :],
+    }
+    if run.data.exists():  # an earlier, interrupted attempt: start it over
+        shutil.rmtree(run.data)
+    for name, rows in parts.items():
+        write_text_atomic(run.data / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    counts = {name: len(rows) for name, rows in parts.items()}
+    report = {"source_examples": len(examples), "dropped": dropped, **counts}
+    write_json_atomic(run.data / "split.json", report)
+    digest = tokenizer_hash(tokenizer)
+    mark_complete(run.data, fingerprint=fingerprint, counts=counts, tokenizer_hash=digest)
+    log(
+        f"data: {len(examples)} examples, dropped {dropped['prompt_too_long']} with long prompts and "
+        f"{dropped['too_long']} too long; train {counts['train']} / valid {counts['valid']} / test {counts['test']}"
+    )
+    return PreparedData(run.data, counts, digest)
+
+
+def load_instructions(recipe: Recipe) -> list[dict]:
+    """The recipe's instruction examples, each with a stable id and its rendered prompt."""
+    source = recipe.data.source
+    if source.synthetic is not None:
+        from bdctl.data.synthetic import synthetic_instructions
+
+        rows = synthetic_instructions(source.synthetic.n, seed=recipe.seed, families=source.synthetic.families)
+        records = [(f"synthetic {i}", row) for i, row in enumerate(rows)]
+        fields = None
+    else:
+        records = read_records(source.path) if source.path else read_hub(source.hub, source.hub_config, source.hub_split)
+        fields = source.fields
+    examples = []
+    for index, (where, record) in enumerate(records):
+        example = record if fields is None else to_instruction(where, record, fields)
+        examples.append(
+            {
+                "id": index,
+                "instruction": example["instruction"],
+                "input": example["input"],
+                "output": example["output"],
+                "prompt": render_prompt(example["instruction"], example["input"], recipe.data.template),
+            }
+        )
+    if not examples:
+        raise UserError(f"data: the source {source.path or source.hub or 'synthetic'} has no examples")
+    return examples
+
+
+def corpus_texts(recipe: Recipe, limit: int | None = None):
+    """Documents of the pretraining corpus (the synthetic one is generated from the recipe seed)."""
+    corpus = recipe.data.pretrain
+    if corpus is None:
+        return iter(())
+    if corpus.synthetic is not None:
+        from bdctl.data.synthetic import synthetic_corpus
+
+        return iter(synthetic_corpus(corpus.synthetic.n_docs, seed=recipe.seed))
+    if corpus.path is not None:
+        return read_texts(corpus.path, corpus.text_field)
+    rows = read_hub(corpus.hub, corpus.hub_config, corpus.hub_split, streaming=True)
+    return (row[corpus.text_field] for _, row in rows)
+
+
+def _make_tokenizer(recipe: Recipe, run: RunDir, examples: list[dict]):
+    if run.tokenizer.exists():
+        shutil.rmtree(run.tokenizer)  # written by an interrupted attempt, or for other settings
+    source = tokenizer_source(recipe)
+    if source is None:
+        texts = [e["prompt"] + e["output"] for e in examples] + list(corpus_texts(recipe))
+        return train_tokenizer(texts, recipe.models.tokenizer.train, run.tokenizer)
+    tokenizer = load_tokenizer(*source)
+    tokenizer.save_pretrained(run.tokenizer)  # ranks and later stages read this copy
+    return tokenizer
+
+
+def _drop_overlong(recipe: Recipe, tokenizer, examples: list[dict]) -> tuple[list[dict], dict[str, int]]:
+    prompts = tokenizer([e["prompt"] for e in examples])["input_ids"]
+    answers = tokenizer([e["output"] for e in examples], add_special_tokens=False)["input_ids"]
+    kept, dropped = [], {"prompt_too_long": 0, "too_long": 0}
+    for example, prompt, answer in zip(examples, prompts, answers, strict=True):
+        if len(prompt) > recipe.data.max_prompt_length:
+            dropped["prompt_too_long"] += 1
+        elif len(prompt) + len(answer) + 1 > recipe.data.max_length:
+            dropped["too_long"] += 1
+        else:
+            kept.append(example)
+    return kept, dropped
+
+
+def read_split(directory: Path, name: str) -> list[dict]:
+    """One split of a prepared data directory."""
+    path = directory / f"{name}.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]

@@ -1,0 +1,237 @@
+"""DeepSpeed on every rank: process group, ZeRO config from the recipe, engine, checkpoints, export.
+
+The objectives compute logits from the final hidden states and the output embedding (so that
+full-vocabulary logits can be avoided), which means the output embedding is used outside its own
+module. Under ZeRO-3 a parameter is only gathered while its owner's forward runs, so `policy_module`
+registers that weight as an external parameter of the root module: DeepSpeed then gathers it for
+the whole loss computation, forward and backward.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bdctl.errors import UserError
+from bdctl.recipe.schema import Recipe, Train
+from bdctl.rundir import manifest, mark_complete, replace_dir
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = PROJECT_ROOT / "deepspeed_configs"
+
+
+# --------------------------------------------------------------------------- process group
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group set up by the launcher (or make a group of one); returns (rank, world)."""
+    if "RANK" not in os.environ:  # started in-process, without a launcher
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        accelerator.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def device():
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    name = get_accelerator().device_name()
+    return torch.device("cpu") if name == "cpu" else torch.device(name, get_accelerator().current_device())
+
+
+def on_gpu() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() != "cpu"
+
+
+# --------------------------------------------------------------------------- config
+
+
+def resolve_precision(recipe: Recipe) -> str:
+    wanted = recipe.deepspeed.precision
+    if wanted != "auto":
+        return wanted
+    if on_gpu():
+        from deepspeed.accelerator import get_accelerator
+
+        return "bf16" if get_accelerator().is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def config_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix == ".json" or "/" in name:
+        if not path.is_file():
+            raise UserError(f"deepspeed.config: {name}: file not found")
+        return path
+    path = CONFIG_DIR / f"{name}.json"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
+        raise UserError(f"deepspeed.config: no config named {name!r} in {CONFIG_DIR} (known: {known})")
+    return path
+
+
+def deepspeed_config(
+    recipe: Recipe, train: Train, stage: str, world_size: int, total_steps: int, hidden_size: int, precision: str, gpu: bool
+) -> dict[str, Any]:
+    """The recipe's ZeRO config with every "auto" field filled in.
+
+    The global batch is the recipe's; it must split into micro batch x accumulation x ranks.
+    """
+    path = config_path(recipe.deepspeed.config)
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+    per_step = train.micro_batch_size * world_size
+    if train.batch_size % per_step:
+        raise UserError(
+            f"stages.{stage}.batch_size ({train.batch_size}) is not a multiple of "
+            f"micro_batch_size ({train.micro_batch_size}) x ranks ({world_size})"
+        )
+    warmup = int(train.warmup_ratio * total_steps)
+    values = {
+        "train_batch_size": train.batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.batch_size // per_step,
+        "gradient_clipping": train.grad_clip,
+        "bf16.enabled": precision == "bf16",
+        "fp16.enabled": precision == "fp16",
+        "optimizer.params.lr": train.lr,
+        "optimizer.params.weight_decay": train.weight_decay,
+        "optimizer.params.torch_adam": not gpu,  # DeepSpeed's fused Adam needs a GPU
+        "scheduler.params.warmup_max_lr": train.lr,
+        "scheduler.params.warmup_num_steps": warmup,
+        "scheduler.params.total_num_steps": max(total_steps, warmup + 1),
+        "zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
+        "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
+    }
+    _fill_auto(config, values, path, prefix="")
+    return config
+
+
+def _fill_auto(node: dict, values: dict[str, Any], path: Path, prefix: str) -> None:
+    for key, value in node.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            _fill_auto(value, values, path, prefix=f"{dotted}.")
+        elif value == "auto":
+            if dotted not in values:
+                raise UserError(f"{path}: {dotted}: bdctl cannot fill 'auto' here; give a value")
+            node[key] = values[dotted]
+
+
+# --------------------------------------------------------------------------- model + engine
+
+
+def policy_module(model):
+    """Wrap a causal LM so the loss runs inside the root forward, output embedding gathered."""
+    import deepspeed
+    import torch
+
+    class _PolicyModule(torch.nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+            deepspeed.zero.register_external_parameter(self, lm.get_output_embeddings().weight)
+
+        def forward(self, input_ids, attention_mask, loss_fn: Callable):
+            hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            return loss_fn(hidden.last_hidden_state, self.lm.get_output_embeddings().weight)
+
+    return _PolicyModule(model)
+
+
+def hf_deepspeed_context(config: dict):
+    """Keep the returned object alive while loading a model: transformers then loads it
+    partitioned under ZeRO-3 (deepspeed.zero.Init) instead of whole on every rank."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(config)
+
+
+def make_engine(module, config: dict):
+    import deepspeed
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=module, model_parameters=params, config=config)
+    return engine
+
+
+# --------------------------------------------------------------------------- checkpoints + export
+
+
+def gathered_state_dict(model, rank: int) -> dict:
+    """Full weights on rank 0, gathered one parameter at a time from the ZeRO-3 partitions."""
+    import deepspeed
+
+    state = {}
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            if rank == 0:
+                state[name] = param.detach().to("cpu", copy=True)
+    if rank == 0:
+        persistent = set(model.state_dict().keys())
+        state.update({n: b.detach().cpu() for n, b in model.named_buffers() if n in persistent})
+    return state
+
+
+def export_hf(engine, tokenizer, out_dir: Path, rank: int, info: dict | None = None) -> None:
+    """Save the engine's language model as a standard Hugging Face directory (weights, config,
+    tokenizer). Collective: every rank must call it. The directory appears complete or not at all.
+    """
+    import torch.distributed as dist
+
+    model = engine.module.lm
+    if hasattr(engine, "empty_partition_cache"):
+        # ZeRO-3 may still have parameters in flight from the last forward (prefetching);
+        # settle them before gathering one by one.
+        engine.empty_partition_cache()
+    state = gathered_state_dict(model, rank)
+    if rank == 0:
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        mark_complete(tmp, **(info or {}))
+        replace_dir(tmp, out_dir)
+    dist.barrier()
+
+
+def save_checkpoint(engine, root: Path, tag: str, client_state: dict, keep: int, rank: int) -> None:
+    """A DeepSpeed checkpoint plus client state; it counts once its manifest exists; keeps the last `keep`."""
+    import torch.distributed as dist
+
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
+    dist.barrier()
+    if rank == 0:
+        mark_complete(root / tag, tag=tag, step=client_state.get("step"))
+        finished = sorted(
+            (p for p in root.iterdir() if p.is_dir() and manifest(p) is not None),
+            key=lambda p: manifest(p)["finished_at"],
+        )
+        for old in finished[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()

@@ -1,0 +1,11 @@
+"""The one error type for mistakes a user can fix (bad recipe, missing file, malformed data).
+
+The CLI turns a `UserError` into a single red line and exit code 2, never a traceback.
+Its message should name the file, line or key at fault and what was expected.
+"""
+
+
+class UserError(Exception):
+    """A problem in the user's input: the message is shown as is, on one line."""
+
+    exit_code = 2

@@ -1,0 +1,108 @@
+"""A job: one stage of one recipe, planned in the launching process and run on every rank.
+
+    submit("sft", "recipes/smoke.yaml", ["stages.teacher_sft.lr=1e-3"], {"model": "teacher"}, LaunchOptions())
+
+The launching process loads and validates the recipe, runs the stage's pre-launch checks (data
+split, vocabulary check, inputs that must exist: everything a user can get wrong fails here, in
+one line, before any rank starts), writes `job.json` into the stage directory and launches the
+ranks, which read it back (`bdctl.worker`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from bdctl.errors import UserError
+from bdctl.launch import LaunchOptions, dry_run_text, launch
+from bdctl.recipe import Recipe, dump_recipe, load_recipe
+from bdctl.rundir import RunDir, manifest, write_json_atomic, write_text_atomic
+
+# Stage modules: each has stage_dir(options), prepare(job) (launching process) and run(job, rank, world).
+STAGES = {"sft": "bdctl.stages.sft"}
+
+
+@dataclass
+class Job:
+    stage: str
+    options: dict[str, Any]
+    recipe: Recipe
+    recipe_path: str
+    run_root: str
+    stage_name: str
+    world_size: int
+    info: dict[str, Any] = field(default_factory=dict)  # facts found by prepare(), for the ranks
+
+    @property
+    def run(self) -> RunDir:
+        return RunDir(self.run_root)
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.run.stage(self.stage_name)
+
+    def save(self, path: Path) -> None:
+        payload = {k: v for k, v in self.__dict__.items() if k != "recipe"}
+        write_json_atomic(path, {**payload, "recipe": self.recipe.model_dump(mode="json")})
+
+    @classmethod
+    def load(cls, path: Path) -> Job:
+        payload = json.loads(Path(path).read_text())
+        payload["recipe"] = Recipe.model_validate(payload["recipe"])
+        return cls(**payload)
+
+
+def stage_module(stage: str) -> ModuleType:
+    return importlib.import_module(STAGES[stage])
+
+
+def plan(stage: str, recipe_arg: str, overrides: list[str], options: dict[str, Any], launch_options: LaunchOptions) -> Job:
+    recipe, path = load_recipe(recipe_arg, overrides)
+    run_root = recipe.run_dir or f"runs/{recipe.name}"
+    module = stage_module(stage)
+    return Job(
+        stage=stage,
+        options=options,
+        recipe=recipe,
+        recipe_path=str(path),
+        run_root=run_root,
+        stage_name=module.stage_dir(options),
+        world_size=launch_options.world_size,
+    )
+
+
+def submit(
+    stage: str,
+    recipe_arg: str,
+    overrides: list[str],
+    options: dict[str, Any],
+    launch_options: LaunchOptions,
+    force: bool = False,
+    log=print,
+) -> Job:
+    """Plan, check and run one stage; returns the job (its stage directory holds the results)."""
+    job = plan(stage, recipe_arg, overrides, options, launch_options)
+    job_file = job.stage_dir / "job.json"
+    if launch_options.dry_run:
+        log(dry_run_text(job_file, launch_options))
+        return job
+    if manifest(job.stage_dir) is not None and not force:
+        log(f"{job.stage_dir} is already complete; pass --force to run it again")
+        return job
+    stage_module(stage).prepare(job, log)
+    if job.stage_dir.exists():  # an unfinished or forced earlier attempt: start over
+        shutil.rmtree(job.stage_dir)
+    job.stage_dir.mkdir(parents=True)
+    text = dump_recipe(job.recipe)
+    write_text_atomic(job.run.root / "recipe.yaml", text)
+    write_text_atomic(job.stage_dir / "recipe.yaml", text)
+    job.save(job_file)
+    launch(job_file, launch_options)
+    if manifest(job.stage_dir) is None:
+        raise UserError(f"{job.stage_dir}: the stage ended without finishing its output")
+    return job

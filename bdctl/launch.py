@@ -1,0 +1,92 @@
+"""Start a job's ranks: in this process for one rank, through torchrun for several.
+
+    one rank      run the stage here (no extra interpreter start-up)
+    N ranks       python -m bdctl.launch --nproc_per_node N ... -m bdctl.worker JOB.json
+
+`python -m bdctl.launch` is torchrun itself (torch.distributed.run) with one change: when a rank
+fails it exits with that rank's code instead of printing torchrun's own traceback, so the CLI can
+show the failing rank's one-line error. torchrun's elastic agent stops the surviving ranks when
+one dies, so a failure never leaves the job hanging.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from bdctl.errors import UserError
+
+
+@dataclass
+class LaunchOptions:
+    """How many ranks to start and where. Multi-node settings slot in here."""
+
+    nproc: int = 1
+    master_port: int | None = None
+    dry_run: bool = False
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc
+
+
+def launcher_command(job_file: Path, options: LaunchOptions) -> list[str]:
+    from bdctl.engine import free_port
+
+    port = options.master_port or free_port()
+    return [
+        sys.executable, "-m", "bdctl.launch",
+        "--nproc_per_node", str(options.nproc),
+        "--master_addr", "127.0.0.1", "--master_port", str(port),
+        "-m", "bdctl.worker", str(job_file),
+    ]  # fmt: skip
+
+
+def launch(job_file: Path, options: LaunchOptions) -> None:
+    """Run the job on `options.nproc` ranks; a failure raises UserError with the rank's message."""
+    if options.nproc == 1:
+        from bdctl.worker import run_job
+
+        run_job(job_file)
+        return
+    command = launcher_command(job_file, options)
+    env = dict(os.environ)
+    # torchrun would set 1 thread per rank and print a banner about it; share the cores instead.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // options.nproc)))
+    result = subprocess.run(command, env=env)
+    if result.returncode != 0:
+        raise UserError(_failure_message(job_file.parent, result.returncode))
+
+
+def dry_run_text(job_file: Path, options: LaunchOptions) -> str:
+    if options.nproc == 1:
+        return f"in-process: {shlex.join([sys.executable, '-m', 'bdctl.worker', str(job_file)])}"
+    return shlex.join(launcher_command(job_file, options))
+
+
+def _failure_message(stage_dir: Path, code: int) -> str:
+    errors = sorted(stage_dir.glob("logs/error-rank*.txt"))
+    if errors:
+        return errors[0].read_text().strip().splitlines()[0]
+    return f"the job failed (exit code {code}); the ranks' output is above, logs in {stage_dir / 'logs'}"
+
+
+def _torchrun(argv: list[str]) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(argv))
+    except ChildFailedError as exc:
+        codes = [failure.exitcode for _, failure in sorted(exc.failures.items())]
+        # A rank killed by a signal reports a negative code; exit like a shell would (128 + signal).
+        return next((c if c > 0 else 128 - c for c in codes if c), 1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_torchrun(sys.argv[1:]))

@@ -1,0 +1,208 @@
+"""Models and the shared tokenizer: load from the hub or a local directory, or build tiny ones.
+
+Teacher and student must share one vocabulary (METHOD.md section 1: the student's Q-values are
+read off the same token ids as the teacher's candidate sets), so `check_vocabularies` runs before
+any compute and stops with one clear line when they differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from bdctl.errors import UserError
+from bdctl.recipe.schema import ModelSpec, Recipe, TinyModel, TokenizerTraining
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+
+# Architectures whose logits are exactly `final_hidden @ output_embedding.T` (no bias, no scaling,
+# no soft-capping): the objectives compute logits from hidden states, so only these are allowed.
+SUPPORTED_MODEL_TYPES = ("gpt2", "opt", "qwen2", "qwen3", "llama", "mistral")
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def train_tokenizer(texts: Iterable[str], spec: TokenizerTraining, out_dir: Path):
+    """Train a byte-level BPE on `texts` (deterministic for the same texts) and save it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size,
+        min_frequency=spec.min_frequency,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=PAD_TOKEN
+    )
+    tokenizer.save_pretrained(out_dir)
+    return tokenizer
+
+
+def load_tokenizer(path: str | Path, revision: str | None = None):
+    """A tokenizer from a local directory or hub id, with a pad token (the EOS if it has none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), revision=revision)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot load a tokenizer ({_first_line(exc)})") from None
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"{path}: the tokenizer has no end-of-sequence token")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """Fingerprint of a vocabulary: token -> id map plus the special tokens that matter here."""
+    payload = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "eos": tokenizer.eos_token_id,
+    }
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
+
+
+def tokenizer_source(recipe: Recipe) -> tuple[str, str | None] | None:
+    """Where the shared tokenizer is loaded from, or None when the recipe trains one."""
+    spec = recipe.models.tokenizer
+    if spec.train is not None:
+        return None
+    if spec.path is not None:
+        return spec.path, None
+    return recipe.models.teacher.path, recipe.models.teacher.revision
+
+
+# --------------------------------------------------------------------------- vocabulary check
+
+
+def check_vocabularies(recipe: Recipe, tokenizer, sources: dict[str, str | ModelSpec]) -> None:
+    """Stop before any compute unless every model speaks the shared tokenizer's vocabulary.
+
+    `sources` maps a role ("teacher", "student") to the weights it will use: a ModelSpec, or a
+    directory (a stage export). Only tokenizers and configs are read, never weights.
+    """
+    from transformers import AutoConfig
+
+    shared = tokenizer_hash(tokenizer)
+    sizes = {}
+    for role, source in sources.items():
+        path, revision = _path_of(source)
+        if path is None:  # a tiny spec: built on the shared tokenizer, so it matches by construction
+            sizes[role] = len(tokenizer)
+            continue
+        theirs = load_tokenizer(path, revision)
+        if tokenizer_hash(theirs) != shared:
+            raise UserError(
+                f"{role} model {path}: its tokenizer differs from the shared one "
+                f"({len(theirs)} vs {len(tokenizer)} tokens); teacher and student must share one vocabulary"
+            )
+        try:
+            config = AutoConfig.from_pretrained(path, revision=revision)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{role} model {path}: cannot read its config ({_first_line(exc)})") from None
+        sizes[role] = config.vocab_size
+    if len(set(sizes.values())) > 1:
+        detail = ", ".join(f"{role} {size}" for role, size in sizes.items())
+        raise UserError(f"output vocabulary sizes differ ({detail}); teacher and student must share one vocabulary")
+    for role, size in sizes.items():
+        if size < len(tokenizer):
+            raise UserError(f"{role} model has {size} output rows but the tokenizer has {len(tokenizer)} tokens")
+
+
+def _path_of(source: str | Path | ModelSpec) -> tuple[str | None, str | None]:
+    if isinstance(source, ModelSpec):
+        return source.path, source.revision
+    return str(source), None
+
+
+# --------------------------------------------------------------------------- models
+
+
+def tiny_config(spec: TinyModel, tokenizer):
+    """A transformers config for a tiny model on the shared tokenizer (dropout off: exact reruns)."""
+    from transformers import GPT2Config, OPTConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    ffn = spec.ffn or 4 * spec.hidden
+    if spec.arch == "gpt2":
+        return GPT2Config(
+            n_layer=spec.layers, n_embd=spec.hidden, n_head=spec.heads, n_inner=ffn,
+            n_positions=spec.max_positions, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common,
+        )  # fmt: skip
+    if spec.arch == "opt":
+        return OPTConfig(
+            num_hidden_layers=spec.layers, hidden_size=spec.hidden, num_attention_heads=spec.heads,
+            ffn_dim=ffn, max_position_embeddings=spec.max_positions, word_embed_proj_dim=spec.hidden,
+            dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0, **common,
+        )  # fmt: skip
+    return Qwen2Config(
+        num_hidden_layers=spec.layers, hidden_size=spec.hidden, num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads or spec.heads, intermediate_size=ffn,
+        max_position_embeddings=spec.max_positions, attention_dropout=0.0, **common,
+    )  # fmt: skip
+
+
+def build_tiny_model(spec: TinyModel, tokenizer, seed: int):
+    """A randomly initialised model, identical for the same spec and seed on every rank."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed if spec.seed is not None else seed)
+        model = AutoModelForCausalLM.from_config(tiny_config(spec, tokenizer), dtype=torch.float32)
+    return model
+
+
+def load_model(source: str | Path | ModelSpec, tokenizer, seed: int):
+    """The weights of `source`: a tiny spec is built, a path or hub id goes through from_pretrained.
+
+    Call it while a `HfDeepSpeedConfig` for ZeRO-3 is alive and transformers partitions the
+    weights as it loads them (deepspeed.zero.Init), so a large model never sits whole on one rank.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(source, ModelSpec) and source.tiny is not None:
+        model = build_tiny_model(source.tiny, tokenizer, seed)
+    else:
+        path, revision = _path_of(source)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=torch.float32)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{path}: cannot load the model ({_first_line(exc)})") from None
+    if model.config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise UserError(
+            f"model type {model.config.model_type!r} is not supported "
+            f"(expected one of {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise UserError(f"model type {model.config.model_type!r}: an output layer with a bias is not supported")
+    return model
+
+
+def count_parameters(model) -> int:
+    """Parameters of a model, also when ZeRO-3 has partitioned them (ds_numel is the full size)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,75 @@
+"""The per-rank entry point: `python -m bdctl.worker JOB.json` (or in-process for one rank).
+
+Joins the process group, sets up per-rank logging, runs the stage. A user error on any rank is
+written to logs/error-rank<R>.txt (the launching process shows it as one line) and ends the rank
+with exit code 2; any other error also keeps its traceback on stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+import warnings
+from pathlib import Path
+
+from bdctl.errors import UserError
+
+
+def _quiet_libraries() -> None:
+    import torch
+
+    if torch.cuda.device_count() == 0:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, rather than have DeepSpeed warn about it
+    import deepspeed  # noqa: F401  (creates its logger)
+    from deepspeed.utils import logger as ds_logger
+    from transformers.utils import logging as hf_logging
+
+    ds_logger.setLevel(logging.WARNING)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    # DeepSpeed still calls collectives that torch deprecates; not actionable for a user.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+
+
+def run_job(job_file: str | Path) -> None:
+    from bdctl.job import Job, stage_module
+
+    job = Job.load(Path(job_file))
+    _quiet_libraries()
+    from bdctl.engine import init_distributed
+
+    rank, world = init_distributed()
+    logs = job.stage_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(logs / f"rank{rank}.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+    try:
+        stage_module(job.stage).run(job, rank, world)
+    except UserError as exc:
+        (logs / f"error-rank{rank}.txt").write_text(f"{exc}\n")
+        raise
+    except BaseException as exc:
+        (logs / f"error-rank{rank}.txt").write_text(f"rank {rank}: {type(exc).__name__}: {exc}\n")
+        raise
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def main() -> int:
+    try:
+        run_job(sys.argv[1])
+    except UserError:
+        return UserError.exit_code  # the launching process prints the message once
+    except BaseException:
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
