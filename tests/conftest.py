@@ -1,0 +1,65 @@
+"""Shared test helpers: the project's recipes, a CLI runner in a subprocess, tiny tokenizers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`bdctl ARGS` in a fresh interpreter, as a user would run it."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "NO_COLOR": "1", "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "bdctl", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Exit code 2, no traceback, and one line on stderr containing every fragment."""
+    assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-3000:])
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def write_recipe(path: Path, base: str = "smoke", **changes) -> Path:
+    """A copy of a project recipe with dotted-key changes (`data__source={...}` uses __ for dots)."""
+    raw = yaml.safe_load((RECIPES / f"{base}.yaml").read_text())
+    for dotted, value in changes.items():
+        node = raw
+        keys = dotted.split("__")
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch) -> Path:
+    """Run in an empty directory, so runs/ lands in tmp."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """A byte-level BPE trained on the synthetic tasks, as tiny recipes make it."""
+    from bdctl.data.synthetic import synthetic_corpus, synthetic_instructions
+    from bdctl.models import train_tokenizer
+    from bdctl.recipe.schema import TokenizerTraining
+
+    rows = synthetic_instructions(300, seed=1)
+    texts = [r["instruction"] + " " + r["input"] + " " + r["output"] for r in rows] + synthetic_corpus(50, seed=1)
+    return train_tokenizer(texts, TokenizerTraining(vocab_size=400), tmp_path_factory.mktemp("tok"))

@@ -1,0 +1,88 @@
+"""Recipe loading: validation errors name the file and key path; overrides; lookup by name."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from bdctl.errors import UserError
+from bdctl.recipe import dump_recipe, find_recipe, load_recipe
+from tests.conftest import RECIPES, write_recipe
+
+
+def error_of(*args, **kwargs) -> str:
+    with pytest.raises(UserError) as info:
+        load_recipe(*args, **kwargs)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_recipe_validates(path):
+    recipe, found = load_recipe(str(path))
+    assert found == path and recipe.name == path.stem
+    first_line = path.read_text().splitlines()[0]
+    assert first_line.startswith("#"), "each recipe opens with a comment giving its command"
+
+
+def test_wrong_type_names_file_key_and_value(tmp_path):
+    path = write_recipe(tmp_path / "x.yaml", stages__teacher_sft__lr="fast")
+    assert error_of(str(path)) == f"{path}: stages.teacher_sft.lr: expected a number, got 'fast'"
+
+
+def test_unknown_key_is_an_error_with_a_suggestion(tmp_path):
+    path = write_recipe(tmp_path / "x.yaml", stages__teacher_sft__lrate=0.1)
+    message = error_of(str(path))
+    assert message.startswith(f"{path}: stages.teacher_sft.lrate: unknown key (did you mean 'lr'?")
+    assert "warmup_ratio" in message  # lists what is allowed
+
+
+def test_unknown_top_level_key(tmp_path):
+    path = write_recipe(tmp_path / "x.yaml", stagez={})
+    assert error_of(str(path)).startswith(f"{path}: stagez: unknown key (did you mean 'stages'?")
+
+
+def test_missing_key_and_literal_choices(tmp_path):
+    raw = yaml.safe_load((RECIPES / "smoke.yaml").read_text())
+    del raw["models"]["student"]
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(raw))
+    assert error_of(str(tmp_path / "m.yaml")) == f"{tmp_path / 'm.yaml'}: models.student: missing required key"
+    path = write_recipe(tmp_path / "a.yaml", models__teacher__tiny__arch="bert")
+    assert "models.teacher.tiny.arch: expected one of 'gpt2', 'opt' or 'qwen2', got 'bert'" in error_of(str(path))
+
+
+def test_cross_field_rules(tmp_path):
+    path = write_recipe(tmp_path / "b.yaml", stages__teacher_sft__batch_size=10)
+    assert "stages.teacher_sft: batch_size (10) must be a multiple of micro_batch_size (8)" in error_of(str(path))
+    path = write_recipe(tmp_path / "c.yaml", models__teacher={"path": "gpt2", "tiny": {"arch": "gpt2", "layers": 1, "hidden": 8, "heads": 2}})
+    assert "models.teacher: a model needs exactly one of path, tiny" in error_of(str(path))
+    path = write_recipe(tmp_path / "d.yaml", stages__distill__p=1.5)
+    assert "stages.distill.p: input should be less than or equal to 1, got 1.5" in error_of(str(path))
+
+
+def test_set_overrides_are_typed_and_validated():
+    recipe, _ = load_recipe("smoke", ["stages.teacher_sft.lr=1e-2", "stages.distill.chi2=false", "data.split.seed=9"])
+    assert recipe.stages.teacher_sft.lr == 0.01 and recipe.stages.distill.chi2 is False and recipe.data.split.seed == 9
+    message = error_of("smoke", ["stages.teacher_sft.lr=fast"])
+    assert message.endswith("(--set stages.teacher_sft.lr=fast): stages.teacher_sft.lr: expected a number, got 'fast'")
+    assert "--set stages.nope.x=1" in error_of("smoke", ["stages.nope.x=1"])
+    assert error_of("smoke", ["novalue"]) == "--set novalue: expected key.path=value"
+    assert error_of("smoke", ["seed.x=1"]) == "--set seed.x=1: seed is not a section"
+
+
+def test_lookup_by_name_and_missing_files(tmp_path):
+    assert find_recipe("smoke") == RECIPES / "smoke.yaml"
+    assert error_of(str(tmp_path / "none.yaml")) == f"{tmp_path / 'none.yaml'}: recipe file not found"
+    assert error_of("no-such-recipe").startswith("no-such-recipe: no such recipe file or name (known names: ")
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nmodels: [unclosed\n")
+    assert error_of(str(path)).startswith(f"{path}: line ")
+
+
+def test_dump_round_trips(tmp_path):
+    recipe, _ = load_recipe("smoke")
+    (tmp_path / "resolved.yaml").write_text(dump_recipe(recipe))
+    again, _ = load_recipe(str(tmp_path / "resolved.yaml"))
+    assert again == recipe
