@@ -1,0 +1,570 @@
+r"""Bellman Distill loss (METHOD.md sections 2 and 3).
+
+Tensors, for a padded batch of ``B`` responses of length ``T`` over a vocabulary of ``V``:
+``z_t`` the student logits at the state ``s_t`` that predicts response token ``y_t``;
+``A_t`` the teacher's top-p set at ``s_t``; ``a_t = y_t``; ``valid_t`` (position holds a
+response token); ``terminal_t`` (``y_t`` is end-of-sequence).
+
+Paper variant (``variant="paper"``, Eq. 17 with the release's Q)::
+
+    Q_t(a)  = max(z_t(a) - max_b z_t(b), q_min)                  a in A_t
+    Qhat_t  = Q_t(a_t) if a_t in A_t else q_min
+    V_t     = logsumexp_{a in A_t} Q_t(a)
+    V_{t+1} = 0 if terminal_t else V at s_{t+1}
+    r_t     = Qhat_t - gamma V_{t+1}
+    phi(x)  = x - x^2 / (4 alpha)   (chi^2 on),   x   (chi^2 off)
+    L       = - mean_t phi(r_t) + mean_t (V_t - gamma V_{t+1})
+
+Kept transitions: valid ``t`` with ``terminal_t`` or ``valid_{t+1}``; the last transition of a
+truncated response has no known next value and is dropped. Means are token-level over the
+``N`` kept transitions of the whole batch. No stop-gradient anywhere: gradients flow through
+the max-logit shift (into the arg-max logit) and through ``V_{t+1}``.
+
+Released variant (``variant="released"``) reproduces the authors' public code, quirks
+included (see :func:`_released_terms`): a full-vocabulary computation in which the data action
+and the terminal flags play no part.
+
+Lean path (:func:`lean_loss`, paper variant only). The paper loss reads the logits in only
+three places: ``z_t(a)`` for ``a in A_t`` (which covers ``a_t`` when ``a_t in A_t``; otherwise
+``Qhat_t`` is the constant ``q_min``), and the shift ``max_b z_t(b)``. So it is computed from
+the final hidden states ``h_t`` and the output embedding ``W`` (``z_t = W h_t + b``):
+
+* the arg-max ``b*`` is found over vocabulary chunks without autograd. ``max`` is piecewise
+  the identity on its arg-max entry, so the differentiable shift ``W[b*] . h_t + b[b*]`` has
+  exactly the value and the gradient of ``max_b z_t(b)`` (ties aside, which have measure zero);
+* candidate logits come from one projection against the batch's unique candidate ids
+  (``[N, |U|]``, in row blocks), then per-row reads; ``b*`` joins the same projection, so
+  ``Q_t(b*) = 0`` exactly as in the dense form;
+* with ``p = 1`` (``cand_ids=None``) ``A_t`` is the whole vocabulary, and since
+  ``max(z - m, q_min) = max(z, m + q_min) - m``, ``V_t`` is a chunked logsumexp with the
+  per-row floor ``m + q_min``, minus ``m`` (see :func:`bdctl.objectives.lm.chunked_logsumexp`).
+
+Every operation is the same function of the same logits as the dense form, merely evaluated
+on the entries it needs, so values and gradients agree up to float rounding; ``[B, T, V]``
+logits never exist.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from bdctl.errors import UserError
+from bdctl.objectives.lm import (
+    DEFAULT_CHUNK_SIZE,
+    candidate_logits,
+    check_token_range,
+    chunked_argmax,
+    chunked_logsumexp,
+    compute_dtype,
+    token_logits,
+)
+
+VARIANTS = ("paper", "released")
+
+
+@dataclass(frozen=True)
+class BellmanTerms:
+    """The loss and its diagnostics; every field but ``loss`` is detached (no host sync).
+
+    For the paper variant, means are over the kept transitions:
+
+    * ``mean_r``: mean reward ``r_t = Qhat_t - gamma V_{t+1}``.
+    * ``mean_v``: mean ``V_t``.
+    * ``mean_q_candidates``: mean over transitions of the average ``Q_t(a)`` over ``a in A_t``.
+    * ``chi2``: ``mean_t r_t^2 / (4 alpha)``, the regulariser's size (reported with chi^2 off too).
+    * ``outside_share``: share of transitions whose action ``a_t`` is not in ``A_t``.
+    * ``mean_set_size``: mean ``|A_t|``.
+    * ``num_transitions``: ``N``.
+
+    For the released variant, "transitions" are the valid positions ``t < T`` (its ``N``),
+    ``mean_r`` is ``(1/N) sum_t mean_{a in V} d_t(a)`` and ``chi2`` is
+    ``(1/(4 alpha)) (1/N) sum_t mean_{a in V} d_t(a)^2``; ``outside_share`` uses the actions
+    although the released loss does not.
+    """
+
+    loss: Tensor
+    mean_r: Tensor
+    mean_v: Tensor
+    mean_q_candidates: Tensor
+    chi2: Tensor
+    outside_share: Tensor
+    mean_set_size: Tensor
+    num_transitions: int
+
+    def as_floats(self) -> dict[str, float]:
+        """All terms as Python floats, for logging (syncs with the device)."""
+        return {
+            "loss": float(self.loss.detach()),
+            "mean_r": float(self.mean_r),
+            "mean_v": float(self.mean_v),
+            "mean_q_candidates": float(self.mean_q_candidates),
+            "chi2": float(self.chi2),
+            "outside_share": float(self.outside_share),
+            "mean_set_size": float(self.mean_set_size),
+            "num_transitions": float(self.num_transitions),
+        }
+
+
+def _validate(
+    variant: str, gamma: float, alpha: float, q_min: float, top_p: float, eps: float
+) -> None:
+    """User-facing hyperparameter checks (one-line `UserError`s)."""
+    if variant not in VARIANTS:
+        raise UserError(f"unknown Bellman Distill variant {variant!r}; expected one of {VARIANTS}")
+    if not 0.0 <= gamma <= 1.0:
+        raise UserError(f"gamma must be in [0, 1], got {gamma!r}")
+    if not alpha > 0.0:
+        raise UserError(f"alpha must be > 0, got {alpha!r}")
+    if not math.isfinite(q_min):
+        raise UserError(f"q_min must be a finite number, got {q_min!r}")
+    if not 0.0 < top_p <= 1.0:
+        raise UserError(f"top_p must be in (0, 1], got {top_p!r}")
+    if variant == "released" and not eps > 0.0:
+        # eps keeps log(pit) finite outside the top-p set; eps = 0 would give 0 * log 0 = NaN.
+        raise UserError(f"eps must be > 0 for the released variant, got {eps!r}")
+
+
+def _check_batch(actions: Tensor, valid: Tensor, terminal: Tensor, lead: torch.Size) -> None:
+    for name, tensor in (("actions", actions), ("valid", valid), ("terminal", terminal)):
+        if tensor.shape != lead:
+            raise ValueError(f"{name} {tuple(tensor.shape)} does not match [B, T] = {tuple(lead)}")
+    if valid.dtype != torch.bool or terminal.dtype != torch.bool:
+        raise ValueError("valid and terminal must be bool tensors")
+
+
+def _transitions(valid: Tensor, terminal: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Which positions start a kept transition, which are terminal, and which need a value.
+
+    Returns ``kept [B, T]`` (valid t with terminal_t or valid_{t+1}), ``term [B, T]``
+    (terminal and valid) and ``needs_value [B, T]`` (kept t, plus t+1 for kept non-terminal t:
+    every position whose ``V`` enters the loss).
+    """
+    valid_next = torch.zeros_like(valid)
+    valid_next[:, :-1] = valid[:, 1:]
+    term = terminal & valid
+    kept = valid & (term | valid_next)
+    needs_value = kept.clone()
+    needs_value[:, 1:] |= (kept & ~term)[:, :-1]
+    return kept, term, needs_value
+
+
+def _no_transition_error() -> UserError:
+    return UserError(
+        "Bellman Distill batch has no kept transition (all padding, or only truncated "
+        "one-token responses): nothing to train on"
+    )
+
+
+def _empty_set_error() -> UserError:
+    return UserError(
+        "teacher top-p candidate set is empty at a response position; the set must keep at "
+        "least one token"
+    )
+
+
+def _next_values(values: Tensor, term: Tensor) -> Tensor:
+    """``V_{t+1}`` per position: the next position's value, 0 at terminal transitions.
+
+    The last column gets 0; it is never used by a kept non-terminal transition.
+    """
+    shifted = torch.cat([values[:, 1:], values.new_zeros(values.shape[0], 1)], dim=1)
+    return shifted.masked_fill(term, 0.0)
+
+
+def _assemble(
+    q_hat: Tensor,
+    values: Tensor,
+    q_cand_mean: Tensor,
+    set_size: Tensor,
+    in_set: Tensor,
+    kept: Tensor,
+    term: Tensor,
+    gamma: float,
+    alpha: float,
+    chi2: bool,
+) -> BellmanTerms:
+    """Paper-variant loss and diagnostics from per-position ``[B, T]`` quantities.
+
+    Entries at positions that are not kept (and, for ``values``, not successors of kept
+    non-terminal transitions) may hold anything finite; they are masked out here.
+    """
+    count = int(kept.sum())
+    next_values = _next_values(values, term)
+    reward = q_hat - gamma * next_values
+    phi = reward - reward.square() / (4.0 * alpha) if chi2 else reward
+
+    def kept_mean(x: Tensor) -> Tensor:
+        return torch.where(kept, x, 0.0).sum() / count
+
+    loss = -kept_mean(phi) + kept_mean(values - gamma * next_values)
+    with torch.no_grad():
+        return BellmanTerms(
+            loss=loss,
+            mean_r=kept_mean(reward.detach()),
+            mean_v=kept_mean(values.detach()),
+            mean_q_candidates=kept_mean(q_cand_mean.detach()),
+            chi2=kept_mean(reward.detach().square()) / (4.0 * alpha),
+            outside_share=kept_mean((~in_set).to(reward.dtype)),
+            mean_set_size=kept_mean(set_size.to(reward.dtype)),
+            num_transitions=count,
+        )
+
+
+def _masked_logsumexp(q: Tensor, member: Tensor) -> Tensor:
+    """``logsumexp`` of ``q`` over the members along the last dim; 0 for rows with none.
+
+    Empty rows get a finite dummy (their value is never used) so that no -inf or NaN can leak
+    into the backward pass.
+    """
+    empty = ~member.any(dim=-1, keepdim=True)
+    filled = q.masked_fill(~member, float("-inf")).masked_fill(empty, 0.0)
+    return torch.logsumexp(filled, dim=-1).masked_fill(empty.squeeze(-1), 0.0)
+
+
+def _paper_dense_terms(
+    logits: Tensor,
+    teacher_mask: Tensor,
+    actions: Tensor,
+    valid: Tensor,
+    terminal: Tensor,
+    gamma: float,
+    alpha: float,
+    q_min: float,
+    chi2: bool,
+) -> BellmanTerms:
+    kept, term, needs_value = _transitions(valid, terminal)
+    if not bool(kept.any()):
+        raise _no_transition_error()
+    if bool((needs_value & ~teacher_mask.any(dim=-1)).any()):
+        raise _empty_set_error()
+    vocab = logits.shape[-1]
+    check_token_range(actions[kept], vocab, "action")
+
+    z = logits.to(compute_dtype(logits.dtype))
+    shift = z.max(dim=-1, keepdim=True).values  # gradient flows into the arg-max logit
+    q = torch.clamp(z - shift, min=q_min)
+    values = _masked_logsumexp(q, teacher_mask)
+
+    safe_actions = torch.where(kept, actions, 0)[..., None]
+    in_set = teacher_mask.gather(-1, safe_actions).squeeze(-1)
+    q_hat = torch.where(in_set, q.gather(-1, safe_actions).squeeze(-1), q_min)
+
+    with torch.no_grad():
+        set_size = teacher_mask.sum(dim=-1)
+        q_cand_mean = torch.where(teacher_mask, q, 0.0).sum(dim=-1) / set_size.clamp_min(1)
+    return _assemble(q_hat, values, q_cand_mean, set_size, in_set, kept, term, gamma, alpha, chi2)
+
+
+def _released_terms(
+    logits: Tensor,
+    teacher_mask: Tensor,
+    actions: Tensor,
+    valid: Tensor,
+    gamma: float,
+    alpha: float,
+    q_min: float,
+    chi2: bool,
+    top_p: float,
+    eps: float,
+) -> BellmanTerms:
+    """METHOD.md section 3, term by term, quirks included.
+
+    The loss ignores the actions and the terminal flags; the mean over ``a`` divides by the
+    vocabulary size; the last padded position never starts a transition, and the last token
+    of a shorter response gets ``Vn = 0`` whatever it is.
+    """
+    count = int(valid[:, :-1].sum())
+    if count == 0:
+        raise _no_transition_error()
+    z = logits.to(compute_dtype(logits.dtype))
+    m = teacher_mask.to(z.dtype)
+    valid_f = valid.to(z.dtype)
+
+    shift = z.max(dim=-1, keepdim=True).values
+    q = torch.clamp(z - shift, min=q_min)  # over the whole vocabulary
+    pi = torch.softmax(q, dim=-1)
+    pit = pi * m / top_p + eps
+    pit = pit / pit.sum(dim=-1, keepdim=True)
+    values = valid_f * (pit * (q - torch.log(pit))).sum(dim=-1)  # [B, T]
+    next_values = values[:, 1:] * valid_f[:, 1:]  # Vn_t for t = 1 .. T-1
+    d = m[:, :-1] * q[:, :-1] * valid_f[:, :-1, None] - gamma * next_values[..., None]
+    d_mean = d.mean(dim=-1)  # divides by |V|
+    value_term = (values[:, :-1] * valid_f[:, :-1] - gamma * next_values).sum() / count
+    reward_term = d_mean.sum() / count
+    chi2_term = d.square().mean(dim=-1).sum() / count / (4.0 * alpha)
+    loss = -reward_term + value_term + (chi2_term if chi2 else 0.0)
+
+    with torch.no_grad():
+        start = valid[:, :-1]
+        safe_actions = torch.where(valid, actions, 0).clamp(0, logits.shape[-1] - 1)
+        in_set = teacher_mask.gather(-1, safe_actions[..., None]).squeeze(-1)[:, :-1]
+        set_size = teacher_mask[:, :-1].sum(dim=-1).to(z.dtype)
+        q_cand = torch.where(teacher_mask, q, 0.0).sum(dim=-1)[:, :-1] / set_size.clamp_min(1)
+
+        def start_mean(x: Tensor) -> Tensor:
+            return torch.where(start, x, 0.0).sum() / count
+
+        return BellmanTerms(
+            loss=loss,
+            mean_r=reward_term.detach(),
+            mean_v=start_mean(values[:, :-1].detach()),
+            mean_q_candidates=start_mean(q_cand),
+            chi2=chi2_term.detach(),
+            outside_share=start_mean((~in_set).to(z.dtype)),
+            mean_set_size=start_mean(set_size),
+            num_transitions=count,
+        )
+
+
+def dense_terms(
+    logits: Tensor,
+    teacher_mask: Tensor,
+    actions: Tensor,
+    valid: Tensor,
+    terminal: Tensor,
+    *,
+    variant: str = "paper",
+    gamma: float = 0.99,
+    alpha: float = 0.1,
+    q_min: float = -10.0,
+    chi2: bool = True,
+    top_p: float = 0.8,
+    eps: float = 1e-6,
+) -> BellmanTerms:
+    """:func:`dense_loss` with its diagnostics (see :class:`BellmanTerms`)."""
+    _validate(variant, gamma, alpha, q_min, top_p, eps)
+    if logits.dim() != 3 or teacher_mask.shape != logits.shape:
+        raise ValueError(
+            f"expected logits and teacher_mask [B, T, V], got {tuple(logits.shape)} and "
+            f"{tuple(teacher_mask.shape)}"
+        )
+    if teacher_mask.dtype != torch.bool:
+        raise ValueError("teacher_mask must be a bool tensor")
+    _check_batch(actions, valid, terminal, logits.shape[:-1])
+    if variant == "released":
+        return _released_terms(
+            logits, teacher_mask, actions, valid, gamma, alpha, q_min, chi2, top_p, eps
+        )
+    return _paper_dense_terms(
+        logits, teacher_mask, actions, valid, terminal, gamma, alpha, q_min, chi2
+    )
+
+
+def dense_loss(
+    logits: Tensor,
+    teacher_mask: Tensor,
+    actions: Tensor,
+    valid: Tensor,
+    terminal: Tensor,
+    *,
+    variant: str = "paper",
+    gamma: float = 0.99,
+    alpha: float = 0.1,
+    q_min: float = -10.0,
+    chi2: bool = True,
+    top_p: float = 0.8,
+    eps: float = 1e-6,
+) -> Tensor:
+    """Bellman Distill loss from full logits (scalar, differentiable w.r.t. ``logits``).
+
+    Args:
+        logits: float ``[B, T, V]``, student logits at the state of each response position.
+        teacher_mask: bool ``[B, T, V]``, the teacher's top-p set ``A_t`` at that state.
+        actions: long ``[B, T]``, the response token ``y_t`` taken at that state.
+        valid: bool ``[B, T]``, True where position t holds a response token.
+        terminal: bool ``[B, T]``, True where ``y_t`` is the end-of-sequence token.
+        variant: ``"paper"`` (METHOD.md section 2) or ``"released"`` (section 3).
+        gamma, alpha, q_min, chi2: discount, chi^2 strength, Q clip, chi^2 on/off.
+        top_p, eps: used only by the released variant (``pi * m / p + eps``).
+
+    Raises:
+        UserError: bad hyperparameters, a batch without kept transitions, an empty candidate
+            set where a value is needed, or an action id outside the vocabulary.
+    """
+    return dense_terms(
+        logits, teacher_mask, actions, valid, terminal, variant=variant, gamma=gamma,
+        alpha=alpha, q_min=q_min, chi2=chi2, top_p=top_p, eps=eps,
+    ).loss
+
+
+def _check_no_duplicates(ids: Tensor, mask: Tensor) -> None:
+    """A candidate set is a set: a repeated member would count twice in the logsumexp."""
+    if ids.shape[-1] < 2:
+        return
+    # Padding slots get distinct negative ids so only real members can collide.
+    slot = torch.arange(ids.shape[-1], device=ids.device).expand_as(ids)
+    marked = torch.where(mask, ids, -1 - slot)
+    ordered = marked.sort(dim=-1).values
+    if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+        raise UserError("teacher candidate set lists the same token id twice")
+
+
+def lean_terms(
+    hidden: Tensor,
+    weight: Tensor,
+    cand_ids: Tensor | None,
+    cand_mask: Tensor | None,
+    actions: Tensor,
+    valid: Tensor,
+    terminal: Tensor,
+    *,
+    bias: Tensor | None = None,
+    variant: str = "paper",
+    gamma: float = 0.99,
+    alpha: float = 0.1,
+    q_min: float = -10.0,
+    chi2: bool = True,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> BellmanTerms:
+    """:func:`lean_loss` with its diagnostics (see :class:`BellmanTerms`).
+
+    With ``cand_ids=None`` the diagnostic ``mean_q_candidates`` (the mean clipped Q over the
+    whole vocabulary) costs one extra gradient-free pass over the vocabulary chunks.
+    """
+    _validate(variant, gamma, alpha, q_min, 1.0, 1.0)
+    if variant != "paper":
+        raise UserError(
+            "the lean Bellman Distill path implements the paper variant only; the released "
+            "variant needs full-vocabulary logits (use dense_loss)"
+        )
+    if hidden.dim() != 3:
+        raise ValueError(f"expected hidden [B, T, H], got {tuple(hidden.shape)}")
+    lead = hidden.shape[:-1]
+    _check_batch(actions, valid, terminal, lead)
+    if (cand_ids is None) != (cand_mask is None):
+        raise ValueError("give both cand_ids and cand_mask, or neither (full vocabulary)")
+    if cand_ids is not None and (cand_ids.shape[:-1] != lead or cand_mask.shape != cand_ids.shape):
+        raise ValueError(
+            f"expected cand_ids and cand_mask [B, T, K] matching {tuple(lead)}, got "
+            f"{tuple(cand_ids.shape)} and {tuple(cand_mask.shape)}"
+        )
+
+    kept, term, needs_value = _transitions(valid, terminal)
+    if not bool(kept.any()):
+        raise _no_transition_error()
+    vocab = weight.shape[0]
+
+    # Work only on the rows whose V or Qhat enter the loss: kept states and their successors.
+    index = needs_value.reshape(-1).nonzero().squeeze(1)
+    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+    row_actions = actions.reshape(-1).index_select(0, index)
+    row_kept = kept.reshape(-1).index_select(0, index)
+    check_token_range(row_actions[row_kept], vocab, "action")
+    row_actions = torch.where(row_kept, row_actions, 0)
+    best = chunked_argmax(rows, weight, bias, chunk_size=chunk_size)
+
+    if cand_ids is None:
+        # A_t = whole vocabulary: V_t = logsumexp_a max(z_a, m + q_min) - m, chunked.
+        shift = token_logits(rows, weight, best, bias)
+        values = chunked_logsumexp(rows, weight, bias, chunk_size=chunk_size, floor=shift + q_min)
+        values = values - shift
+        q_hat = torch.clamp(token_logits(rows, weight, row_actions, bias) - shift, min=q_min)
+        in_set = torch.ones_like(row_kept)
+        set_size = torch.full_like(row_actions, vocab)
+        q_cand_mean = _mean_clipped_q(rows, weight, bias, shift.detach(), q_min, chunk_size)
+    else:
+        slots = cand_ids.shape[-1]
+        ids = cand_ids.reshape(-1, slots).index_select(0, index)
+        mask = cand_mask.reshape(-1, slots).index_select(0, index)
+        if bool((~mask.any(dim=-1)).any()):
+            raise _empty_set_error()
+        _check_no_duplicates(ids, mask)
+        # The arg-max joins the candidates so both come from one projection (Q(b*) = 0 exactly).
+        logits = candidate_logits(
+            rows,
+            weight,
+            torch.cat([ids, best[:, None]], dim=1),
+            torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1),
+            bias,
+            chunk_size=chunk_size,
+        )
+        shift = logits[:, slots]
+        q = torch.clamp(logits[:, :slots] - shift[:, None], min=q_min)
+        values = _masked_logsumexp(q, mask)
+        match = mask & (ids == row_actions[:, None])
+        in_set = match.any(dim=-1)
+        q_hat = torch.where(in_set, torch.where(match, q, 0.0).sum(dim=-1), q_min)
+        set_size = mask.sum(dim=-1)
+        with torch.no_grad():
+            q_cand_mean = torch.where(mask, q, 0.0).sum(dim=-1) / set_size
+
+    def scatter(x: Tensor) -> Tensor:
+        """Rows back to ``[B, T]`` (zeros elsewhere), keeping the autograd graph."""
+        full = x.new_zeros(kept.numel())
+        return full.index_copy(0, index, x).view(kept.shape)
+
+    return _assemble(
+        scatter(q_hat),
+        scatter(values),
+        scatter(q_cand_mean),
+        scatter(set_size),
+        scatter(in_set),
+        kept,
+        term,
+        gamma,
+        alpha,
+        chi2,
+    )
+
+
+@torch.no_grad()
+def _mean_clipped_q(
+    rows: Tensor, weight: Tensor, bias: Tensor | None, shift: Tensor, q_min: float, chunk_size: int
+) -> Tensor:
+    """Diagnostic: ``mean_v max(z_v - shift, q_min)`` per row, over the whole vocabulary."""
+    vocab = weight.shape[0]
+    dtype = compute_dtype(rows.dtype)
+    total = torch.zeros_like(shift)
+    for start in range(0, vocab, chunk_size):
+        logits = rows @ weight[start : start + chunk_size].T
+        if bias is not None:
+            logits = logits + bias[start : start + chunk_size]
+        total += torch.clamp(logits.to(dtype) - shift[:, None], min=q_min).sum(dim=-1)
+    return total / vocab
+
+
+def lean_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    cand_ids: Tensor | None,
+    cand_mask: Tensor | None,
+    actions: Tensor,
+    valid: Tensor,
+    terminal: Tensor,
+    *,
+    bias: Tensor | None = None,
+    variant: str = "paper",
+    gamma: float = 0.99,
+    alpha: float = 0.1,
+    q_min: float = -10.0,
+    chi2: bool = True,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Tensor:
+    """Paper-variant Bellman Distill loss from hidden states, equal to ``dense_loss``.
+
+    Args:
+        hidden: ``[B, T, H]`` student final hidden states at the response positions' states
+            (the logits would be ``hidden @ weight.T + bias``).
+        weight: ``[V, H]`` output embedding (lm_head weight).
+        cand_ids: long ``[B, T, K]`` teacher top-p set members, or ``None`` for ``p = 1``
+            (``A_t`` = the whole vocabulary, handled in chunks).
+        cand_mask: bool ``[B, T, K]``, which slots are real members (sets differ in size);
+            ``None`` together with ``cand_ids``.
+        actions, valid, terminal: as in :func:`dense_loss`.
+        bias: optional ``[V]`` output bias.
+        variant: only ``"paper"`` (accepted so callers can forward the recipe's setting).
+        gamma, alpha, q_min, chi2: as in :func:`dense_loss`.
+        chunk_size: vocabulary chunk; bounds the live logits to ``[N, chunk_size]``.
+
+    Returns:
+        Scalar loss, differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
+    """
+    return lean_terms(
+        hidden, weight, cand_ids, cand_mask, actions, valid, terminal, bias=bias,
+        variant=variant, gamma=gamma, alpha=alpha, q_min=q_min, chi2=chi2,
+        chunk_size=chunk_size,
+    ).loss
