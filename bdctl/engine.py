@@ -110,7 +110,6 @@ def deepspeed_config(
             f"stages.{stage}.batch_size ({train.batch_size}) is not a multiple of "
             f"micro_batch_size ({train.micro_batch_size}) x ranks ({world_size})"
         )
-    warmup = int(train.warmup_ratio * total_steps)
     values = {
         "train_batch_size": train.batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
@@ -121,9 +120,6 @@ def deepspeed_config(
         "optimizer.params.lr": train.lr,
         "optimizer.params.weight_decay": train.weight_decay,
         "optimizer.params.torch_adam": not gpu,  # DeepSpeed's fused Adam needs a GPU
-        "scheduler.params.warmup_max_lr": train.lr,
-        "scheduler.params.warmup_num_steps": warmup,
-        "scheduler.params.total_num_steps": max(total_steps, warmup + 1),
         "zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
         "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
         "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
@@ -172,11 +168,32 @@ def hf_deepspeed_context(config: dict):
     return HfDeepSpeedConfig(config)
 
 
-def make_engine(module, config: dict):
-    import deepspeed
+def linear_schedule(total_steps: int, warmup_steps: int):
+    """Learning-rate factor per optimizer step: linear warm-up, then linear decay to zero.
 
+    Step 1 already trains at the full rate when there is no warm-up (DeepSpeed's own
+    WarmupDecayLR always spends its first step at rate zero).
+    """
+
+    def factor(step: int) -> float:  # step = optimizer steps taken so far
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+def make_engine(module, config: dict, total_steps: int | None = None, warmup_ratio: float = 0.0):
+    """A DeepSpeed engine; the learning-rate schedule is bdctl's unless the config brings one."""
+    import deepspeed
+    import torch
+
+    scheduler = None
+    if total_steps is not None and "scheduler" not in config:
+        factor = linear_schedule(total_steps, int(warmup_ratio * total_steps))
+        scheduler = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)  # noqa: E731
     params = [p for p in module.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=module, model_parameters=params, config=config)
+    engine, *_ = deepspeed.initialize(model=module, model_parameters=params, config=config, lr_scheduler=scheduler)
     return engine
 
 

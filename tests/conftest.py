@@ -16,21 +16,27 @@ RECIPES = ROOT / "recipes"
 
 def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """`bdctl ARGS` in a fresh interpreter, as a user would run it."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "NO_COLOR": "1", "COLUMNS": "200"}
+    # Drop a process group's variables that an in-process DeepSpeed test may have set.
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONWARNINGS="ignore", NO_COLOR="1", COLUMNS="200")
     return subprocess.run(
         [sys.executable, "-m", "bdctl", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
 
 
 def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
-    """Exit code 2, no traceback, and one line on stderr containing every fragment."""
+    """Exit code 2, no traceback, and one error line (the last) containing every fragment.
+
+    Progress lines printed before the problem was found (e.g. the data split) may precede it.
+    """
     assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-3000:])
     assert "Traceback" not in result.stderr + result.stdout, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, lines
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], lines
     for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
+        assert fragment in errors[0], (fragment, errors[0])
+    return errors[0]
 
 
 def write_recipe(path: Path, base: str = "smoke", **changes) -> Path:

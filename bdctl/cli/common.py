@@ -22,10 +22,15 @@ DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the launcher c
 ForceOpt = Annotated[bool, typer.Option("--force", help="Run again even if the stage is complete.")]
 
 
-def say(message: str) -> None:
+def _console():
     from rich.console import Console
 
-    Console(stderr=True, highlight=False).print(message)
+    # soft_wrap: a long message stays one line (errors must be one line, whatever the terminal)
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def say(message: str) -> None:
+    _console().print(message)
 
 
 @contextlib.contextmanager
@@ -36,11 +41,10 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except UserError as exc:
-        from rich.console import Console
         from rich.markup import escape
 
         message = str(exc).splitlines()[0] if str(exc) else "error"
-        Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {escape(message)}")
+        _console().print(f"[bold red]error:[/] {escape(message)}")
         raise typer.Exit(UserError.exit_code) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -124,7 +124,7 @@ def _describe(exc: ValidationError, path: Path, overridden: dict[str, str]) -> s
     kind, given = error["type"], error.get("input")
     if kind == "extra_forbidden":
         allowed = _allowed_keys(loc[:-1])
-        close = difflib.get_close_matches(loc[-1], allowed, n=1)
+        close = difflib.get_close_matches(loc[-1], allowed, n=1, cutoff=0.5)
         hint = f"did you mean {close[0]!r}? " if close else ""
         message = f"unknown key ({hint}expected one of: {', '.join(allowed)})"
     elif kind == "missing":

@@ -98,7 +98,7 @@ def run(job: Job, rank: int, world: int) -> None:
     )
     with_ds = hf_deepspeed_context(ds_config)  # noqa: F841  (alive while loading: ZeRO-3 partitioned load)
     model = load_model(source, tokenizer, recipe.seed)
-    engine = make_engine(policy_module(model), ds_config)
+    engine = make_engine(policy_module(model), ds_config, total_steps, config.warmup_ratio)
     device = engine.device
 
     def run_batch(batch):
