@@ -51,12 +51,14 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def device():
+def global_mean(total: float, count: float, device) -> float:
+    """sum(total) / sum(count) over all ranks (e.g. a validation loss from per-rank sums)."""
     import torch
-    from deepspeed.accelerator import get_accelerator
+    import torch.distributed as dist
 
-    name = get_accelerator().device_name()
-    return torch.device("cpu") if name == "cpu" else torch.device(name, get_accelerator().current_device())
+    tensor = torch.tensor([total, count], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return (tensor[0] / tensor[1]).item()
 
 
 def on_gpu() -> bool:
@@ -237,17 +239,21 @@ def export_hf(engine, tokenizer, out_dir: Path, rank: int, info: dict | None = N
     dist.barrier()
 
 
-def save_checkpoint(engine, root: Path, tag: str, client_state: dict, keep: int, rank: int) -> None:
-    """A DeepSpeed checkpoint plus client state; it counts once its manifest exists; keeps the last `keep`."""
+def save_checkpoint(engine, root: Path, tag: str, client_state: dict, keep: int, rank: int, info: dict) -> None:
+    """A DeepSpeed checkpoint plus client state. It counts once its manifest (with `info`) is
+    written, after every rank has saved; then only the newest `keep` are kept."""
     import torch.distributed as dist
 
+    if rank == 0:
+        shutil.rmtree(root / tag, ignore_errors=True)  # a half-written one, from a killed run
+    dist.barrier()
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
     dist.barrier()
     if rank == 0:
-        mark_complete(root / tag, tag=tag, step=client_state.get("step"))
+        mark_complete(root / tag, tag=tag, step=client_state["train_state"]["step"], **info)
         finished = sorted(
             (p for p in root.iterdir() if p.is_dir() and manifest(p) is not None),
-            key=lambda p: manifest(p)["finished_at"],
+            key=lambda p: manifest(p)["step"],
         )
         for old in finished[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

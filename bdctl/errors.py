@@ -6,6 +6,14 @@ Its message should name the file, line or key at fault and what was expected.
 
 
 class UserError(Exception):
-    """A problem in the user's input: the message is shown as is, on one line."""
+    """A problem in the user's input: the message is shown as is, on one line.
+
+    Subclasses (and a launcher relaying a rank's failure) may carry another exit code.
+    """
 
     exit_code = 2
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code

@@ -10,6 +10,7 @@ ranks, which read it back (`bdctl.worker`).
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import shutil
@@ -22,6 +23,7 @@ from bdctl.errors import UserError
 from bdctl.launch import LaunchOptions, dry_run_text, launch
 from bdctl.recipe import Recipe, dump_recipe, load_recipe
 from bdctl.rundir import RunDir, manifest, write_json_atomic, write_text_atomic
+from bdctl.training import check_resumable, latest_checkpoint
 
 # Stage modules: each has stage_dir(options), prepare(job) (launching process) and run(job, rank, world).
 STAGES = {"sft": "bdctl.stages.sft"}
@@ -45,6 +47,16 @@ class Job:
     @property
     def stage_dir(self) -> Path:
         return self.run.stage(self.stage_name)
+
+    def fingerprint(self) -> str:
+        """What a checkpoint of this stage must agree with to be resumed: the recipe as it
+        affects this stage (other stages' settings and cosmetic fields excluded) and the options."""
+        recipe = self.recipe.model_dump(mode="json")
+        for key in ("description", "run_dir"):
+            recipe.pop(key)
+        recipe["stages"] = {name: value for name, value in recipe["stages"].items() if name == self.stage_name}
+        payload = json.dumps({"recipe": recipe, "stage": self.stage_name, "options": self.options}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def save(self, path: Path) -> None:
         payload = {k: v for k, v in self.__dict__.items() if k != "recipe"}
@@ -95,9 +107,15 @@ def submit(
         log(f"{job.stage_dir} is already complete; pass --force to run it again")
         return job
     stage_module(stage).prepare(job, log)
-    if job.stage_dir.exists():  # an unfinished or forced earlier attempt: start over
+    resume_from = None if force else latest_checkpoint(job.stage_dir / "checkpoints")
+    if resume_from is not None:
+        check_resumable(resume_from, job.fingerprint(), job.world_size)
+        log(f"resuming {job.stage_dir} from {resume_from.name}")
+        (job.stage_dir / "PREEMPT").unlink(missing_ok=True)
+        shutil.rmtree(job.stage_dir / "logs", ignore_errors=True)
+    elif job.stage_dir.exists():  # unfinished without a checkpoint, or --force: start over
         shutil.rmtree(job.stage_dir)
-    job.stage_dir.mkdir(parents=True)
+    job.stage_dir.mkdir(parents=True, exist_ok=True)
     text = dump_recipe(job.recipe)
     write_text_atomic(job.run.root / "recipe.yaml", text)
     write_text_atomic(job.stage_dir / "recipe.yaml", text)

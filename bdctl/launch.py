@@ -11,8 +11,10 @@ one dies, so a failure never leaves the job hanging.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -57,9 +59,26 @@ def launch(job_file: Path, options: LaunchOptions) -> None:
     env = dict(os.environ)
     # torchrun would set 1 thread per rank and print a banner about it; share the cores instead.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // options.nproc)))
-    result = subprocess.run(command, env=env)
-    if result.returncode != 0:
-        raise UserError(_failure_message(job_file.parent, result.returncode))
+    with forward_preemption(job_file.parent / "PREEMPT"):
+        returncode = subprocess.run(command, env=env).returncode
+    if returncode != 0:
+        raise UserError(_failure_message(job_file.parent, returncode), exit_code=returncode)
+
+
+@contextlib.contextmanager
+def forward_preemption(flag_file: Path):
+    """While ranks run in child processes, SIGTERM / SIGUSR1 to this process become a PREEMPT
+    file the ranks look for at every step boundary (they then checkpoint and exit 75)."""
+
+    def handle(signum, frame):
+        flag_file.touch()
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def dry_run_text(job_file: Path, options: LaunchOptions) -> str:
@@ -82,9 +101,10 @@ def _torchrun(argv: list[str]) -> int:
     try:
         run(parse_args(argv))
     except ChildFailedError as exc:
-        codes = [failure.exitcode for _, failure in sorted(exc.failures.items())]
-        # A rank killed by a signal reports a negative code; exit like a shell would (128 + signal).
-        return next((c if c > 0 else 128 - c for c in codes if c), 1)
+        # The first rank to fail says why; torchrun then stops the others with SIGTERM.
+        _, failure = exc.get_first_failure()
+        code = failure.exitcode or 1
+        return code if code > 0 else 128 - code  # killed by a signal: exit as a shell would
     return 0
 
 

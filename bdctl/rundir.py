@@ -51,15 +51,24 @@ def read_json(path: Path) -> Any:
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written directory into place, replacing an older one."""
+    """Move a fully written directory into place, replacing an older one.
+
+    Two renames, so a kill between them leaves only `.<name>.old`; `recover_dir` puts it back.
+    """
+    recover_dir(final)
+    old = final.with_name(f".{final.name}.old")
     if final.exists():
-        old = final.with_name(f".{final.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(final: Path) -> None:
+    """Undo a replace_dir that was killed between its two renames."""
+    old = final.with_name(f".{final.name}.old")
+    if not final.exists() and old.exists():
+        old.rename(final)
 
 
 def mark_complete(directory: Path, **payload: Any) -> None:

@@ -16,6 +16,14 @@ class MetricsLog:
         self.enabled = enabled
         self.start = time.time()
 
+    def truncate_after(self, step: int) -> None:
+        """Forget records of steps after `step` (they are about to be replayed by a resume)."""
+        if not self.enabled or not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
     def write(self, **record: Any) -> None:
         if not self.enabled:
             return

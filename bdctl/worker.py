@@ -63,8 +63,8 @@ def run_job(job_file: str | Path) -> None:
 def main() -> int:
     try:
         run_job(sys.argv[1])
-    except UserError:
-        return UserError.exit_code  # the launching process prints the message once
+    except UserError as exc:
+        return exc.exit_code  # the launching process prints the message once
     except BaseException:
         traceback.print_exc()
         return 1

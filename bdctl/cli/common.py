@@ -19,7 +19,9 @@ SetOpt = Annotated[
 ]
 NprocOpt = Annotated[int, typer.Option("--nproc", min=1, help="Ranks to start on this node.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the launcher command and exit.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Run again even if the stage is complete.")]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Start the stage over: discard its finished output or its checkpoints.")
+]
 
 
 def _console():
@@ -35,7 +37,8 @@ def say(message: str) -> None:
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn a UserError into one red line on stderr and exit code 2; Ctrl-C into exit 130."""
+    """Turn a UserError into one red line on stderr and its exit code (2 for bad input, 3 for a
+    non-finite loss, 75 for a preempted run); Ctrl-C into exit 130."""
     from bdctl.errors import UserError
 
     try:
@@ -45,7 +48,7 @@ def user_errors() -> Iterator[None]:
 
         message = str(exc).splitlines()[0] if str(exc) else "error"
         _console().print(f"[bold red]error:[/] {escape(message)}")
-        raise typer.Exit(UserError.exit_code) from None
+        raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise typer.Exit(130) from None

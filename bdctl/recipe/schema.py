@@ -214,6 +214,9 @@ class Train(Section):
     select: Literal["val_loss", "rouge_l"] = Field("val_loss", description="Rule for the kept checkpoint.")
     checkpoint_every: int = Field(0, ge=0, description="DeepSpeed checkpoint every N steps (0: per epoch).")
     keep_checkpoints: int = Field(2, ge=1, description="How many DeepSpeed checkpoints to keep.")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="A NaN/inf loss stops the run, or its step is skipped (and counted)."
+    )
     init: str = Field("base", description="Start weights: base, a stage name (its export), or a path.")
 
     @model_validator(mode="after")

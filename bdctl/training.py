@@ -1,0 +1,286 @@
+"""The training loop every training stage shares (sft, distill): steps, validation, the kept
+best export, checkpoints, exact resume, preemption and non-finite losses.
+
+A stage supplies three functions and gets the rest:
+
+    micro_batches(indices) -> [MicroBatch]   what the rank trains on for those examples
+    loss(micro_batch)      -> (loss, logs)   a token mean over that micro-batch, plus diagnostics
+    validate()             -> float          lower is better, the same value on every rank
+
+Exactness. The data order is a function of (seed, epoch) and the position is the step count, so a
+checkpoint at step k (DeepSpeed model + optimizer + scheduler, plus RNG states and the best score
+so far) restarts at exactly step k+1: the per-step losses after a resume equal those of an
+uninterrupted run. A checkpoint counts only once its manifest exists.
+
+Preemption. SIGTERM or SIGUSR1 on any rank, or a PREEMPT file in the stage directory (how the
+launching process forwards a signal to ranks it did not start itself), makes every rank agree at
+the next step boundary, save a checkpoint and exit with PREEMPTED_EXIT_CODE.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bdctl.errors import UserError
+from bdctl.rundir import manifest, mark_complete, read_json, recover_dir, replace_dir
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"; rerun the same command to resume
+NONFINITE_EXIT_CODE = 3
+
+
+class Preempted(UserError):
+    """The run saved a checkpoint and stopped on request; rerunning the command resumes it."""
+
+    exit_code = PREEMPTED_EXIT_CODE
+
+
+class NonFiniteLoss(UserError):
+    """A NaN or inf loss with `on_nonfinite: stop`; the last good checkpoint is left as it was."""
+
+    exit_code = NONFINITE_EXIT_CODE
+
+
+@dataclass
+class MicroBatch:
+    """One rank's share of a step: model inputs and the number of scored units (tokens or
+    transitions) the loss averages over, which sets its weight in the global mean."""
+
+    inputs: dict[str, Any]
+    count: int
+
+
+@dataclass
+class TrainState:
+    """The client state of a checkpoint: where the run is and what it has kept."""
+
+    step: int = 0
+    best_score: float = math.inf
+    best_step: int = -1
+    skipped_steps: int = 0
+    rng: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoopConfig:
+    total_steps: int
+    steps_per_epoch: int
+    batch_size: int
+    micro_batch_size: int
+    seed: int
+    eval_every: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    on_nonfinite: str  # "stop" | "skip"
+    fingerprint: str  # of everything that must match for a resume
+
+
+class PreemptionWatch:
+    """Remembers SIGTERM / SIGUSR1; `requested()` is collective and true on every rank or none."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, flag_file: Path):
+        self.flag_file = flag_file
+        self.signalled = False
+        self._previous = {}
+
+    def __enter__(self) -> PreemptionWatch:
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. some test runners): rely on the flag file
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signalled = True
+
+    def requested(self, any_rank: Callable[[bool], bool]) -> bool:
+        return any_rank(self.signalled or self.flag_file.exists())
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def capture_rng() -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()}
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    if state:
+        random.setstate(_as_tuple(state["python"]))
+        np.random.set_state(state["numpy"])
+        torch.random.set_rng_state(state["torch"])
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, list) else value
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest checkpoint whose manifest was written (a half-written one never counts)."""
+    if not root.is_dir():
+        return None
+    done = [p for p in root.iterdir() if p.is_dir() and manifest(p) is not None]
+    return max(done, key=lambda p: manifest(p)["step"], default=None)
+
+
+def check_resumable(checkpoint: Path, fingerprint: str, world: int) -> None:
+    """Refuse a checkpoint written for another recipe or another number of ranks."""
+    info = read_json(checkpoint / "MANIFEST.json")
+    if info.get("fingerprint") != fingerprint:
+        raise UserError(
+            f"{checkpoint}: this checkpoint belongs to a different recipe or stage settings; "
+            f"use --force to start over (or restore the recipe it was made with)"
+        )
+    if info.get("world_size") != world:
+        raise UserError(
+            f"{checkpoint}: written by {info.get('world_size')} ranks; resume with the same number of ranks (now {world})"
+        )
+
+
+def train_loop(
+    *,
+    engine,
+    config: LoopConfig,
+    out: Path,
+    rank: int,
+    world: int,
+    n_train: int,
+    micro_batches: Callable[[list[int]], list[MicroBatch]],
+    loss: Callable[[MicroBatch], tuple[Any, dict[str, float]]],
+    validate: Callable[[], float],
+    export_best: Callable[[dict], None],
+    metrics,
+    progress,
+) -> TrainState:
+    """Train to `config.total_steps` (resuming from the newest checkpoint), keeping the best
+    validation score's export in out/best. Returns the final state."""
+    import torch
+    import torch.distributed as dist
+
+    from bdctl.data.batching import epoch_order
+    from bdctl.data.batching import micro_batches as rank_share
+    from bdctl.engine import save_checkpoint
+
+    device = engine.device
+    checkpoints = out / "checkpoints"
+
+    def all_sum(values: list[float]) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def any_rank(flag: bool) -> bool:
+        return all_sum([float(flag)])[0] > 0
+
+    state = TrainState()
+    resume_from = latest_checkpoint(checkpoints)
+    if resume_from is not None:
+        check_resumable(resume_from, config.fingerprint, world)
+        _, client = engine.load_checkpoint(str(checkpoints), tag=resume_from.name)
+        state = TrainState(**client["train_state"])
+        restore_rng(state.rng)
+        progress.print(f"resumed from {resume_from} (step {state.step})")
+        if rank == 0:
+            metrics.truncate_after(state.step)
+        progress.update(advance=state.step)
+
+    def checkpoint(reason: str) -> None:
+        state.rng = capture_rng()
+        tag = f"step{state.step}"
+        save_checkpoint(
+            engine, checkpoints, tag, {"train_state": asdict(state)}, config.keep_checkpoints, rank,
+            info={"fingerprint": config.fingerprint, "world_size": world, "reason": reason},
+        )  # fmt: skip
+        metrics.write(event="checkpoint", step=state.step, tag=tag, reason=reason)
+
+    def validate_and_keep_best() -> None:
+        score = validate()
+        improved = score < state.best_score
+        if improved:
+            state.best_score, state.best_step = score, state.step
+            export_best({"step": state.step, "val_loss": score})
+        metrics.write(event="eval", step=state.step, val_loss=score, best=improved)
+        progress.print(f"step {state.step}: val_loss {score:.4f}{'  (best)' if improved else ''}")
+
+    with PreemptionWatch(out / "PREEMPT") as preemption:
+        if state.step == 0:
+            validate_and_keep_best()  # the starting point counts: a run that only gets worse keeps it
+        while state.step < config.total_steps:
+            epoch, index = divmod(state.step, config.steps_per_epoch)
+            order = epoch_order(n_train, config.seed, epoch)
+            chunks = rank_share(order, index, config.batch_size, config.micro_batch_size, rank, world)
+            batches = [batch for chunk in chunks for batch in micro_batches(chunk)]
+            global_count = all_sum([sum(b.count for b in batches)])[0]
+            loss_sum, logs_sum, started = 0.0, {}, time.perf_counter()
+            for batch in batches:
+                value, logs = loss(batch)
+                if config.on_nonfinite == "stop" and any_rank(not torch.isfinite(value.detach()).item()):
+                    raise NonFiniteLoss(
+                        f"non-finite loss at step {state.step + 1}; stopped without touching the last "
+                        f"checkpoint ({latest_checkpoint(checkpoints) or 'none yet'}); set on_nonfinite: skip to skip such steps"
+                    )
+                # DeepSpeed averages over micro-batches and ranks; rescale so the gradient is that
+                # of the mean over the scored units of the whole global batch.
+                engine.backward(value * batch.count * len(batches) * world / global_count)
+                engine.step()
+                loss_sum += value.item() * batch.count
+                for key, number in logs.items():
+                    logs_sum[key] = logs_sum.get(key, 0.0) + number * batch.count
+            # a non-finite gradient norm makes DeepSpeed skip the update (on_nonfinite: skip)
+            if not engine.was_step_applied():
+                state.skipped_steps += 1
+            state.step += 1
+            keys = sorted(logs_sum)
+            totals = all_sum([loss_sum, *[logs_sum[k] for k in keys]])
+            record = {"loss": totals[0] / global_count, **{k: v / global_count for k, v in zip(keys, totals[1:], strict=True)}}
+            rate = global_count / (time.perf_counter() - started)
+            metrics.write(
+                event="train", step=state.step, epoch=epoch, lr=engine.optimizer.param_groups[0]["lr"],
+                tokens=global_count, tokens_per_s=rate, skipped_steps=state.skipped_steps, **record,
+            )  # fmt: skip
+            progress.update(loss=record["loss"], **{"tok/s": f"{rate:.0f}"})
+            end_of_epoch = (state.step % config.steps_per_epoch == 0) or state.step == config.total_steps
+            if (config.eval_every and state.step % config.eval_every == 0) or (not config.eval_every and end_of_epoch):
+                validate_and_keep_best()
+            due = state.step % config.checkpoint_every == 0 if config.checkpoint_every else end_of_epoch
+            if due or state.step == config.total_steps:
+                checkpoint("schedule")
+            if state.step < config.total_steps and preemption.requested(any_rank):
+                if not due:
+                    checkpoint("preempted")
+                raise Preempted(f"preempted at step {state.step}; checkpoint saved; run the same command to resume")
+    return state
+
+
+def finish(out: Path, state: TrainState, rank: int, stage: str, metrics) -> None:
+    """The kept export becomes the stage's export; the manifest marks the stage complete."""
+    import torch.distributed as dist
+
+    if rank == 0:
+        best = out / "best"
+        recover_dir(best)
+        if best.exists():  # else an interrupted finish() already moved it
+            replace_dir(best, out / "export")
+        (out / "PREEMPT").unlink(missing_ok=True)
+        metrics.write(event="end", best_step=state.best_step, best_val_loss=state.best_score)
+        mark_complete(
+            out, stage=stage, best_step=state.best_step, best_val_loss=state.best_score,
+            steps=state.step, skipped_steps=state.skipped_steps, export="export",
+        )  # fmt: skip
+    dist.barrier()

@@ -1,0 +1,287 @@
+"""The sparse teacher cache on disk (bdctl.cache)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from bdctl.cache import (
+    CacheWriter,
+    TeacherCache,
+    check,
+    collate_candidates,
+    finalize,
+    visible_shards,
+    written_keys,
+)
+from bdctl.errors import UserError
+from bdctl.sampling import Capture, sample
+
+P = 0.8
+K = 16
+TOKENIZER = "0123456789abcdef"
+
+
+def fake_example(rng: np.random.Generator, length: int) -> tuple[np.ndarray, Capture]:
+    """Random response tokens and a well-formed capture (sets of 1..K distinct ids)."""
+    tokens = rng.integers(0, 50_000, size=length)
+    kept = rng.integers(1, K + 1, size=length).astype(np.int32)
+    ids = np.concatenate([np.zeros(0, np.int64)] + [rng.choice(50_000, size=k, replace=False) for k in kept])
+    ids = ids.astype(np.int32)
+    probs = rng.random(int(kept.sum())).astype(np.float32) / 4
+    offsets = np.concatenate([[0], np.cumsum(kept)])
+    covered = np.array([probs[a:b].sum() for a, b in zip(offsets[:-1], offsets[1:])], dtype=np.float32)
+    return tokens, Capture(ids=ids, probs=probs, kept=kept, covered=covered)
+
+
+def write_cache(directory, *, writers: int = 2, shards: int = 2, per_shard: int = 3, seed: int = 0, final: bool = True):
+    """A cache from several writers; returns {(prompt_id, sample_index): (seed, finish, tokens, capture)}."""
+    rng = np.random.default_rng(seed)
+    expected = {}
+    for writer in range(writers):
+        with CacheWriter(directory, writer, top_p=P, max_k=K) as out:
+            for shard in range(shards):
+                for j in range(per_shard):
+                    # Prompts interleave across writers, as ranks share a strided split.
+                    prompt_id = (shard * per_shard + j) * writers + writer
+                    for sample_index in range(2):
+                        tokens, capture = fake_example(rng, int(rng.integers(0, 12)))
+                        finish = "eos" if sample_index == 0 else "length"
+                        seed_value = 1000 * prompt_id + sample_index
+                        out.add(
+                            prompt_id=prompt_id, sample_index=sample_index, seed=seed_value, tokens=tokens,
+                            finish_reason=finish, capture=capture,
+                        )  # fmt: skip
+                        expected[(prompt_id, sample_index)] = (seed_value, finish, tokens, capture)
+                out.flush()
+    if final:
+        finalize(directory, teacher="tiny-teacher", tokenizer_hash=TOKENIZER, top_p=P, max_k=K, vocab_size=50_000)
+    return expected
+
+
+def assert_example_equal(example, stored) -> None:
+    seed, finish, tokens, capture = stored
+    assert example.seed == seed and example.finish_reason == finish
+    np.testing.assert_array_equal(example.tokens, tokens)
+    np.testing.assert_array_equal(example.capture.kept, capture.kept)
+    np.testing.assert_array_equal(example.capture.ids, capture.ids)
+    # Probabilities and covered mass are stored as float16: exactly the float16 rounding.
+    np.testing.assert_array_equal(example.capture.probs, capture.probs.astype(np.float16))
+    np.testing.assert_array_equal(example.capture.covered, capture.covered.astype(np.float16))
+    assert example.tokens.dtype == np.int32 and example.capture.ids.dtype == np.int32
+    assert example.capture.probs.dtype == np.float16
+
+
+def test_round_trip_two_writers(tmp_path):
+    expected = write_cache(tmp_path / "cache")
+    cache = TeacherCache(tmp_path / "cache")
+    assert len(cache) == len(expected) == 24
+    keys = [(cache[i].prompt_id, cache[i].sample_index) for i in range(len(cache))]
+    assert keys == sorted(expected)  # ordered by (prompt, sample) whatever wrote them
+    for i in range(len(cache)):
+        assert_example_equal(cache[i], expected[keys[i]])
+    # Random access, in any order, negative indices included.
+    for i in np.random.default_rng(1).permutation(len(cache)).tolist() + [-1, -len(cache)]:
+        example = cache[i]
+        assert_example_equal(example, expected[(example.prompt_id, example.sample_index)])
+    with pytest.raises(IndexError):
+        cache[len(cache)]
+    counts = cache.manifest["counts"]
+    assert counts["examples"] == 24 and counts["prompts"] == 12 and counts["writers"] == 2 and counts["shards"] == 4
+    assert counts["finish"] == {"eos": 12, "length": 12}
+    assert counts["tokens"] == sum(len(v[2]) for v in expected.values())
+    assert written_keys(tmp_path / "cache") == set(expected)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and a busy machine cannot stall a thread team."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_round_trip_of_real_samples(tmp_path, one_thread):
+    """Samples straight from the sampler go in and come back out (a tiny GPT-2 teacher)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=200, n_positions=64)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # peaked distributions, like a trained teacher
+    prompts = [[5, 6, 7], [8], [9, 10, 11, 12]]
+    samples = sample(model, prompts, [1, 2, 3], eos_id=0, pad_id=0, max_new_tokens=12, capture_top_p=P, capture_max_k=K)
+    with CacheWriter(tmp_path, 0, top_p=P, max_k=K) as out:
+        for prompt_id, result in enumerate(samples):
+            out.add_sample(prompt_id, 0, result)
+    finalize(tmp_path, teacher="tiny", tokenizer_hash=TOKENIZER, top_p=P, max_k=K)
+    cache = TeacherCache(tmp_path)
+    for prompt_id, result in enumerate(samples):
+        example = cache[prompt_id]
+        assert example.tokens.tolist() == result.tokens and example.finish_reason == result.finish_reason
+        np.testing.assert_array_equal(example.capture.ids, result.capture.ids)
+        np.testing.assert_allclose(example.capture.probs.astype(np.float32), result.capture.probs, rtol=1e-3, atol=1e-4)
+
+
+def test_shard_without_index_is_invisible(tmp_path):
+    expected = write_cache(tmp_path, writers=1, shards=2, final=False)
+    # A writer that died after its data files but before its index: remove the last index.
+    assert visible_shards(tmp_path) == ["w0000-000000", "w0000-000001"]
+    (tmp_path / "w0000-000001.index.json").unlink()
+    assert (tmp_path / "w0000-000001.tokens.i32").exists()
+    assert visible_shards(tmp_path) == ["w0000-000000"]
+    assert len(written_keys(tmp_path)) == len(expected) // 2
+    manifest = finalize(tmp_path, teacher="t", tokenizer_hash=TOKENIZER, top_p=P, max_k=K)
+    assert manifest["counts"]["examples"] == len(expected) // 2
+    assert len(TeacherCache(tmp_path)) == len(expected) // 2
+    # A restarted writer continues after its last visible shard, over the orphaned files.
+    with CacheWriter(tmp_path, 0, top_p=P, max_k=K) as out:
+        tokens, capture = fake_example(np.random.default_rng(5), 4)
+        out.add(prompt_id=99, sample_index=0, seed=1, tokens=tokens, finish_reason="length", capture=capture)
+        assert out.flush() == tmp_path / "w0000-000001.index.json"
+
+
+def test_missing_manifest_is_refused(tmp_path):
+    write_cache(tmp_path, final=False)
+    with pytest.raises(UserError, match="not finished"):
+        TeacherCache(tmp_path)
+    with pytest.raises(UserError, match="not finished"):
+        TeacherCache(tmp_path / "nowhere")
+    with pytest.raises(UserError, match="not finished"):
+        check(tmp_path, TOKENIZER, P)
+
+
+def test_damaged_shard_is_refused(tmp_path):
+    write_cache(tmp_path)
+    path = tmp_path / "w0001-000000.cand_probs.f16"
+    path.write_bytes(path.read_bytes()[:-2])
+    with pytest.raises(UserError, match="w0001-000000 is damaged"):
+        TeacherCache(tmp_path)
+
+
+def test_check_tokenizer_and_p(tmp_path):
+    write_cache(tmp_path / "x")
+    cache = TeacherCache(tmp_path / "x")
+    check(cache, TOKENIZER, 0.8)
+    check(tmp_path / "x", TOKENIZER, 0.8, max_k=K)
+    with pytest.raises(UserError) as info:
+        check(cache, TOKENIZER, 0.9)
+    assert str(info.value) == f"cache {tmp_path / 'x'}: made with top_p 0.8, the recipe asks for 0.9"
+    with pytest.raises(UserError, match=f"made with tokenizer {TOKENIZER}, the run's tokenizer is ffff"):
+        check(cache, "ffff", 0.8)
+    with pytest.raises(UserError, match="at most 16 candidates, the recipe asks for 64"):
+        check(cache, TOKENIZER, 0.8, max_k=64)
+
+
+def test_finalize_refuses_duplicates_and_mixed_settings(tmp_path):
+    rng = np.random.default_rng(0)
+    tokens, capture = fake_example(rng, 3)
+    for writer in (0, 1):
+        with CacheWriter(tmp_path / "dup", writer, top_p=P, max_k=K) as out:
+            out.add(prompt_id=4, sample_index=0, seed=0, tokens=tokens, finish_reason="eos", capture=capture)
+    with pytest.raises(UserError, match="prompt 4 sample 0 is in shards w0000-000000 and w0001-000000"):
+        finalize(tmp_path / "dup", teacher="t", tokenizer_hash=TOKENIZER, top_p=P, max_k=K)
+    with CacheWriter(tmp_path / "mixed", 0, top_p=0.5, max_k=K) as out:
+        out.add(prompt_id=1, sample_index=0, seed=0, tokens=tokens, finish_reason="eos", capture=capture)
+    with pytest.raises(UserError, match="made with top_p 0.5"):
+        finalize(tmp_path / "mixed", teacher="t", tokenizer_hash=TOKENIZER, top_p=P, max_k=K)
+    with pytest.raises(UserError, match="no finished shard"):
+        finalize(tmp_path / "empty", teacher="t", tokenizer_hash=TOKENIZER, top_p=P, max_k=K)
+
+
+def test_writer_rejects_malformed_captures(tmp_path):
+    tokens, capture = fake_example(np.random.default_rng(0), 5)
+    out = CacheWriter(tmp_path, 0, top_p=P, max_k=K)
+    with pytest.raises(ValueError, match="4 tokens but a capture of 5"):
+        out.add(prompt_id=0, sample_index=0, seed=0, tokens=tokens[:4], finish_reason="eos", capture=capture)
+    with pytest.raises(ValueError, match="finish_reason"):
+        out.add(prompt_id=0, sample_index=0, seed=0, tokens=tokens, finish_reason="stop", capture=capture)
+    small = CacheWriter(tmp_path, 1, top_p=P, max_k=2)
+    with pytest.raises(ValueError, match="set sizes"):
+        small.add(prompt_id=0, sample_index=0, seed=0, tokens=tokens, finish_reason="eos", capture=capture)
+    assert out.flush() is None and visible_shards(tmp_path) == []
+
+
+def test_bytes_per_token(tmp_path):
+    expected = write_cache(tmp_path)
+    manifest = TeacherCache(tmp_path).manifest
+    tokens = sum(len(v[2]) for v in expected.values())
+    entries = sum(int(v[3].kept.sum()) for v in expected.values())
+    # 4 (token) + 2 (kept) + 2 (covered) bytes per token, 4 (id) + 2 (prob) bytes per candidate.
+    assert manifest["data_bytes"] == 8 * tokens + 6 * entries
+    files = [path for path in tmp_path.iterdir() if path.name != "MANIFEST.json"]
+    assert manifest["total_bytes"] == sum(path.stat().st_size for path in files)
+    assert manifest["bytes_per_token"] == pytest.approx(manifest["total_bytes"] / tokens)
+    assert manifest["counts"]["entries"] == entries
+    assert manifest["mean_set_size"] == pytest.approx(entries / tokens)
+    assert manifest["dense_fp16_bytes_per_token"] == 100_000
+
+
+def test_collate_candidates(tmp_path):
+    expected = write_cache(tmp_path)
+    cache = TeacherCache(tmp_path)
+    examples = [cache[i] for i in range(5)]
+    lengths = [len(e) for e in examples]
+    batch = collate_candidates(examples)
+    width, k = max(lengths), max(int(e.capture.kept.max()) for e in examples if len(e))
+    assert batch["cand_ids"].shape == (5, width, k) and batch["cand_ids"].dtype == torch.long
+    assert batch["cand_probs"].dtype == torch.float32 and batch["cand_mask"].dtype == torch.bool
+    assert batch["valid"].tolist() == [[t < n for t in range(width)] for n in lengths]
+    for row, example in enumerate(examples):
+        for t in range(width):
+            mask = batch["cand_mask"][row, t]
+            if t >= lengths[row]:
+                assert not mask.any() and (batch["cand_ids"][row, t] == 0).all()
+                continue
+            ids, probs = example.capture.position(t)
+            n = len(ids)
+            assert mask.tolist() == [j < n for j in range(k)]
+            assert batch["cand_ids"][row, t, :n].tolist() == ids.tolist()
+            assert torch.equal(batch["cand_probs"][row, t, :n], torch.from_numpy(probs.astype(np.float32)))
+            assert (batch["cand_probs"][row, t, n:] == 0).all()
+    # Aligned to a training batch: response position 0 at column offsets[b].
+    offsets = [3, 0, 5, 1, 2]
+    shifted = collate_candidates(examples, width=width + 6, offsets=offsets)
+    for row, offset in enumerate(offsets):
+        n = lengths[row]
+        assert torch.equal(shifted["cand_ids"][row, offset : offset + n], batch["cand_ids"][row, :n])
+        assert not shifted["valid"][row, :offset].any() and not shifted["valid"][row, offset + n :].any()
+    with pytest.raises(ValueError):
+        collate_candidates(examples, width=1, offsets=offsets)
+    assert len(expected) == len(cache)
+
+
+def _read_all(cache: TeacherCache) -> list[list[int]]:
+    return [cache[i].capture.ids.tolist() for i in range(len(cache))]
+
+
+def test_readers_in_several_processes(tmp_path):
+    write_cache(tmp_path)
+    cache = TeacherCache(tmp_path)
+    here = _read_all(cache)  # maps every shard in this process
+    clone = pickle.loads(pickle.dumps(cache))
+    assert len(pickle.dumps(cache)) < 20_000  # the maps are not pickled, only the small index
+    assert _read_all(clone) == here
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        assert pool.map(_read_all, [cache, cache]) == [here, here]
+
+
+def test_empty_responses_round_trip(tmp_path):
+    """A shard whose responses are all empty (zero-byte data files) reads back and collates."""
+    empty = Capture(
+        ids=np.zeros(0, np.int32), probs=np.zeros(0, np.float32), kept=np.zeros(0, np.int32),
+        covered=np.zeros(0, np.float32),
+    )  # fmt: skip
+    with CacheWriter(tmp_path, 0, top_p=P, max_k=K) as out:
+        out.add(prompt_id=0, sample_index=0, seed=3, tokens=[], finish_reason="length", capture=empty)
+    manifest = finalize(tmp_path, teacher="t", tokenizer_hash=TOKENIZER, top_p=P, max_k=K)
+    assert manifest["counts"]["tokens"] == 0 and manifest["bytes_per_token"] == 0.0
+    example = TeacherCache(tmp_path)[0]
+    assert len(example) == 0 and example.seed == 3 and example.capture.ids.shape == (0,)
+    batch = collate_candidates([example])
+    assert batch["cand_ids"].shape == (1, 0, 1)
