@@ -22,11 +22,14 @@ from typing import Any
 from bdctl.errors import UserError
 from bdctl.launch import LaunchOptions, dry_run_text, launch
 from bdctl.recipe import Recipe, dump_recipe, load_recipe
+from bdctl.recipe.schema import ModelSpec
 from bdctl.rundir import RunDir, manifest, write_json_atomic, write_text_atomic
 from bdctl.training import check_resumable, latest_checkpoint
 
-# Stage modules: each has stage_dir(options), prepare(job) (launching process) and run(job, rank, world).
+# Stage modules: each has stage_dir(options), prepare(job, log) (launching process) and run(job, rank, world).
 STAGES = {"sft": "bdctl.stages.sft"}
+# Stage directories other stages may refer to by name (weights, caches, generations).
+KNOWN_STAGE_DIRS = ("teacher_sft", "student_sft", "generate", "eval", "judge")
 
 
 @dataclass
@@ -67,6 +70,35 @@ class Job:
         payload = json.loads(Path(path).read_text())
         payload["recipe"] = Recipe.model_validate(payload["recipe"])
         return cls(**payload)
+
+
+def resolve_weights(job: Job, ref: str, role: str = "student") -> ModelSpec | Path:
+    """Which weights a reference names, in this order:
+
+    "base"                 the recipe's model for `role` (a tiny spec, hub id or directory)
+    a finished stage       its export, e.g. "teacher_sft" or "distill/bd"
+    an existing directory  a Hugging Face model directory
+    anything else          a hub id
+    """
+    if ref == "base":
+        return getattr(job.recipe.models, role)
+    stage = job.run.stage(ref)
+    if manifest(stage) is not None:
+        return job.run.export(ref)
+    if Path(ref).is_dir():
+        return Path(ref)
+    if stage.exists() or ref in KNOWN_STAGE_DIRS or ref.startswith("distill/"):
+        raise UserError(f"{ref}: that stage of {job.run.root} has not finished; run it first: {stage_command(ref, job.recipe_path)}")
+    return ModelSpec(path=ref)
+
+
+def stage_command(stage_dir: str, recipe_path: str) -> str:
+    """The command that produces a stage directory."""
+    if stage_dir.endswith("_sft"):
+        return f"bdctl sft {recipe_path} --model {stage_dir.removesuffix('_sft')}"
+    if stage_dir.startswith("distill/"):
+        return f"bdctl distill {recipe_path} --method {stage_dir.removeprefix('distill/')}"
+    return f"bdctl {stage_dir} {recipe_path}"
 
 
 def stage_module(stage: str) -> ModuleType:

@@ -25,15 +25,21 @@ from bdctl.errors import UserError
 
 @dataclass
 class LaunchOptions:
-    """How many ranks to start and where. Multi-node settings slot in here."""
+    """How many ranks to start and where (the CLI's launcher options)."""
 
     nproc: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
     master_port: int | None = None
+    hostfile: str | None = None
+    include: str | None = None
+    exclude: str | None = None
     dry_run: bool = False
 
     @property
     def world_size(self) -> int:
-        return self.nproc
+        return self.nproc * self.nnodes
 
 
 def launcher_command(job_file: Path, options: LaunchOptions) -> list[str]:

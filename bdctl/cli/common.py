@@ -6,19 +6,22 @@ Nothing here imports torch, deepspeed or transformers: `bdctl --help` stays inst
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import sys
-from collections.abc import Iterator
+import typing
+from collections.abc import Callable, Iterator
 from typing import Annotated
 
 import typer
+
+from bdctl.launch import LaunchOptions
 
 RecipeArg = Annotated[str, typer.Argument(help="Recipe file, or a recipe name from recipes/ (e.g. smoke).", show_default=False)]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a recipe value: key.path=value (repeatable).", show_default=False),
 ]
-NprocOpt = Annotated[int, typer.Option("--nproc", min=1, help="Ranks to start on this node.")]
-DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the launcher command and exit.")]
 ForceOpt = Annotated[
     bool, typer.Option("--force", help="Start the stage over: discard its finished output or its checkpoints.")
 ]
@@ -52,3 +55,42 @@ def user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise typer.Exit(130) from None
+
+
+_LAUNCH = "Launcher"
+LAUNCH_PARAMETERS = [
+    inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+    for name, default, annotation in [
+        ("nproc", 1, Annotated[int, typer.Option("--nproc", min=1, help="Ranks per node.", rich_help_panel=_LAUNCH)]),
+        ("nnodes", 1, Annotated[int, typer.Option("--nnodes", min=1, help="Nodes, each started by hand with its --node-rank.", rich_help_panel=_LAUNCH)]),
+        ("node_rank", 0, Annotated[int, typer.Option("--node-rank", min=0, help="This node's rank (with --nnodes).", rich_help_panel=_LAUNCH)]),
+        ("master_addr", "127.0.0.1", Annotated[str, typer.Option("--master-addr", help="Address of node 0.", rich_help_panel=_LAUNCH)]),
+        ("master_port", None, Annotated[int | None, typer.Option("--master-port", help="Port on node 0 (default: a free one, 29500 across nodes).", show_default=False, rich_help_panel=_LAUNCH)]),
+        ("hostfile", None, Annotated[str | None, typer.Option("--hostfile", help="DeepSpeed hostfile ('host slots=N' lines): launch over ssh with DeepSpeed's launcher.", show_default=False, rich_help_panel=_LAUNCH)]),
+        ("include", None, Annotated[str | None, typer.Option("--include", help="DeepSpeed's --include (e.g. 'host1:0,1@host2').", show_default=False, rich_help_panel=_LAUNCH)]),
+        ("exclude", None, Annotated[str | None, typer.Option("--exclude", help="DeepSpeed's --exclude.", show_default=False, rich_help_panel=_LAUNCH)]),
+        ("dry_run", False, Annotated[bool, typer.Option("--dry-run", help="Print the launcher command and the resolved DeepSpeed config, then exit.", rich_help_panel=_LAUNCH)]),
+    ]
+]  # fmt: skip
+
+
+def job_command(func: Callable) -> Callable:
+    """Give a command the launcher options; they reach it as one `launch: LaunchOptions` argument.
+
+    Inside SLURM (srun/sbatch) the ranks come from SLURM's environment instead.
+    """
+    signature = inspect.signature(func)
+    names = [p.name for p in LAUNCH_PARAMETERS]
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        options = {name: kwargs.pop(name) for name in names}
+        return func(*args, launch=LaunchOptions(**options), **kwargs)
+
+    # Resolve the command's (string) annotations in its own module, so typer sees real types.
+    hints = typing.get_type_hints(func, include_extras=True)
+    own = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in signature.parameters.values() if p.name != "launch"]
+    wrapper.__signature__ = signature.replace(parameters=own + LAUNCH_PARAMETERS, return_annotation=None)
+    wrapper.__annotations__ = {p.name: p.annotation for p in own + LAUNCH_PARAMETERS}
+    del wrapper.__wrapped__  # typer must read __signature__, not the wrapped function's
+    return wrapper

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from bdctl.cli.common import DryRunOpt, ForceOpt, NprocOpt, RecipeArg, SetOpt, say, user_errors
+from bdctl.cli.common import ForceOpt, RecipeArg, SetOpt, job_command, say, user_errors
+from bdctl.launch import LaunchOptions
 
 EXAMPLE = """[bold]Examples[/]
 
@@ -21,13 +22,14 @@ class Role(str, Enum):
     student = "student"
 
 
+@job_command
 def sft(
     recipe: RecipeArg,
     model: Annotated[Role, typer.Option("--model", "-m", help="Which model to fine-tune.")] = Role.teacher,
     set_: SetOpt = None,
-    nproc: NprocOpt = 1,
-    dry_run: DryRunOpt = False,
     force: ForceOpt = False,
+    *,
+    launch: LaunchOptions,
 ) -> None:
     """Supervised fine-tuning (response tokens only) on a DeepSpeed ZeRO engine.
 
@@ -36,8 +38,7 @@ def sft(
     """
     with user_errors():
         from bdctl.job import submit
-        from bdctl.launch import LaunchOptions
 
-        job = submit("sft", recipe, set_ or [], {"model": model.value}, LaunchOptions(nproc=nproc, dry_run=dry_run), force, log=say)
-        if not dry_run:
+        job = submit("sft", recipe, set_ or [], {"model": model.value}, launch, force, log=say)
+        if not launch.dry_run:
             say(f"[green]done:[/] {job.stage_dir / 'export'}")

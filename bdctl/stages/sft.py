@@ -7,10 +7,8 @@ steps); the best weights by validation loss are exported as a Hugging Face direc
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from bdctl.errors import UserError
-from bdctl.job import Job
+from bdctl.job import Job, resolve_weights
 from bdctl.recipe.schema import ModelSpec, SFTStage
 
 ROLES = ("teacher", "student")
@@ -22,18 +20,6 @@ def stage_dir(options: dict) -> str:
 
 def stage_config(job: Job) -> SFTStage:
     return getattr(job.recipe.stages, stage_dir(job.options))
-
-
-def weights_source(job: Job, role: str, init: str) -> ModelSpec | Path:
-    """Where training starts: the recipe's base model, another stage's export, or a path."""
-    if init == "base":
-        return getattr(job.recipe.models, role)
-    stage_export = job.run.export(init)
-    if (job.run.stage(init) / "MANIFEST.json").is_file():
-        return stage_export
-    if Path(init).is_dir():
-        return Path(init)
-    raise UserError(f"init {init!r}: neither a finished stage of {job.run.root} nor a model directory")
 
 
 def prepare(job: Job, log=print) -> None:
@@ -58,7 +44,7 @@ def prepare(job: Job, log=print) -> None:
         )
     tokenizer = load_tokenizer(job.run.tokenizer)
     sources = {r: job.recipe.models.teacher if r == "teacher" else job.recipe.models.student for r in ROLES}
-    sources[role] = weights_source(job, role, config.init)
+    sources[role] = resolve_weights(job, config.init, role)
     check_vocabularies(job.recipe, tokenizer, sources)
 
 
@@ -87,7 +73,7 @@ def run(job: Job, rank: int, world: int) -> None:
     total_steps = min(per_epoch * config.epochs, config.max_steps or per_epoch * config.epochs)
 
     # --- model and engine
-    source = weights_source(job, job.options["model"], config.init)
+    source = resolve_weights(job, config.init, job.options["model"])
     ds_config = deepspeed_config(
         recipe, config, job.stage_name, world, total_steps, _hidden_size(source, tokenizer), resolve_precision(recipe), on_gpu()
     )
