@@ -28,6 +28,25 @@ CONFIG_DIR = PROJECT_ROOT / "deepspeed_configs"
 # --------------------------------------------------------------------------- process group
 
 
+def quiet_libraries() -> None:
+    """Keep library chatter off the user's terminal (ranks and the launching process alike)."""
+    import logging
+    import warnings
+
+    import torch
+
+    if torch.cuda.device_count() == 0:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, rather than have DeepSpeed warn about it
+    from deepspeed.utils import logger as ds_logger
+    from transformers.utils import logging as hf_logging
+
+    ds_logger.setLevel(logging.WARNING)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    # DeepSpeed still calls collectives that torch deprecates; not actionable for a user.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

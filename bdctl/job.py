@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -92,6 +94,26 @@ def resolve_weights(job: Job, ref: str, role: str = "student") -> ModelSpec | Pa
     return ModelSpec(path=ref)
 
 
+def wait_for_job(job: Job, job_file: Path, log, timeout: float | None = None) -> None:
+    """On a secondary node: wait until node 0 has written this very job (same recipe, stage and
+    world size), freshly, before starting this node's ranks."""
+    timeout = timeout or float(os.environ.get("BDCTL_JOB_WAIT", 1800))
+    started = time.time()
+    log(f"waiting for node 0 to prepare {job_file} ...")
+    while time.time() - started < timeout:
+        if job_file.is_file() and job_file.stat().st_mtime >= started - 120:
+            try:
+                theirs = Job.load(job_file)
+            except (ValueError, KeyError):  # being written right now
+                theirs = None
+            if theirs is not None:
+                if theirs.fingerprint() != job.fingerprint() or theirs.world_size != job.world_size:
+                    raise UserError(f"{job_file}: node 0 prepared a different job (recipe, stage or world size differ)")
+                return
+        time.sleep(1.0)
+    raise UserError(f"{job_file}: node 0 did not prepare the job within {timeout:.0f} s")
+
+
 def stage_command(stage_dir: str, recipe_path: str) -> str:
     """The command that produces a stage directory."""
     if stage_dir.endswith("_sft"):
@@ -130,15 +152,25 @@ def submit(
     log=print,
 ) -> Job:
     """Plan, check and run one stage; returns the job (its stage directory holds the results)."""
+    from bdctl.engine import quiet_libraries
+
+    quiet_libraries()
     job = plan(stage, recipe_arg, overrides, options, launch_options)
     job_file = job.stage_dir / "job.json"
+    module = stage_module(stage)
     if launch_options.dry_run:
         log(dry_run_text(job_file, launch_options))
+        if hasattr(module, "deepspeed_preview"):
+            log(json.dumps(module.deepspeed_preview(job), indent=2))
         return job
     if manifest(job.stage_dir) is not None and not force:
         log(f"{job.stage_dir} is already complete; pass --force to run it again")
         return job
-    stage_module(stage).prepare(job, log)
+    if not launch_options.is_primary:  # node 0 / SLURM task 0 prepares; the others run its job
+        wait_for_job(job, job_file, log)
+        launch(job_file, launch_options)
+        return job
+    module.prepare(job, log)
     resume_from = None if force else latest_checkpoint(job.stage_dir / "checkpoints")
     if resume_from is not None:
         check_resumable(resume_from, job.fingerprint(), job.world_size)

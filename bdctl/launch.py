@@ -38,33 +38,138 @@ class LaunchOptions:
     dry_run: bool = False
 
     @property
+    def mode(self) -> str:
+        """slurm (this process is one srun task), hostfile (DeepSpeed's launcher over ssh),
+        torchrun (local ranks, or this node of a hand-started multi-node job), or in-process."""
+        if slurm_environment() is not None:
+            return "slurm"
+        if self.hostfile:
+            return "hostfile"
+        if self.nproc * self.nnodes > 1:
+            return "torchrun"
+        return "in-process"
+
+    @property
     def world_size(self) -> int:
+        if self.mode == "slurm":
+            return slurm_environment()["WORLD_SIZE"]
+        if self.mode == "hostfile":
+            return sum(len(slots) for slots in hostfile_resources(self).values())
         return self.nproc * self.nnodes
+
+    @property
+    def is_primary(self) -> bool:
+        """Whether this process prepares the data and writes the job (node 0 / SLURM task 0)."""
+        if self.mode == "slurm":
+            return slurm_environment()["RANK"] == 0
+        return self.node_rank == 0
+
+
+# --------------------------------------------------------------------------- SLURM
+
+
+def slurm_environment() -> dict | None:
+    """Rank layout of an srun task with several tasks, or None outside one.
+
+    Each srun task is one rank; node 0's first host is the master. The port comes from
+    MASTER_PORT if set, else from the job id, so every task computes the same one.
+    """
+    env = os.environ
+    if "SLURM_STEP_ID" not in env or int(env.get("SLURM_NTASKS", "1")) < 2:
+        return None
+    return {
+        "RANK": int(env["SLURM_PROCID"]),
+        "WORLD_SIZE": int(env["SLURM_NTASKS"]),
+        "LOCAL_RANK": int(env.get("SLURM_LOCALID", 0)),
+        "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]),
+        "MASTER_PORT": int(env.get("MASTER_PORT") or 29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000),
+    }
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: 'gpu[03-05,09],cpu1' -> 'gpu03'."""
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[: nodelist.index("]") + 1]
+    if "[" not in head:
+        return head
+    prefix, ranges = head[: head.index("[")], head[head.index("[") + 1 : head.index("]")]
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+# --------------------------------------------------------------------------- hostfile
+
+
+def read_hostfile(path: str) -> dict[str, int]:
+    """DeepSpeed's hostfile: one 'hostname slots=N' per line, '#' comments; errors name the line."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"{path}: hostfile not found")
+    hosts: dict[str, int] = {}
+    for number, raw in enumerate(file.read_text().splitlines(), start=1):
+        line = raw.split("#")[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].startswith("slots=") or not parts[1][6:].isdigit() or int(parts[1][6:]) < 1:
+            raise UserError(f"{path}:{number}: expected 'hostname slots=N' with N >= 1, got {raw.strip()!r}")
+        if parts[0] in hosts:
+            raise UserError(f"{path}:{number}: host {parts[0]!r} is listed twice")
+        hosts[parts[0]] = int(parts[1][6:])
+    if not hosts:
+        raise UserError(f"{path}: the hostfile lists no hosts")
+    return hosts
+
+
+def hostfile_resources(options: LaunchOptions) -> dict[str, list[int]]:
+    """Hosts and slots that will run ranks, after --include / --exclude (DeepSpeed's own rules)."""
+    from deepspeed.launcher.runner import parse_inclusion_exclusion
+
+    hosts = read_hostfile(options.hostfile)
+    try:
+        return parse_inclusion_exclusion(hosts, options.include or "", options.exclude or "")
+    except ValueError as exc:
+        raise UserError(f"--include/--exclude: {exc}") from None
+
+
+# --------------------------------------------------------------------------- commands
 
 
 def launcher_command(job_file: Path, options: LaunchOptions) -> list[str]:
+    """The command that starts every rank of this node (torchrun) or of all hosts (DeepSpeed)."""
     from bdctl.engine import free_port
 
-    port = options.master_port or free_port()
+    if options.mode == "hostfile":
+        hostfile_resources(options)  # validate before printing or running anything
+        command = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", options.hostfile]
+        command += ["--include", options.include] if options.include else []
+        command += ["--exclude", options.exclude] if options.exclude else []
+        command += ["--master_port", str(options.master_port or 29500)]
+        if options.master_addr != "127.0.0.1":
+            command += ["--master_addr", options.master_addr]
+        return [*command, "--module", "bdctl.worker", str(job_file)]
+    port = options.master_port or (29500 if options.nnodes > 1 else free_port())
     return [
         sys.executable, "-m", "bdctl.launch",
+        "--nnodes", str(options.nnodes), "--node_rank", str(options.node_rank),
         "--nproc_per_node", str(options.nproc),
-        "--master_addr", "127.0.0.1", "--master_port", str(port),
+        "--master_addr", options.master_addr, "--master_port", str(port),
         "-m", "bdctl.worker", str(job_file),
     ]  # fmt: skip
 
 
 def launch(job_file: Path, options: LaunchOptions) -> None:
     """Run the job on `options.nproc` ranks; a failure raises UserError with the rank's message."""
-    if options.nproc == 1:
+    if options.mode in ("in-process", "slurm"):
         from bdctl.worker import run_job
 
+        if options.mode == "slurm":  # this process is one of the ranks srun started
+            os.environ.update({k: str(v) for k, v in slurm_environment().items()})
         run_job(job_file)
         return
     command = launcher_command(job_file, options)
     env = dict(os.environ)
     # torchrun would set 1 thread per rank and print a banner about it; share the cores instead.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // options.nproc)))
+    env.setdefault("PYTHONUNBUFFERED", "1")  # rank output reaches the terminal (and logs) as it happens
     with forward_preemption(job_file.parent / "PREEMPT"):
         returncode = subprocess.run(command, env=env).returncode
     if returncode != 0:
@@ -88,8 +193,15 @@ def forward_preemption(flag_file: Path):
 
 
 def dry_run_text(job_file: Path, options: LaunchOptions) -> str:
-    if options.nproc == 1:
-        return f"in-process: {shlex.join([sys.executable, '-m', 'bdctl.worker', str(job_file)])}"
+    """What --dry-run prints first: how the ranks would be started."""
+    if options.mode == "in-process":
+        return f"in-process (1 rank): {shlex.join([sys.executable, '-m', 'bdctl.worker', str(job_file)])}"
+    if options.mode == "slurm":
+        env = slurm_environment()
+        return (
+            f"slurm: this task is rank {env['RANK']} of {env['WORLD_SIZE']} (local rank {env['LOCAL_RANK']}), "
+            f"master {env['MASTER_ADDR']}:{env['MASTER_PORT']}: {shlex.join([sys.executable, '-m', 'bdctl.worker', str(job_file)])}"
+        )
     return shlex.join(launcher_command(job_file, options))
 
 

@@ -198,6 +198,20 @@ def load_model(source: str | Path | ModelSpec, tokenizer, seed: int):
     return model
 
 
+def hidden_size(source: str | Path | ModelSpec) -> int:
+    """Hidden width of a model without loading its weights (sizes DeepSpeed's buckets)."""
+    if isinstance(source, ModelSpec) and source.tiny is not None:
+        return source.tiny.hidden
+    from transformers import AutoConfig
+
+    path, revision = _path_of(source)
+    try:
+        config = AutoConfig.from_pretrained(path, revision=revision)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot read the model config ({_first_line(exc)})") from None
+    return getattr(config, "hidden_size", None) or config.n_embd
+
+
 def count_parameters(model) -> int:
     """Parameters of a model, also when ZeRO-3 has partitioned them (ds_numel is the full size)."""
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

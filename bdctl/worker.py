@@ -8,38 +8,19 @@ with exit code 2; any other error also keeps its traceback on stderr.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import traceback
-import warnings
 from pathlib import Path
 
 from bdctl.errors import UserError
 
 
-def _quiet_libraries() -> None:
-    import torch
-
-    if torch.cuda.device_count() == 0:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, rather than have DeepSpeed warn about it
-    import deepspeed  # noqa: F401  (creates its logger)
-    from deepspeed.utils import logger as ds_logger
-    from transformers.utils import logging as hf_logging
-
-    ds_logger.setLevel(logging.WARNING)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    # DeepSpeed still calls collectives that torch deprecates; not actionable for a user.
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-
-
 def run_job(job_file: str | Path) -> None:
+    from bdctl.engine import init_distributed, quiet_libraries
     from bdctl.job import Job, stage_module
 
+    quiet_libraries()
     job = Job.load(Path(job_file))
-    _quiet_libraries()
-    from bdctl.engine import init_distributed
-
     rank, world = init_distributed()
     logs = job.stage_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)

@@ -48,6 +48,23 @@ def prepare(job: Job, log=print) -> None:
     check_vocabularies(job.recipe, tokenizer, sources)
 
 
+def deepspeed_preview(job: Job) -> dict:
+    """The resolved DeepSpeed config that --dry-run prints (step count from the data split if it
+    already exists; the learning-rate schedule needs it, nothing else does)."""
+    from bdctl.data.batching import steps_per_epoch
+    from bdctl.engine import deepspeed_config, on_gpu, resolve_precision
+    from bdctl.models import hidden_size
+    from bdctl.rundir import manifest
+
+    config = stage_config(job)
+    counts = (manifest(job.run.data) or {}).get("counts")
+    total = steps_per_epoch(counts["train"], config.batch_size) * config.epochs if counts else 0
+    source = resolve_weights(job, config.init, job.options["model"])
+    return deepspeed_config(
+        job.recipe, config, job.stage_name, job.world_size, total, hidden_size(source), resolve_precision(job.recipe), on_gpu()
+    )
+
+
 def run(job: Job, rank: int, world: int) -> None:
     """Every rank: load data and model, train (resuming if a checkpoint exists), export the best."""
     import torch
@@ -58,7 +75,7 @@ def run(job: Job, rank: int, world: int) -> None:
         deepspeed_config, export_hf, global_mean, hf_deepspeed_context, make_engine, on_gpu, policy_module,
         resolve_precision,
     )  # fmt: skip
-    from bdctl.models import load_model, load_tokenizer
+    from bdctl.models import hidden_size, load_model, load_tokenizer
     from bdctl.objectives.lm import lean_cross_entropy
     from bdctl.tracking import MetricsLog, StepProgress
     from bdctl.training import LoopConfig, MicroBatch, finish, train_loop
@@ -75,7 +92,7 @@ def run(job: Job, rank: int, world: int) -> None:
     # --- model and engine
     source = resolve_weights(job, config.init, job.options["model"])
     ds_config = deepspeed_config(
-        recipe, config, job.stage_name, world, total_steps, _hidden_size(source, tokenizer), resolve_precision(recipe), on_gpu()
+        recipe, config, job.stage_name, world, total_steps, hidden_size(source), resolve_precision(recipe), on_gpu()
     )
     with_ds = hf_deepspeed_context(ds_config)  # noqa: F841  (alive while loading: ZeRO-3 partitioned load)
     model = load_model(source, tokenizer, recipe.seed)
@@ -129,13 +146,3 @@ def loop_config(job: Job, config, total_steps: int, per_epoch: int):
         checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
         on_nonfinite=config.on_nonfinite, fingerprint=job.fingerprint(),
     )  # fmt: skip
-
-
-def _hidden_size(source, tokenizer) -> int:
-    if isinstance(source, ModelSpec) and source.tiny is not None:
-        return source.tiny.hidden
-    from transformers import AutoConfig
-
-    path = source.path if isinstance(source, ModelSpec) else str(source)
-    config = AutoConfig.from_pretrained(path, revision=getattr(source, "revision", None))
-    return getattr(config, "hidden_size", None) or getattr(config, "n_embd")
