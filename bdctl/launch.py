@@ -12,6 +12,7 @@ one dies, so a failure never leaves the job hanging.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shlex
 import signal
@@ -206,10 +207,23 @@ def dry_run_text(job_file: Path, options: LaunchOptions) -> str:
 
 
 def _failure_message(stage_dir: Path, code: int) -> str:
-    errors = sorted(stage_dir.glob("logs/error-rank*.txt"))
+    """One line on why the job failed: the first failing rank's own error when it left one."""
+    logs = stage_dir / "logs"
+    first = logs / "first-failure.json"
+    if first.is_file():
+        failure = json.loads(first.read_text())
+        own = logs / f"error-rank{failure['rank']}.txt"
+        if own.is_file():
+            return own.read_text().strip().splitlines()[0]
+        signal_note = f", killed by signal {code - 128}" if code > 128 else ""
+        return (
+            f"the job failed (exit code {code}{signal_note}): rank {failure['rank']} died first and the others "
+            f"were stopped; output above, logs in {logs}"
+        )
+    errors = sorted(logs.glob("error-rank*.txt"))
     if errors:
         return errors[0].read_text().strip().splitlines()[0]
-    return f"the job failed (exit code {code}); the ranks' output is above, logs in {stage_dir / 'logs'}"
+    return f"the job failed (exit code {code}); the ranks' output is above, logs in {logs}"
 
 
 def _torchrun(argv: list[str]) -> int:
@@ -220,9 +234,13 @@ def _torchrun(argv: list[str]) -> int:
         run(parse_args(argv))
     except ChildFailedError as exc:
         # The first rank to fail says why; torchrun then stops the others with SIGTERM.
-        _, failure = exc.get_first_failure()
+        rank, failure = exc.get_first_failure()
         code = failure.exitcode or 1
-        return code if code > 0 else 128 - code  # killed by a signal: exit as a shell would
+        code = code if code > 0 else 128 - code  # killed by a signal: exit as a shell would
+        logs = Path(argv[-1]).parent / "logs"  # argv ends with the job file
+        logs.mkdir(parents=True, exist_ok=True)
+        (logs / "first-failure.json").write_text(json.dumps({"rank": rank, "exit_code": code}))
+        return code
     return 0
 
 

@@ -123,3 +123,22 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     skipping = run_cli("sft", SMOKE, "--model", "student", "--force", *blowup, "--set", "stages.student_sft.on_nonfinite=skip", cwd=tmp_path)
     assert skipping.returncode == 0, skipping.stderr[-3000:]
     assert json.loads((stage / "MANIFEST.json").read_text())["skipped_steps"] > 0
+
+
+@pytest.mark.slow
+def test_a_dead_rank_brings_the_job_down(tmp_path):
+    """SIGKILL one rank mid-run: the job ends promptly with an error, it does not hang."""
+    import psutil
+
+    process = start(tmp_path, "2")
+    wait_for_step(process, tmp_path, step=5)
+    workers = [p for p in psutil.Process(process.pid).children(recursive=True) if "bdctl.worker" in " ".join(p.cmdline())]
+    victim = next(p for p in workers if p.environ().get("RANK") == "1")
+    victim.kill()
+    started = time.time()
+    _, stderr = process.communicate(timeout=120)
+    assert time.time() - started < 60
+    assert process.returncode != 0
+    assert stderr.strip().splitlines()[-1].startswith(
+        "error: the job failed (exit code 137, killed by signal 9): rank 1 died first and the others were stopped"
+    ), stderr[-2000:]
