@@ -1,0 +1,67 @@
+"""The paper recipes encode METHOD.md section 6 and the paper's appendix B, setting by setting."""
+
+from __future__ import annotations
+
+import pytest
+
+from bdctl.recipe import load_recipe
+from tests.conftest import RECIPES
+
+# METHOD.md section 6: family, teacher, students, p, pretraining corpus
+PAPER = {
+    "gpt2-1.5b-to-120m": ("gpt2-xl", "gpt2", 0.8, "openwebtext"),
+    "gpt2-1.5b-to-340m": ("gpt2-xl", "gpt2-medium", 0.8, "openwebtext"),
+    "gpt2-1.5b-to-760m": ("gpt2-xl", "gpt2-large", 0.8, "openwebtext"),
+    "opt-6.7b-to-125m": ("facebook/opt-6.7b", "facebook/opt-125m", 0.8, "roberta"),
+    "opt-6.7b-to-350m": ("facebook/opt-6.7b", "facebook/opt-350m", 0.8, "roberta"),
+    "opt-6.7b-to-1.3b": ("facebook/opt-6.7b", "facebook/opt-1.3b", 0.5, "roberta"),
+    "qwen2.5-3b-to-0.5b": ("Qwen/Qwen2.5-3B", "Qwen/Qwen2.5-0.5B", 0.8, "openwebtext"),
+}
+
+
+def test_there_is_a_recipe_for_every_pair_of_the_paper():
+    shipped = {p.stem for p in RECIPES.glob("*.yaml")} - {"tiny", "smoke"}
+    assert shipped == set(PAPER)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_settings(name):
+    teacher, student, p, corpus = PAPER[name]
+    recipe, path = load_recipe(name)
+    text = path.read_text()
+    assert text.startswith("# Paper recipe:") and f"bdctl distill {name} --method bd" in text
+    assert "Paper's Rouge-L" in text
+    assert recipe.models.teacher.path == teacher and recipe.models.student.path == student
+    assert recipe.models.tokenizer.path is None and recipe.models.tokenizer.train is None  # the teacher's own
+
+    data = recipe.data
+    assert data.source.hub == "databricks/databricks-dolly-15k"
+    assert (data.source.fields.instruction, data.source.fields.input, data.source.fields.output) == ("instruction", "context", "response")
+    assert (data.split.valid, data.split.test) == (500, 500)
+    assert (data.max_length, data.max_prompt_length) == (512, 256)
+    if corpus == "openwebtext":
+        assert data.pretrain.hub == "Skylion007/openwebtext"
+    else:
+        assert data.pretrain.path is not None and "roberta" in data.pretrain.path
+
+    distill = recipe.stages.distill
+    assert (distill.method, distill.variant, distill.teacher_source) == ("bd", "paper", "cache")
+    assert (distill.p, distill.alpha, distill.gamma, distill.q_min, distill.chi2) == (p, 0.1, 0.99, -10.0, True)
+    assert (distill.lr, distill.batch_size, distill.epochs) == (5e-6, 64, 3)
+    assert distill.select == "rouge_l" and distill.lm_coef == 1.0 and distill.pt_kd_ratio == 0.0
+    assert recipe.stages.student_sft.epochs == 3 and recipe.stages.student_sft.select == "val_loss"  # phase 1
+
+    generate = recipe.stages.generate
+    assert (generate.n_samples, generate.temperature, generate.cache_top_p) == (8, 1.0, p)
+
+    evaluation = recipe.stages.eval
+    assert evaluation.seeds == [10, 20, 30, 40, 50]
+    assert [s.name for s in evaluation.sets] == ["dolly", "selfinst", "vicuna"]
+    assert evaluation.sets[0].split == "test"
+    assert {"student_sft", "distill/kd", "distill/seqkd", "distill/bd"} <= set(evaluation.models)
+    assert recipe.stages.judge.api_model == "gpt-4o-mini"
+
+    # one node of 4 GPUs: the global batch of 64 splits into micro batch x accumulation x 4
+    for stage in (recipe.stages.teacher_sft, recipe.stages.student_sft, distill):
+        assert stage.batch_size % (stage.micro_batch_size * 4) == 0
+    assert recipe.deepspeed.config == "zero3" and recipe.deepspeed.precision == "bf16"
