@@ -1,0 +1,48 @@
+"""The stage plan, parameter counts from configs, and the ZeRO memory arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+
+from bdctl.models import build_tiny_model, count_parameters as built_parameters
+from bdctl.pipeline import count_parameters, inference_gib, model_config, stages, training_gib_per_gpu
+from bdctl.recipe import load_recipe
+from tests.conftest import run_cli, write_recipe
+
+
+def test_stage_order_and_dependencies():
+    recipe, _ = load_recipe("smoke")
+    plan = {s.directory: s for s in stages(recipe)}
+    order = list(plan)
+    assert order.index("teacher_sft") < order.index("generate") < order.index("distill/bd") < order.index("eval") < order.index("judge")
+    assert set(plan["distill/bd"].needs) == {"generate", "student_sft"}
+    assert plan["distill/kd"].command == "bdctl distill RECIPE --method kd"
+
+
+def test_zero_memory_arithmetic():
+    billion = 10**9
+    assert training_gib_per_gpu(billion, 4, 3, "bf16") == pytest.approx(16 * billion / 4 / 2**30)
+    assert training_gib_per_gpu(billion, 4, 2, "bf16") == pytest.approx((2 * billion + 14 * billion / 4) / 2**30)
+    assert training_gib_per_gpu(billion, 1, 2, "fp32") == training_gib_per_gpu(billion, 1, 3, "fp32") == pytest.approx(16 * billion / 2**30)
+    assert inference_gib(billion, "bf16") == pytest.approx(2 * billion / 2**30)
+
+
+def test_parameter_counts_from_tiny_specs_and_local_directories(tiny_tokenizer, tmp_path):
+    recipe, _ = load_recipe("smoke", ["models.tokenizer.train.vocab_size=400"])
+    spec = recipe.models.teacher
+    built = build_tiny_model(spec.tiny, tiny_tokenizer, seed=0)  # the fixture's tokenizer has 400 tokens
+    assert count_parameters(model_config(spec, recipe)) == built_parameters(built)
+    built.save_pretrained(tmp_path / "teacher")
+    local, _ = load_recipe(str(write_recipe(tmp_path / "r.yaml", models__teacher={"path": str(tmp_path / "teacher")})))
+    assert count_parameters(model_config(local.models.teacher, local)) == built_parameters(built)
+    hub, _ = load_recipe("gpt2-1.5b-to-120m")
+    assert model_config(hub.models.teacher, hub) is None or count_parameters(model_config(hub.models.teacher, hub)) > 10**9
+
+
+def test_recipes_list_and_show(tmp_path):
+    listed = run_cli("recipes", "list", cwd=tmp_path)
+    assert listed.returncode == 0 and "gpt2-1.5b-to-120m" in listed.stdout and "smoke" in listed.stdout
+    shown = run_cli("recipes", "show", "smoke", "--gpus", "2", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "bdctl generate" in shown.stdout and "distill/bd" in shown.stdout and "ZeRO-3" in shown.stdout
+    assert "model states on 2 GPUs" in shown.stdout
