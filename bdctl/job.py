@@ -29,7 +29,12 @@ from bdctl.rundir import RunDir, manifest, write_json_atomic, write_text_atomic
 from bdctl.training import check_resumable, latest_checkpoint
 
 # Stage modules: each has stage_dir(options), prepare(job, log) (launching process) and run(job, rank, world).
-STAGES = {"sft": "bdctl.stages.sft"}
+# Optional resumable(job) -> str | None: what an unfinished stage directory holds that a rerun continues
+# from instead of starting over (partial output other than checkpoints, e.g. generate's cache shards).
+STAGES = {
+    "sft": "bdctl.stages.sft",
+    "generate": "bdctl.stages.generate",
+}
 # Stage directories other stages may refer to by name (weights, caches, generations).
 KNOWN_STAGE_DIRS = ("teacher_sft", "student_sft", "generate", "eval", "judge")
 
@@ -120,6 +125,8 @@ def stage_command(stage_dir: str, recipe_path: str) -> str:
         return f"bdctl sft {recipe_path} --model {stage_dir.removesuffix('_sft')}"
     if stage_dir.startswith("distill/"):
         return f"bdctl distill {recipe_path} --method {stage_dir.removeprefix('distill/')}"
+    if stage_dir.startswith("score_"):
+        return f"bdctl generate {recipe_path} --score {stage_dir.removeprefix('score_')}"
     return f"bdctl {stage_dir} {recipe_path}"
 
 
@@ -172,9 +179,16 @@ def submit(
         return job
     module.prepare(job, log)
     resume_from = None if force else latest_checkpoint(job.stage_dir / "checkpoints")
+    partial = None
+    if not force and resume_from is None and hasattr(module, "resumable"):
+        partial = module.resumable(job)
     if resume_from is not None:
         check_resumable(resume_from, job.fingerprint(), job.world_size)
         log(f"resuming {job.stage_dir} from {resume_from.name}")
+        (job.stage_dir / "PREEMPT").unlink(missing_ok=True)
+        shutil.rmtree(job.stage_dir / "logs", ignore_errors=True)
+    elif partial is not None:
+        log(f"resuming {job.stage_dir}: {partial}")
         (job.stage_dir / "PREEMPT").unlink(missing_ok=True)
         shutil.rmtree(job.stage_dir / "logs", ignore_errors=True)
     elif job.stage_dir.exists():  # unfinished without a checkpoint, or --force: start over

@@ -38,6 +38,16 @@ class LaunchOptions:
     exclude: str | None = None
     dry_run: bool = False
 
+    def as_args(self) -> list[str]:
+        """These options as command-line arguments again (for commands started on the user's behalf)."""
+        args = []
+        for name, default in (("nproc", 1), ("nnodes", 1), ("node_rank", 0), ("master_addr", "127.0.0.1"),
+                              ("master_port", None), ("hostfile", None), ("include", None), ("exclude", None)):  # fmt: skip
+            value = getattr(self, name)
+            if value != default:
+                args += [f"--{name.replace('_', '-')}", str(value)]
+        return args
+
     @property
     def mode(self) -> str:
         """slurm (this process is one srun task), hostfile (DeepSpeed's launcher over ssh),

@@ -11,9 +11,6 @@ from dataclasses import dataclass
 
 from bdctl.recipe.schema import ModelSpec, Recipe
 
-BASELINES = ("kd", "seqkd")
-
-
 @dataclass(frozen=True)
 class Stage:
     directory: str  # under the run directory
@@ -26,9 +23,12 @@ def stages(recipe: Recipe) -> list[Stage]:
     return [
         Stage("teacher_sft", "bdctl sft RECIPE --model teacher", ()),
         Stage("generate", "bdctl generate RECIPE", ("teacher_sft",)),
+        # the teacher's distribution on the golden responses, for KD from the cache
+        Stage("score_train", "bdctl generate RECIPE --score train", ("teacher_sft",)),
         Stage("student_sft", "bdctl sft RECIPE --model student", ()),
         Stage("distill/bd", "bdctl distill RECIPE --method bd", ("generate", "student_sft")),
-        *[Stage(f"distill/{m}", f"bdctl distill RECIPE --method {m}", ("generate",)) for m in BASELINES],
+        Stage("distill/kd", "bdctl distill RECIPE --method kd", ("score_train",)),
+        Stage("distill/seqkd", "bdctl distill RECIPE --method seqkd", ("generate",)),
         Stage("eval", "bdctl eval RECIPE", tuple(recipe.stages.eval.models)),
         Stage("judge", f"bdctl judge RECIPE --backend {recipe.stages.judge.backend}", ("eval",)),
     ]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import typer
 
 from bdctl import __version__
+from bdctl.cli import generate as generate_command
+from bdctl.cli import recipes as recipes_command
 from bdctl.cli import sft as sft_command
 
 app = typer.Typer(
@@ -21,6 +23,8 @@ app = typer.Typer(
 )
 
 app.command("sft", epilog=sft_command.EXAMPLE)(sft_command.sft)
+app.command("generate", epilog=generate_command.EXAMPLE)(generate_command.generate)
+app.add_typer(recipes_command.app, name="recipes")
 
 
 def _version(value: bool) -> None:

@@ -238,17 +238,24 @@ class GenerateStage(Section):
     model: str = Field("teacher_sft", description="Teacher weights: a stage name (its export) or a path.")
     n_samples: int = Field(8, gt=0, description="Responses sampled per training prompt.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (no top-k, no top-p).")
-    max_new_tokens: int = Field(256, gt=0, description="Longest response; longer ones are truncated.")
-    batch_size: int = Field(16, gt=0, description="Prompts per generation batch per rank.")
+    max_new_tokens: int = Field(
+        256, gt=0, description="Longest response, and at most data.max_length - prompt length; longer ones are truncated."
+    )
+    batch_size: int = Field(
+        16, gt=0, description="Sequences (prompt x sample) sampled together per batch per rank; one cache shard each."
+    )
     cache_top_p: float = Field(0.8, gt=0, le=1, description="p of the cached top-p teacher sets.")
-    cache_max_k: int = Field(64, gt=0, description="Cap on cached tokens per position.")
+    cache_max_k: int = Field(64, gt=0, le=65535, description="Cap on cached tokens per position.")
     zero_inference: bool = Field(False, description="Run the teacher as a ZeRO-3 inference engine.")
+    report_examples: int = Field(
+        256, gt=0, description="Sequences re-scored (top 50, p = 1) for the sparsity report; an even spread of D*."
+    )
 
 
 class DistillStage(Train):
     """Bellman Distill and the KD / SeqKD baselines (METHOD.md sections 2 to 4)."""
 
-    method: Literal["bd", "kd", "seqkd"] = Field("bd", description="Objective.")
+    method: Literal["bd", "kd", "seqkd"] = Field("bd", description="Objective (`bdctl distill --method` overrides it).")
     teacher_source: Literal["cache", "live"] = Field("cache", description="Sparse cache or live teacher.")
     p: float = Field(0.8, gt=0, le=1, description="Top-p of the teacher candidate sets (1.0: no mask).")
     alpha: float = Field(0.1, gt=0, description="chi^2 regulariser strength.")
@@ -260,6 +267,14 @@ class DistillStage(Train):
     lm_coef: float = Field(1.0, ge=0, description="Weight of the pretraining LM term.")
     pt_kd_ratio: float = Field(0.0, ge=0, le=1, description="Teacher KD mixed into the LM term.")
     kd_ratio: float = Field(0.5, ge=0, le=1, description="r in (1 - r) CE + r KD (MiniLLM: 0.5).")
+    seqkd_kd_ratio: float = Field(
+        0.0, ge=0, le=1, description="SeqKD only: r of (1 - r) CE + r KD on D* (0: plain SFT on D*, as MiniLLM)."
+    )
+    pretrain_term: bool | None = Field(
+        None,
+        description="The LM term on data.pretrain: true / false; null (default) = on for bd when data.pretrain "
+        "is set, off for the kd / seqkd baselines (MiniLLM trained them without it).",
+    )
     init: str = Field("auto", description="auto: student_sft export for BD, the base student otherwise.")
 
 
@@ -300,10 +315,16 @@ class JudgeStage(Section):
     hf_model: str = Field("teacher_sft", description="hf backend: a stage name or model path.")
     base_url: str = Field("https://api.openai.com/v1", description="openai backend: endpoint.")
     api_model: str = Field("gpt-4o-mini", description="openai backend: model name (the paper's judge).")
-    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the key.")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="Environment variable holding the key ('none': the endpoint needs no key)."
+    )
     concurrency: int = Field(8, gt=0, description="Requests in flight.")
     retries: int = Field(4, ge=0, description="Retries on timeouts, 429 and 5xx.")
     timeout: float = Field(60.0, gt=0, description="Seconds per request.")
+    hf_batch_size: int = Field(8, gt=0, description="hf backend: judge prompts per forward pass.")
+    max_answer_tokens: int = Field(
+        384, gt=0, description="hf backend: each answer is cut to this many tokens to fit the judge's context."
+    )
     candidate: str = Field("distill/bd", description="The model judged against the baselines.")
     baselines: list[str] = Field(
         default_factory=lambda: ["student_sft", "distill/kd", "distill/seqkd"], description="Baselines."
