@@ -34,6 +34,8 @@ from bdctl.training import check_resumable, latest_checkpoint
 STAGES = {
     "sft": "bdctl.stages.sft",
     "generate": "bdctl.stages.generate",
+    "eval": "bdctl.stages.evaluate",
+    "judge": "bdctl.stages.judge",
 }
 # Stage directories other stages may refer to by name (weights, caches, generations).
 KNOWN_STAGE_DIRS = ("teacher_sft", "student_sft", "generate", "eval", "judge")

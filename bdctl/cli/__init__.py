@@ -9,7 +9,9 @@ from __future__ import annotations
 import typer
 
 from bdctl import __version__
+from bdctl.cli import eval as eval_command
 from bdctl.cli import generate as generate_command
+from bdctl.cli import judge as judge_command
 from bdctl.cli import recipes as recipes_command
 from bdctl.cli import sft as sft_command
 
@@ -24,6 +26,8 @@ app = typer.Typer(
 
 app.command("sft", epilog=sft_command.EXAMPLE)(sft_command.sft)
 app.command("generate", epilog=generate_command.EXAMPLE)(generate_command.generate)
+app.command("eval", epilog=eval_command.EXAMPLE)(eval_command.eval_)
+app.command("judge", epilog=judge_command.EXAMPLE)(judge_command.judge)
 app.add_typer(recipes_command.app, name="recipes")
 
 

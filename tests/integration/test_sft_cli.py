@@ -104,7 +104,7 @@ def test_help_is_instant_and_shows_examples(tmp_path):
 def test_dry_run_prints_the_launcher_command(tmp_path):
     result = run_cli("sft", SMOKE, "--model", "student", "--nproc", "2", "--dry-run", cwd=tmp_path)
     assert result.returncode == 0
-    assert "-m bdctl.launch --nproc_per_node 2" in result.stderr and "-m bdctl.worker" in result.stderr
+    assert "-m bdctl.launch --nnodes 1 --node_rank 0 --nproc_per_node 2" in result.stderr and "-m bdctl.worker" in result.stderr
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing
 
 

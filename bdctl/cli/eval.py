@@ -1,0 +1,66 @@
+"""`bdctl eval`: Rouge-L of models on the recipe's evaluation sets, mean ± std over seeds."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from bdctl.cli.common import RecipeArg, SetOpt, job_command, say, user_errors
+from bdctl.launch import LaunchOptions
+
+EXAMPLE = """[bold]Examples[/]
+
+  bdctl eval recipes/smoke.yaml --set stages.eval.max_new_tokens=24 --set "stages.eval.seeds=[10,20]"
+  bdctl eval tiny --model teacher_sft --model distill/bd --nproc 2
+  bdctl eval paper --model ./my-export --model gpt2
+"""
+
+ModelOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--model", "-m", show_default=False,
+        help="A model to evaluate (repeatable): a stage (teacher_sft, student_sft, distill/bd: its export), "
+        "a local Hugging Face directory or a hub id. Default: stages.eval.models.",
+    ),
+]  # fmt: skip
+EvalForceOpt = Annotated[
+    bool,
+    typer.Option("--force", help="Generate the requested (model, set, seed) results again instead of reusing them."),
+]
+
+
+@job_command
+def eval_(
+    recipe: RecipeArg,
+    model: ModelOpt = None,
+    set_: SetOpt = None,
+    force: EvalForceOpt = False,
+    *,
+    launch: LaunchOptions,
+) -> None:
+    """Sample answers (temperature 1, top_p 1, top_k 0, one pass per seed) and score Rouge-L.
+
+    Writes every generation under runs/<name>/eval/generations/, results.json
+    and a table (models x sets, mean ± std over seeds) as table.md, table.csv.
+
+    Finished (model, set, seed) results are reused by later runs, e.g. when
+    models are added; one is generated again when its model's weights, its set
+    or the sampling settings changed (--force: always).
+
+    Each rank holds a whole model and answers a share of the prompts; the
+    generations do not depend on the number of ranks.
+    """
+    with user_errors():
+        from bdctl.stages.evaluate import results_table, submit
+        from bdctl.tables import print_table
+
+        options = {"models": list(model) if model else None}
+        job = submit(recipe, set_ or [], options, launch, force, log=say)
+        if not launch.dry_run and launch.is_primary:
+            import json
+
+            results = json.loads((job.stage_dir / "results.json").read_text())
+            seeds = ", ".join(str(s) for s in results["seeds"])
+            print_table(*results_table(results), title=f"Rouge-L, mean ± std over seeds {seeds}")
+            say(f"[green]done:[/] {job.stage_dir / 'results.json'}")

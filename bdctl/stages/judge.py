@@ -1,0 +1,357 @@
+"""`bdctl judge`: win rates of a candidate model against baselines (METHOD.md section 5, Figure 2).
+
+For every prompt of one eval set, a judge sees the instruction, the optional input and the two
+models' answers (from the eval stage's generations at one seed) and answers A, B or Tie; each
+pair is judged in both orders (`bdctl.judges.judge_pairs`), a win counts 1, a tie 0.5, a loss 0.
+
+    judge/
+      verdicts.jsonl                          every verdict, keyed by all that decides it (append-only)
+      judgments/<candidate>_vs_<baseline>.jsonl   per prompt: both orders' verdicts and the score
+      results.json table.md table.csv         wins / ties / losses / unparseable, win rate, 95% CI
+      win_rates.png                            the chart (after the paper's Figure 2)
+      MANIFEST.json                           written last
+
+Generations. The answers are the eval stage's units (eval/generations/<model>/<set>/seed<S>.jsonl)
+for stages.judge.eval_set and stages.judge.seed, with the eval stage's sampling settings. Units
+that are missing or stale are generated here first, by the eval stage's own code (so `bdctl eval`
+reuses them later); `--no-generate` makes that an error naming the `bdctl eval` command instead.
+
+One process. The judge is one process on rank 0, without DeepSpeed: the hf backend is one model
+scoring short prompts, the openai backend waits on the network. Generating missing units also
+runs in this process (one model copy, the same batches as any world size: the same texts).
+
+Reruns. Verdicts are never recomputed: the cache makes a rerun free, and an interrupted or failed
+run (an unreachable endpoint) keeps every verdict it finished. `--force` discards the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from bdctl.errors import UserError
+from bdctl.job import Job, plan
+from bdctl.launch import LaunchOptions
+from bdctl.recipe.schema import JudgeStage
+from bdctl.rundir import MANIFEST, manifest, mark_complete, write_json_atomic, write_text_atomic
+from bdctl.stages import evaluate
+
+STAGE = "judge"
+VERDICTS_FILE = "verdicts.jsonl"
+
+
+def stage_dir(options: dict) -> str:
+    return STAGE
+
+
+def stage_config(job: Job) -> JudgeStage:
+    return job.recipe.stages.judge
+
+
+# --------------------------------------------------------------------------- the launching process
+
+
+def submit(
+    recipe_arg: str,
+    overrides: list[str],
+    options: dict[str, Any],
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> Job | None:
+    """Check, generate missing answers, judge, write results: `bdctl judge` (one process).
+
+    Not `bdctl.job.submit`: that would wipe an unfinished stage directory, and with it the
+    verdicts an interrupted run finished.
+    """
+    single = LaunchOptions()
+    job = plan(STAGE, recipe_arg, overrides, options, single)
+    if not single.is_primary:
+        # Started by srun on several tasks (e.g. inside `bdctl reproduce`): one judge is enough,
+        # and the verdict cache takes one writer.
+        log("judge: runs on SLURM task 0 only; nothing to do on this task")
+        return None
+    job.info["overrides"] = list(overrides)  # for the eval command an error may suggest
+    prepare(job, log)
+    (job.stage_dir / MANIFEST).unlink(missing_ok=True)
+    if force:
+        (job.stage_dir / VERDICTS_FILE).unlink(missing_ok=True)
+    from bdctl.recipe import dump_recipe
+
+    text = dump_recipe(job.recipe)
+    write_text_atomic(job.run.root / "recipe.yaml", text)
+    write_text_atomic(job.stage_dir / "recipe.yaml", text)
+    job.save(job.stage_dir / "job.json")
+    run(job, 0, 1, log)
+    if manifest(job.stage_dir) is None:
+        raise UserError(f"{job.stage_dir}: the stage ended without finishing its results")
+    return job
+
+
+def prepare(job: Job, log: Callable[[str], None] = print) -> None:
+    """Every check a user can fail, before any model is loaded or request sent."""
+    config = stage_config(job)
+    backend = job.options.get("backend") or config.backend
+    candidate = job.options.get("candidate") or config.candidate
+    baselines = list(dict.fromkeys(job.options.get("baselines") or config.baselines))
+    if not baselines:
+        raise UserError("stages.judge.baselines is empty; name at least one baseline")
+    if candidate in baselines:
+        raise UserError(f"stages.judge: the candidate {candidate!r} is also a baseline")
+    eval_config = job.recipe.stages.eval
+    spec = next((s for s in eval_config.sets if s.name == config.eval_set), None)
+    if spec is None:
+        names = ", ".join(s.name for s in eval_config.sets)
+        raise UserError(f"stages.judge.eval_set {config.eval_set!r} is not one of stages.eval.sets ({names})")
+
+    _quiet_transformers()
+    judge: dict[str, Any] = {"backend": backend}
+    if backend == "openai":
+        key_env = _key_env(config)
+        if key_env is not None and not os.environ.get(key_env, "").strip():
+            raise UserError(
+                f"environment variable {key_env} is empty or unset; judge endpoint {config.base_url} needs an "
+                f"API key there (or --set stages.judge.api_key_env=none)"
+            )
+        _openai_judge(config)  # checks base_url and the numbers now, not after generating
+
+    refs = [candidate, *baselines]
+    units = evaluate.plan_units(job, refs, [spec], [config.seed], log)
+    eval_dir = job.run.stage(evaluate.STAGE)
+    if backend == "hf":
+        judge.update(_describe_hf_judge(job, config, evaluate.read_set(eval_dir, spec.name)))
+    missing = [u for u in units["units"] if evaluate.unit_done(eval_dir, u) is None]
+    if missing and not job.options.get("generate", True):
+        first = evaluate.unit_paths(eval_dir, missing[0])[0]
+        # The eval command that makes exactly these units: same recipe, same overrides.
+        words = ["bdctl", "eval", job.recipe_path, *(w for u in missing for w in ("--model", u["ref"]))]
+        overrides = [item for item in job.info.get("overrides", []) if not item.startswith("stages.judge.")]
+        words += [w for item in overrides for w in ("--set", item)]
+        if config.seed not in eval_config.seeds:
+            words += ["--set", f"stages.eval.seeds=[{config.seed}]"]
+        command = shlex.join(words)
+        raise UserError(
+            f"{first}: no current generations of {missing[0]['ref']} on eval set {spec.name!r} (seed {config.seed}); "
+            f"run `{command}` first, or judge without --no-generate"
+        )
+    job.info.update(units, missing=missing, candidate=candidate, baselines=baselines, judge=judge, eval_set=spec.name)
+
+
+def _quiet_transformers() -> None:
+    """What bdctl.worker does on ranks: no weight-loading bars or warnings in this process."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _key_env(config: JudgeStage) -> str | None:
+    return None if config.api_key_env.strip().lower() in ("", "none") else config.api_key_env
+
+
+def _openai_judge(config: JudgeStage):
+    from bdctl.judges.openai_backend import OpenAIJudge
+
+    return OpenAIJudge(
+        config.api_model, base_url=config.base_url, api_key_env=_key_env(config), concurrency=config.concurrency,
+        max_tries=config.retries + 1, timeout_s=config.timeout,
+    )  # fmt: skip
+
+
+def _describe_hf_judge(job: Job, config: JudgeStage, examples: list[dict]) -> dict[str, Any]:
+    """The hf judge's directory and weights identity; checks that its prompt fits its context."""
+    described = evaluate.describe_model(job, config.hf_model)
+    if described["kind"] == "hub":
+        raise UserError(
+            f"stages.judge.hf_model {config.hf_model!r}: the hf judge reads a finished stage or a local model "
+            "directory, not a hub id (download it first)"
+        )
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from bdctl.judges import JudgeRequest
+    from bdctl.judges.hf_backend import HFJudge
+    from bdctl.models import load_tokenizer
+
+    if described["tokenizer"]["path"] != described["path"]:
+        raise UserError(f"judge model directory {described['path']} has no tokenizer files; save its tokenizer there")
+    tokenizer = load_tokenizer(described["path"])
+    # The prompt without answers, for the set's longest instruction + input: if that alone does
+    # not fit, no setting of max_answer_tokens helps. Weights are not loaded for this.
+    stub = SimpleNamespace(config=AutoConfig.from_pretrained(described["path"]))
+    checker = HFJudge(stub, tokenizer, name=described["path"], max_answer_tokens=config.max_answer_tokens)
+    context, checker.context_length = checker.context_length, None
+    longest = max(examples, key=lambda e: len(e["instruction"]) + len(e["input"]))
+    fixed = len(checker.prompt_ids(JudgeRequest(longest["instruction"], longest["input"], "", "")))
+    if context is not None and fixed >= context:
+        raise UserError(
+            f"judge model {config.hf_model} reads at most {context} tokens, but the judge prompt needs {fixed} "
+            f"before any answer (eval set {config.eval_set!r}); use a judge with a longer context "
+            "(stages.judge.hf_model)"
+        )
+    return {"model": config.hf_model, "path": described["path"], "weights": described["identity"]}
+
+
+# --------------------------------------------------------------------------- the judging (one process)
+
+
+class _LazyHFJudge:
+    """The hf judge, loaded only when a verdict is missing (a rerun from the cache loads nothing).
+
+    Its identity (part of every cache key) adds the weights' identity to the path, so a retrained
+    judge under the same directory does not reuse the old verdicts.
+    """
+
+    def __init__(self, info: Mapping[str, Any], config: JudgeStage):
+        from bdctl.judges.prompt import PROMPT_VERSION
+
+        self.info, self.config, self._judge = info, config, None
+        weights = json.dumps(info["weights"], sort_keys=True)
+        self.identity = {
+            "backend": "hf", "model": info["path"], "weights": weights, "base_url": "",
+            "prompt_version": PROMPT_VERSION, "max_answer_tokens": str(config.max_answer_tokens),
+        }  # fmt: skip
+
+    def judge_many(self, requests):
+        if self._judge is None:
+            import torch
+
+            from bdctl.judges.hf_backend import HFJudge
+
+            self._judge = HFJudge.from_pretrained(
+                self.info["path"], device="cuda" if torch.cuda.is_available() else "cpu",
+                batch_size=self.config.hf_batch_size, max_answer_tokens=self.config.max_answer_tokens,
+            )  # fmt: skip
+        return self._judge.judge_many(requests)
+
+
+class _VerdictProgress:
+    """A rich bar per baseline over the verdicts still to ask (their number is known only when
+    judge_pairs has looked in the cache: the first callback sets the total)."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=Console(stderr=True),
+        )  # fmt: skip
+        self.new = 0
+
+    def __enter__(self) -> _VerdictProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def callback(self, description: str) -> Callable[[int, int], None]:
+        task = self.progress.add_task(description, total=None)
+
+        def on_verdict(done: int, total: int) -> None:
+            self.new += 1
+            self.progress.update(task, total=total, completed=done)
+
+        return on_verdict
+
+
+def run(job: Job, rank: int, world: int, log: Callable[[str], None] = print) -> None:
+    """Rank 0 only: generate what is missing, judge every pair in both orders, write results."""
+    if rank != 0:
+        return  # the judge is one process (see the module docstring)
+    _quiet_transformers()
+    from bdctl.judges import Pair, VerdictCache, judge_pairs
+    from bdctl.judges.stats import win_rate
+    from bdctl.tracking import StepProgress
+
+    info, config, out = job.info, stage_config(job), job.stage_dir
+    eval_dir = job.run.stage(evaluate.STAGE)
+    missing = [u for u in info["units"] if evaluate.unit_done(eval_dir, u) is None]
+    if missing:
+        log(f"judge: generating {len(missing)} missing answer set(s): {', '.join(u['ref'] for u in missing)}")
+        total = sum(s["examples"] for s in info["sets"]) * len(missing)
+        with StepProgress("generate", total, enabled=True) as progress:
+            evaluate.generate_units(eval_dir, info, missing, 0, 1, job.recipe.seed, progress)
+
+    examples = evaluate.read_set(eval_dir, info["eval_set"])
+    answers = {
+        u["ref"]: {r["prompt_id"]: r["text"] for r in evaluate.read_generations(eval_dir, u)} for u in info["units"]
+    }
+    names = {u["ref"]: u["model"] for u in info["units"]}
+    candidate = info["candidate"]
+    backend = _openai_judge(config) if info["judge"]["backend"] == "openai" else _LazyHFJudge(info["judge"], config)
+    records, started = {}, time.time()
+    with VerdictCache(out / VERDICTS_FILE) as cache, _VerdictProgress() as progress:
+        for baseline in info["baselines"]:
+            mine, theirs = answers[candidate], answers[baseline]
+            pairs = [Pair(str(e["id"]), e["instruction"], e["input"], mine[e["id"]], theirs[e["id"]]) for e in examples]
+            results = judge_pairs(backend, pairs, cache, on_verdict=progress.callback(f"judge vs {baseline}"))
+            records[baseline] = win_rate(results, seed=job.recipe.seed)
+            _write_judgments(out / "judgments" / f"{names[candidate]}_vs_{names[baseline]}.jsonl", results)
+    write_results(job, records, dict(backend.identity), new_verdicts=progress.new, seconds=time.time() - started)
+
+
+def _write_judgments(path: Path, results: Sequence) -> None:
+    lines = []
+    for result in results:
+        orders = {j.order: {"verdict": j.verdict, "raw": j.raw, "outcome": j.outcome} for j in result.judgments}
+        lines.append(json.dumps({"prompt_id": result.prompt_id, **orders, "score": result.score}, ensure_ascii=False))
+    write_text_atomic(path, "".join(line + "\n" for line in lines))
+
+
+def _number(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def results_table(results: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """One row per baseline: counts per judgment (two per prompt), win rate and 95% CI in %."""
+    headers = ["baseline", "wins", "ties", "losses", "unparsed", "pairs", "win %", "95% CI"]
+    rows = []
+    for baseline, r in results["baselines"].items():
+        rate = "n/a" if r["win_rate"] is None else f"{100 * r['win_rate']:.1f}"
+        ci = "n/a" if r["ci_low"] is None else f"[{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"
+        rows.append([baseline, r["wins"], r["ties"], r["losses"], r["unparseable"], r["pairs"], rate, ci])
+    return headers, rows
+
+
+def write_results(job: Job, records: dict, identity: dict, new_verdicts: int, seconds: float) -> dict[str, Any]:
+    from bdctl.judges.figure import win_rate_chart
+    from bdctl.tables import csv_table, markdown_table
+
+    info, out, config = job.info, job.stage_dir, stage_config(job)
+    results = {
+        "candidate": info["candidate"],
+        "eval_set": info["eval_set"],
+        "seed": config.seed,
+        "judge": identity,
+        "baselines": {
+            name: {"wins": r.wins, "ties": r.ties, "losses": r.losses, "unparseable": r.unparseable,
+                   "pairs": r.pairs, "judgments": r.judgments, "win_rate": _number(r.win_rate),
+                   "ci_low": _number(r.ci_low), "ci_high": _number(r.ci_high)}
+            for name, r in records.items()
+        },  # fmt: skip
+        "verdicts": {"new": new_verdicts, "seconds": round(seconds, 3)},
+    }
+    write_json_atomic(out / "results.json", results)
+    headers, rows = results_table(results)
+    write_text_atomic(out / "table.md", markdown_table(headers, rows))
+    csv_headers = ["baseline", "wins", "ties", "losses", "unparseable", "pairs", "win_rate", "ci_low", "ci_high"]
+    csv_rows = [[name] + [r[key] for key in csv_headers[1:]] for name, r in results["baselines"].items()]
+    write_text_atomic(out / "table.csv", csv_table(csv_headers, csv_rows))
+    # The chart is drawn to a temporary name and renamed, like every other output.
+    tmp = out / ".win_rates.png.tmp"
+    judge_name = config.api_model if identity["backend"] == "openai" else config.hf_model
+    win_rate_chart(
+        records, tmp, model_name=info["candidate"],
+        title=f"{info['candidate']} vs baselines: {info['eval_set']}, seed {config.seed}, judge {judge_name}",
+    )  # fmt: skip
+    os.replace(tmp, out / "win_rates.png")
+    mark_complete(out, stage=STAGE, candidate=info["candidate"], baselines=list(records), results="results.json")
+    return results
