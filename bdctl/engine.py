@@ -218,6 +218,23 @@ def make_engine(module, config: dict, total_steps: int | None = None, warmup_rat
     return engine
 
 
+def make_inference_engine(module, config: dict):
+    """A frozen model (distill's live teacher) as a DeepSpeed engine without an optimizer.
+
+    Under ZeRO-3 its weights stay partitioned across ranks and are gathered layer by layer in
+    each forward (collective: every rank must run the same forward passes). Eval mode, no
+    gradients; call it under torch.no_grad().
+    """
+    import deepspeed
+
+    config = {k: v for k, v in config.items() if k not in ("optimizer", "scheduler")}
+    for param in module.parameters():
+        param.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=module, config=config)
+    engine.eval()
+    return engine
+
+
 # --------------------------------------------------------------------------- checkpoints + export
 
 

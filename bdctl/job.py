@@ -36,6 +36,7 @@ STAGES = {
     "generate": "bdctl.stages.generate",
     "eval": "bdctl.stages.evaluate",
     "judge": "bdctl.stages.judge",
+    "distill": "bdctl.stages.distill",
 }
 # Stage directories other stages may refer to by name (weights, caches, generations).
 KNOWN_STAGE_DIRS = ("teacher_sft", "student_sft", "generate", "eval", "judge")

@@ -7,6 +7,12 @@ A stage supplies three functions and gets the rest:
     loss(micro_batch)      -> (loss, logs)   a token mean over that micro-batch, plus diagnostics
     validate()             -> float          lower is better, the same value on every rank
 
+A stage with a second batch per step (distill's pretraining term) also gives
+`aux_inputs(step, g) -> (inputs, count)`, the extra inputs of global micro-batch `g` of a step
+(numbered over the whole global batch, so they do not depend on the number of ranks), and its
+loss returns `(loss, logs, aux)`: `aux` is a mean over those `count` units, and the objective is
+global mean(loss) + `aux_coef` x global mean(aux), each over its own units.
+
 Exactness. The data order is a function of (seed, epoch) and the position is the step count, so a
 checkpoint at step k (DeepSpeed model + optimizer + scheduler, plus RNG states and the best score
 so far) restarts at exactly step k+1: the per-step losses after a resume equal those of an
@@ -54,6 +60,7 @@ class MicroBatch:
 
     inputs: dict[str, Any]
     count: int
+    aux_count: int = 0  # units of the second term's mean (e.g. the pretraining tokens), if any
 
 
 @dataclass
@@ -79,6 +86,8 @@ class LoopConfig:
     keep_checkpoints: int
     on_nonfinite: str  # "stop" | "skip"
     fingerprint: str  # of everything that must match for a resume
+    aux_coef: float = 1.0  # weight of the second term (see aux_inputs), e.g. lm_coef
+    aux_name: str = "aux_loss"  # its name in metrics.jsonl
 
 
 class PreemptionWatch:
@@ -167,6 +176,7 @@ def train_loop(
     export_best: Callable[[dict], None],
     metrics,
     progress,
+    aux_inputs: Callable[[int, int], tuple[dict[str, Any], int]] | None = None,
 ) -> TrainState:
     """Train to `config.total_steps` (resuming from the newest checkpoint), keeping the best
     validation score's export in out/best. Returns the final state."""
@@ -225,21 +235,32 @@ def train_loop(
             epoch, index = divmod(state.step, config.steps_per_epoch)
             order = epoch_order(n_train, config.seed, epoch)
             chunks = rank_share(order, index, config.batch_size, config.micro_batch_size, rank, world)
-            batches = [batch for chunk in chunks for batch in micro_batches(chunk)]
-            global_count = all_sum([sum(b.count for b in batches)])[0]
-            loss_sum, logs_sum, started = 0.0, {}, time.perf_counter()
+            batches = []
+            for j, chunk in enumerate(chunks):
+                for batch in micro_batches(chunk):
+                    if aux_inputs is not None:  # chunk j of this rank is micro-batch rank + j * world
+                        batch.inputs["aux"], batch.aux_count = aux_inputs(state.step, rank + j * world)
+                    batches.append(batch)
+            global_count, global_aux = all_sum([sum(b.count for b in batches), sum(b.aux_count for b in batches)])
+            loss_sum, aux_sum, logs_sum, started = 0.0, 0.0, {}, time.perf_counter()
             for batch in batches:
-                value, logs = loss(batch)
-                if config.on_nonfinite == "stop" and any_rank(not torch.isfinite(value.detach()).item()):
+                value, logs, *rest = loss(batch)
+                aux = rest[0] if rest else None
+                # DeepSpeed averages over micro-batches and ranks; rescale so the gradient is that
+                # of the mean over the scored units of the whole global batch.
+                objective = value * batch.count * len(batches) * world / global_count
+                if aux is not None:
+                    objective = objective + config.aux_coef * aux * batch.aux_count * len(batches) * world / global_aux
+                if config.on_nonfinite == "stop" and any_rank(not torch.isfinite(objective.detach()).item()):
                     raise NonFiniteLoss(
                         f"non-finite loss at step {state.step + 1}; stopped without touching the last "
                         f"checkpoint ({latest_checkpoint(checkpoints) or 'none yet'}); set on_nonfinite: skip to skip such steps"
                     )
-                # DeepSpeed averages over micro-batches and ranks; rescale so the gradient is that
-                # of the mean over the scored units of the whole global batch.
-                engine.backward(value * batch.count * len(batches) * world / global_count)
+                engine.backward(objective)
                 engine.step()
                 loss_sum += value.item() * batch.count
+                if aux is not None:
+                    aux_sum += aux.item() * batch.aux_count
                 for key, number in logs.items():
                     logs_sum[key] = logs_sum.get(key, 0.0) + number * batch.count
             # a non-finite gradient norm makes DeepSpeed skip the update (on_nonfinite: skip)
@@ -247,8 +268,12 @@ def train_loop(
                 state.skipped_steps += 1
             state.step += 1
             keys = sorted(logs_sum)
-            totals = all_sum([loss_sum, *[logs_sum[k] for k in keys]])
-            record = {"loss": totals[0] / global_count, **{k: v / global_count for k, v in zip(keys, totals[1:], strict=True)}}
+            totals = all_sum([loss_sum, aux_sum, *[logs_sum[k] for k in keys]])
+            record = {"loss": totals[0] / global_count, **{k: v / global_count for k, v in zip(keys, totals[2:], strict=True)}}
+            if global_aux:
+                record["method_loss"] = record["loss"]
+                record[config.aux_name] = totals[1] / global_aux
+                record["loss"] = record["method_loss"] + config.aux_coef * record[config.aux_name]
             rate = global_count / (time.perf_counter() - started)
             metrics.write(
                 event="train", step=state.step, epoch=epoch, lr=engine.optimizer.param_groups[0]["lr"],

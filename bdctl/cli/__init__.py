@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from bdctl import __version__
+from bdctl.cli import distill as distill_command
 from bdctl.cli import eval as eval_command
 from bdctl.cli import generate as generate_command
 from bdctl.cli import judge as judge_command
@@ -26,6 +27,7 @@ app = typer.Typer(
 
 app.command("sft", epilog=sft_command.EXAMPLE)(sft_command.sft)
 app.command("generate", epilog=generate_command.EXAMPLE)(generate_command.generate)
+app.command("distill", epilog=distill_command.EXAMPLE)(distill_command.distill)
 app.command("eval", epilog=eval_command.EXAMPLE)(eval_command.eval_)
 app.command("judge", epilog=judge_command.EXAMPLE)(judge_command.judge)
 app.add_typer(recipes_command.app, name="recipes")

@@ -1,0 +1,58 @@
+"""`bdctl distill`: Bellman Distill (phase 2) and the KD / SeqKD baselines."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated
+
+import typer
+
+from bdctl.cli.common import ForceOpt, RecipeArg, SetOpt, job_command, say, user_errors
+from bdctl.launch import LaunchOptions
+
+EXAMPLE = """[bold]Examples[/]
+
+  bdctl distill recipes/smoke.yaml --method bd
+  bdctl distill recipes/smoke.yaml --method kd --set stages.distill.teacher_source=live
+  bdctl distill tiny --method bd --nproc 2 --set stages.distill.p=0.5
+"""
+
+
+class Method(str, Enum):
+    bd = "bd"
+    kd = "kd"
+    seqkd = "seqkd"
+
+
+@job_command
+def distill(
+    recipe: RecipeArg,
+    method: Annotated[
+        Method | None,
+        typer.Option("--method", "-m", help="Objective (default: the recipe's stages.distill.method, bd).", show_default=False),
+    ] = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    *,
+    launch: LaunchOptions,
+) -> None:
+    """Distil the teacher into the student: Bellman Distill on the teacher data D*, or a baseline.
+
+    bd starts from the phase-1 student (runs/<name>/student_sft) and trains on the generate stage's D* and top-p cache; kd trains on the golden responses with the teacher's distribution (cache or live teacher); seqkd is SFT on D*.
+
+    Keeps the weights with the lowest validation loss and exports them as a Hugging Face directory: runs/<name>/distill/<method>/export.
+    """
+    with user_errors():
+        from bdctl.job import submit
+
+        overrides = list(set_ or [])
+        if method is None:
+            from bdctl.recipe import load_recipe
+
+            chosen = load_recipe(recipe, overrides)[0].stages.distill.method
+        else:
+            chosen = method.value
+            overrides.append(f"stages.distill.method={chosen}")  # the saved recipe says what ran
+        job = submit("distill", recipe, overrides, {"method": chosen}, launch, force, log=say)
+        if not launch.dry_run:
+            say(f"[green]done:[/] {job.stage_dir / 'export'}")

@@ -1,0 +1,828 @@
+"""`bdctl distill`: Bellman Distill (METHOD.md sections 2 and 3) and the KD / SeqKD baselines (section 4).
+
+    bdctl distill RECIPE --method bd      phase 2: BD on the teacher data D* (runs/<name>/generate/cache)
+    bdctl distill RECIPE --method kd      word-level KD on the golden training responses
+    bdctl distill RECIPE --method seqkd   SFT on D* (optionally mixed with KD)
+
+Data.
+* bd, seqkd: D*, every response of the generate stage's cache after its prompt (data/train.jsonl, the row
+  whose "id" is the cache's prompt_id). A response that does not fit `data.max_length` after its prompt is cut
+  there and counts as truncated. Actions are the response tokens; a transition is terminal where its action is
+  EOS; the last transition of a truncated response is left out (METHOD.md section 1), and a response with no
+  transition left (a truncated one-token response) is skipped.
+* kd: the golden training responses; the teacher's distribution from the scoring cache
+  (runs/<name>/score_train/cache: the sparse top-p approximation, renormalised over each cached set) or from
+  the live teacher (exact).
+
+Everything is computed on the response frame: row b, column t is the state before response token t, whose
+student hidden state sits at sequence position len(prompt_b) + t - 1 and is gathered from the forward pass.
+Every loss is computed from the final hidden states and the output embedding inside the engine's forward
+(`policy_module`), so ZeRO-3 has the output embedding gathered.
+
+Loss heads, and what `MicroBatch.count` (the unit of the global mean) is:
+* bd, paper variant: `bellman.lean_terms` with the candidate sets of the cache, or of the live teacher
+  (p = 1: the whole vocabulary). Count: kept transitions. Never builds [B, T, V] logits.
+* bd, released variant: `released_lean_terms` below, the released code's arithmetic computed in vocabulary
+  chunks (never [B, T, V]) for p < 1; `dense_loss(variant="released")` on full logits for p = 1 (there the
+  projected policy is pi + eps over the whole vocabulary and its entropy needs every logit). Count: valid
+  positions t < T of the micro-batch (the released code's N).
+* kd: (1 - r) CE + r KD, r = kd_ratio; KD from the cache is `kd.lean_sparse_kd_loss`, KD from the live teacher
+  is `exact_kd_loss` below (chunked on the student side; the teacher's probabilities of the scored rows,
+  [N, V], are held once). seqkd: the same on D* with r = seqkd_kd_ratio (0: plain SFT). Count: tokens.
+* The pretraining term (pretrain_term, on for bd by default): + lm_coef * L_PT, a second forward per
+  micro-batch on packed blocks of data.pretrain (`bdctl.data.pretrain`), L_PT = (1 - pt_kd_ratio) CE +
+  pt_kd_ratio KD (exact, live teacher), averaged over its own tokens (the loop's aux term).
+
+Teacher. `teacher_source: cache` never loads the teacher. `live` runs stages.generate.model (the teacher that
+made D*) as a DeepSpeed inference engine beside the student (ZeRO-3: partitioned, gathered per forward; eval,
+no grad); BD's sets are recomputed with the cache's rule and cap (p, generate.cache_max_k), so BD live equals
+BD from the cache. pt_kd_ratio > 0 loads the live teacher whatever teacher_source says.
+
+Selection: the student's cross-entropy on the golden validation responses (there is no D* for validation;
+Rouge-L selection comes with `bdctl eval`), best kept and exported like `sft`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from bdctl.errors import UserError
+from bdctl.job import Job, resolve_weights
+from bdctl.objectives.bellman import BellmanTerms, dense_terms, lean_terms
+from bdctl.objectives.kd import lean_sparse_kd_loss, mixed_kd_loss
+from bdctl.objectives.lm import (
+    DEFAULT_CHUNK_SIZE,
+    IGNORE_INDEX,
+    candidate_logits,
+    chunked_argmax,
+    chunked_logsumexp,
+    compute_dtype,
+    lean_cross_entropy,
+)
+from bdctl.recipe.schema import DistillStage, ModelSpec
+from bdctl.rundir import manifest
+
+METHODS = ("bd", "kd", "seqkd")
+DSTAR_STAGE = "generate"  # D* and its cache: runs/<name>/generate/cache
+SCORE_STAGE = "score_train"  # the teacher's sets over the golden training responses: runs/<name>/score_train/cache
+BD_LOGS = ("mean_r", "mean_v", "mean_q_candidates", "chi2", "outside_share", "mean_set_size")
+
+
+def stage_dir(options: dict) -> str:
+    return f"distill/{options['method']}"
+
+
+def stage_config(job: Job) -> DistillStage:
+    return job.recipe.stages.distill
+
+
+# --------------------------------------------------------------------------- what a job needs
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the recipe and the method ask for, decided the same way in prepare() and on every rank."""
+
+    method: str
+    variant: str  # bd only
+    kd_ratio: float  # kd / seqkd: r of (1 - r) CE + r KD
+    sets: str | None  # bd: where A_t comes from: "cache", "live", or None (p = 1: the whole vocabulary)
+    kd_teacher: str | None  # kd / seqkd with r > 0: "cache" or "live"
+    pretrain: bool
+    pt_kd: bool  # the LM term mixes in the live teacher's KD
+    init: str
+
+    @property
+    def live_teacher(self) -> bool:
+        return self.sets == "live" or self.kd_teacher == "live" or self.pt_kd
+
+    @property
+    def uses_dstar(self) -> bool:
+        return self.method in ("bd", "seqkd")
+
+
+def make_setup(job: Job) -> Setup:
+    config = stage_config(job)
+    method = job.options["method"]
+    live = config.teacher_source == "live"
+    corpus = job.recipe.data.pretrain
+    if config.pretrain_term is None:  # auto
+        pretrain = method == "bd" and corpus is not None and config.lm_coef > 0
+    elif config.pretrain_term:
+        if corpus is None:
+            raise UserError("stages.distill.pretrain_term is true but the recipe has no data.pretrain corpus")
+        pretrain = config.lm_coef > 0
+    else:
+        pretrain = False
+    ratio = {"bd": 0.0, "kd": config.kd_ratio, "seqkd": config.seqkd_kd_ratio}[method]
+    teacher = "live" if live else "cache"
+    return Setup(
+        method=method,
+        variant=config.variant,
+        kd_ratio=ratio,
+        sets=(teacher if config.p < 1.0 else None) if method == "bd" else None,
+        kd_teacher=teacher if method != "bd" and ratio > 0 else None,
+        pretrain=pretrain,
+        pt_kd=pretrain and config.pt_kd_ratio > 0,
+        init=config.init if config.init != "auto" else ("student_sft" if method == "bd" else "base"),
+    )
+
+
+def describe(setup: Setup, job: Job) -> list[str]:
+    """What the run does, in words (printed by the launching process and kept in metrics.jsonl)."""
+    config = stage_config(job)
+    lines = []
+    if setup.method == "bd":
+        sets = {
+            "cache": f"the teacher's top-p sets (p = {config.p:g}) from the generate cache",
+            "live": f"the live teacher's top-p sets (p = {config.p:g}, capped at {job.recipe.stages.generate.cache_max_k} tokens like the cache)",
+            None: "A_t = the whole vocabulary (p = 1)",
+        }[setup.sets]
+        form = "chunked lean form" if setup.variant == "paper" or setup.sets else "dense form (full logits)"
+        lines.append(f"bd ({setup.variant} variant, {form}) on D*, {sets}")
+    else:
+        data = "the golden training responses" if setup.method == "kd" else "D*"
+        teacher = {
+            "cache": "teacher distribution from the sparse top-p cache, renormalised over each cached set: "
+            "an approximation of exact KD",
+            "live": "teacher distribution from the live teacher: exact KD",
+            None: "no KD term (plain cross-entropy)",
+        }[setup.kd_teacher]
+        lines.append(f"{setup.method} on {data}: (1 - {setup.kd_ratio:g}) CE + {setup.kd_ratio:g} KD; {teacher}")
+    if setup.pretrain:
+        kd = f", mixed with {config.pt_kd_ratio:g} exact KD from the live teacher" if setup.pt_kd else ""
+        lines.append(f"pretraining term on: + {config.lm_coef:g} x LM loss on data.pretrain blocks{kd}")
+    lines.append(
+        "checkpoint selection: the student's cross-entropy on the golden validation responses "
+        "(no D* exists for validation; Rouge-L selection comes with `bdctl eval`)"
+    )
+    return lines
+
+
+# --------------------------------------------------------------------------- training data
+
+
+@dataclass(frozen=True)
+class Item:
+    row: int  # row of data/train.jsonl (the prompt)
+    source: int  # index in the D* cache, or in the scoring cache (-1: none)
+    length: int  # response tokens used
+
+
+class TrainData:
+    """The training examples of a method: prompt ids, response ids and (when used) the teacher's sets."""
+
+    def __init__(self, prompts, items, responses=None, cache=None, teacher=None, with_sets=False):
+        self.prompts = prompts  # token ids per row of train.jsonl
+        self.items = items
+        self.responses = responses  # golden response ids per row (kd), else None (read from the cache)
+        self.cache = cache  # the D* cache (bd, seqkd)
+        self.teacher = teacher  # the scoring cache (kd from cache)
+        self.with_sets = with_sets
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def example(self, i: int):
+        item = self.items[i]
+        capture = None
+        if self.cache is not None:
+            cached = self.cache[item.source]
+            response = np.asarray(cached.tokens[: item.length], dtype=np.int64)
+            if self.with_sets:
+                capture = clip_capture(cached.capture, item.length)
+        else:
+            response = np.asarray(self.responses[item.row], dtype=np.int64)
+            if self.with_sets:
+                capture = self.teacher[item.source].capture
+        return self.prompts[item.row], response, capture
+
+
+def clip_capture(capture, length: int):
+    """The first `length` positions of a capture."""
+    from bdctl.sampling import Capture
+
+    if length == len(capture):
+        return capture
+    end = int(capture.offsets()[length])
+    return Capture(ids=capture.ids[:end], probs=capture.probs[:end], kept=capture.kept[:length], covered=capture.covered[:length])
+
+
+def cache_stage_dir(job: Job, stage: str) -> Path:
+    """A finished stage's cache directory, or one line naming the command that makes it."""
+    directory = job.run.stage(stage)
+    if manifest(directory) is None:
+        what, command = {
+            DSTAR_STAGE: ("the teacher data D*", f"bdctl generate {job.recipe_path}"),
+            SCORE_STAGE: ("the teacher's scores of the golden responses", f"bdctl generate {job.recipe_path} --score train"),
+        }[stage]
+        raise UserError(
+            f"distill --method {job.options['method']} needs {what} ({directory} has not finished); run it first: {command}"
+        )
+    return directory / "cache"
+
+
+def load_train_data(job: Job, tokenizer, setup: Setup, log=None) -> tuple[TrainData, dict]:
+    """The method's training examples (and counts of what was cut or skipped), with cache checks."""
+    from bdctl.cache import check, open_cache
+    from bdctl.data.prepare import read_split
+    from bdctl.models import tokenizer_hash
+
+    config = stage_config(job)
+    rows = read_split(job.run.data, "train")
+    prompts = tokenizer([r["prompt"] for r in rows])["input_ids"]
+    digest = tokenizer_hash(tokenizer)
+    if setup.method == "kd":
+        answers = tokenizer([r["output"] for r in rows], add_special_tokens=False)["input_ids"]
+        responses = [a + [tokenizer.eos_token_id] for a in answers]  # as SFT scores them
+        teacher = None
+        sources = [-1] * len(rows)
+        if setup.kd_teacher == "cache":
+            teacher = open_cache(cache_stage_dir(job, SCORE_STAGE))
+            check(teacher, digest, teacher.top_p)
+            by_id = {row["id"]: i for i, row in enumerate(rows)}
+            for index in range(len(teacher)):
+                example = teacher[index]
+                row = by_id.get(example.prompt_id)
+                if row is None or example.sample_index != 0:
+                    continue
+                if not np.array_equal(np.asarray(example.tokens), np.asarray(responses[row])):
+                    raise UserError(
+                        f"cache {teacher.directory}: the scored response of prompt {example.prompt_id} is not the golden "
+                        f"response of data/train.jsonl; score it again: bdctl generate {job.recipe_path} --score train"
+                    )
+                sources[row] = index
+            missing = sum(1 for s in sources if s < 0)
+            if missing:
+                raise UserError(
+                    f"cache {teacher.directory}: {missing} of {len(rows)} training responses were not scored; "
+                    f"score them: bdctl generate {job.recipe_path} --score train"
+                )
+        items = [Item(row=i, source=sources[i], length=len(responses[i])) for i in range(len(rows))]
+        data = TrainData(prompts, items, responses=responses, teacher=teacher, with_sets=teacher is not None)
+        return data, {"examples": len(items)}
+
+    cache = open_cache(cache_stage_dir(job, DSTAR_STAGE))
+    check(cache, digest, config.p if setup.sets == "cache" else cache.top_p)
+    by_id = {row["id"]: i for i, row in enumerate(rows)}
+    eos = tokenizer.eos_token_id
+    items, cut, skipped = [], 0, 0
+    for index in range(len(cache)):
+        example = cache[index]
+        row = by_id.get(example.prompt_id)
+        if row is None:
+            raise UserError(
+                f"cache {cache.directory}: prompt id {example.prompt_id} is not in {job.run.data / 'train.jsonl'}; "
+                f"the cache belongs to another data split: bdctl generate {job.recipe_path} --force"
+            )
+        room = job.recipe.data.max_length - len(prompts[row])
+        length = min(len(example), room)
+        cut += length < len(example)
+        ends = length > 0 and int(example.tokens[length - 1]) == eos
+        transitions = length if ends else length - 1
+        if transitions <= 0:
+            skipped += 1
+            continue
+        items.append(Item(row=row, source=index, length=length))
+    stats = {"examples": len(items), "cut_at_max_length": cut, "skipped_without_transition": skipped, "cache_examples": len(cache)}
+    data = TrainData(prompts, items, cache=cache, with_sets=setup.sets == "cache" or setup.kd_teacher == "cache")
+    return data, stats
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def collate_examples(examples, pad_id: int, eos_id: int, with_sets: bool) -> dict[str, Tensor]:
+    """Right-padded sequences (prompt + response) and the response frame [B, T] (+ [B, T, K] sets).
+
+    positions[b, t] is the sequence position whose hidden state predicts response token t.
+    """
+    from bdctl.cache import collate_candidates
+
+    lengths = [len(r) for _, r, _ in examples]
+    width = max(len(p) + len(r) for p, r, _ in examples)
+    frame = max(lengths)
+    batch = len(examples)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch, width), dtype=torch.long)
+    positions = torch.zeros((batch, frame), dtype=torch.long)
+    actions = torch.zeros((batch, frame), dtype=torch.long)
+    valid = torch.zeros((batch, frame), dtype=torch.bool)
+    for row, (prompt, response, _) in enumerate(examples):
+        sequence = torch.tensor(list(prompt) + response.tolist(), dtype=torch.long)
+        input_ids[row, : len(sequence)] = sequence
+        attention_mask[row, : len(sequence)] = 1
+        n = len(response)
+        positions[row, :n] = torch.arange(n) + len(prompt) - 1
+        actions[row, :n] = torch.from_numpy(response)
+        valid[row, :n] = True
+    out = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "positions": positions,
+        "actions": actions,
+        "valid": valid,
+        "terminal": valid & (actions == eos_id),
+    }
+    if with_sets:
+        sets = collate_candidates([c for _, _, c in examples], width=frame)
+        out.update(cand_ids=sets["cand_ids"], cand_probs=sets["cand_probs"], cand_mask=sets["cand_mask"])
+    return out
+
+
+def kept_transitions(valid: Tensor, terminal: Tensor) -> Tensor:
+    """METHOD.md section 1: valid t that is terminal or has a valid successor."""
+    valid_next = torch.zeros_like(valid)
+    valid_next[:, :-1] = valid[:, 1:]
+    return valid & ((terminal & valid) | valid_next)
+
+
+def batch_count(batch: dict[str, Tensor], setup: Setup) -> int:
+    """The units of a micro-batch's mean: kept transitions (bd paper), the released N, or tokens."""
+    if setup.method != "bd":
+        return int(batch["valid"].sum())
+    if setup.variant == "released":
+        return int(batch["valid"][:, :-1].sum())
+    return int(kept_transitions(batch["valid"], batch["terminal"]).sum())
+
+
+def response_hidden(hidden: Tensor, positions: Tensor) -> Tensor:
+    """[B, W, H] hidden states -> [B, T, H] at the response frame's positions."""
+    return hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
+def scored_rows(x: Tensor, valid: Tensor) -> Tensor:
+    """Rows of [B, T, ...] at the valid positions, flattened: [N, ...]."""
+    return x.reshape(-1, *x.shape[2:])[valid.reshape(-1)]
+
+
+# --------------------------------------------------------------------------- loss heads
+
+
+class _ChunkedFloorReductions(torch.autograd.Function):
+    """Per row, over the vocabulary, with ``y_v = max(hidden . weight[v], floor)``: ``(logsumexp_v y_v, sum_v y_v)``.
+
+    One pass over vocabulary chunks forward, one in backward (recomputing each chunk's logits, so only O(N)
+    state is saved): the two full-vocabulary reductions of the released variant. Gradient convention as
+    torch.clamp's: where a logit ties with the floor, the gradient goes to the logit.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, floor, chunk_size):  # type: ignore[override]
+        dtype = compute_dtype(hidden.dtype)
+        lse = torch.full((hidden.shape[0],), float("-inf"), dtype=dtype, device=hidden.device)
+        total = torch.zeros(hidden.shape[0], dtype=dtype, device=hidden.device)
+        floor_col = floor.to(dtype)[:, None]
+        for start in range(0, weight.shape[0], chunk_size):
+            clamped = torch.maximum((hidden @ weight[start : start + chunk_size].T).to(dtype), floor_col)
+            lse = torch.logaddexp(lse, torch.logsumexp(clamped, dim=-1))
+            total += clamped.sum(dim=-1)
+        ctx.save_for_backward(hidden, weight, floor, lse)
+        ctx.chunk_size = chunk_size
+        return lse, total
+
+    @staticmethod
+    def backward(ctx, grad_lse, grad_total):  # type: ignore[override]
+        hidden, weight, floor, lse = ctx.saved_tensors
+        dtype = lse.dtype
+        grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(dtype)
+        grad_total = torch.zeros_like(lse) if grad_total is None else grad_total.to(dtype)
+        hidden_c = hidden.to(dtype)
+        grad_h = torch.zeros_like(hidden_c)
+        grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+        grad_f = torch.zeros_like(lse)
+        floor_col = floor.to(dtype)[:, None]
+        for start in range(0, weight.shape[0], ctx.chunk_size):
+            end = min(start + ctx.chunk_size, weight.shape[0])
+            logits = (hidden @ weight[start:end].T).to(dtype)
+            above = logits >= floor_col
+            # d/dy of the two reductions: softmax(y) * grad_lse + grad_total, routed to z or to the floor
+            dy = torch.exp(torch.where(above, logits, floor_col) - lse[:, None]) * grad_lse[:, None] + grad_total[:, None]
+            grad_f += dy.masked_fill(above, 0.0).sum(dim=-1)
+            dz = dy.masked_fill(~above, 0.0)
+            grad_h += dz @ weight[start:end].to(dtype)
+            grad_w[start:end] = dz.T @ hidden_c
+        return grad_h.to(hidden.dtype), grad_w.to(weight.dtype), grad_f.to(floor.dtype), None
+
+
+def released_lean_terms(
+    hidden: Tensor,
+    weight: Tensor,
+    cand_ids: Tensor,
+    cand_mask: Tensor,
+    actions: Tensor,
+    valid: Tensor,
+    *,
+    gamma: float,
+    alpha: float,
+    q_min: float,
+    chi2: bool,
+    top_p: float,
+    eps: float,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> BellmanTerms:
+    """The released variant (METHOD.md section 3) from hidden states, equal to ``dense_terms(variant="released")``.
+
+    With ``m`` the candidate mask, ``Q = max(z - max z, q_min)``, ``L = logsumexp_V Q`` and ``S = sum_A exp(Q - L)``:
+    ``pit = (pi m / p + eps) / Z`` with ``Z = S / p + eps |V|``, which is ``eps / Z`` outside A_t, so every
+    full-vocabulary sum reduces to members plus two vocabulary reductions, ``L`` and ``sum_V Q``, both taken in
+    one chunked pass forward and one backward (`_ChunkedFloorReductions`, with the per-row floor ``max z + q_min``):
+
+        V_t          = sum_A pit (Q - log pit) + (eps/Z) (sum_V Q - sum_A Q) - (|V| - |A|) (eps/Z) log(eps/Z)
+        mean_V d_t   = valid_t sum_A Q / |V| - gamma Vn_t
+        mean_V d_t^2 = ( sum_A (valid_t Q - gamma Vn_t)^2 + (|V| - |A|) (gamma Vn_t)^2 ) / |V|
+    """
+    batch, frame, width = hidden.shape
+    vocab = weight.shape[0]
+    count = int(valid[:, :-1].sum())
+    if count == 0:
+        raise UserError("Bellman Distill batch has no transition (the released variant needs responses of 2+ tokens)")
+    dtype = compute_dtype(hidden.dtype)
+    index = valid.reshape(-1).nonzero().squeeze(1)
+    rows = hidden.reshape(-1, width).index_select(0, index)
+    slots = cand_ids.shape[-1]
+    ids = cand_ids.reshape(-1, slots).index_select(0, index)
+    mask = cand_mask.reshape(-1, slots).index_select(0, index)
+    best = chunked_argmax(rows, weight, chunk_size=chunk_size)
+    logits = candidate_logits(
+        rows, weight, torch.cat([ids, best[:, None]], dim=1), torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1),
+        chunk_size=chunk_size,
+    )  # fmt: skip
+    shift = logits[:, slots]
+    floor = shift + q_min
+    q = torch.clamp(logits[:, :slots] - shift[:, None], min=q_min)
+    lse_floor, sum_floor = _ChunkedFloorReductions.apply(rows, weight, floor, chunk_size)
+    log_z = lse_floor - shift  # logsumexp_V Q, since Q = max(z, max z + q_min) - max z
+    sum_q_all = sum_floor - vocab * shift  # sum_V Q
+    members = mask.sum(dim=-1).to(dtype)
+    pi = torch.where(mask, torch.exp(q - log_z[:, None]), 0.0)
+    norm = pi.sum(dim=-1) / top_p + eps * vocab
+    pit = (pi / top_p + eps) / norm[:, None]
+    pit_out = eps / norm
+    sum_q = torch.where(mask, q, 0.0).sum(dim=-1)
+    inside = torch.where(mask, pit * (q - torch.log(pit)), 0.0).sum(dim=-1)
+    row_values = inside + pit_out * (sum_q_all - sum_q) - (vocab - members) * pit_out * torch.log(pit_out)
+
+    def frame_of(x: Tensor) -> Tensor:
+        return x.new_zeros(batch * frame).index_copy(0, index, x).view(batch, frame)
+
+    values = frame_of(row_values)
+    next_values = torch.cat([values[:, 1:], values.new_zeros(batch, 1)], dim=1)  # V_{t+1} valid_{t+1} (padding holds 0)
+    start = valid.clone()
+    start[:, -1] = False  # the last position of the padded batch never starts a transition
+    start_f = start.to(dtype)
+    d_mean = frame_of(sum_q) / vocab - gamma * next_values
+    reward_term = (d_mean * start_f).sum() / count
+    value_term = ((values - gamma * next_values) * start_f).sum() / count
+    row_next = next_values.reshape(-1).index_select(0, index)
+    member_sq = torch.where(mask, (q - gamma * row_next[:, None]).square(), 0.0).sum(dim=-1)
+    d_sq = (frame_of(member_sq) + (vocab - frame_of(members)) * (gamma * next_values).square()) / vocab
+    chi2_term = (d_sq * start_f).sum() / count / (4.0 * alpha)
+    loss = -reward_term + value_term + (chi2_term if chi2 else 0.0)
+
+    with torch.no_grad():
+        row_start = start.reshape(-1).index_select(0, index)
+        in_set = (mask & (ids == actions.reshape(-1).index_select(0, index)[:, None])).any(dim=-1)
+
+        def start_mean(x: Tensor) -> Tensor:
+            return torch.where(row_start, x.to(dtype), 0.0).sum() / count
+
+        return BellmanTerms(
+            loss=loss,
+            mean_r=reward_term.detach(),
+            mean_v=start_mean(row_values.detach()),
+            mean_q_candidates=start_mean(sum_q.detach() / members.clamp_min(1)),
+            chi2=chi2_term.detach(),
+            outside_share=start_mean(~in_set),
+            mean_set_size=start_mean(members),
+            num_transitions=count,
+        )
+
+
+def candidate_mask(cand_ids: Tensor | None, cand_mask: Tensor | None, shape, vocab: int) -> Tensor:
+    """Dense bool [B, T, V] mask of the candidate sets (all True when there are none: p = 1)."""
+    if cand_ids is None:
+        return torch.ones((*shape, vocab), dtype=torch.bool, device="cpu")
+    dense = torch.zeros((*shape, vocab + 1), dtype=torch.bool, device=cand_ids.device)
+    dense.scatter_(-1, torch.where(cand_mask, cand_ids, vocab), True)  # padding slots land in a spare column
+    return dense[..., :vocab]
+
+
+def bd_terms(hidden: Tensor, weight: Tensor, batch: dict[str, Tensor], config: DistillStage, dense: bool = False) -> BellmanTerms:
+    """The BD loss of a micro-batch from the student's [B, W, H] hidden states (see the module docstring)."""
+    h = response_hidden(hidden, batch["positions"])
+    ids, mask = batch.get("cand_ids"), batch.get("cand_mask")
+    common = dict(gamma=config.gamma, alpha=config.alpha, q_min=config.q_min, chi2=config.chi2)
+    if config.variant == "paper" and not dense:
+        return lean_terms(h, weight, ids, mask, batch["actions"], batch["valid"], batch["terminal"], **common)
+    if config.variant == "released" and ids is not None and not dense:
+        return released_lean_terms(
+            h, weight, ids, mask, batch["actions"], batch["valid"], top_p=config.p, eps=config.eps, **common
+        )
+    logits = h @ weight.T
+    teacher_mask = candidate_mask(ids, mask, h.shape[:2], weight.shape[0]).to(logits.device)
+    return dense_terms(
+        logits, teacher_mask, batch["actions"], batch["valid"], batch["terminal"], variant=config.variant,
+        top_p=config.p, eps=config.eps, **common,
+    )  # fmt: skip
+
+
+def exact_kd_loss(rows: Tensor, weight: Tensor, teacher_probs: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
+    """Exact word-level KD, ``mean_n - sum_v q_nv log softmax(rows_n W^T)_v``, equal to ``kd.dense_kd_loss``.
+
+    Since ``sum_v q_nv = 1`` it is ``logsumexp_v z_nv - rows_n . (q_n W)``: a chunked logsumexp plus one
+    ``[N, V] x [V, H]`` product with the teacher's probabilities, so no student ``[N, V]`` tensor exists.
+    """
+    dtype = compute_dtype(rows.dtype)
+    log_partition = chunked_logsumexp(rows, weight, chunk_size=chunk_size)
+    expected = teacher_probs.to(dtype) @ weight.to(dtype)  # E_teacher[W_v], [N, H]
+    return (log_partition - (rows.to(dtype) * expected).sum(dim=-1)).mean()
+
+
+@torch.no_grad()
+def teacher_probabilities(rows: Tensor, weight: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
+    """softmax(rows W^T) as float [N, V], filled chunk by chunk (one [N, chunk] block of logits at a time)."""
+    dtype = compute_dtype(rows.dtype)
+    log_partition = chunked_logsumexp(rows, weight, chunk_size=chunk_size)
+    probs = torch.empty((rows.shape[0], weight.shape[0]), dtype=dtype, device=rows.device)
+    for start in range(0, weight.shape[0], chunk_size):
+        logits = (rows @ weight[start : start + chunk_size].T).to(dtype)
+        probs[:, start : start + chunk_size] = torch.exp(logits - log_partition[:, None])
+    return probs
+
+
+@torch.no_grad()
+def teacher_sets(rows: Tensor, weight: Tensor, p: float, max_k: int, chunk_size: int = DEFAULT_CHUNK_SIZE):
+    """The teacher's top-p sets of rows (``sampling.top_p_set``, the cache's rule): ids [N, w], kept [N].
+
+    Rows go in blocks of at most ``N * chunk_size`` logits, the budget of the chunked losses.
+    """
+    from bdctl.sampling import top_p_set
+
+    dtype = compute_dtype(rows.dtype)
+    block = max(1, (max(1, rows.shape[0]) * chunk_size) // weight.shape[0])
+    ids, kept = [], []
+    for start in range(0, rows.shape[0], block):
+        logits = (rows[start : start + block] @ weight.T).to(dtype)
+        found = top_p_set(torch.softmax(logits, dim=-1), p, max_k)
+        ids.append(found.ids)
+        kept.append(found.kept)
+    widest = max(x.shape[1] for x in ids)
+    ids = torch.cat([torch.nn.functional.pad(x, (0, widest - x.shape[1])) for x in ids])
+    return ids, torch.cat(kept)
+
+
+def frame_sets(valid: Tensor, ids: Tensor, kept: Tensor) -> tuple[Tensor, Tensor]:
+    """[N, w] sets of the valid positions -> cand_ids, cand_mask [B, T, w]."""
+    width = ids.shape[1]
+    flat = valid.reshape(-1)
+    cand_ids = ids.new_zeros((flat.numel(), width))
+    cand_mask = torch.zeros((flat.numel(), width), dtype=torch.bool, device=ids.device)
+    cand_ids[flat] = ids
+    cand_mask[flat] = torch.arange(width, device=ids.device)[None, :] < kept[:, None]
+    return cand_ids.view(*valid.shape, width), cand_mask.view(*valid.shape, width)
+
+
+def ce_and_kd(hidden: Tensor, weight: Tensor, batch: dict[str, Tensor], ratio: float, teacher_probs: Tensor | None):
+    """kd / seqkd: ((1 - r) CE + r KD, logs) on the response frame."""
+    h = response_hidden(hidden, batch["positions"])
+    valid = batch["valid"]
+    ce = lean_cross_entropy(h, weight, torch.where(valid, batch["actions"], IGNORE_INDEX))
+    if ratio == 0:
+        return ce, {"ce": ce.item()}
+    if teacher_probs is not None:
+        kd = exact_kd_loss(scored_rows(h, valid), weight, teacher_probs)
+    else:
+        kd = lean_sparse_kd_loss(h, weight, batch["cand_ids"], batch["cand_probs"], batch["cand_mask"], valid)
+    return mixed_kd_loss(ce, kd, ratio), {"ce": ce.item(), "kd": kd.item()}
+
+
+def pretrain_loss(hidden: Tensor, weight: Tensor, blocks: Tensor, ratio: float = 0.0, teacher_probs: Tensor | None = None) -> Tensor:
+    """L_PT on packed blocks [B, L]: next-token cross-entropy over L - 1 positions per block,
+    mixed with exact KD when the live teacher's probabilities of those positions are given."""
+    h = hidden[:, :-1]
+    ce = lean_cross_entropy(h, weight, blocks[:, 1:])
+    if teacher_probs is None or ratio == 0:
+        return ce
+    kd = exact_kd_loss(h.reshape(-1, h.shape[-1]), weight, teacher_probs)
+    return mixed_kd_loss(ce, kd, ratio)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def prepare(job: Job, log=print) -> None:
+    """Launching process: data split, inputs that must exist, vocabulary check, pretraining blocks."""
+    from bdctl.data.batching import steps_per_epoch
+    from bdctl.data.prepare import prepare_data
+    from bdctl.models import check_vocabularies, load_tokenizer
+
+    config = stage_config(job)
+    method = job.options["method"]
+    if method not in METHODS:
+        raise UserError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
+    if config.select != "val_loss":
+        raise UserError(f"stages.distill.select: {config.select!r} needs the eval stage; use val_loss")
+    per_step = config.micro_batch_size * job.world_size
+    if config.batch_size % per_step:
+        raise UserError(
+            f"stages.distill.batch_size ({config.batch_size}) is not a multiple of "
+            f"micro_batch_size ({config.micro_batch_size}) x ranks ({job.world_size})"
+        )
+    setup = make_setup(job)
+    prepare_data(job.recipe, job.run, log)
+    tokenizer = load_tokenizer(job.run.tokenizer)
+
+    if setup.init == "student_sft" and manifest(job.run.stage("student_sft")) is None:
+        raise UserError(
+            f"distill --method bd starts from the phase-1 student (init: auto) and {job.run.stage('student_sft')} "
+            f"has not finished; run it first: bdctl sft {job.recipe_path} --model student"
+        )
+    student = resolve_weights(job, setup.init, "student")
+    teacher = resolve_weights(job, job.recipe.stages.generate.model, "teacher") if setup.live_teacher else job.recipe.models.teacher
+    check_vocabularies(job.recipe, tokenizer, {"teacher": teacher, "student": student})
+
+    data, stats = load_train_data(job, tokenizer, setup)
+    if len(data) < config.batch_size:
+        raise UserError(
+            f"stages.distill.batch_size ({config.batch_size}) exceeds the {len(data)} training examples of --method {method}"
+        )
+    per_epoch = steps_per_epoch(len(data), config.batch_size)
+    total_steps = min(per_epoch * config.epochs, config.max_steps or per_epoch * config.epochs)
+    if setup.pretrain:
+        from bdctl.data.pretrain import prepare_blocks
+
+        block_size = job.recipe.data.pretrain.block_size
+        limit = max_positions(student)
+        if limit is not None and block_size > limit:
+            raise UserError(f"data.pretrain.block_size ({block_size}) exceeds the student's {limit} positions")
+        prepare_blocks(job.recipe, job.run, tokenizer, total_steps * config.batch_size, log)
+    job.info.update(train=stats, total_steps=total_steps, setup=setup.__dict__)
+    for line in describe(setup, job):
+        log(f"distill: {line}")
+    if stats.get("cut_at_max_length") or stats.get("skipped_without_transition"):
+        log(
+            f"distill: D* {stats['cache_examples']} responses: {stats['cut_at_max_length']} cut at data.max_length "
+            f"({job.recipe.data.max_length} tokens with the prompt), {stats['skipped_without_transition']} skipped (no transition)"
+        )
+
+
+def max_positions(source) -> int | None:
+    if isinstance(source, ModelSpec) and source.tiny is not None:
+        return source.tiny.max_positions
+    from transformers import AutoConfig
+
+    path = source.path if isinstance(source, ModelSpec) else str(source)
+    try:
+        config = AutoConfig.from_pretrained(path, revision=getattr(source, "revision", None))
+    except (OSError, ValueError):
+        return None
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+def deepspeed_preview(job: Job) -> dict:
+    """The resolved DeepSpeed config that --dry-run prints (the step count is only a guess there)."""
+    from bdctl.engine import deepspeed_config, on_gpu, resolve_precision
+    from bdctl.models import hidden_size
+
+    setup = make_setup(job)
+    source = job.recipe.models.student if setup.init in ("base", "student_sft") else resolve_weights(job, setup.init)
+    return deepspeed_config(
+        job.recipe, stage_config(job), job.stage_name, job.world_size, 0, hidden_size(source), resolve_precision(job.recipe), on_gpu()
+    )
+
+
+def run(job: Job, rank: int, world: int) -> None:
+    """Every rank: data, student (and live teacher) engines, train with the shared loop, export the best."""
+    from bdctl.data.batching import collate, eval_batches, steps_per_epoch, tokenize_examples
+    from bdctl.data.prepare import read_split
+    from bdctl.engine import (
+        deepspeed_config, export_hf, global_mean, hf_deepspeed_context, make_engine, make_inference_engine, on_gpu,
+        policy_module, resolve_precision,
+    )  # fmt: skip
+    from bdctl.models import hidden_size, load_model, load_tokenizer
+    from bdctl.stages.sft import loop_config
+    from bdctl.tracking import MetricsLog, StepProgress
+    from bdctl.training import MicroBatch, finish, train_loop
+
+    recipe, config, out = job.recipe, stage_config(job), job.stage_dir
+    setup = make_setup(job)
+
+    # --- data: every rank reads the same examples; the loop hands each rank its share
+    tokenizer = load_tokenizer(job.run.tokenizer)
+    data, stats = load_train_data(job, tokenizer, setup)
+    valid_set = tokenize_examples(read_split(job.run.data, "valid"), tokenizer)
+    per_epoch = steps_per_epoch(len(data), config.batch_size)
+    total_steps = min(per_epoch * config.epochs, config.max_steps or per_epoch * config.epochs)
+    blocks = None
+    if setup.pretrain:
+        from bdctl.data.pretrain import PretrainBlocks, pretrain_dir
+
+        blocks = PretrainBlocks(pretrain_dir(job.run), limit=total_steps * config.batch_size)
+
+    # --- student engine, and the live teacher as an inference engine beside it
+    precision = resolve_precision(recipe)
+    source = resolve_weights(job, setup.init, "student")
+    ds_config = deepspeed_config(recipe, config, job.stage_name, world, total_steps, hidden_size(source), precision, on_gpu())
+    with_ds = hf_deepspeed_context(ds_config)  # noqa: F841  (alive while loading: ZeRO-3 partitioned load)
+    engine = make_engine(policy_module(load_model(source, tokenizer, recipe.seed)), ds_config, total_steps, config.warmup_ratio)
+    teacher = None
+    if setup.live_teacher:
+        teacher_source = resolve_weights(job, recipe.stages.generate.model, "teacher")
+        teacher_config = deepspeed_config(
+            recipe, config, job.stage_name, world, total_steps, hidden_size(teacher_source), precision, on_gpu()
+        )
+        teacher = make_inference_engine(policy_module(load_model(teacher_source, tokenizer, recipe.seed)), teacher_config)
+    device = engine.device
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    cap = recipe.stages.generate.cache_max_k
+
+    def micro_batches(indices: list[int]) -> list[MicroBatch]:
+        batch = collate_examples([data.example(i) for i in indices], pad_id, eos_id, data.with_sets)
+        return [MicroBatch(batch, batch_count(batch, setup))]
+
+    def pretrain_inputs(step: int, index: int):
+        ids = blocks.micro_batch(step, index, config.micro_batch_size, config.batch_size, recipe.seed)
+        return {"input_ids": ids}, ids.shape[0] * (ids.shape[1] - 1)
+
+    def teacher_forward(input_ids, attention_mask, fn):
+        with torch.no_grad():
+            return teacher(input_ids, attention_mask, loss_fn=fn)
+
+    def loss(micro: MicroBatch):
+        batch = {k: v.to(device) for k, v in micro.inputs.items() if k != "aux"}
+        valid = batch["valid"]
+        teacher_probs = None
+        if setup.sets == "live":  # BD: the teacher's top-p sets at the states of the batch
+            found = teacher_forward(
+                batch["input_ids"], batch["attention_mask"],
+                lambda h, w: teacher_sets(scored_rows(response_hidden(h, batch["positions"]), valid), w, config.p, cap),
+            )  # fmt: skip
+            batch["cand_ids"], batch["cand_mask"] = frame_sets(valid, *found)
+        if setup.kd_teacher == "live":
+            teacher_probs = teacher_forward(
+                batch["input_ids"], batch["attention_mask"],
+                lambda h, w: teacher_probabilities(scored_rows(response_hidden(h, batch["positions"]), valid), w),
+            )  # fmt: skip
+        if setup.method == "bd":
+
+            def head(hidden, weight):
+                terms = bd_terms(hidden, weight, batch, config)
+                return terms.loss, {k: float(getattr(terms, k)) for k in BD_LOGS}
+
+        else:
+
+            def head(hidden, weight):
+                return ce_and_kd(hidden, weight, batch, setup.kd_ratio, teacher_probs)
+
+        value, logs = engine(batch["input_ids"], batch["attention_mask"], loss_fn=head)
+        if blocks is None:
+            return value, logs
+        ids = micro.inputs["aux"]["input_ids"].to(device)
+        mask = torch.ones_like(ids)
+        pt_probs = None
+        if setup.pt_kd:
+            pt_probs = teacher_forward(ids, mask, lambda h, w: teacher_probabilities(h[:, :-1].reshape(-1, h.shape[-1]), w))
+        aux = engine(ids, mask, loss_fn=lambda h, w: pretrain_loss(h, w, ids, config.pt_kd_ratio, pt_probs))
+        return value, logs, aux
+
+    def validate() -> float:
+        engine.eval()
+        total = count = 0.0
+        with torch.no_grad():
+            for indices in eval_batches(len(valid_set), config.micro_batch_size, rank, world):
+                # every rank runs the same number of forward passes (ZeRO-3 gathers collectively)
+                batch = collate([valid_set[i] for i in (indices or [0])], pad_id)
+                labels = batch["labels"].to(device)
+                value = engine(
+                    batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                    loss_fn=lambda hidden, weight: lean_cross_entropy(hidden, weight, labels),
+                )  # fmt: skip
+                tokens = int((labels != IGNORE_INDEX).sum()) if indices else 0
+                total += value.item() * tokens
+                count += tokens
+        engine.train()
+        return global_mean(total, count, device)
+
+    loop = loop_config(job, config, total_steps, per_epoch)
+    loop.aux_coef, loop.aux_name = config.lm_coef, "pt_loss"
+    metrics = MetricsLog(out / "metrics.jsonl", enabled=rank == 0)
+    metrics.write(
+        event="start", total_steps=total_steps, world_size=world, train=len(data), valid=len(valid_set),
+        data=stats, method=setup.method, setup=setup.__dict__, notes=describe(setup, job),
+    )  # fmt: skip
+    with StepProgress(f"distill {setup.method}", total_steps, enabled=rank == 0) as progress:
+        for line in describe(setup, job):
+            progress.print(line)
+        state = train_loop(
+            engine=engine, config=loop, out=out, rank=rank, world=world, n_train=len(data),
+            micro_batches=micro_batches, loss=loss, validate=validate,
+            export_best=lambda info: export_hf(engine, tokenizer, out / "best", rank, info),
+            metrics=metrics, progress=progress, aux_inputs=pretrain_inputs if blocks is not None else None,
+        )  # fmt: skip
+    finish(out, state, rank, job.stage_name, metrics)

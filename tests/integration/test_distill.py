@@ -1,0 +1,396 @@
+"""`bdctl distill`: the loss heads against their dense references, and BD / KD / SeqKD through the real CLI.
+
+The CLI tests share one run directory (module fixture): a briefly trained teacher and phase-1 student, and the
+two teacher caches made here directly with bdctl.sampling + bdctl.cache (not with `bdctl generate`), where the
+generate stage puts them: runs/smoke/generate/cache (D*) and runs/smoke/score_train/cache (the golden
+responses scored). Each test copies it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import assert_user_error, run_cli, write_recipe
+
+P, MAX_K = 0.8, 16  # the caches' top-p and cap (a small cap keeps the near-uniform tiny teacher's sets cheap)
+STEPS = 2
+DISTILL = {
+    "stages__generate__cache_max_k": MAX_K,
+    "data__split__valid": 8,  # validation runs twice per stage: keep it short
+    "stages__teacher_sft__max_steps": 6,
+    "stages__student_sft__max_steps": 3,
+    "stages__distill__batch_size": 8,
+    "stages__distill__micro_batch_size": 2,
+    "stages__distill__max_steps": STEPS,
+    "stages__distill__lr": 1.0e-4,
+}
+
+
+# --------------------------------------------------------------------------- loss heads (fast)
+
+
+def random_sets(batch, frame, vocab, width, generator):
+    ids = torch.stack([torch.randperm(vocab, generator=generator)[:width] for _ in range(batch * frame)]).view(batch, frame, width)
+    sizes = torch.randint(1, width + 1, (batch, frame), generator=generator)
+    return ids, torch.arange(width)[None, None, :] < sizes[..., None]
+
+
+@pytest.mark.parametrize("chi2", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_released_lean_terms_equal_the_dense_released_loss(chi2, dtype):
+    from bdctl.objectives.bellman import dense_terms
+    from bdctl.stages.distill import candidate_mask, released_lean_terms
+
+    g = torch.Generator().manual_seed(0)
+    batch, frame, width, vocab, slots = 3, 7, 8, 61, 6
+    hidden = torch.randn(batch, frame, width, generator=g, dtype=dtype).requires_grad_()
+    weight = torch.randn(vocab, width, generator=g, dtype=dtype).requires_grad_()
+    ids, mask = random_sets(batch, frame, vocab, slots, g)
+    valid = torch.ones(batch, frame, dtype=torch.bool)
+    valid[1, 4:] = False  # a shorter response (its last token: "terminal" whatever it is)
+    valid[2, 1:] = False  # a one-token response
+    actions = torch.randint(0, vocab, (batch, frame), generator=g)
+    actions[0, :3] = ids[0, :3, 0]  # some actions inside A_t
+    settings = dict(gamma=0.9, alpha=0.3, q_min=-2.5, chi2=chi2)
+    lean = released_lean_terms(hidden, weight, ids, mask, actions, valid, top_p=0.7, eps=1e-3, chunk_size=16, **settings)
+    dense = dense_terms(
+        hidden @ weight.T, candidate_mask(ids, mask, (batch, frame), vocab), actions, valid, torch.zeros_like(valid),
+        variant="released", top_p=0.7, eps=1e-3, **settings,
+    )  # fmt: skip
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert lean.loss.item() == pytest.approx(dense.loss.item(), rel=tol, abs=tol)
+    for a, b in zip(torch.autograd.grad(lean.loss, (hidden, weight)), torch.autograd.grad(dense.loss, (hidden, weight)), strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    for key in ("mean_r", "mean_v", "mean_q_candidates", "chi2", "outside_share", "mean_set_size"):
+        assert float(getattr(lean, key)) == pytest.approx(float(getattr(dense, key)), rel=tol, abs=tol), key
+    assert lean.num_transitions == dense.num_transitions == int(valid[:, :-1].sum())
+
+
+def test_exact_kd_and_teacher_probabilities_equal_dense_kd():
+    from bdctl.objectives.kd import dense_kd_loss
+    from bdctl.stages.distill import exact_kd_loss, teacher_probabilities
+
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randn(9, 8, generator=g, dtype=torch.float64).requires_grad_()
+    weight = torch.randn(37, 8, generator=g, dtype=torch.float64).requires_grad_()
+    teacher_rows, teacher_weight = torch.randn(9, 5, generator=g, dtype=torch.float64), torch.randn(37, 5, generator=g, dtype=torch.float64)
+    probs = teacher_probabilities(teacher_rows, teacher_weight, chunk_size=10)
+    torch.testing.assert_close(probs, torch.softmax(teacher_rows @ teacher_weight.T, dim=-1))
+    lean = exact_kd_loss(rows, weight, probs, chunk_size=10)
+    dense = dense_kd_loss((rows @ weight.T)[None], (teacher_rows @ teacher_weight.T)[None], torch.ones(1, 9, dtype=torch.bool))
+    assert lean.item() == pytest.approx(dense.item(), rel=1e-12)
+    for a, b in zip(torch.autograd.grad(lean, (rows, weight)), torch.autograd.grad(dense, (rows, weight)), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_teacher_sets_are_the_caches_top_p_sets():
+    from bdctl.sampling import top_p_set
+    from bdctl.stages.distill import frame_sets, teacher_sets
+
+    g = torch.Generator().manual_seed(2)
+    rows, weight = torch.randn(11, 6, generator=g) * 3, torch.randn(50, 6, generator=g)
+    ids, kept = teacher_sets(rows, weight, 0.8, 12, chunk_size=20)  # row blocks of 4
+    reference = top_p_set(torch.softmax(rows @ weight.T, dim=-1), 0.8, 12)
+    torch.testing.assert_close(kept, reference.kept)
+    for n in range(11):
+        assert ids[n, : kept[n]].tolist() == reference.ids[n, : kept[n]].tolist()
+    valid = torch.zeros(3, 5, dtype=torch.bool)
+    valid.view(-1)[:11] = True
+    cand_ids, cand_mask = frame_sets(valid, ids, kept)
+    assert cand_ids.shape[:2] == (3, 5) and cand_mask.sum().item() == kept.sum().item()
+    assert cand_ids[0, 1, : kept[1]].tolist() == ids[1, : kept[1]].tolist()
+
+
+def test_batches_align_the_response_frame_with_the_model():
+    """Through collate + the stage's BD head, the loss is dense_loss of the logits at len(x) + t - 1
+    (METHOD.md section 1), computed here one example at a time; the count is the kept transitions."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from bdctl.objectives.bellman import dense_loss
+    from bdctl.recipe.schema import DistillStage
+    from bdctl.sampling import Capture
+    from bdctl.stages.distill import Setup, batch_count, bd_terms, candidate_mask, collate_examples
+
+    torch.manual_seed(0)
+    vocab, eos, pad = 40, 0, 1
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_layer=1, n_embd=16, n_head=2, n_positions=32)).eval().double()
+    rng = np.random.default_rng(0)
+    examples = []
+    for prompt_len, length, ends in ((5, 4, True), (3, 6, False), (7, 2, True)):
+        response = rng.integers(2, vocab, size=length)
+        if ends:
+            response[-1] = eos
+        kept = rng.integers(1, 5, size=length)
+        sets = [rng.choice(vocab, size=k, replace=False) for k in kept]
+        sets[0] = np.array([response[0], *[v for v in sets[0] if v != response[0]]][: kept[0]])  # a_0 in A_0
+        ids = np.concatenate(sets)
+        capture = Capture(ids=ids.astype(np.int32), probs=np.ones(len(ids), np.float32), kept=kept, covered=np.ones(length, np.float32))
+        examples.append((rng.integers(2, vocab, size=prompt_len).tolist(), response.astype(np.int64), capture))
+    batch = collate_examples(examples, pad, eos, with_sets=True)
+    config = DistillStage(gamma=0.95, alpha=0.2, q_min=-4.0)
+    with torch.no_grad():
+        hidden = model.transformer(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        lean = bd_terms(hidden, model.lm_head.weight, batch, config)
+        # the reference: each example alone, logits read at position len(prompt) + t - 1
+        frame = max(len(r) for _, r, _ in examples)
+        logits = torch.zeros(len(examples), frame, vocab, dtype=torch.float64)
+        for b, (prompt, response, _) in enumerate(examples):
+            out = model(torch.tensor([prompt + response.tolist()])).logits[0]
+            logits[b, : len(response)] = out[len(prompt) - 1 : len(prompt) - 1 + len(response)]
+        mask = candidate_mask(batch["cand_ids"], batch["cand_mask"], (len(examples), frame), vocab)
+        reference = dense_loss(logits, mask, batch["actions"], batch["valid"], batch["terminal"], gamma=0.95, alpha=0.2, q_min=-4.0)
+    assert lean.loss.item() == pytest.approx(reference.item(), rel=1e-9)
+    setup = Setup("bd", "paper", 0.0, "cache", None, False, False, "student_sft")
+    assert batch_count(batch, setup) == lean.num_transitions == 4 + 5 + 2  # the truncated response loses its last
+
+
+# --------------------------------------------------------------------------- the CLI (slow)
+
+
+def make_caches(run, recipe_seed: int) -> None:
+    """D* for 32 prompts x 2 samples and the golden training responses scored, from the teacher export."""
+    from transformers import AutoModelForCausalLM
+
+    from bdctl.cache import CacheWriter, finalize
+    from bdctl.data.batching import tokenize_examples
+    from bdctl.data.prepare import read_split
+    from bdctl.models import load_tokenizer, tokenizer_hash
+    from bdctl.rundir import mark_complete
+    from bdctl.sampling import sample, score
+
+    tokenizer = load_tokenizer(run / "tokenizer")
+    teacher = AutoModelForCausalLM.from_pretrained(run / "teacher_sft/export").eval()
+    rows = read_split(run / "data", "train")
+    digest = tokenizer_hash(tokenizer)
+    prompts = tokenizer([r["prompt"] for r in rows[:32]])["input_ids"]
+    with CacheWriter(run / "generate/cache", 0, top_p=P, max_k=MAX_K) as out:
+        for sample_index in range(2):
+            for start in range(0, len(prompts), 16):
+                chosen = range(start, start + 16)
+                samples = sample(
+                    teacher, [prompts[i] for i in chosen], [recipe_seed * 1000 + 10 * i + sample_index for i in chosen],
+                    eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, max_new_tokens=20,
+                    capture_top_p=P, capture_max_k=MAX_K,
+                )  # fmt: skip
+                for i, found in zip(chosen, samples, strict=True):
+                    out.add_sample(rows[i]["id"], sample_index, found)
+                out.flush()
+    finalize(run / "generate/cache", teacher="teacher_sft", tokenizer_hash=digest, top_p=P, max_k=MAX_K, vocab_size=len(tokenizer))
+    mark_complete(run / "generate", stage="generate")
+
+    examples = tokenize_examples(rows, tokenizer)
+    captures = score(
+        teacher, [e.ids[: e.prompt_len] for e in examples], [e.ids[e.prompt_len :] for e in examples],
+        pad_id=tokenizer.pad_token_id, top_p=P, max_k=MAX_K, batch_size=32,
+    )  # fmt: skip
+    with CacheWriter(run / "score_train/cache", 0, top_p=P, max_k=MAX_K) as out:
+        for row, example, capture in zip(rows, examples, captures, strict=True):
+            tokens = example.ids[example.prompt_len :]
+            out.add(prompt_id=row["id"], sample_index=0, seed=0, tokens=tokens, finish_reason="eos", capture=capture)
+    finalize(run / "score_train/cache", teacher="teacher_sft", tokenizer_hash=digest, top_p=P, max_k=MAX_K, vocab_size=len(tokenizer))
+    mark_complete(run / "score_train", stage="score_train")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A run directory with teacher and phase-1 student exports and both caches (about 40 s)."""
+    root = tmp_path_factory.mktemp("distill")
+    recipe = write_recipe(root / "smoke.yaml", **DISTILL)
+    for role in ("teacher", "student"):
+        result = run_cli("sft", str(recipe), "--model", role, cwd=root)
+        assert result.returncode == 0, result.stderr[-3000:]
+        shutil.rmtree(root / f"runs/smoke/{role}_sft/checkpoints")  # copies stay small
+    make_caches(root / "runs/smoke", recipe_seed=7)
+    return root
+
+
+def copy_of(prepared, tmp_path):
+    shutil.copytree(prepared / "runs", tmp_path / "runs")
+    shutil.copy(prepared / "smoke.yaml", tmp_path / "smoke.yaml")
+    return str(tmp_path / "smoke.yaml")
+
+
+def distill(recipe, method, cwd, *args):
+    result = run_cli("distill", recipe, "--method", method, *args, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-4000:]
+    stage = cwd / "runs/smoke/distill" / method
+    records = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+    return result, stage, records
+
+
+def trains(records):
+    return [r for r in records if r["event"] == "train"]
+
+
+def assert_loadable(export):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(export)
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    prompt = tokenizer("### Instruction:\nWhat is two plus two?\n\n### Response:\n", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape[1] > prompt["input_ids"].shape[1]
+    assert json.loads((export / "MANIFEST.json").read_text())["complete"]
+
+
+BD_KEYS = ("mean_r", "mean_v", "mean_q_candidates", "chi2", "outside_share", "mean_set_size", "pt_loss", "method_loss")
+
+
+@pytest.fixture(scope="module")
+def bd_one_rank(prepared, tmp_path_factory):
+    """BD (paper variant, sets from the cache, pretraining term on by default) on one rank."""
+    cwd = tmp_path_factory.mktemp("bd1")
+    recipe = copy_of(prepared, cwd)
+    result, stage, records = distill(recipe, "bd", cwd)
+    return cwd, result, stage, records
+
+
+@pytest.mark.slow
+def test_bd_one_rank_end_to_end(bd_one_rank):
+    cwd, result, stage, records = bd_one_rank
+    assert "bd (paper variant, chunked lean form) on D*" in result.stderr and "pretraining term on" in result.stderr
+    start = records[0]
+    assert start["setup"]["init"] == "student_sft" and start["setup"]["pretrain"] and start["train"] == 64
+    steps = trains(records)
+    assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
+    for record in steps:
+        for key in ("loss", *BD_KEYS):
+            assert math.isfinite(record[key]), (key, record)
+        assert 0 <= record["outside_share"] <= 1 and 1 <= record["mean_set_size"] <= MAX_K
+        assert record["loss"] == pytest.approx(record["method_loss"] + record["pt_loss"])  # lm_coef = 1
+        assert record["tokens"] > 0  # kept transitions of the global batch
+    evals = [r for r in records if r["event"] == "eval"]
+    assert [e["step"] for e in evals] == [0, STEPS]
+    done = json.loads((stage / "MANIFEST.json").read_text())
+    assert done["best_val_loss"] == min(e["val_loss"] for e in evals)
+    assert_loadable(stage / "export")
+    assert (cwd / "runs/smoke/pretrain/MANIFEST.json").is_file()
+
+
+@pytest.mark.slow
+def test_bd_two_ranks_give_the_one_rank_losses(bd_one_rank, prepared, tmp_path):
+    recipe = copy_of(prepared, tmp_path)
+    _, stage, records = distill(recipe, "bd", tmp_path, "--nproc", "2")
+    assert records[0]["world_size"] == 2
+    checkpoint = next(p for p in (stage / "checkpoints").iterdir() if p.is_dir())
+    assert len(list(checkpoint.glob("zero_pp_rank_*_model_states.pt"))) == 2
+    one, two = trains(bd_one_rank[3]), trains(records)
+    for key in ("loss", *BD_KEYS):  # the pretraining blocks too are the same whatever the ranks
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5), key
+    assert_loadable(stage / "export")
+
+
+@pytest.mark.slow
+def test_bd_with_a_live_teacher_equals_bd_from_the_cache(bd_one_rank, prepared, tmp_path):
+    """The live teacher's sets are the cached ones (same rule and cap), so the losses agree."""
+    recipe = copy_of(prepared, tmp_path)
+    result, _, records = distill(recipe, "bd", tmp_path, "--set", "stages.distill.teacher_source=live")
+    assert "the live teacher's top-p sets" in result.stderr
+    one, live = trains(bd_one_rank[3]), trains(records)
+    for key in ("loss", *BD_KEYS):
+        assert [r[key] for r in live] == pytest.approx([r[key] for r in one], rel=1e-4), key
+
+
+@pytest.mark.slow
+def test_bd_released_variant_with_a_live_teacher_and_teacher_kd_in_the_lm_term(prepared, tmp_path):
+    recipe = copy_of(prepared, tmp_path)
+    result, stage, records = distill(
+        recipe, "bd", tmp_path, "--set", "stages.distill.variant=released", "--set", "stages.distill.teacher_source=live",
+        "--set", "stages.distill.pt_kd_ratio=0.5", "--set", "stages.distill.lm_coef=0.5",
+    )  # fmt: skip
+    assert "bd (released variant, chunked lean form)" in result.stderr and "mixed with 0.5 exact KD" in result.stderr
+    for record in trains(records):
+        assert all(math.isfinite(record[k]) for k in ("loss", *BD_KEYS))
+        assert record["loss"] == pytest.approx(record["method_loss"] + 0.5 * record["pt_loss"])
+    assert_loadable(stage / "export")
+
+
+@pytest.mark.slow
+def test_kd_from_the_cache_and_from_a_live_teacher(prepared, tmp_path):
+    recipe = copy_of(prepared, tmp_path)
+    cached, stage, records = distill(recipe, "kd", tmp_path)
+    assert "an approximation of exact KD" in cached.stderr
+    assert records[0]["setup"]["init"] == "base" and not records[0]["setup"]["pretrain"]
+    assert records[0]["train"] == json.loads((tmp_path / "runs/smoke/data/split.json").read_text())["train"]
+    sparse = trains(records)
+    assert all(math.isfinite(r["kd"]) and r["loss"] == pytest.approx(0.5 * r["ce"] + 0.5 * r["kd"]) for r in sparse)
+    assert_loadable(stage / "export")
+
+    live, _, records = distill(recipe, "kd", tmp_path, "--force", "--set", "stages.distill.teacher_source=live")
+    assert "from the live teacher: exact KD" in live.stderr
+    exact = trains(records)
+    assert exact[0]["ce"] == pytest.approx(sparse[0]["ce"], rel=1e-6)  # same student, same batch
+    # the cache keeps at most 16 tokens of a near-uniform teacher: the renormalised sets are another target
+    assert math.isfinite(exact[0]["kd"]) and exact[0]["kd"] != pytest.approx(sparse[0]["kd"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_seqkd_on_dstar(prepared, tmp_path):
+    recipe = copy_of(prepared, tmp_path)
+    result, stage, records = distill(recipe, "seqkd", tmp_path, "--set", "stages.distill.seqkd_kd_ratio=0.5")
+    assert "seqkd on D*: (1 - 0.5) CE + 0.5 KD" in result.stderr
+    assert records[0]["train"] == 64
+    assert all(math.isfinite(r["ce"]) and math.isfinite(r["kd"]) for r in trains(records))
+    assert_loadable(stage / "export")
+
+
+# --------------------------------------------------------------------------- bad input: one line, exit 2
+
+
+def submit_error(recipe, method, *overrides) -> str:
+    """The one-line error of a job that fails before launching (in-process: no interpreter start-up)."""
+    from bdctl.errors import UserError
+    from bdctl.job import submit
+    from bdctl.launch import LaunchOptions
+
+    with pytest.raises(UserError) as caught:
+        submit("distill", recipe, list(overrides), {"method": method}, LaunchOptions(), log=lambda message: None)
+    assert caught.value.exit_code == 2 and "\n" not in str(caught.value)
+    return str(caught.value)
+
+
+def test_p_and_alpha_out_of_range(tmp_path, monkeypatch):
+    result = run_cli("distill", "smoke", "--method", "bd", "--set", "stages.distill.p=1.5", cwd=tmp_path)
+    assert_user_error(result, "stages.distill.p: input should be less than or equal to 1, got 1.5")
+    monkeypatch.chdir(tmp_path)
+    assert "stages.distill.p: input should be greater than 0, got 0" in submit_error("smoke", "bd", "stages.distill.p=0")
+    assert "stages.distill.alpha: input should be greater than 0, got 0" in submit_error("smoke", "bd", "stages.distill.alpha=0")
+    assert "stages.distill.alpha: input should be greater than 0" in submit_error("smoke", "bd", "stages.distill.alpha=-1")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_inputs_name_the_command_to_run(tmp_path, monkeypatch):
+    recipe = str(write_recipe(tmp_path / "smoke.yaml", **DISTILL))
+    result = run_cli("distill", recipe, "--method", "bd", cwd=tmp_path)
+    assert_user_error(result, "starts from the phase-1 student", f"run it first: bdctl sft {recipe} --model student")
+    monkeypatch.chdir(tmp_path)
+    assert f"needs the teacher data D* (runs/smoke/generate has not finished); run it first: bdctl generate {recipe}" in submit_error(recipe, "seqkd")
+    assert f"run it first: bdctl generate {recipe} --score train" in submit_error(recipe, "kd")
+    assert f"run it first: bdctl sft {recipe} --model teacher" in submit_error(
+        recipe, "kd", "stages.distill.teacher_source=live"
+    )  # the live teacher is the teacher SFT export
+    assert "no data.pretrain corpus" in submit_error(recipe, "seqkd", "stages.distill.pretrain_term=true", "data.pretrain=null")
+    assert not (tmp_path / "runs/smoke/distill").exists()
+
+
+@pytest.mark.slow
+def test_cache_from_another_tokenizer_or_p(prepared, tmp_path, monkeypatch):
+    recipe = copy_of(prepared, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert "made with top_p 0.8, the recipe asks for 0.5" in submit_error(recipe, "bd", "stages.distill.p=0.5")
+    assert "made with top_p 0.8, the recipe asks for 0.5" in submit_error(
+        recipe, "bd", "stages.distill.p=0.5", "stages.distill.variant=released"
+    )
+    path = tmp_path / "runs/smoke/generate/cache/MANIFEST.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, "tokenizer_hash": "0123456789abcdef"}))
+    result = run_cli("distill", recipe, "--method", "bd", cwd=tmp_path)
+    assert_user_error(result, "made with tokenizer 0123456789abcdef", "generate the cache again")
+    assert not (tmp_path / "runs/smoke/distill").exists()
