@@ -14,6 +14,7 @@ from bdctl.cli import eval as eval_command
 from bdctl.cli import generate as generate_command
 from bdctl.cli import judge as judge_command
 from bdctl.cli import recipes as recipes_command
+from bdctl.cli import reproduce as reproduce_command
 from bdctl.cli import sft as sft_command
 
 app = typer.Typer(
@@ -30,6 +31,7 @@ app.command("generate", epilog=generate_command.EXAMPLE)(generate_command.genera
 app.command("distill", epilog=distill_command.EXAMPLE)(distill_command.distill)
 app.command("eval", epilog=eval_command.EXAMPLE)(eval_command.eval_)
 app.command("judge", epilog=judge_command.EXAMPLE)(judge_command.judge)
+app.command("reproduce", epilog=reproduce_command.EXAMPLE)(reproduce_command.reproduce)
 app.add_typer(recipes_command.app, name="recipes")
 
 
