@@ -21,7 +21,7 @@ from tests.unit.chat_server import ChatServer, Reply, answers_of, closed_port
 
 SMOKE = str(RECIPES / "smoke.yaml")
 # Two seeds and short answers (the smoke models have 128 positions; prompts take up to ~80).
-EVAL = ["--set", "stages.eval.seeds=[10,20]", "--set", "stages.eval.max_new_tokens=16"]
+EVAL = ["--set", "stages.eval.seeds=[10,20]", "--set", "stages.eval.max_new_tokens=16", "--set", "stages.eval.models=[teacher_sft,student_sft]"]
 PAIR = ["--candidate", "teacher_sft", "--baseline", "student_sft"]
 KEY_ENV = "BDCTL_TEST_JUDGE_KEY"
 
@@ -299,7 +299,7 @@ def test_judge_before_eval_without_generating(trained, tmp_path):
     assert_user_error(
         result, "generations/teacher_sft/dolly/seed10.jsonl: no current generations of teacher_sft",
         f"run `bdctl eval {SMOKE} --model teacher_sft --model student_sft --set 'stages.eval.seeds=[10,20]' "
-        "--set stages.eval.max_new_tokens=16` first",
+        "--set stages.eval.max_new_tokens=16 --set 'stages.eval.models=[teacher_sft,student_sft]'` first",
     )
     assert not (root / "runs/smoke/judge/MANIFEST.json").exists()
 
@@ -307,8 +307,9 @@ def test_judge_before_eval_without_generating(trained, tmp_path):
 @pytest.mark.slow
 def test_bad_model_and_judge_settings(trained, tmp_path):
     root = copy_run(trained, tmp_path)
-    # smoke's default max_new_tokens (256) does not fit its 128-position models
-    assert_user_error(run_cli("eval", SMOKE, cwd=root), "model student_sft has 128 positions", "stages.eval.max_new_tokens to at most")
+    # 256 new tokens do not fit smoke's 128-position student
+    result = run_cli("eval", SMOKE, "--set", "stages.eval.max_new_tokens=256", "--set", "stages.eval.models=[student_sft]", cwd=root)
+    assert_user_error(result, "model student_sft has 128 positions", "stages.eval.max_new_tokens to at most")
     # the default candidate is BD, which this run has not trained
     result = run_cli("judge", SMOKE, *EVAL, cwd=root)
     assert_user_error(result, "distill/bd: that stage of runs/smoke has not finished; run it first: bdctl distill")
