@@ -62,3 +62,20 @@ def test_slurm_tasks(tmp_path):
     envs = [clean_env(**slurm, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)) for r in (1, 0)]
     results = run_both([(task, envs[0]), (task, envs[1])], tmp_path)
     assert_two_rank_run(tmp_path, results)
+
+
+@pytest.mark.slow
+def test_distill_on_two_hand_started_nodes(tmp_path):
+    quick = ["--set", "stages.teacher_sft.max_steps=2", "--set", "stages.student_sft.max_steps=2",
+             "--set", "stages.generate.n_samples=1", "--set", "stages.generate.max_new_tokens=8"]  # fmt: skip
+    for command in (["sft", SMOKE, "--model", "teacher"], ["generate", SMOKE], ["sft", SMOKE, "--model", "student"]):
+        result = subprocess.run([sys.executable, "-m", "bdctl", *command, *quick], cwd=tmp_path, env=clean_env(), capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+    port = str(free_port())
+    node = ["distill", SMOKE, "--method", "bd", "--nnodes", "2", "--master-port", port, *quick, "--set", "stages.distill.max_steps=2"]
+    results = run_both([([*node, "--node-rank", "1"], clean_env()), ([*node, "--node-rank", "0"], clean_env())], tmp_path)
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
+    stage = tmp_path / "runs/smoke/distill/bd"
+    assert json.loads((stage / "metrics.jsonl").read_text().splitlines()[0])["world_size"] == 2
+    assert (stage / "MANIFEST.json").is_file() and (stage / "export/model.safetensors").is_file()
