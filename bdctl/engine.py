@@ -113,6 +113,15 @@ def config_path(name: str) -> Path:
     return path
 
 
+def check_batch_split(train: Train, stage: str, world_size: int) -> None:
+    """The global batch must be micro batch x gradient accumulation x ranks."""
+    if train.batch_size % (train.micro_batch_size * world_size):
+        raise UserError(
+            f"stages.{stage}.batch_size ({train.batch_size}) is not a multiple of "
+            f"micro_batch_size ({train.micro_batch_size}) x ranks ({world_size})"
+        )
+
+
 def deepspeed_config(
     recipe: Recipe, train: Train, stage: str, world_size: int, total_steps: int, hidden_size: int, precision: str, gpu: bool
 ) -> dict[str, Any]:
@@ -125,12 +134,8 @@ def deepspeed_config(
         config = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+    check_batch_split(train, stage, world_size)
     per_step = train.micro_batch_size * world_size
-    if train.batch_size % per_step:
-        raise UserError(
-            f"stages.{stage}.batch_size ({train.batch_size}) is not a multiple of "
-            f"micro_batch_size ({train.micro_batch_size}) x ranks ({world_size})"
-        )
     values = {
         "train_batch_size": train.batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,

@@ -619,6 +619,7 @@ def pretrain_loss(hidden: Tensor, weight: Tensor, blocks: Tensor, ratio: float =
 def prepare(job: Job, log=print) -> None:
     """Launching process: data split, inputs that must exist, vocabulary check, pretraining blocks."""
     from bdctl.data.batching import steps_per_epoch
+    from bdctl.engine import check_batch_split
     from bdctl.data.prepare import prepare_data
     from bdctl.models import check_vocabularies, load_tokenizer
 
@@ -628,12 +629,7 @@ def prepare(job: Job, log=print) -> None:
         raise UserError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
     if config.select != "val_loss":
         raise UserError(f"stages.distill.select: {config.select!r} needs the eval stage; use val_loss")
-    per_step = config.micro_batch_size * job.world_size
-    if config.batch_size % per_step:
-        raise UserError(
-            f"stages.distill.batch_size ({config.batch_size}) is not a multiple of "
-            f"micro_batch_size ({config.micro_batch_size}) x ranks ({job.world_size})"
-        )
+    check_batch_split(config, "distill", job.world_size)
     setup = make_setup(job)
     prepare_data(job.recipe, job.run, log)
     tokenizer = load_tokenizer(job.run.tokenizer)

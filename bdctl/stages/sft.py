@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from bdctl.errors import UserError
 from bdctl.job import Job, resolve_weights
-from bdctl.recipe.schema import ModelSpec, SFTStage
+from bdctl.recipe.schema import SFTStage
 
 ROLES = ("teacher", "student")
 
@@ -25,18 +25,14 @@ def stage_config(job: Job) -> SFTStage:
 def prepare(job: Job, log=print) -> None:
     """Launching process: data split, shared tokenizer, vocabulary check, batch arithmetic."""
     from bdctl.data.prepare import prepare_data
+    from bdctl.engine import check_batch_split
     from bdctl.models import check_vocabularies, load_tokenizer
 
     role = job.options["model"]
     config = stage_config(job)
     if config.select != "val_loss":
         raise UserError(f"stages.{job.stage_name}.select: {config.select!r} needs the eval stage; use val_loss")
-    per_step = config.micro_batch_size * job.world_size
-    if config.batch_size % per_step:
-        raise UserError(
-            f"stages.{job.stage_name}.batch_size ({config.batch_size}) is not a multiple of "
-            f"micro_batch_size ({config.micro_batch_size}) x ranks ({job.world_size})"
-        )
+    check_batch_split(config, job.stage_name, job.world_size)
     data = prepare_data(job.recipe, job.run, log)
     if data.counts["train"] < config.batch_size:
         raise UserError(
@@ -78,7 +74,7 @@ def run(job: Job, rank: int, world: int) -> None:
     from bdctl.models import hidden_size, load_model, load_tokenizer
     from bdctl.objectives.lm import lean_cross_entropy
     from bdctl.tracking import MetricsLog, StepProgress
-    from bdctl.training import LoopConfig, MicroBatch, finish, train_loop
+    from bdctl.training import MicroBatch, finish, train_loop
 
     recipe, config, out = job.recipe, stage_config(job), job.stage_dir
 
