@@ -179,7 +179,15 @@ def policy_module(model):
             self.lm = lm
             deepspeed.zero.register_external_parameter(self, lm.get_output_embeddings().weight)
 
-        def forward(self, input_ids, attention_mask, loss_fn: Callable):
+        @property
+        def config(self):  # the sampler reads the position limit from it
+            return self.lm.config
+
+        def forward(self, input_ids, attention_mask=None, loss_fn: Callable | None = None, **lm_kwargs):
+            if loss_fn is None:
+                # A plain causal-LM forward (sampling for Rouge-L selection), still through the
+                # root module, so ZeRO-3 gathers and releases parameters as in training.
+                return self.lm(input_ids=input_ids, attention_mask=attention_mask, **lm_kwargs)
             hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             return loss_fn(hidden.last_hidden_state, self.lm.get_output_embeddings().weight)
 

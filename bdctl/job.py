@@ -67,7 +67,12 @@ class Job:
         recipe = self.recipe.model_dump(mode="json")
         for key in ("description", "run_dir"):
             recipe.pop(key)
-        recipe["stages"] = {name: value for name, value in recipe["stages"].items() if name == self.stage_name}
+        # the recipe section of the stage: distill/bd -> distill, score_train -> generate
+        section = "generate" if self.stage_name.startswith("score_") else self.stage_name.split("/")[0]
+        inputs = {section, *STAGE_INPUTS.get(section, ())}
+        if recipe["stages"][section].get("select") == "rouge_l":
+            inputs.add("eval")  # Rouge-L selection samples with the eval stage's settings
+        recipe["stages"] = {name: value for name, value in recipe["stages"].items() if name in inputs}
         payload = json.dumps({"recipe": recipe, "stage": self.stage_name, "options": self.options}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -80,6 +85,11 @@ class Job:
         payload = json.loads(Path(path).read_text())
         payload["recipe"] = Recipe.model_validate(payload["recipe"])
         return cls(**payload)
+
+
+# Other stages whose settings change what a stage trains on: a resume fingerprint covers them
+# (distill reads D* and the teacher's sets, made by the generate stage's teacher and cache cap).
+STAGE_INPUTS = {"distill": ("generate",)}
 
 
 def resolve_weights(job: Job, ref: str, role: str = "student") -> ModelSpec | Path:

@@ -198,18 +198,38 @@ def load_model(source: str | Path | ModelSpec, tokenizer, seed: int):
     return model
 
 
-def hidden_size(source: str | Path | ModelSpec) -> int:
-    """Hidden width of a model without loading its weights (sizes DeepSpeed's buckets)."""
-    if isinstance(source, ModelSpec) and source.tiny is not None:
-        return source.tiny.hidden
+def _read_config(source: str | Path | ModelSpec):
     from transformers import AutoConfig
 
     path, revision = _path_of(source)
     try:
-        config = AutoConfig.from_pretrained(path, revision=revision)
+        return AutoConfig.from_pretrained(path, revision=revision)
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: cannot read the model config ({_first_line(exc)})") from None
+
+
+def hidden_size(source: str | Path | ModelSpec) -> int:
+    """Hidden width of a model without loading its weights (sizes DeepSpeed's buckets)."""
+    if isinstance(source, ModelSpec) and source.tiny is not None:
+        return source.tiny.hidden
+    config = _read_config(source)
     return getattr(config, "hidden_size", None) or config.n_embd
+
+
+def config_positions(config) -> int | None:
+    """Longest sequence a model accepts, when its config says (learned position tables)."""
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def max_positions(source: str | Path | ModelSpec) -> int | None:
+    """`config_positions` of a model without loading its weights."""
+    if isinstance(source, ModelSpec) and source.tiny is not None:
+        return source.tiny.max_positions
+    return config_positions(_read_config(source))
 
 
 def count_parameters(model) -> int:

@@ -37,6 +37,8 @@ import torch
 from torch import Tensor
 
 from bdctl.errors import UserError
+from bdctl.models import config_positions
+from bdctl.objectives.lm import DEFAULT_CHUNK_SIZE, compute_dtype
 
 FINISH_EOS = "eos"
 """Finish reason of a response whose last token is the end-of-sequence token."""
@@ -177,6 +179,25 @@ def top_p_set(probs: Tensor, p: float, max_k: int = DEFAULT_MAX_K) -> TopPSet:
     return TopPSet(ids, top, kept, covered)
 
 
+@torch.no_grad()
+def teacher_sets(rows: Tensor, weight: Tensor, p: float, max_k: int, chunk_size: int = DEFAULT_CHUNK_SIZE):
+    """The teacher's top-p sets of rows (``sampling.top_p_set``, the cache's rule): ids [N, w], kept [N].
+
+    Rows go in blocks of at most ``N * chunk_size`` logits, the budget of the chunked losses.
+    """
+    dtype = compute_dtype(rows.dtype)
+    block = max(1, (max(1, rows.shape[0]) * chunk_size) // weight.shape[0])
+    ids, kept = [], []
+    for start in range(0, rows.shape[0], block):
+        logits = (rows[start : start + block] @ weight.T).to(dtype)
+        found = top_p_set(torch.softmax(logits, dim=-1), p, max_k)
+        ids.append(found.ids)
+        kept.append(found.kept)
+    widest = max(x.shape[1] for x in ids)
+    ids = torch.cat([torch.nn.functional.pad(x, (0, widest - x.shape[1])) for x in ids])
+    return ids, torch.cat(kept)
+
+
 # --------------------------------------------------------------------------- results
 
 
@@ -257,22 +278,8 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int) -> list[list
 # --------------------------------------------------------------------------- sampling
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 models stay float64 (exact tests); everything else is sampled in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def _max_positions(config: Any) -> int | None:
-    """Longest sequence the model accepts, when its config says (learned position tables)."""
-    for name in ("n_positions", "max_position_embeddings"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def _validate_sampling(
@@ -307,7 +314,7 @@ def _validate_sampling(
     if model.training:
         # Dropout would make samples depend on more than the seed and break exact reruns.
         raise ValueError("the model is in training mode; call model.eval() before sampling")
-    limit = _max_positions(model.config)
+    limit = config_positions(model.config)
     longest = max((len(prompt) for prompt in prompts), default=0)
     if limit is not None and longest + max_new_tokens > limit:
         raise UserError(
@@ -509,7 +516,7 @@ def sample(
     )
     for step in range(max_new_tokens):
         if live_rows:
-            scores = logits.to(_compute_dtype(logits.dtype))
+            scores = logits.to(compute_dtype(logits.dtype))
             probs = None
             if capture_top_p is not None:
                 probs = torch.softmax(scores, dim=-1)
@@ -658,7 +665,7 @@ def score(
     if model.training:
         raise ValueError("the model is in training mode; call model.eval() before scoring")
     device = _model_device(model)
-    limit = _max_positions(model.config)
+    limit = config_positions(model.config)
 
     captures: list[Capture] = []
     for start in range(0, len(prompt_ids), batch_size):
@@ -686,7 +693,7 @@ def score(
             logits_to_keep=predicts.to(device),  # a bool mask: logits come back flat [N, V]
         )
         logits = out.logits.reshape(-1, out.logits.shape[-1])
-        sets = top_p_set(torch.softmax(logits.to(_compute_dtype(logits.dtype)), dim=-1), top_p, max_k)
+        sets = top_p_set(torch.softmax(logits.to(compute_dtype(logits.dtype)), dim=-1), top_p, max_k)
         ids = sets.ids.to(torch.int32).cpu().numpy()
         probs = sets.probs.to(torch.float32).cpu().numpy()
         kept = sets.kept.to(torch.int32).cpu().numpy()
@@ -706,3 +713,79 @@ def score(
             )
             row_start = row_end
     return captures
+
+
+# --------------------------------------------------------------------------- collective models
+
+
+class Lockstep:
+    """Keeps ZeRO-3 ranks in step: each runs the same forward passes and collectives.
+
+    A round (one batch per rank, or none) follows the sampler's own sequence: a prefill
+    forward, then per step "has every rank finished?" (`all_done`) and, if not, one forward.
+    Ranks agree on the round's step count (the largest `max_new_tokens` of the round) first; a
+    rank whose own batch ends sooner, or that has no batch, answers "done" and runs dummy
+    forwards until every rank is done or the round's last step is reached.
+    """
+
+    def __init__(self, model, pad_id: int, device):
+        self.model, self.pad_id, self.device = model, pad_id, device
+        self.round_steps = 0  # the round's step count: the largest max_new_tokens of any rank
+        self.steps = 0  # steps of the current round whose all_done was answered
+        self.finished = False
+
+    def _reduce(self, value: int, op) -> int:
+        import torch
+        import torch.distributed as dist
+
+        tensor = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(tensor, op=op)
+        return int(tensor.item())
+
+    def max(self, value: int) -> int:
+        import torch.distributed as dist
+
+        return self._reduce(value, dist.ReduceOp.MAX)
+
+    def all_done(self, local_done: bool) -> bool:
+        import torch.distributed as dist
+
+        self.steps += 1
+        self.finished = self._reduce(0 if local_done else 1, dist.ReduceOp.SUM) == 0
+        return self.finished
+
+    def forward_dummy(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            self.model(input_ids=torch.full((1, 1), self.pad_id, device=self.device), use_cache=False, logits_to_keep=1)
+
+    def round(self, max_new: int, run: Callable[[Callable[[bool], bool]], list] | None) -> list:
+        """One round: `run(all_done)` samples this rank's batch (None: this rank has no batch);
+        `max_new` is this rank's step limit (0 without a batch)."""
+        self.begin(max_new)
+        if run is None:
+            self.idle()
+            return []
+        result = run(self.all_done)
+        self.end()
+        return result
+
+    def begin(self, max_new: int) -> None:
+        self.round_steps = self.max(max_new)
+        self.steps, self.finished = 0, False
+
+    def idle(self) -> None:
+        """A rank without a batch this round: the prefill forward, then follow the others."""
+        self.forward_dummy()
+        self.end()
+
+    def end(self) -> None:
+        """After this rank's sampler returned: keep answering "done" until the round is over.
+        The sampler asks at steps 0 .. max_new - 2; the round asks up to round_steps - 2."""
+        if self.finished:
+            return  # every rank was done: the round is over everywhere
+        while self.steps < self.round_steps - 1:
+            if self.all_done(True):
+                return
+            self.forward_dummy()

@@ -5,7 +5,9 @@ A stage supplies three functions and gets the rest:
 
     micro_batches(indices) -> [MicroBatch]   what the rank trains on for those examples
     loss(micro_batch)      -> (loss, logs)   a token mean over that micro-batch, plus diagnostics
-    validate()             -> float          lower is better, the same value on every rank
+    validate()             -> {name: score}  validation scores, the same on every rank; the
+                                             one named by `LoopConfig.select` picks the kept
+                                             export (`bdctl.selection`)
 
 A stage with a second batch per step (distill's pretraining term) also gives
 `aux_inputs(step, g) -> (inputs, count)`, the extra inputs of global micro-batch `g` of a step
@@ -25,7 +27,6 @@ the next step boundary, save a checkpoint and exit with PREEMPTED_EXIT_CODE.
 
 from __future__ import annotations
 
-import math
 import random
 import signal
 import time
@@ -36,6 +37,7 @@ from typing import Any
 
 from bdctl.errors import UserError
 from bdctl.rundir import manifest, mark_complete, read_json, recover_dir, replace_dir
+from bdctl.selection import better
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"; rerun the same command to resume
 NONFINITE_EXIT_CODE = 3
@@ -68,7 +70,7 @@ class TrainState:
     """The client state of a checkpoint: where the run is and what it has kept."""
 
     step: int = 0
-    best_score: float = math.inf
+    best_score: float | None = None  # of the selection metric; None until the first validation
     best_step: int = -1
     skipped_steps: int = 0
     rng: dict[str, Any] = field(default_factory=dict)
@@ -86,6 +88,7 @@ class LoopConfig:
     keep_checkpoints: int
     on_nonfinite: str  # "stop" | "skip"
     fingerprint: str  # of everything that must match for a resume
+    select: str = "val_loss"  # the validation score that picks the kept export (bdctl.selection)
     aux_coef: float = 1.0  # weight of the second term (see aux_inputs), e.g. lm_coef
     aux_name: str = "aux_loss"  # its name in metrics.jsonl
 
@@ -172,7 +175,7 @@ def train_loop(
     n_train: int,
     micro_batches: Callable[[list[int]], list[MicroBatch]],
     loss: Callable[[MicroBatch], tuple[Any, dict[str, float]]],
-    validate: Callable[[], float],
+    validate: Callable[[], dict[str, float]],
     export_best: Callable[[dict], None],
     metrics,
     progress,
@@ -220,13 +223,14 @@ def train_loop(
         metrics.write(event="checkpoint", step=state.step, tag=tag, reason=reason)
 
     def validate_and_keep_best() -> None:
-        score = validate()
-        improved = score < state.best_score
+        scores = validate()
+        improved = better(config.select, scores[config.select], state.best_score)
         if improved:
-            state.best_score, state.best_step = score, state.step
-            export_best({"step": state.step, "val_loss": score})
-        metrics.write(event="eval", step=state.step, val_loss=score, best=improved)
-        progress.print(f"step {state.step}: val_loss {score:.4f}{'  (best)' if improved else ''}")
+            state.best_score, state.best_step = scores[config.select], state.step
+            export_best({"step": state.step, "select": config.select, **scores})
+        metrics.write(event="eval", step=state.step, **scores, best=improved)
+        shown = "  ".join(f"{name} {value:.4f}" for name, value in scores.items())
+        progress.print(f"step {state.step}: {shown}{'  (best)' if improved else ''}")
 
     with PreemptionWatch(out / "PREEMPT") as preemption:
         if state.step == 0:
@@ -293,7 +297,7 @@ def train_loop(
     return state
 
 
-def finish(out: Path, state: TrainState, rank: int, stage: str, metrics) -> None:
+def finish(out: Path, state: TrainState, rank: int, stage: str, metrics, select: str) -> None:
     """The kept export becomes the stage's export; the manifest marks the stage complete."""
     import torch.distributed as dist
 
@@ -303,9 +307,9 @@ def finish(out: Path, state: TrainState, rank: int, stage: str, metrics) -> None
         if best.exists():  # else an interrupted finish() already moved it
             replace_dir(best, out / "export")
         (out / "PREEMPT").unlink(missing_ok=True)
-        metrics.write(event="end", best_step=state.best_step, best_val_loss=state.best_score)
+        metrics.write(event="end", best_step=state.best_step, select=select, best_score=state.best_score)
         mark_complete(
-            out, stage=stage, best_step=state.best_step, best_val_loss=state.best_score,
+            out, stage=stage, best_step=state.best_step, select=select, best_score=state.best_score,
             steps=state.step, skipped_steps=state.skipped_steps, export="export",
         )  # fmt: skip
     dist.barrier()

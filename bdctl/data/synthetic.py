@@ -512,26 +512,26 @@ def _letters(rng: random.Random) -> Example:
     kind = rng.choice(("next", "previous", "next_three", "spell", "first"))
     if kind == "next":
         i = rng.randrange(25)
-        l = ALPHABET[i]
-        templates = (f"What letter comes after {l}?",
-                     f"Which letter follows {l} in the alphabet?",
-                     f"Name the letter that comes right after {l}.")
-        output = f"The letter after {l} is {ALPHABET[i + 1]}."
+        letter = ALPHABET[i]
+        templates = (f"What letter comes after {letter}?",
+                     f"Which letter follows {letter} in the alphabet?",
+                     f"Name the letter that comes right after {letter}.")
+        output = f"The letter after {letter} is {ALPHABET[i + 1]}."
         return _example(rng.choice(templates), "", output)
     if kind == "previous":
         i = rng.randrange(1, 26)
-        l = ALPHABET[i]
-        templates = (f"What letter comes before {l}?",
-                     f"Which letter is just before {l} in the alphabet?",
-                     f"Name the letter that comes right before {l}.")
-        output = f"The letter before {l} is {ALPHABET[i - 1]}."
+        letter = ALPHABET[i]
+        templates = (f"What letter comes before {letter}?",
+                     f"Which letter is just before {letter} in the alphabet?",
+                     f"Name the letter that comes right before {letter}.")
+        output = f"The letter before {letter} is {ALPHABET[i - 1]}."
         return _example(rng.choice(templates), "", output)
     if kind == "next_three":
         i = rng.randrange(23)
-        l = ALPHABET[i]
-        templates = (f"What are the three letters after {l}?",
-                     f"Which three letters follow {l} in the alphabet?")
-        output = f"The three letters after {l} are {_and_list(list(ALPHABET[i + 1:i + 4]))}."
+        letter = ALPHABET[i]
+        templates = (f"What are the three letters after {letter}?",
+                     f"Which three letters follow {letter} in the alphabet?")
+        output = f"The three letters after {letter} are {_and_list(list(ALPHABET[i + 1:i + 4]))}."
         return _example(rng.choice(templates), "", output)
     word = rng.choice(NOUNS)
     if kind == "spell":

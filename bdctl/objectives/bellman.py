@@ -568,3 +568,155 @@ def lean_loss(
         variant=variant, gamma=gamma, alpha=alpha, q_min=q_min, chi2=chi2,
         chunk_size=chunk_size,
     ).loss
+
+
+# --------------------------------------------------------------------------- released variant, lean
+
+
+class _ChunkedFloorReductions(torch.autograd.Function):
+    """Per row, over the vocabulary, with ``y_v = max(hidden . weight[v], floor)``: ``(logsumexp_v y_v, sum_v y_v)``.
+
+    One pass over vocabulary chunks forward, one in backward (recomputing each chunk's logits, so only O(N)
+    state is saved): the two full-vocabulary reductions of the released variant. Gradient convention as
+    torch.clamp's: where a logit ties with the floor, the gradient goes to the logit.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, floor, chunk_size):  # type: ignore[override]
+        dtype = compute_dtype(hidden.dtype)
+        lse = torch.full((hidden.shape[0],), float("-inf"), dtype=dtype, device=hidden.device)
+        total = torch.zeros(hidden.shape[0], dtype=dtype, device=hidden.device)
+        floor_col = floor.to(dtype)[:, None]
+        for start in range(0, weight.shape[0], chunk_size):
+            clamped = torch.maximum((hidden @ weight[start : start + chunk_size].T).to(dtype), floor_col)
+            lse = torch.logaddexp(lse, torch.logsumexp(clamped, dim=-1))
+            total += clamped.sum(dim=-1)
+        ctx.save_for_backward(hidden, weight, floor, lse)
+        ctx.chunk_size = chunk_size
+        return lse, total
+
+    @staticmethod
+    def backward(ctx, grad_lse, grad_total):  # type: ignore[override]
+        hidden, weight, floor, lse = ctx.saved_tensors
+        dtype = lse.dtype
+        grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(dtype)
+        grad_total = torch.zeros_like(lse) if grad_total is None else grad_total.to(dtype)
+        hidden_c = hidden.to(dtype)
+        grad_h = torch.zeros_like(hidden_c)
+        grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+        grad_f = torch.zeros_like(lse)
+        floor_col = floor.to(dtype)[:, None]
+        for start in range(0, weight.shape[0], ctx.chunk_size):
+            end = min(start + ctx.chunk_size, weight.shape[0])
+            logits = (hidden @ weight[start:end].T).to(dtype)
+            above = logits >= floor_col
+            # d/dy of the two reductions: softmax(y) * grad_lse + grad_total, routed to z or to the floor
+            dy = torch.exp(torch.where(above, logits, floor_col) - lse[:, None]) * grad_lse[:, None] + grad_total[:, None]
+            grad_f += dy.masked_fill(above, 0.0).sum(dim=-1)
+            dz = dy.masked_fill(~above, 0.0)
+            grad_h += dz @ weight[start:end].to(dtype)
+            grad_w[start:end] = dz.T @ hidden_c
+        return grad_h.to(hidden.dtype), grad_w.to(weight.dtype), grad_f.to(floor.dtype), None
+
+
+def released_lean_terms(
+    hidden: Tensor,
+    weight: Tensor,
+    cand_ids: Tensor,
+    cand_mask: Tensor,
+    actions: Tensor,
+    valid: Tensor,
+    *,
+    gamma: float,
+    alpha: float,
+    q_min: float,
+    chi2: bool,
+    top_p: float,
+    eps: float,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> BellmanTerms:
+    """The released variant (METHOD.md section 3) from hidden states, equal to ``dense_terms(variant="released")``.
+
+    With ``m`` the candidate mask, ``Q = max(z - max z, q_min)``, ``L = logsumexp_V Q`` and ``S = sum_A exp(Q - L)``:
+    ``pit = (pi m / p + eps) / Z`` with ``Z = S / p + eps |V|``, which is ``eps / Z`` outside A_t, so every
+    full-vocabulary sum reduces to members plus two vocabulary reductions, ``L`` and ``sum_V Q``, both taken in
+    one chunked pass forward and one backward (`_ChunkedFloorReductions`, with the per-row floor ``max z + q_min``):
+
+        V_t          = sum_A pit (Q - log pit) + (eps/Z) (sum_V Q - sum_A Q) - (|V| - |A|) (eps/Z) log(eps/Z)
+        mean_V d_t   = valid_t sum_A Q / |V| - gamma Vn_t
+        mean_V d_t^2 = ( sum_A (valid_t Q - gamma Vn_t)^2 + (|V| - |A|) (gamma Vn_t)^2 ) / |V|
+    """
+    batch, frame, width = hidden.shape
+    vocab = weight.shape[0]
+    count = int(valid[:, :-1].sum())
+    if count == 0:
+        raise UserError("Bellman Distill batch has no transition (the released variant needs responses of 2+ tokens)")
+    dtype = compute_dtype(hidden.dtype)
+    index = valid.reshape(-1).nonzero().squeeze(1)
+    rows = hidden.reshape(-1, width).index_select(0, index)
+    slots = cand_ids.shape[-1]
+    ids = cand_ids.reshape(-1, slots).index_select(0, index)
+    mask = cand_mask.reshape(-1, slots).index_select(0, index)
+    best = chunked_argmax(rows, weight, chunk_size=chunk_size)
+    logits = candidate_logits(
+        rows, weight, torch.cat([ids, best[:, None]], dim=1), torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1),
+        chunk_size=chunk_size,
+    )  # fmt: skip
+    shift = logits[:, slots]
+    floor = shift + q_min
+    q = torch.clamp(logits[:, :slots] - shift[:, None], min=q_min)
+    lse_floor, sum_floor = _ChunkedFloorReductions.apply(rows, weight, floor, chunk_size)
+    log_z = lse_floor - shift  # logsumexp_V Q, since Q = max(z, max z + q_min) - max z
+    sum_q_all = sum_floor - vocab * shift  # sum_V Q
+    members = mask.sum(dim=-1).to(dtype)
+    pi = torch.where(mask, torch.exp(q - log_z[:, None]), 0.0)
+    norm = pi.sum(dim=-1) / top_p + eps * vocab
+    pit = (pi / top_p + eps) / norm[:, None]
+    pit_out = eps / norm
+    sum_q = torch.where(mask, q, 0.0).sum(dim=-1)
+    inside = torch.where(mask, pit * (q - torch.log(pit)), 0.0).sum(dim=-1)
+    row_values = inside + pit_out * (sum_q_all - sum_q) - (vocab - members) * pit_out * torch.log(pit_out)
+
+    def frame_of(x: Tensor) -> Tensor:
+        return x.new_zeros(batch * frame).index_copy(0, index, x).view(batch, frame)
+
+    values = frame_of(row_values)
+    next_values = torch.cat([values[:, 1:], values.new_zeros(batch, 1)], dim=1)  # V_{t+1} valid_{t+1} (padding holds 0)
+    start = valid.clone()
+    start[:, -1] = False  # the last position of the padded batch never starts a transition
+    start_f = start.to(dtype)
+    d_mean = frame_of(sum_q) / vocab - gamma * next_values
+    reward_term = (d_mean * start_f).sum() / count
+    value_term = ((values - gamma * next_values) * start_f).sum() / count
+    row_next = next_values.reshape(-1).index_select(0, index)
+    member_sq = torch.where(mask, (q - gamma * row_next[:, None]).square(), 0.0).sum(dim=-1)
+    d_sq = (frame_of(member_sq) + (vocab - frame_of(members)) * (gamma * next_values).square()) / vocab
+    chi2_term = (d_sq * start_f).sum() / count / (4.0 * alpha)
+    loss = -reward_term + value_term + (chi2_term if chi2 else 0.0)
+
+    with torch.no_grad():
+        row_start = start.reshape(-1).index_select(0, index)
+        in_set = (mask & (ids == actions.reshape(-1).index_select(0, index)[:, None])).any(dim=-1)
+
+        def start_mean(x: Tensor) -> Tensor:
+            return torch.where(row_start, x.to(dtype), 0.0).sum() / count
+
+        return BellmanTerms(
+            loss=loss,
+            mean_r=reward_term.detach(),
+            mean_v=start_mean(row_values.detach()),
+            mean_q_candidates=start_mean(sum_q.detach() / members.clamp_min(1)),
+            chi2=chi2_term.detach(),
+            outside_share=start_mean(~in_set),
+            mean_set_size=start_mean(members),
+            num_transitions=count,
+        )
+
+
+def candidate_mask(cand_ids: Tensor | None, cand_mask: Tensor | None, shape, vocab: int) -> Tensor:
+    """Dense bool [B, T, V] mask of the candidate sets (all True when there are none: p = 1)."""
+    if cand_ids is None:
+        return torch.ones((*shape, vocab), dtype=torch.bool, device="cpu")
+    dense = torch.zeros((*shape, vocab + 1), dtype=torch.bool, device=cand_ids.device)
+    dense.scatter_(-1, torch.where(cand_mask, cand_ids, vocab), True)  # padding slots land in a spare column
+    return dense[..., :vocab]

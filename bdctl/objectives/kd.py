@@ -181,3 +181,27 @@ def mixed_kd_loss(ce_loss: Tensor, kd_loss: Tensor, kd_ratio: float) -> Tensor:
     if kd_ratio == 1.0:
         return kd_loss
     return (1.0 - kd_ratio) * ce_loss + kd_ratio * kd_loss
+
+
+def exact_kd_loss(rows: Tensor, weight: Tensor, teacher_probs: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
+    """Exact word-level KD, ``mean_n - sum_v q_nv log softmax(rows_n W^T)_v``, equal to ``kd.dense_kd_loss``.
+
+    Since ``sum_v q_nv = 1`` it is ``logsumexp_v z_nv - rows_n . (q_n W)``: a chunked logsumexp plus one
+    ``[N, V] x [V, H]`` product with the teacher's probabilities, so no student ``[N, V]`` tensor exists.
+    """
+    dtype = compute_dtype(rows.dtype)
+    log_partition = chunked_logsumexp(rows, weight, chunk_size=chunk_size)
+    expected = teacher_probs.to(dtype) @ weight.to(dtype)  # E_teacher[W_v], [N, H]
+    return (log_partition - (rows.to(dtype) * expected).sum(dim=-1)).mean()
+
+
+@torch.no_grad()
+def teacher_probabilities(rows: Tensor, weight: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
+    """softmax(rows W^T) as float [N, V], filled chunk by chunk (one [N, chunk] block of logits at a time)."""
+    dtype = compute_dtype(rows.dtype)
+    log_partition = chunked_logsumexp(rows, weight, chunk_size=chunk_size)
+    probs = torch.empty((rows.shape[0], weight.shape[0]), dtype=dtype, device=rows.device)
+    for start in range(0, weight.shape[0], chunk_size):
+        logits = (rows @ weight[start : start + chunk_size].T).to(dtype)
+        probs[:, start : start + chunk_size] = torch.exp(logits - log_partition[:, None])
+    return probs

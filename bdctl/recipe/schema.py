@@ -211,7 +211,14 @@ class Train(Section):
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps with linear warm-up.")
     grad_clip: float = Field(1.0, ge=0, description="Gradient-norm clipping (0: off).")
     eval_every: int = Field(0, ge=0, description="Validate every N steps (0: once per epoch).")
-    select: Literal["val_loss", "rouge_l"] = Field("val_loss", description="Rule for the kept checkpoint.")
+    select: Literal["val_loss", "rouge_l"] = Field(
+        "val_loss",
+        description="Which validation score keeps a checkpoint: val_loss (lowest cross-entropy on the golden "
+        "responses) or rouge_l (highest Rouge-L of answers sampled like stages.eval does).",
+    )
+    select_prompts: int | None = Field(
+        None, gt=0, description="rouge_l: score the first N validation prompts (null: all of them)."
+    )
     checkpoint_every: int = Field(0, ge=0, description="DeepSpeed checkpoint every N steps (0: per epoch).")
     keep_checkpoints: int = Field(2, ge=1, description="How many DeepSpeed checkpoints to keep.")
     on_nonfinite: Literal["stop", "skip"] = Field(

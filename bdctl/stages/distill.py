@@ -22,12 +22,12 @@ Every loss is computed from the final hidden states and the output embedding ins
 Loss heads, and what `MicroBatch.count` (the unit of the global mean) is:
 * bd, paper variant: `bellman.lean_terms` with the candidate sets of the cache, or of the live teacher
   (p = 1: the whole vocabulary). Count: kept transitions. Never builds [B, T, V] logits.
-* bd, released variant: `released_lean_terms` below, the released code's arithmetic computed in vocabulary
+* bd, released variant: `bellman.released_lean_terms`, the released code's arithmetic computed in vocabulary
   chunks (never [B, T, V]) for p < 1; `dense_loss(variant="released")` on full logits for p = 1 (there the
   projected policy is pi + eps over the whole vocabulary and its entropy needs every logit). Count: valid
   positions t < T of the micro-batch (the released code's N).
 * kd: (1 - r) CE + r KD, r = kd_ratio; KD from the cache is `kd.lean_sparse_kd_loss`, KD from the live teacher
-  is `exact_kd_loss` below (chunked on the student side; the teacher's probabilities of the scored rows,
+  is `kd.exact_kd_loss` (chunked on the student side; the teacher's probabilities of the scored rows,
   [N, V], are held once). seqkd: the same on D* with r = seqkd_kd_ratio (0: plain SFT). Count: tokens.
 * The pretraining term (pretrain_term, on for bd by default): + lm_coef * L_PT, a second forward per
   micro-batch on packed blocks of data.pretrain (`bdctl.data.pretrain`), L_PT = (1 - pt_kd_ratio) CE +
@@ -38,8 +38,9 @@ made D*) as a DeepSpeed inference engine beside the student (ZeRO-3: partitioned
 no grad); BD's sets are recomputed with the cache's rule and cap (p, generate.cache_max_k), so BD live equals
 BD from the cache. pt_kd_ratio > 0 loads the live teacher whatever teacher_source says.
 
-Selection: the student's cross-entropy on the golden validation responses (there is no D* for validation;
-Rouge-L selection comes with `bdctl eval`), best kept and exported like `sft`.
+Selection (`select`, `bdctl.selection`): Rouge-L of answers sampled to the validation prompts as `bdctl eval`
+samples (the paper's phase-2 rule; the paper recipes use it), or the student's cross-entropy on the golden
+validation responses (there is no D* for validation). The best is kept and exported like `sft`.
 """
 
 from __future__ import annotations
@@ -53,19 +54,12 @@ from torch import Tensor
 
 from bdctl.errors import UserError
 from bdctl.job import Job, resolve_weights
-from bdctl.objectives.bellman import BellmanTerms, dense_terms, lean_terms
-from bdctl.objectives.kd import lean_sparse_kd_loss, mixed_kd_loss
-from bdctl.objectives.lm import (
-    DEFAULT_CHUNK_SIZE,
-    IGNORE_INDEX,
-    candidate_logits,
-    chunked_argmax,
-    chunked_logsumexp,
-    compute_dtype,
-    lean_cross_entropy,
-)
-from bdctl.recipe.schema import DistillStage, ModelSpec
+from bdctl.objectives.bellman import BellmanTerms, candidate_mask, dense_terms, lean_terms, released_lean_terms
+from bdctl.objectives.kd import exact_kd_loss, lean_sparse_kd_loss, mixed_kd_loss, teacher_probabilities
+from bdctl.objectives.lm import IGNORE_INDEX, lean_cross_entropy
+from bdctl.recipe.schema import DistillStage
 from bdctl.rundir import manifest
+from bdctl.sampling import teacher_sets
 
 METHODS = ("bd", "kd", "seqkd")
 DSTAR_STAGE = "generate"  # D* and its cache: runs/<name>/generate/cache
@@ -158,8 +152,10 @@ def describe(setup: Setup, job: Job) -> list[str]:
         kd = f", mixed with {config.pt_kd_ratio:g} exact KD from the live teacher" if setup.pt_kd else ""
         lines.append(f"pretraining term on: + {config.lm_coef:g} x LM loss on data.pretrain blocks{kd}")
     lines.append(
-        "checkpoint selection: the student's cross-entropy on the golden validation responses "
-        "(no D* exists for validation; Rouge-L selection comes with `bdctl eval`)"
+        {
+            "val_loss": "checkpoint selection: lowest cross-entropy on the golden validation responses",
+            "rouge_l": "checkpoint selection: highest Rouge-L of sampled answers to the validation prompts",
+        }[config.select]
     )
     return lines
 
@@ -364,155 +360,6 @@ def scored_rows(x: Tensor, valid: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- loss heads
 
 
-class _ChunkedFloorReductions(torch.autograd.Function):
-    """Per row, over the vocabulary, with ``y_v = max(hidden . weight[v], floor)``: ``(logsumexp_v y_v, sum_v y_v)``.
-
-    One pass over vocabulary chunks forward, one in backward (recomputing each chunk's logits, so only O(N)
-    state is saved): the two full-vocabulary reductions of the released variant. Gradient convention as
-    torch.clamp's: where a logit ties with the floor, the gradient goes to the logit.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, floor, chunk_size):  # type: ignore[override]
-        dtype = compute_dtype(hidden.dtype)
-        lse = torch.full((hidden.shape[0],), float("-inf"), dtype=dtype, device=hidden.device)
-        total = torch.zeros(hidden.shape[0], dtype=dtype, device=hidden.device)
-        floor_col = floor.to(dtype)[:, None]
-        for start in range(0, weight.shape[0], chunk_size):
-            clamped = torch.maximum((hidden @ weight[start : start + chunk_size].T).to(dtype), floor_col)
-            lse = torch.logaddexp(lse, torch.logsumexp(clamped, dim=-1))
-            total += clamped.sum(dim=-1)
-        ctx.save_for_backward(hidden, weight, floor, lse)
-        ctx.chunk_size = chunk_size
-        return lse, total
-
-    @staticmethod
-    def backward(ctx, grad_lse, grad_total):  # type: ignore[override]
-        hidden, weight, floor, lse = ctx.saved_tensors
-        dtype = lse.dtype
-        grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(dtype)
-        grad_total = torch.zeros_like(lse) if grad_total is None else grad_total.to(dtype)
-        hidden_c = hidden.to(dtype)
-        grad_h = torch.zeros_like(hidden_c)
-        grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
-        grad_f = torch.zeros_like(lse)
-        floor_col = floor.to(dtype)[:, None]
-        for start in range(0, weight.shape[0], ctx.chunk_size):
-            end = min(start + ctx.chunk_size, weight.shape[0])
-            logits = (hidden @ weight[start:end].T).to(dtype)
-            above = logits >= floor_col
-            # d/dy of the two reductions: softmax(y) * grad_lse + grad_total, routed to z or to the floor
-            dy = torch.exp(torch.where(above, logits, floor_col) - lse[:, None]) * grad_lse[:, None] + grad_total[:, None]
-            grad_f += dy.masked_fill(above, 0.0).sum(dim=-1)
-            dz = dy.masked_fill(~above, 0.0)
-            grad_h += dz @ weight[start:end].to(dtype)
-            grad_w[start:end] = dz.T @ hidden_c
-        return grad_h.to(hidden.dtype), grad_w.to(weight.dtype), grad_f.to(floor.dtype), None
-
-
-def released_lean_terms(
-    hidden: Tensor,
-    weight: Tensor,
-    cand_ids: Tensor,
-    cand_mask: Tensor,
-    actions: Tensor,
-    valid: Tensor,
-    *,
-    gamma: float,
-    alpha: float,
-    q_min: float,
-    chi2: bool,
-    top_p: float,
-    eps: float,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> BellmanTerms:
-    """The released variant (METHOD.md section 3) from hidden states, equal to ``dense_terms(variant="released")``.
-
-    With ``m`` the candidate mask, ``Q = max(z - max z, q_min)``, ``L = logsumexp_V Q`` and ``S = sum_A exp(Q - L)``:
-    ``pit = (pi m / p + eps) / Z`` with ``Z = S / p + eps |V|``, which is ``eps / Z`` outside A_t, so every
-    full-vocabulary sum reduces to members plus two vocabulary reductions, ``L`` and ``sum_V Q``, both taken in
-    one chunked pass forward and one backward (`_ChunkedFloorReductions`, with the per-row floor ``max z + q_min``):
-
-        V_t          = sum_A pit (Q - log pit) + (eps/Z) (sum_V Q - sum_A Q) - (|V| - |A|) (eps/Z) log(eps/Z)
-        mean_V d_t   = valid_t sum_A Q / |V| - gamma Vn_t
-        mean_V d_t^2 = ( sum_A (valid_t Q - gamma Vn_t)^2 + (|V| - |A|) (gamma Vn_t)^2 ) / |V|
-    """
-    batch, frame, width = hidden.shape
-    vocab = weight.shape[0]
-    count = int(valid[:, :-1].sum())
-    if count == 0:
-        raise UserError("Bellman Distill batch has no transition (the released variant needs responses of 2+ tokens)")
-    dtype = compute_dtype(hidden.dtype)
-    index = valid.reshape(-1).nonzero().squeeze(1)
-    rows = hidden.reshape(-1, width).index_select(0, index)
-    slots = cand_ids.shape[-1]
-    ids = cand_ids.reshape(-1, slots).index_select(0, index)
-    mask = cand_mask.reshape(-1, slots).index_select(0, index)
-    best = chunked_argmax(rows, weight, chunk_size=chunk_size)
-    logits = candidate_logits(
-        rows, weight, torch.cat([ids, best[:, None]], dim=1), torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1),
-        chunk_size=chunk_size,
-    )  # fmt: skip
-    shift = logits[:, slots]
-    floor = shift + q_min
-    q = torch.clamp(logits[:, :slots] - shift[:, None], min=q_min)
-    lse_floor, sum_floor = _ChunkedFloorReductions.apply(rows, weight, floor, chunk_size)
-    log_z = lse_floor - shift  # logsumexp_V Q, since Q = max(z, max z + q_min) - max z
-    sum_q_all = sum_floor - vocab * shift  # sum_V Q
-    members = mask.sum(dim=-1).to(dtype)
-    pi = torch.where(mask, torch.exp(q - log_z[:, None]), 0.0)
-    norm = pi.sum(dim=-1) / top_p + eps * vocab
-    pit = (pi / top_p + eps) / norm[:, None]
-    pit_out = eps / norm
-    sum_q = torch.where(mask, q, 0.0).sum(dim=-1)
-    inside = torch.where(mask, pit * (q - torch.log(pit)), 0.0).sum(dim=-1)
-    row_values = inside + pit_out * (sum_q_all - sum_q) - (vocab - members) * pit_out * torch.log(pit_out)
-
-    def frame_of(x: Tensor) -> Tensor:
-        return x.new_zeros(batch * frame).index_copy(0, index, x).view(batch, frame)
-
-    values = frame_of(row_values)
-    next_values = torch.cat([values[:, 1:], values.new_zeros(batch, 1)], dim=1)  # V_{t+1} valid_{t+1} (padding holds 0)
-    start = valid.clone()
-    start[:, -1] = False  # the last position of the padded batch never starts a transition
-    start_f = start.to(dtype)
-    d_mean = frame_of(sum_q) / vocab - gamma * next_values
-    reward_term = (d_mean * start_f).sum() / count
-    value_term = ((values - gamma * next_values) * start_f).sum() / count
-    row_next = next_values.reshape(-1).index_select(0, index)
-    member_sq = torch.where(mask, (q - gamma * row_next[:, None]).square(), 0.0).sum(dim=-1)
-    d_sq = (frame_of(member_sq) + (vocab - frame_of(members)) * (gamma * next_values).square()) / vocab
-    chi2_term = (d_sq * start_f).sum() / count / (4.0 * alpha)
-    loss = -reward_term + value_term + (chi2_term if chi2 else 0.0)
-
-    with torch.no_grad():
-        row_start = start.reshape(-1).index_select(0, index)
-        in_set = (mask & (ids == actions.reshape(-1).index_select(0, index)[:, None])).any(dim=-1)
-
-        def start_mean(x: Tensor) -> Tensor:
-            return torch.where(row_start, x.to(dtype), 0.0).sum() / count
-
-        return BellmanTerms(
-            loss=loss,
-            mean_r=reward_term.detach(),
-            mean_v=start_mean(row_values.detach()),
-            mean_q_candidates=start_mean(sum_q.detach() / members.clamp_min(1)),
-            chi2=chi2_term.detach(),
-            outside_share=start_mean(~in_set),
-            mean_set_size=start_mean(members),
-            num_transitions=count,
-        )
-
-
-def candidate_mask(cand_ids: Tensor | None, cand_mask: Tensor | None, shape, vocab: int) -> Tensor:
-    """Dense bool [B, T, V] mask of the candidate sets (all True when there are none: p = 1)."""
-    if cand_ids is None:
-        return torch.ones((*shape, vocab), dtype=torch.bool, device="cpu")
-    dense = torch.zeros((*shape, vocab + 1), dtype=torch.bool, device=cand_ids.device)
-    dense.scatter_(-1, torch.where(cand_mask, cand_ids, vocab), True)  # padding slots land in a spare column
-    return dense[..., :vocab]
-
-
 def bd_terms(hidden: Tensor, weight: Tensor, batch: dict[str, Tensor], config: DistillStage, dense: bool = False) -> BellmanTerms:
     """The BD loss of a micro-batch from the student's [B, W, H] hidden states (see the module docstring)."""
     h = response_hidden(hidden, batch["positions"])
@@ -530,51 +377,6 @@ def bd_terms(hidden: Tensor, weight: Tensor, batch: dict[str, Tensor], config: D
         logits, teacher_mask, batch["actions"], batch["valid"], batch["terminal"], variant=config.variant,
         top_p=config.p, eps=config.eps, **common,
     )  # fmt: skip
-
-
-def exact_kd_loss(rows: Tensor, weight: Tensor, teacher_probs: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
-    """Exact word-level KD, ``mean_n - sum_v q_nv log softmax(rows_n W^T)_v``, equal to ``kd.dense_kd_loss``.
-
-    Since ``sum_v q_nv = 1`` it is ``logsumexp_v z_nv - rows_n . (q_n W)``: a chunked logsumexp plus one
-    ``[N, V] x [V, H]`` product with the teacher's probabilities, so no student ``[N, V]`` tensor exists.
-    """
-    dtype = compute_dtype(rows.dtype)
-    log_partition = chunked_logsumexp(rows, weight, chunk_size=chunk_size)
-    expected = teacher_probs.to(dtype) @ weight.to(dtype)  # E_teacher[W_v], [N, H]
-    return (log_partition - (rows.to(dtype) * expected).sum(dim=-1)).mean()
-
-
-@torch.no_grad()
-def teacher_probabilities(rows: Tensor, weight: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
-    """softmax(rows W^T) as float [N, V], filled chunk by chunk (one [N, chunk] block of logits at a time)."""
-    dtype = compute_dtype(rows.dtype)
-    log_partition = chunked_logsumexp(rows, weight, chunk_size=chunk_size)
-    probs = torch.empty((rows.shape[0], weight.shape[0]), dtype=dtype, device=rows.device)
-    for start in range(0, weight.shape[0], chunk_size):
-        logits = (rows @ weight[start : start + chunk_size].T).to(dtype)
-        probs[:, start : start + chunk_size] = torch.exp(logits - log_partition[:, None])
-    return probs
-
-
-@torch.no_grad()
-def teacher_sets(rows: Tensor, weight: Tensor, p: float, max_k: int, chunk_size: int = DEFAULT_CHUNK_SIZE):
-    """The teacher's top-p sets of rows (``sampling.top_p_set``, the cache's rule): ids [N, w], kept [N].
-
-    Rows go in blocks of at most ``N * chunk_size`` logits, the budget of the chunked losses.
-    """
-    from bdctl.sampling import top_p_set
-
-    dtype = compute_dtype(rows.dtype)
-    block = max(1, (max(1, rows.shape[0]) * chunk_size) // weight.shape[0])
-    ids, kept = [], []
-    for start in range(0, rows.shape[0], block):
-        logits = (rows[start : start + block] @ weight.T).to(dtype)
-        found = top_p_set(torch.softmax(logits, dim=-1), p, max_k)
-        ids.append(found.ids)
-        kept.append(found.kept)
-    widest = max(x.shape[1] for x in ids)
-    ids = torch.cat([torch.nn.functional.pad(x, (0, widest - x.shape[1])) for x in ids])
-    return ids, torch.cat(kept)
 
 
 def frame_sets(valid: Tensor, ids: Tensor, kept: Tensor) -> tuple[Tensor, Tensor]:
@@ -621,14 +423,13 @@ def prepare(job: Job, log=print) -> None:
     from bdctl.data.batching import steps_per_epoch
     from bdctl.engine import check_batch_split
     from bdctl.data.prepare import prepare_data
-    from bdctl.models import check_vocabularies, load_tokenizer
+    from bdctl.models import check_vocabularies, load_tokenizer, max_positions
+    from bdctl.selection import check_rouge_selection
 
     config = stage_config(job)
     method = job.options["method"]
     if method not in METHODS:
         raise UserError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
-    if config.select != "val_loss":
-        raise UserError(f"stages.distill.select: {config.select!r} needs the eval stage; use val_loss")
     check_batch_split(config, "distill", job.world_size)
     setup = make_setup(job)
     prepare_data(job.recipe, job.run, log)
@@ -642,6 +443,8 @@ def prepare(job: Job, log=print) -> None:
     student = resolve_weights(job, setup.init, "student")
     teacher = resolve_weights(job, job.recipe.stages.generate.model, "teacher") if setup.live_teacher else job.recipe.models.teacher
     check_vocabularies(job.recipe, tokenizer, {"teacher": teacher, "student": student})
+    limit = max_positions(student)
+    check_rouge_selection(job, config, "distill", limit)
 
     data, stats = load_train_data(job, tokenizer, setup)
     if len(data) < config.batch_size:
@@ -654,7 +457,6 @@ def prepare(job: Job, log=print) -> None:
         from bdctl.data.pretrain import prepare_blocks
 
         block_size = job.recipe.data.pretrain.block_size
-        limit = max_positions(student)
         if limit is not None and block_size > limit:
             raise UserError(f"data.pretrain.block_size ({block_size}) exceeds the student's {limit} positions")
         prepare_blocks(job.recipe, job.run, tokenizer, total_steps * config.batch_size, log)
@@ -666,19 +468,6 @@ def prepare(job: Job, log=print) -> None:
             f"distill: D* {stats['cache_examples']} responses: {stats['cut_at_max_length']} cut at data.max_length "
             f"({job.recipe.data.max_length} tokens with the prompt), {stats['skipped_without_transition']} skipped (no transition)"
         )
-
-
-def max_positions(source) -> int | None:
-    if isinstance(source, ModelSpec) and source.tiny is not None:
-        return source.tiny.max_positions
-    from transformers import AutoConfig
-
-    path = source.path if isinstance(source, ModelSpec) else str(source)
-    try:
-        config = AutoConfig.from_pretrained(path, revision=getattr(source, "revision", None))
-    except (OSError, ValueError):
-        return None
-    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
 def deepspeed_preview(job: Job) -> dict:
@@ -695,13 +484,13 @@ def deepspeed_preview(job: Job) -> dict:
 
 def run(job: Job, rank: int, world: int) -> None:
     """Every rank: data, student (and live teacher) engines, train with the shared loop, export the best."""
-    from bdctl.data.batching import collate, eval_batches, steps_per_epoch, tokenize_examples
-    from bdctl.data.prepare import read_split
+    from bdctl.data.batching import steps_per_epoch
     from bdctl.engine import (
-        deepspeed_config, export_hf, global_mean, hf_deepspeed_context, make_engine, make_inference_engine, on_gpu,
+        deepspeed_config, export_hf, hf_deepspeed_context, make_engine, make_inference_engine, on_gpu,
         policy_module, resolve_precision,
     )  # fmt: skip
     from bdctl.models import hidden_size, load_model, load_tokenizer
+    from bdctl.selection import Validator
     from bdctl.stages.sft import loop_config
     from bdctl.tracking import MetricsLog, StepProgress
     from bdctl.training import MicroBatch, finish, train_loop
@@ -712,7 +501,6 @@ def run(job: Job, rank: int, world: int) -> None:
     # --- data: every rank reads the same examples; the loop hands each rank its share
     tokenizer = load_tokenizer(job.run.tokenizer)
     data, stats = load_train_data(job, tokenizer, setup)
-    valid_set = tokenize_examples(read_split(job.run.data, "valid"), tokenizer)
     per_epoch = steps_per_epoch(len(data), config.batch_size)
     total_steps = min(per_epoch * config.epochs, config.max_steps or per_epoch * config.epochs)
     blocks = None
@@ -787,29 +575,12 @@ def run(job: Job, rank: int, world: int) -> None:
         aux = engine(ids, mask, loss_fn=lambda h, w: pretrain_loss(h, w, ids, config.pt_kd_ratio, pt_probs))
         return value, logs, aux
 
-    def validate() -> float:
-        engine.eval()
-        total = count = 0.0
-        with torch.no_grad():
-            for indices in eval_batches(len(valid_set), config.micro_batch_size, rank, world):
-                # every rank runs the same number of forward passes (ZeRO-3 gathers collectively)
-                batch = collate([valid_set[i] for i in (indices or [0])], pad_id)
-                labels = batch["labels"].to(device)
-                value = engine(
-                    batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                    loss_fn=lambda hidden, weight: lean_cross_entropy(hidden, weight, labels),
-                )  # fmt: skip
-                tokens = int((labels != IGNORE_INDEX).sum()) if indices else 0
-                total += value.item() * tokens
-                count += tokens
-        engine.train()
-        return global_mean(total, count, device)
-
     loop = loop_config(job, config, total_steps, per_epoch)
     loop.aux_coef, loop.aux_name = config.lm_coef, "pt_loss"
+    validate = Validator(job, config, engine, tokenizer, rank, world)
     metrics = MetricsLog(out / "metrics.jsonl", enabled=rank == 0)
     metrics.write(
-        event="start", total_steps=total_steps, world_size=world, train=len(data), valid=len(valid_set),
+        event="start", total_steps=total_steps, world_size=world, train=len(data), valid=len(validate.examples), select=config.select,
         data=stats, method=setup.method, setup=setup.__dict__, notes=describe(setup, job),
     )  # fmt: skip
     with StepProgress(f"distill {setup.method}", total_steps, enabled=rank == 0) as progress:
@@ -821,4 +592,4 @@ def run(job: Job, rank: int, world: int) -> None:
             export_best=lambda info: export_hf(engine, tokenizer, out / "best", rank, info),
             metrics=metrics, progress=progress, aux_inputs=pretrain_inputs if blocks is not None else None,
         )  # fmt: skip
-    finish(out, state, rank, job.stage_name, metrics)
+    finish(out, state, rank, job.stage_name, metrics, config.select)

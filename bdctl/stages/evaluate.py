@@ -243,26 +243,13 @@ def describe_model(job: Job, ref: str) -> dict[str, Any]:
         if not job.run.tokenizer.is_dir():
             raise UserError(f"model {ref}: {source} holds no tokenizer and the run has no shared one")
         tokenizer = {"path": str(job.run.tokenizer.resolve()), "revision": None}
-    positions = _positions(ref, path, revision)
+    from bdctl.models import max_positions
+
+    positions = max_positions(source)
     return {
         "ref": ref, "name": model_dir_name(ref, kind), "kind": kind, "path": path, "revision": revision,
         "tokenizer": tokenizer, "identity": identity, "positions": positions,
     }  # fmt: skip
-
-
-def _positions(ref: str, path: str, revision: str | None) -> int | None:
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(path, revision=revision)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"model {ref}: cannot read its config ({first})") from None
-    for name in ("n_positions", "max_position_embeddings"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def _precision(recipe) -> str:

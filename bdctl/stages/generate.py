@@ -76,7 +76,9 @@ def prepare(job: Job, log=print) -> None:
     check_vocabularies(job.recipe, tokenizer, {"teacher": source, "student": job.recipe.models.student})
     rows = read_rows(job.run.data / f"{split}.jsonl", scoring=bool(job.options.get("score")))
 
-    positions = _teacher_positions(source)
+    from bdctl.models import max_positions
+
+    positions = max_positions(source)
     if positions is not None and positions < job.recipe.data.max_length:
         raise UserError(
             f"the teacher accepts {positions} positions but data.max_length is {job.recipe.data.max_length}; "
@@ -315,19 +317,17 @@ def generate_batch(teacher, batch: list[Item] | None, tokenizer, config: Generat
     from bdctl.sampling import sample
 
     max_new = max(item.limit for item in batch) if batch else 0
-    if lockstep:
-        lockstep.begin(max_new)
-        if batch is None:
-            lockstep.idle()
-            return []
-    samples = sample(
-        teacher, [item.prompt for item in batch], [item.seed for item in batch], eos_id=tokenizer.eos_token_id,
-        pad_id=tokenizer.pad_token_id, max_new_tokens=max_new, temperature=config.temperature,
-        capture_top_p=config.cache_top_p, capture_max_k=config.cache_max_k,
-        all_done=lockstep.all_done if lockstep else None,
-    )  # fmt: skip
-    if lockstep:
-        lockstep.end()
+
+    def run(all_done=None):
+        return sample(
+            teacher, [item.prompt for item in batch], [item.seed for item in batch], eos_id=tokenizer.eos_token_id,
+            pad_id=tokenizer.pad_token_id, max_new_tokens=max_new, temperature=config.temperature,
+            capture_top_p=config.cache_top_p, capture_max_k=config.cache_max_k, all_done=all_done,
+        )  # fmt: skip
+
+    samples = run() if lockstep is None else lockstep.round(max_new, run if batch else None)
+    if not batch:
+        return []
     return [_truncate(result, item.limit) for item, result in zip(batch, samples, strict=True)]
 
 
@@ -393,7 +393,9 @@ def load_teacher(job: Job, tokenizer, world: int):
     model = load_model(source, tokenizer, recipe.seed)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     teacher = engine.module.eval()
-    return teacher, Lockstep(teacher, tokenizer.pad_token_id, device, engine)
+    from bdctl.sampling import Lockstep
+
+    return teacher, Lockstep(teacher, tokenizer.pad_token_id, device)
 
 
 def inference_config(job: Job, world: int, hidden: int, precision: str, gpu: bool) -> dict:
@@ -422,68 +424,6 @@ def deepspeed_preview(job: Job) -> dict:
     return inference_config(job, job.world_size, hidden_size(source), resolve_precision(job.recipe), on_gpu())
 
 
-class Lockstep:
-    """Keeps ZeRO-3 ranks in step: each runs the same forward passes and collectives.
-
-    A round (one batch per rank, or none) follows the sampler's own sequence: a prefill
-    forward, then per step "has every rank finished?" (`all_done`) and, if not, one forward.
-    Ranks agree on the round's step count (the largest `max_new_tokens` of the round) first; a
-    rank whose own batch ends sooner, or that has no batch, answers "done" and runs dummy
-    forwards until every rank is done or the round's last step is reached.
-    """
-
-    def __init__(self, model, pad_id: int, device, engine):
-        self.model, self.pad_id, self.device, self.engine = model, pad_id, device, engine
-        self.round_steps = 0  # the round's step count: the largest max_new_tokens of any rank
-        self.steps = 0  # steps of the current round whose all_done was answered
-        self.finished = False
-
-    def _reduce(self, value: int, op) -> int:
-        import torch
-        import torch.distributed as dist
-
-        tensor = torch.tensor([value], dtype=torch.int64, device=self.device)
-        dist.all_reduce(tensor, op=op)
-        return int(tensor.item())
-
-    def max(self, value: int) -> int:
-        import torch.distributed as dist
-
-        return self._reduce(value, dist.ReduceOp.MAX)
-
-    def all_done(self, local_done: bool) -> bool:
-        import torch.distributed as dist
-
-        self.steps += 1
-        self.finished = self._reduce(0 if local_done else 1, dist.ReduceOp.SUM) == 0
-        return self.finished
-
-    def forward_dummy(self) -> None:
-        import torch
-
-        with torch.inference_mode():
-            self.model(input_ids=torch.full((1, 1), self.pad_id, device=self.device), use_cache=False, logits_to_keep=1)
-
-    def begin(self, max_new: int) -> None:
-        self.round_steps = self.max(max_new)
-        self.steps, self.finished = 0, False
-
-    def idle(self) -> None:
-        """A rank without a batch this round: the prefill forward, then follow the others."""
-        self.forward_dummy()
-        self.end()
-
-    def end(self) -> None:
-        """After this rank's sampler returned: keep answering "done" until the round is over.
-        The sampler asks at steps 0 .. max_new - 2; the round asks up to round_steps - 2."""
-        if self.finished:
-            return  # every rank was done: the round is over everywhere
-        while self.steps < self.round_steps - 1:
-            if self.all_done(True):
-                return
-            self.forward_dummy()
-
-
 def _device():
     import torch
     from deepspeed.accelerator import get_accelerator
@@ -491,22 +431,6 @@ def _device():
     return torch.device(get_accelerator().current_device_name())
 
 
-def _teacher_positions(source: ModelSpec | Path) -> int | None:
-    """The teacher's position-table size (None when its config sets none)."""
-    if isinstance(source, ModelSpec) and source.tiny is not None:
-        return source.tiny.max_positions
-    from transformers import AutoConfig
-
-    path = str(source) if isinstance(source, Path) else source.path
-    try:
-        config = AutoConfig.from_pretrained(path, revision=getattr(source, "revision", None))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: cannot read the teacher's config ({str(exc).splitlines()[0]})") from None
-    for name in ("n_positions", "max_position_embeddings"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def _describe(ref: str, source: ModelSpec | Path) -> str:

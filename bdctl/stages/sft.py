@@ -1,8 +1,9 @@
 """`bdctl sft`: supervised fine-tuning of the teacher or the student (METHOD.md section 4).
 
 Cross-entropy of the response given the prompt (prompt tokens are not scored), averaged over the
-response tokens of the whole global batch. Validation loss each epoch (and every `eval_every`
-steps); the best weights by validation loss are exported as a Hugging Face directory.
+response tokens of the whole global batch. Validation each epoch (and every `eval_every` steps);
+the best weights by `select` (validation loss by default, or Rouge-L: `bdctl.selection`) are
+exported as a Hugging Face directory.
 """
 
 from __future__ import annotations
@@ -26,12 +27,11 @@ def prepare(job: Job, log=print) -> None:
     """Launching process: data split, shared tokenizer, vocabulary check, batch arithmetic."""
     from bdctl.data.prepare import prepare_data
     from bdctl.engine import check_batch_split
-    from bdctl.models import check_vocabularies, load_tokenizer
+    from bdctl.models import check_vocabularies, load_tokenizer, max_positions
+    from bdctl.selection import check_rouge_selection
 
     role = job.options["model"]
     config = stage_config(job)
-    if config.select != "val_loss":
-        raise UserError(f"stages.{job.stage_name}.select: {config.select!r} needs the eval stage; use val_loss")
     check_batch_split(config, job.stage_name, job.world_size)
     data = prepare_data(job.recipe, job.run, log)
     if data.counts["train"] < config.batch_size:
@@ -42,6 +42,8 @@ def prepare(job: Job, log=print) -> None:
     sources = {r: job.recipe.models.teacher if r == "teacher" else job.recipe.models.student for r in ROLES}
     sources[role] = resolve_weights(job, config.init, role)
     check_vocabularies(job.recipe, tokenizer, sources)
+    if config.select == "rouge_l":
+        check_rouge_selection(job, config, job.stage_name, max_positions(sources[role]))
 
 
 def deepspeed_preview(job: Job) -> dict:
@@ -63,16 +65,15 @@ def deepspeed_preview(job: Job) -> dict:
 
 def run(job: Job, rank: int, world: int) -> None:
     """Every rank: load data and model, train (resuming if a checkpoint exists), export the best."""
-    import torch
-
     from bdctl.data.batching import IGNORE, collate, steps_per_epoch, tokenize_examples
     from bdctl.data.prepare import read_split
     from bdctl.engine import (
-        deepspeed_config, export_hf, global_mean, hf_deepspeed_context, make_engine, on_gpu, policy_module,
+        deepspeed_config, export_hf, hf_deepspeed_context, make_engine, on_gpu, policy_module,
         resolve_precision,
     )  # fmt: skip
     from bdctl.models import hidden_size, load_model, load_tokenizer
     from bdctl.objectives.lm import lean_cross_entropy
+    from bdctl.selection import Validator
     from bdctl.tracking import MetricsLog, StepProgress
     from bdctl.training import MicroBatch, finish, train_loop
 
@@ -81,7 +82,6 @@ def run(job: Job, rank: int, world: int) -> None:
     # --- data: every rank tokenises the same splits; the loop hands each rank its share
     tokenizer = load_tokenizer(job.run.tokenizer)
     train = tokenize_examples(read_split(job.run.data, "train"), tokenizer)
-    valid = tokenize_examples(read_split(job.run.data, "valid"), tokenizer)
     per_epoch = steps_per_epoch(len(train), config.batch_size)
     total_steps = min(per_epoch * config.epochs, config.max_steps or per_epoch * config.epochs)
 
@@ -106,23 +106,12 @@ def run(job: Job, rank: int, world: int) -> None:
         )  # fmt: skip
         return value, {}
 
-    def validate() -> float:
-        from bdctl.data.batching import eval_batches
-
-        engine.eval()
-        total = count = 0.0
-        with torch.no_grad():
-            for indices in eval_batches(len(valid), config.micro_batch_size, rank, world):
-                # every rank runs the same number of forward passes (ZeRO-3 gathers collectively)
-                batch = micro_batches(indices or [0])[0]
-                tokens = batch.count if indices else 0
-                total += loss(batch)[0].item() * tokens
-                count += tokens
-        engine.train()
-        return global_mean(total, count, engine.device)
-
     metrics = MetricsLog(out / "metrics.jsonl", enabled=rank == 0)
-    metrics.write(event="start", total_steps=total_steps, world_size=world, train=len(train), valid=len(valid))
+    validate = Validator(job, config, engine, tokenizer, rank, world)
+    metrics.write(
+        event="start", total_steps=total_steps, world_size=world, train=len(train), valid=len(validate.examples),
+        select=config.select,
+    )  # fmt: skip
     with StepProgress(f"sft {job.options['model']}", total_steps, enabled=rank == 0) as progress:
         state = train_loop(
             engine=engine, config=loop_config(job, config, total_steps, per_epoch), out=out, rank=rank, world=world,
@@ -130,7 +119,7 @@ def run(job: Job, rank: int, world: int) -> None:
             export_best=lambda info: export_hf(engine, tokenizer, out / "best", rank, info),
             metrics=metrics, progress=progress,
         )  # fmt: skip
-    finish(out, state, rank, job.stage_name, metrics)
+    finish(out, state, rank, job.stage_name, metrics, config.select)
 
 
 def loop_config(job: Job, config, total_steps: int, per_epoch: int):
@@ -141,4 +130,5 @@ def loop_config(job: Job, config, total_steps: int, per_epoch: int):
         micro_batch_size=config.micro_batch_size, seed=job.recipe.seed, eval_every=config.eval_every,
         checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
         on_nonfinite=config.on_nonfinite, fingerprint=job.fingerprint(),
+        select=config.select,
     )  # fmt: skip

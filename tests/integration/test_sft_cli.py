@@ -40,7 +40,7 @@ def test_teacher_sft_one_rank(tmp_path):
     done = json.loads((stage / "MANIFEST.json").read_text())
     evals = [m for m in metrics(stage) if m["event"] == "eval"]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5, evals  # it learns
-    assert done["best_val_loss"] == min(m["val_loss"] for m in evals)
+    assert done["select"] == "val_loss" and done["best_score"] == min(m["val_loss"] for m in evals)
     trains = [m for m in metrics(stage) if m["event"] == "train"]
     assert len(trains) == done["steps"] == 2 * (283 // 16) or len(trains) == done["steps"]
     assert all(m["tokens_per_s"] > 0 and m["lr"] >= 0 for m in trains)

@@ -501,3 +501,39 @@ def test_lean_path_never_saves_vocabulary_sized_tensors():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         dense_loss(hidden @ weight.T, mask, actions, valid, terminal)
     assert max(math.prod(shape) for shape in saved) >= B * T * V
+
+
+def random_sets(batch, frame, vocab, width, generator):
+    ids = torch.stack([torch.randperm(vocab, generator=generator)[:width] for _ in range(batch * frame)]).view(batch, frame, width)
+    sizes = torch.randint(1, width + 1, (batch, frame), generator=generator)
+    return ids, torch.arange(width)[None, None, :] < sizes[..., None]
+
+
+@pytest.mark.parametrize("chi2", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_released_lean_terms_equal_the_dense_released_loss(chi2, dtype):
+    from bdctl.objectives.bellman import candidate_mask, released_lean_terms
+
+    g = torch.Generator().manual_seed(0)
+    batch, frame, width, vocab, slots = 3, 7, 8, 61, 6
+    hidden = torch.randn(batch, frame, width, generator=g, dtype=dtype).requires_grad_()
+    weight = torch.randn(vocab, width, generator=g, dtype=dtype).requires_grad_()
+    ids, mask = random_sets(batch, frame, vocab, slots, g)
+    valid = torch.ones(batch, frame, dtype=torch.bool)
+    valid[1, 4:] = False  # a shorter response (its last token: "terminal" whatever it is)
+    valid[2, 1:] = False  # a one-token response
+    actions = torch.randint(0, vocab, (batch, frame), generator=g)
+    actions[0, :3] = ids[0, :3, 0]  # some actions inside A_t
+    settings = dict(gamma=0.9, alpha=0.3, q_min=-2.5, chi2=chi2)
+    lean = released_lean_terms(hidden, weight, ids, mask, actions, valid, top_p=0.7, eps=1e-3, chunk_size=16, **settings)
+    dense = dense_terms(
+        hidden @ weight.T, candidate_mask(ids, mask, (batch, frame), vocab), actions, valid, torch.zeros_like(valid),
+        variant="released", top_p=0.7, eps=1e-3, **settings,
+    )  # fmt: skip
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert lean.loss.item() == pytest.approx(dense.loss.item(), rel=tol, abs=tol)
+    for a, b in zip(torch.autograd.grad(lean.loss, (hidden, weight)), torch.autograd.grad(dense.loss, (hidden, weight)), strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    for key in ("mean_r", "mean_v", "mean_q_candidates", "chi2", "outside_share", "mean_set_size"):
+        assert float(getattr(lean, key)) == pytest.approx(float(getattr(dense, key)), rel=tol, abs=tol), key
+    assert lean.num_transitions == dense.num_transitions == int(valid[:, :-1].sum())

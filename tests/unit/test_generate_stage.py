@@ -16,7 +16,8 @@ import torch
 from bdctl.errors import UserError
 from bdctl.report_sparsity import sparsity_stats, top_k_curve, top_p_sizes, write_report
 from bdctl.sampling import Capture, sample, top_p_set
-from bdctl.stages.generate import Item, Lockstep, _truncate, generate_batch, plan_batches, read_rows, sample_seed
+from bdctl.sampling import Lockstep
+from bdctl.stages.generate import Item, _truncate, generate_batch, plan_batches, read_rows, sample_seed
 from tests.unit.test_sampling import PAD, build_model, make_prompts
 
 
@@ -178,7 +179,7 @@ def _lockstep_rank(rank: int, world: int, port: int, out: str) -> None:
     model = build_model("gpt2")
     forwards = [0]
     model.register_forward_pre_hook(lambda module, args: forwards.__setitem__(0, forwards[0] + 1))
-    lockstep = Lockstep(model, PAD, torch.device("cpu"), engine=None)
+    lockstep = Lockstep(model, PAD, torch.device("cpu"))
     prompt = make_prompts([5], seed=rank)[0]
     with torch.no_grad():
         first = int(model(torch.tensor([prompt])).logits[0, -1].argmax())

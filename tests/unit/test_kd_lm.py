@@ -333,3 +333,19 @@ def test_mixed_kd_loss():
     for bad in (-0.1, 1.1):
         with pytest.raises(UserError, match="kd_ratio"):
             mixed_kd_loss(ce, kd, bad)
+
+
+def test_exact_kd_and_teacher_probabilities_equal_dense_kd():
+    from bdctl.objectives.kd import exact_kd_loss, teacher_probabilities
+
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randn(9, 8, generator=g, dtype=torch.float64).requires_grad_()
+    weight = torch.randn(37, 8, generator=g, dtype=torch.float64).requires_grad_()
+    teacher_rows, teacher_weight = torch.randn(9, 5, generator=g, dtype=torch.float64), torch.randn(37, 5, generator=g, dtype=torch.float64)
+    probs = teacher_probabilities(teacher_rows, teacher_weight, chunk_size=10)
+    torch.testing.assert_close(probs, torch.softmax(teacher_rows @ teacher_weight.T, dim=-1))
+    lean = exact_kd_loss(rows, weight, probs, chunk_size=10)
+    dense = dense_kd_loss((rows @ weight.T)[None], (teacher_rows @ teacher_weight.T)[None], torch.ones(1, 9, dtype=torch.bool))
+    assert lean.item() == pytest.approx(dense.item(), rel=1e-12)
+    for a, b in zip(torch.autograd.grad(lean, (rows, weight)), torch.autograd.grad(dense, (rows, weight)), strict=True):
+        torch.testing.assert_close(a, b)

@@ -86,3 +86,27 @@ def test_dump_round_trips(tmp_path):
     (tmp_path / "resolved.yaml").write_text(dump_recipe(recipe))
     again, _ = load_recipe(str(tmp_path / "resolved.yaml"))
     assert again == recipe
+
+
+def _fingerprint(stage_name: str, overrides: list[str]) -> str:
+    from bdctl.job import Job
+
+    recipe, path = load_recipe(str(RECIPES / "smoke.yaml"), overrides)
+    return Job(
+        stage="x", options={}, recipe=recipe, recipe_path=str(path), run_root="runs/x", stage_name=stage_name, world_size=1
+    ).fingerprint()
+
+
+def test_resume_fingerprint_covers_the_stage_and_its_inputs_only():
+    base = _fingerprint("distill/bd", [])
+    # the stage's own section (distill/bd reads stages.distill) and what made its training data
+    assert _fingerprint("distill/bd", ["stages.distill.lr=0.1"]) != base
+    assert _fingerprint("distill/bd", ["stages.generate.cache_max_k=7"]) != base
+    # other stages, and eval unless the stage selects by Rouge-L (which samples with eval's settings)
+    assert _fingerprint("distill/bd", ["stages.teacher_sft.lr=0.1"]) == base
+    assert _fingerprint("distill/bd", ["stages.eval.max_new_tokens=7"]) == base
+    rouge = _fingerprint("distill/bd", ["stages.distill.select=rouge_l"])
+    assert _fingerprint("distill/bd", ["stages.distill.select=rouge_l", "stages.eval.max_new_tokens=7"]) != rouge
+    # the scoring stage is configured by stages.generate
+    assert _fingerprint("score_train", ["stages.generate.cache_max_k=7"]) != _fingerprint("score_train", [])
+    assert _fingerprint("student_sft", ["stages.student_sft.lr=0.1"]) != _fingerprint("student_sft", [])

@@ -454,3 +454,21 @@ def test_non_finite_logits_are_refused(gpt2):
             sample(gpt2, [PROMPTS[0]], [0], eos_id=None, pad_id=PAD, max_new_tokens=3)
     finally:
         handle.remove()
+
+
+def test_teacher_sets_are_the_caches_top_p_sets():
+    from bdctl.sampling import teacher_sets, top_p_set
+    from bdctl.stages.distill import frame_sets
+
+    g = torch.Generator().manual_seed(2)
+    rows, weight = torch.randn(11, 6, generator=g) * 3, torch.randn(50, 6, generator=g)
+    ids, kept = teacher_sets(rows, weight, 0.8, 12, chunk_size=20)  # row blocks of 4
+    reference = top_p_set(torch.softmax(rows @ weight.T, dim=-1), 0.8, 12)
+    torch.testing.assert_close(kept, reference.kept)
+    for n in range(11):
+        assert ids[n, : kept[n]].tolist() == reference.ids[n, : kept[n]].tolist()
+    valid = torch.zeros(3, 5, dtype=torch.bool)
+    valid.view(-1)[:11] = True
+    cand_ids, cand_mask = frame_sets(valid, ids, kept)
+    assert cand_ids.shape[:2] == (3, 5) and cand_mask.sum().item() == kept.sum().item()
+    assert cand_ids[0, 1, : kept[1]].tolist() == ids[1, : kept[1]].tolist()

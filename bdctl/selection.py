@@ -1,0 +1,129 @@
+"""What the training loop's validation measures, and so which checkpoint a stage keeps.
+
+    val_loss   response-only cross-entropy on the golden validation responses (lower is better):
+               the teacher SFT and phase 1 (METHOD.md section 4).
+    rouge_l    Rouge-L of sampled answers to the validation prompts (higher is better): phase 2,
+               "checkpoint chosen by best validation Rouge-L" (METHOD.md section 2).
+
+Rouge-L validation samples as `bdctl eval` does (temperature 1, top_p 1, top_k 0, and the eval
+stage's max_new_tokens, batch size and no_repeat_ngram_size), one answer per prompt, each prompt
+with the seed `prompt_seed(recipe seed, prompt id)`. Every validation therefore draws the same
+random numbers, and the scores of two checkpoints are a paired comparison, not two noisy draws.
+The sampling runs on the training engine itself: through the root module (ZeRO-3 gathers the
+weights per layer), with the ranks kept in step by `sampling.Lockstep`.
+"""
+
+from __future__ import annotations
+
+from bdctl.errors import UserError
+
+HIGHER_IS_BETTER = {"val_loss": False, "rouge_l": True}
+
+
+def better(select: str, score: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return score > best if HIGHER_IS_BETTER[select] else score < best
+
+
+def validation_loss(engine, examples, micro_batch_size: int, pad_id: int, rank: int, world: int) -> float:
+    """Token-mean cross-entropy of the golden responses of `examples` (`data.batching.Tokenized`)."""
+    import torch
+
+    from bdctl.data.batching import IGNORE, collate, eval_batches
+    from bdctl.engine import global_mean
+    from bdctl.objectives.lm import lean_cross_entropy
+
+    total = count = 0.0
+    with torch.no_grad():
+        for indices in eval_batches(len(examples), micro_batch_size, rank, world):
+            # every rank runs the same number of forward passes (ZeRO-3 gathers collectively)
+            batch = {k: v.to(engine.device) for k, v in collate([examples[i] for i in indices or [0]], pad_id).items()}
+            labels = batch["labels"]
+            value = engine(
+                batch["input_ids"], batch["attention_mask"],
+                loss_fn=lambda hidden, weight: lean_cross_entropy(hidden, weight, labels),
+            )  # fmt: skip
+            tokens = int((labels != IGNORE).sum()) if indices else 0
+            total += value.item() * tokens
+            count += tokens
+    return global_mean(total, count, engine.device)
+
+
+def validation_rouge(engine, tokenizer, rows: list[dict], settings, seed: int, rank: int, world: int) -> float:
+    """Mean Rouge-L (0-100) of one sampled answer per validation row against its golden output.
+
+    `settings`: the eval stage (max_new_tokens, batch_size, no_repeat_ngram_size).
+    """
+    from bdctl.engine import global_mean
+    from bdctl.metrics import rouge_l
+    from bdctl.sampling import FINISH_EOS, Lockstep, length_grouped_batches, sample
+    from bdctl.stages.evaluate import SAMPLING, prompt_seed
+
+    model = engine.module  # the policy module: loss_fn=None makes it a plain causal LM
+    prompts = tokenizer([row["prompt"] for row in rows])["input_ids"]
+    batches = length_grouped_batches([len(p) for p in prompts], settings.batch_size)
+    lockstep = Lockstep(model, tokenizer.pad_token_id, engine.device) if world > 1 else None
+    total = 0.0
+    for first in range(0, len(batches), world):  # one round: a batch per rank (or none)
+        batch = batches[first + rank] if first + rank < len(batches) else None
+
+        def run(all_done=None, batch=batch):
+            return sample(
+                model, [prompts[i] for i in batch], [prompt_seed(seed, rows[i]["id"]) for i in batch],
+                eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                max_new_tokens=settings.max_new_tokens, no_repeat_ngram_size=settings.no_repeat_ngram_size,
+                all_done=all_done, **SAMPLING,
+            )  # fmt: skip
+
+        samples = run() if lockstep is None else lockstep.round(settings.max_new_tokens, run if batch else None)
+        for i, result in zip(batch or [], samples, strict=True):
+            tokens = result.tokens[:-1] if result.finish_reason == FINISH_EOS else result.tokens
+            total += rouge_l(tokenizer.decode(tokens, skip_special_tokens=True), [rows[i]["output"]])
+    return global_mean(total, float(len(rows) if rank == 0 else 0), engine.device)
+
+
+class Validator:
+    """`validate()` for `training.train_loop`: the validation loss, plus Rouge-L when the stage
+    selects by it. Returns {"val_loss": ..., ["rouge_l": ...]}, the same on every rank."""
+
+    def __init__(self, job, config, engine, tokenizer, rank: int, world: int):
+        from bdctl.data.batching import tokenize_examples
+        from bdctl.data.prepare import read_split
+
+        self.engine, self.tokenizer, self.rank, self.world = engine, tokenizer, rank, world
+        self.select, self.micro_batch_size = config.select, config.micro_batch_size
+        self.rows = read_split(job.run.data, "valid")
+        self.examples = tokenize_examples(self.rows, tokenizer)
+        if config.select_prompts is not None:
+            self.rows = self.rows[: config.select_prompts]
+        self.settings, self.seed = job.recipe.stages.eval, job.recipe.seed
+
+    def __call__(self) -> dict[str, float]:
+        self.engine.eval()
+        scores = {
+            "val_loss": validation_loss(
+                self.engine, self.examples, self.micro_batch_size, self.tokenizer.pad_token_id, self.rank, self.world
+            )
+        }
+        if self.select == "rouge_l":
+            scores["rouge_l"] = validation_rouge(
+                self.engine, self.tokenizer, self.rows, self.settings, self.seed, self.rank, self.world
+            )
+        self.engine.train()
+        return scores
+
+
+def check_rouge_selection(job, config, stage: str, student_positions: int | None) -> None:
+    """Launching process: Rouge-L selection samples up to stages.eval.max_new_tokens after the
+    longest validation prompt, which must fit the model's positions."""
+    if config.select != "rouge_l" or student_positions is None:
+        return
+    longest = job.recipe.data.max_prompt_length
+    room = student_positions - longest
+    if job.recipe.stages.eval.max_new_tokens > room:
+        raise UserError(
+            f"stages.{stage}.select: rouge_l samples stages.eval.max_new_tokens ({job.recipe.stages.eval.max_new_tokens}) "
+            f"tokens after prompts of up to data.max_prompt_length ({longest}); the model has {student_positions} "
+            f"positions: set stages.eval.max_new_tokens to at most {room}"
+        )
