@@ -137,7 +137,8 @@ def stage_command(stage_dir: str, recipe_path: str) -> str:
     if stage_dir.endswith("_sft"):
         return f"bdctl sft {recipe_path} --model {stage_dir.removesuffix('_sft')}"
     if stage_dir.startswith("distill/"):
-        return f"bdctl distill {recipe_path} --method {stage_dir.removeprefix('distill/')}"
+        name = stage_dir.removeprefix("distill/")
+        return f"bdctl distill {recipe_path} " + (f"--method {name}" if name in ("bd", "kd", "seqkd") else f"--ablation {name}")
     if stage_dir.startswith("score_"):
         return f"bdctl generate {recipe_path} --score {stage_dir.removeprefix('score_')}"
     return f"bdctl {stage_dir} {recipe_path}"

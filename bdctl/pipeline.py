@@ -2,7 +2,7 @@
 memory a model needs per GPU under ZeRO-2 and ZeRO-3.
 
     data split -> teacher SFT -> generate D* (+ cache) -> student SFT (phase 1)
-               -> distill: BD and the baselines -> eval -> judge
+               -> distill: BD, its ablations and the baselines -> eval -> judge
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ def stages(recipe: Recipe) -> list[Stage]:
         Stage("score_train", "bdctl generate RECIPE --score train", ("teacher_sft",)),
         Stage("student_sft", "bdctl sft RECIPE --model student", ()),
         Stage("distill/bd", "bdctl distill RECIPE --method bd", ("generate", "student_sft")),
+        *(
+            Stage(f"distill/{name}", f"bdctl distill RECIPE --ablation {name}", ("generate", "student_sft"))
+            for name in recipe.stages.distill.ablations.runs()
+        ),
         Stage("distill/kd", "bdctl distill RECIPE --method kd", ("score_train",)),
         Stage("distill/seqkd", "bdctl distill RECIPE --method seqkd", ("generate",)),
         Stage("eval", "bdctl eval RECIPE", tuple(recipe.stages.eval.models)),

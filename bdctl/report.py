@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bdctl.recipe.schema import Recipe
 from bdctl.rundir import RunDir, write_text_atomic
 
 TRAINING_STAGES = ("teacher_sft", "student_sft")
@@ -23,7 +24,8 @@ def training_stage_dirs(run: RunDir) -> list[Path]:
 
 
 def training_curves(run: RunDir, path: Path) -> Path | None:
-    """Training loss per step and validation loss per evaluation, one panel per training stage."""
+    """Training loss per step and validation scores per evaluation, one panel per training stage
+    (validation Rouge-L on a second axis where the stage selected by it)."""
     dirs = training_stage_dirs(run)
     if not dirs:
         return None
@@ -35,11 +37,16 @@ def training_curves(run: RunDir, path: Path) -> Path | None:
     for axes, directory in zip(figure.subplots(1, len(dirs), squeeze=False)[0], dirs, strict=True):
         records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
         train = [(r["step"], r["loss"]) for r in records if r.get("event") == "train"]
-        valid = [(r["step"], r["val_loss"]) for r in records if r.get("event") == "eval"]
+        evals = [r for r in records if r.get("event") == "eval"]
         if train:
             axes.plot(*zip(*train), lw=1, label="train loss")
-        if valid:
-            axes.plot(*zip(*valid), "o-", ms=3, label="validation loss")
+        if evals:
+            axes.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", ms=3, label="validation loss")
+        rouge = [(r["step"], r["rouge_l"]) for r in evals if "rouge_l" in r]
+        if rouge:
+            twin = axes.twinx()
+            twin.plot(*zip(*rouge), "s--", ms=3, color="tab:green", label="validation Rouge-L")
+            twin.set_ylabel("Rouge-L", color="tab:green")
         axes.set_title(str(directory.relative_to(run.root)))
         axes.set_xlabel("optimizer step")
         axes.legend(fontsize="small")
@@ -48,11 +55,50 @@ def training_curves(run: RunDir, path: Path) -> Path | None:
     return path
 
 
-def write_report(run: RunDir, recipe_arg: str, overrides: list[str], timings: dict[str, float]) -> Path:
+def rouge_tables(results: dict, recipe: Recipe) -> list[str]:
+    """Table 1 (every evaluated model, with the paper's numbers beside ours where the recipe has
+    them) and Tables 2 / 4 (BD and its ablations), as Markdown sections."""
+    from bdctl.tables import markdown_table, mean_std_cell
+
+    sets, scores, paper = results["sets"], results["scores"], recipe.paper_rouge_l
+    seeds = ", ".join(str(s) for s in results["seeds"])
+
+    def row(model: str) -> list[str]:
+        cells = []
+        for name in sets:
+            cells.append(mean_std_cell(scores[model][name]["mean"], scores[model][name]["std"]))
+            if paper:
+                cells.append(f"{paper[model][name]:.1f}" if name in paper.get(model, {}) else "")
+        return cells
+
+    headers = [h for name in sets for h in ([name, f"{name} (paper)"] if paper else [name])]
+    lines = [
+        "## Rouge-L", "",
+        f"Mean ± std over seeds {seeds}" + ("; the paper's numbers (mean of 5 seeds) beside ours." if paper else "."),
+        "", markdown_table(["model", *headers], [[m, *row(m)] for m in results["models"]]).strip(),
+    ]  # fmt: skip
+    distill = recipe.stages.distill
+    runs = {f"distill/{name}": change for name, change in distill.ablations.runs().items()}
+    ablated = [m for m in results["models"] if m in runs]
+    if ablated and "distill/bd" in results["models"]:
+        base = f"p = {distill.p:g}, chi2 {'on' if distill.chi2 else 'off'}, {distill.variant} variant"
+        described = [["distill/bd", base, *row("distill/bd")]]
+        described += [[m, f"{runs[m][0]} = {runs[m][1]}", *row(m)] for m in ablated]
+        lines += [
+            "", "## Ablations (the paper's Tables 2 and 4)", "",
+            "Bellman Distill with one setting of stages.distill changed; everything else as distill/bd.", "",
+            markdown_table(["run", "setting", *headers], described).strip(),
+        ]  # fmt: skip
+    return lines
+
+
+def write_report(run: RunDir, recipe: Recipe, recipe_arg: str, overrides: list[str], timings: dict[str, float]) -> Path:
     sections = [f"# Reproduction report: {run.root.name}", "", f"Recipe: `{recipe_arg}`" + (f" with `{' '.join(overrides)}`" if overrides else "")]
-    for title, table in (("Rouge-L", run.stage("eval") / "table.md"), ("Win rates", run.stage("judge") / "table.md")):
-        if table.is_file():
-            sections += ["", f"## {title}", "", table.read_text().strip()]
+    results = run.stage("eval") / "results.json"
+    if results.is_file():
+        sections += ["", *rouge_tables(json.loads(results.read_text()), recipe)]
+    if (run.stage("judge") / "table.md").is_file():
+        sections += ["", "## Win rates", "", (run.stage("judge") / "table.md").read_text().strip()]
     for title, png in (("Win rates", run.stage("judge") / "win_rates.png"),):
         if png.is_file():
             sections += ["", f"![{title}]({png.relative_to(run.root)})"]

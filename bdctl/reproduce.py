@@ -18,10 +18,13 @@ from pathlib import Path
 from bdctl.errors import UserError
 from bdctl.pipeline import Stage, stages
 from bdctl.recipe import load_recipe
+from bdctl.recipe.schema import Recipe
 from bdctl.rundir import RunDir, manifest, write_json_atomic
 
 
-def plan(recipe_arg: str, overrides: list[str], start: str | None, only: str | None) -> tuple[list[Stage], RunDir, Path]:
+def plan(
+    recipe_arg: str, overrides: list[str], start: str | None, only: str | None
+) -> tuple[list[Stage], RunDir, Path, Recipe]:
     recipe, path = load_recipe(recipe_arg, overrides)
     run = RunDir(recipe.run_dir or f"runs/{recipe.name}")
     pipeline = stages(recipe)
@@ -33,7 +36,7 @@ def plan(recipe_arg: str, overrides: list[str], start: str | None, only: str | N
         pipeline = [s for s in pipeline if s.directory == only]
     elif start is not None:
         pipeline = pipeline[names.index(start) :]
-    return pipeline, run, path
+    return pipeline, run, path, recipe
 
 
 def command_of(stage: Stage, recipe_path: Path, overrides: list[str], launcher_args: list[str]) -> list[str]:
@@ -46,7 +49,7 @@ def command_of(stage: Stage, recipe_path: Path, overrides: list[str], launcher_a
 def reproduce(
     recipe_arg: str, overrides: list[str], launcher_args: list[str], start: str | None, only: str | None, dry_run: bool, log
 ) -> None:
-    pipeline, run, recipe_path = plan(recipe_arg, overrides, start, only)
+    pipeline, run, recipe_path, recipe = plan(recipe_arg, overrides, start, only)
     timings_file = run.root / "reproduce.json"
     timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
     for stage in pipeline:
@@ -68,5 +71,5 @@ def reproduce(
     if not dry_run and only is None:
         from bdctl.report import write_report
 
-        report = write_report(run, recipe_arg, overrides, timings)
+        report = write_report(run, recipe, recipe_arg, overrides, timings)
         log(f"[green]report:[/] {report}")

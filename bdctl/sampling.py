@@ -235,6 +235,33 @@ class Capture:
         np.cumsum(self.kept, out=out[1:])
         return out
 
+    def head(self, length: int) -> Capture:
+        """The sets of the first ``length`` positions."""
+        if length == len(self):
+            return self
+        end = int(self.offsets()[length])
+        return Capture(self.ids[:end], self.probs[:end], self.kept[:length], self.covered[:length])
+
+    def narrowed(self, p: float) -> Capture:
+        """The top-``p`` sets for a ``p`` below the one this capture was made with.
+
+        A top-p set is a prefix of any top-p' set with p' >= p (both follow the same ranking), so
+        the smaller set is the shortest prefix whose probabilities reach ``p`` (at least one
+        token), computed from the stored probabilities (float16 in the cache: a token whose
+        cumulative sum lies within ~1e-3 of ``p`` may fall on the other side than a fresh
+        forward would put it).
+        """
+        offsets = self.offsets()
+        kept = np.empty_like(self.kept)
+        covered = np.empty(len(self), dtype=np.float32)
+        take = np.zeros(len(self.ids), dtype=bool)
+        for t in range(len(self)):
+            cum = np.cumsum(self.probs[offsets[t] : offsets[t + 1]], dtype=np.float64)
+            n = 1 + int((cum[:-1] < p).sum())
+            kept[t], covered[t] = n, cum[n - 1]
+            take[offsets[t] : offsets[t] + n] = True
+        return Capture(ids=self.ids[take], probs=self.probs[take], kept=kept, covered=covered.astype(self.covered.dtype))
+
     def position(self, t: int) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, probs)`` of the set at position ``t``."""
         offsets = self.offsets()

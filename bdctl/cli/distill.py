@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from enum import Enum
 from typing import Annotated
 
@@ -15,6 +16,7 @@ EXAMPLE = """[bold]Examples[/]
   bdctl distill recipes/smoke.yaml --method bd
   bdctl distill recipes/smoke.yaml --method kd --set stages.distill.teacher_source=live
   bdctl distill tiny --method bd --nproc 2 --set stages.distill.p=0.5
+  bdctl distill tiny --ablation bd-p1.0       (a run of stages.distill.ablations)
 """
 
 
@@ -31,6 +33,15 @@ def distill(
         Method | None,
         typer.Option("--method", "-m", help="Objective (default: the recipe's stages.distill.method, bd).", show_default=False),
     ] = None,
+    ablation: Annotated[
+        str | None,
+        typer.Option(
+            "--ablation", "-a",
+            help="Run one BD ablation of stages.distill.ablations (e.g. bd-p1.0, bd-chi2-off, bd-released) "
+            "into runs/<name>/distill/<ablation>.",
+            show_default=False,
+        ),
+    ] = None,
     set_: SetOpt = None,
     force: ForceOpt = False,
     *,
@@ -40,19 +51,30 @@ def distill(
 
     bd starts from the phase-1 student (runs/<name>/student_sft) and trains on the generate stage's D* and top-p cache; kd trains on the golden responses with the teacher's distribution (cache or live teacher); seqkd is SFT on D*.
 
-    Keeps the weights with the lowest validation loss and exports them as a Hugging Face directory: runs/<name>/distill/<method>/export.
+    Keeps the weights with the best validation score (stages.distill.select: rouge_l or val_loss) and exports them as a Hugging Face directory: runs/<name>/distill/<method>/export.
     """
     with user_errors():
+        from bdctl.errors import UserError
         from bdctl.job import submit
+        from bdctl.recipe import load_recipe
 
         overrides = list(set_ or [])
-        if method is None:
-            from bdctl.recipe import load_recipe
-
+        if ablation is not None:
+            if method not in (None, Method.bd):
+                raise UserError(f"--ablation {ablation} is a Bellman Distill run; drop --method {method.value}")
+            runs = load_recipe(recipe, overrides)[0].stages.distill.ablations.runs()
+            if ablation not in runs:
+                known = ", ".join(runs) or "none: the recipe sets no stages.distill.ablations"
+                raise UserError(f"--ablation {ablation}: no such run in stages.distill.ablations (runs: {known})")
+            key, value = runs[ablation]
+            chosen = "bd"
+            overrides.append(f"stages.distill.{key}={json.dumps(value)}")  # the saved recipe says what ran
+        elif method is None:
             chosen = load_recipe(recipe, overrides)[0].stages.distill.method
         else:
             chosen = method.value
-            overrides.append(f"stages.distill.method={chosen}")  # the saved recipe says what ran
-        job = submit("distill", recipe, overrides, {"method": chosen}, launch, force, log=say)
+        overrides.append(f"stages.distill.method={chosen}")
+        options = {"method": chosen, **({"ablation": ablation} if ablation else {})}
+        job = submit("distill", recipe, overrides, options, launch, force, log=say)
         if not launch.dry_run:
             say(f"[green]done:[/] {job.stage_dir / 'export'}")

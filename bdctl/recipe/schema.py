@@ -8,7 +8,7 @@ Unknown keys are errors everywhere (`extra="forbid"`).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -259,6 +259,32 @@ class GenerateStage(Section):
     )
 
 
+class Ablations(Section):
+    """Extra Bellman Distill runs beside distill/bd, each changing one setting of stages.distill
+    (the paper's Tables 2 and 4). Each value names a run: p -> distill/bd-p1.0, chi2 ->
+    distill/bd-chi2-off, variant -> distill/bd-released; `bdctl distill RECIPE --ablation NAME`
+    runs one, `bdctl reproduce` runs them all."""
+
+    p: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        default_factory=list, description="Top-p values to compare with stages.distill.p, e.g. [1.0, 0.5]."
+    )
+    chi2: list[bool] = Field(default_factory=list, description="chi^2 on/off, e.g. [false] for BD without it.")
+    variant: list[Literal["paper", "released"]] = Field(
+        default_factory=list, description="Loss variants, e.g. [released] for the released code's arithmetic."
+    )
+
+    def runs(self) -> dict[str, tuple[str, object]]:
+        """Run name -> (the stages.distill key it changes, the value)."""
+        names: dict[str, tuple[str, object]] = {}
+        for value in self.p:
+            names[f"bd-p{float(value)}"] = ("p", float(value))
+        for value in self.chi2:
+            names[f"bd-chi2-{'on' if value else 'off'}"] = ("chi2", value)
+        for value in self.variant:
+            names[f"bd-{value}"] = ("variant", value)
+        return names
+
+
 class DistillStage(Train):
     """Bellman Distill and the KD / SeqKD baselines (METHOD.md sections 2 to 4)."""
 
@@ -283,6 +309,7 @@ class DistillStage(Train):
         "is set, off for the kd / seqkd baselines (MiniLLM trained them without it).",
     )
     init: str = Field("auto", description="auto: student_sft export for BD, the base student otherwise.")
+    ablations: Ablations = Field(default_factory=Ablations, description="Extra BD runs, one setting changed each.")
 
 
 class EvalSet(Section):
@@ -360,3 +387,19 @@ class Recipe(Section):
     data: Data = Field(description="Instruction data, template, split and pretraining corpus.")
     deepspeed: DeepSpeed = Field(default_factory=DeepSpeed, description="ZeRO config and precision.")
     stages: Stages = Field(default_factory=Stages, description="Per-stage hyperparameters.")
+    paper_rouge_l: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="The paper's Rouge-L for this pair, shown beside ours in the report: model (a stages.eval.models "
+        "entry) -> eval set -> score.",
+    )
+
+    @model_validator(mode="after")
+    def _check_paper_results(self) -> Recipe:
+        models, sets = self.stages.eval.models, [s.name for s in self.stages.eval.sets]
+        for model, scores in self.paper_rouge_l.items():
+            if model not in models:
+                raise ValueError(f"paper_rouge_l: {model!r} is not one of stages.eval.models ({', '.join(models)})")
+            for name in scores:
+                if name not in sets:
+                    raise ValueError(f"paper_rouge_l.{model}: {name!r} is not an eval set ({', '.join(sets)})")
+        return self

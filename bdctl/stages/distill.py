@@ -68,7 +68,8 @@ BD_LOGS = ("mean_r", "mean_v", "mean_q_candidates", "chi2", "outside_share", "me
 
 
 def stage_dir(options: dict) -> str:
-    return f"distill/{options['method']}"
+    """distill/<method>, or distill/<ablation run> (e.g. distill/bd-p1.0: stages.distill.ablations)."""
+    return f"distill/{options.get('ablation') or options['method']}"
 
 
 def stage_config(job: Job) -> DistillStage:
@@ -173,13 +174,14 @@ class Item:
 class TrainData:
     """The training examples of a method: prompt ids, response ids and (when used) the teacher's sets."""
 
-    def __init__(self, prompts, items, responses=None, cache=None, teacher=None, with_sets=False):
+    def __init__(self, prompts, items, responses=None, cache=None, teacher=None, with_sets=False, narrow_to=None):
         self.prompts = prompts  # token ids per row of train.jsonl
         self.items = items
         self.responses = responses  # golden response ids per row (kd), else None (read from the cache)
         self.cache = cache  # the D* cache (bd, seqkd)
         self.teacher = teacher  # the scoring cache (kd from cache)
         self.with_sets = with_sets
+        self.narrow_to = narrow_to  # bd with p below the cache's: the cached sets cut to top-p
 
     def __len__(self) -> int:
         return len(self.items)
@@ -191,22 +193,14 @@ class TrainData:
             cached = self.cache[item.source]
             response = np.asarray(cached.tokens[: item.length], dtype=np.int64)
             if self.with_sets:
-                capture = clip_capture(cached.capture, item.length)
+                capture = cached.capture.head(item.length)
+                if self.narrow_to is not None:
+                    capture = capture.narrowed(self.narrow_to)
         else:
             response = np.asarray(self.responses[item.row], dtype=np.int64)
             if self.with_sets:
                 capture = self.teacher[item.source].capture
         return self.prompts[item.row], response, capture
-
-
-def clip_capture(capture, length: int):
-    """The first `length` positions of a capture."""
-    from bdctl.sampling import Capture
-
-    if length == len(capture):
-        return capture
-    end = int(capture.offsets()[length])
-    return Capture(ids=capture.ids[:end], probs=capture.probs[:end], kept=capture.kept[:length], covered=capture.covered[:length])
 
 
 def cache_stage_dir(job: Job, stage: str) -> Path:
@@ -264,7 +258,15 @@ def load_train_data(job: Job, tokenizer, setup: Setup, log=None) -> tuple[TrainD
         return data, {"examples": len(items)}
 
     cache = open_cache(cache_stage_dir(job, DSTAR_STAGE))
-    check(cache, digest, config.p if setup.sets == "cache" else cache.top_p)
+    check(cache, digest, cache.top_p)
+    narrow_to = None
+    if setup.sets == "cache" and abs(config.p - cache.top_p) > 1e-9:
+        if config.p > cache.top_p:
+            raise UserError(
+                f"cache {cache.directory}: holds the teacher's top-p sets for p up to {cache.top_p:g}, "
+                f"stages.distill.p is {config.p:g}; generate with stages.generate.cache_top_p >= {config.p:g}"
+            )
+        narrow_to = config.p  # a top-p set is a prefix of the cached larger one
     by_id = {row["id"]: i for i, row in enumerate(rows)}
     eos = tokenizer.eos_token_id
     items, cut, skipped = [], 0, 0
@@ -286,7 +288,8 @@ def load_train_data(job: Job, tokenizer, setup: Setup, log=None) -> tuple[TrainD
             continue
         items.append(Item(row=row, source=index, length=length))
     stats = {"examples": len(items), "cut_at_max_length": cut, "skipped_without_transition": skipped, "cache_examples": len(cache)}
-    data = TrainData(prompts, items, cache=cache, with_sets=setup.sets == "cache" or setup.kd_teacher == "cache")
+    with_sets = setup.sets == "cache" or setup.kd_teacher == "cache"
+    data = TrainData(prompts, items, cache=cache, with_sets=with_sets, narrow_to=narrow_to)
     return data, stats
 
 

@@ -334,14 +334,11 @@ def generate_batch(teacher, batch: list[Item] | None, tokenizer, config: Generat
 def _truncate(result, limit: int) -> tuple:
     """A row of a batch that ran past this prompt's own limit, cut back to it: the same tokens
     and sets as sampling it alone with that limit (a row's draws depend on its seed only)."""
-    from bdctl.sampling import FINISH_LENGTH, Capture
+    from bdctl.sampling import FINISH_LENGTH
 
-    capture = result.capture
     if len(result.tokens) <= limit:
-        return result.tokens, result.finish_reason, capture
-    end = int(capture.offsets()[limit])
-    cut = Capture(capture.ids[:end], capture.probs[:end], capture.kept[:limit], capture.covered[:limit])
-    return result.tokens[:limit], FINISH_LENGTH, cut
+        return result.tokens, result.finish_reason, result.capture
+    return result.tokens[:limit], FINISH_LENGTH, result.capture.head(limit)
 
 
 def score_batch(teacher, batch: list[Item] | None, tokenizer, config: GenerateStage, lockstep) -> list[tuple]:

@@ -323,10 +323,10 @@ def test_missing_inputs_name_the_command_to_run(tmp_path, monkeypatch):
 def test_cache_from_another_tokenizer_or_p(prepared, tmp_path, monkeypatch):
     recipe = copy_of(prepared, tmp_path)
     monkeypatch.chdir(tmp_path)
-    assert "made with top_p 0.8, the recipe asks for 0.5" in submit_error(recipe, "bd", "stages.distill.p=0.5")
-    assert "made with top_p 0.8, the recipe asks for 0.5" in submit_error(
-        recipe, "bd", "stages.distill.p=0.5", "stages.distill.variant=released"
-    )
+    # a cache holds the sets of every p up to its own (prefixes), not above
+    wanted = "holds the teacher's top-p sets for p up to 0.8, stages.distill.p is 0.9"
+    assert wanted in submit_error(recipe, "bd", "stages.distill.p=0.9")
+    assert wanted in submit_error(recipe, "bd", "stages.distill.p=0.9", "stages.distill.variant=released")
     path = tmp_path / "runs/smoke/generate/cache/MANIFEST.json"
     manifest = json.loads(path.read_text())
     path.write_text(json.dumps({**manifest, "tokenizer_hash": "0123456789abcdef"}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -39,10 +40,17 @@ def test_reproduce_smoke_interrupted_after_generate(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "skip teacher_sft" in result.stderr and "skip generate" in result.stderr
     run = tmp_path / "runs/smoke"
-    for stage in ("student_sft", "distill/bd", "distill/kd", "distill/seqkd", "eval", "judge"):
+    for stage in ("student_sft", "distill/bd", "distill/bd-p0.5", "distill/kd", "distill/seqkd", "eval", "judge"):
         assert (run / stage / "MANIFEST.json").is_file(), stage
     report = (run / "report.md").read_text()
     assert "## Rouge-L" in report and "distill/bd" in report and "## Win rates" in report
+    assert "## Ablations" in report and "| distill/bd-p0.5 | p = 0.5 |" in report
+    # the ablation ran BD with the cached p = 0.8 sets cut to p = 0.5: smaller sets
+    def set_size(stage):
+        records = [json.loads(line) for line in (run / stage / "metrics.jsonl").read_text().splitlines()]
+        return sum(r["mean_set_size"] for r in records if r["event"] == "train")
+
+    assert set_size("distill/bd-p0.5") < set_size("distill/bd")
     assert "## Training curves" in report and (run / "figures/training_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "| distill/bd |" in report  # wall time per stage
 

@@ -76,3 +76,35 @@ def test_share_counts_a_ranks_prompts():
             shares = [_share(len(lengths), batch_size, rank, world) for rank in range(world)]
             assert shares == [sum(len(b) for b in batches[rank::world]) for rank in range(world)]
             assert sum(shares) == len(lengths)
+
+
+def test_report_puts_the_papers_numbers_beside_ours_and_lists_ablations():
+    from bdctl.recipe import load_recipe
+    from bdctl.report import rouge_tables
+
+    recipe, _ = load_recipe(
+        "smoke",
+        [
+            "stages.eval.models=[teacher_sft, distill/bd, distill/bd-p1.0, distill/bd-chi2-off]",
+            "stages.distill.ablations={p: [1.0], chi2: [false]}",
+            "paper_rouge_l={teacher_sft: {dolly: 27.6}, distill/bd: {dolly: 24.7}, distill/bd-p1.0: {dolly: 23.6}}",
+        ],
+    )
+
+    def score(mean):
+        return {"dolly": {"mean": mean, "std": 0.5, "per_seed": {}, "prompts": 32}}
+
+    results = {
+        "sets": ["dolly"], "seeds": [10, 20],
+        "models": ["teacher_sft", "distill/bd", "distill/bd-p1.0", "distill/bd-chi2-off"],
+        "scores": {"teacher_sft": score(40.0), "distill/bd": score(30.0), "distill/bd-p1.0": score(28.0),
+                   "distill/bd-chi2-off": score(29.0)},
+    }  # fmt: skip
+    text = "\n".join(rouge_tables(results, recipe))
+    assert "| model | dolly | dolly (paper) |" in text
+    assert "| teacher_sft | 40.00 ± 0.50 | 27.6 |" in text
+    assert "| distill/bd-chi2-off | 29.00 ± 0.50 |  |" in text  # no paper number for it
+    ablations = text[text.index("## Ablations") :]
+    assert "| distill/bd | p = 0.8, chi2 on, paper variant | 30.00 ± 0.50 | 24.7 |" in ablations
+    assert "| distill/bd-p1.0 | p = 1.0 | 28.00 ± 0.50 | 23.6 |" in ablations
+    assert "| distill/bd-chi2-off | chi2 = False | 29.00 ± 0.50 |  |" in ablations

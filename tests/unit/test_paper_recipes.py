@@ -48,7 +48,7 @@ def test_paper_settings(name):
     assert (distill.method, distill.variant, distill.teacher_source) == ("bd", "paper", "cache")
     assert (distill.p, distill.alpha, distill.gamma, distill.q_min, distill.chi2) == (p, 0.1, 0.99, -10.0, True)
     assert (distill.lr, distill.batch_size, distill.epochs) == (5e-6, 64, 3)
-    assert distill.lm_coef == 1.0 and distill.pt_kd_ratio == 0.0  # select: rouge_l once distill supports it
+    assert distill.lm_coef == 1.0 and distill.pt_kd_ratio == 0.0 and distill.select == "rouge_l"  # phase 2
     assert recipe.stages.student_sft.epochs == 3 and recipe.stages.student_sft.select == "val_loss"  # phase 1
 
     generate = recipe.stages.generate
@@ -65,3 +65,33 @@ def test_paper_settings(name):
     for stage in (recipe.stages.teacher_sft, recipe.stages.student_sft, distill):
         assert stage.batch_size % (stage.micro_batch_size * 4) == 0
     assert recipe.deepspeed.config == "zero3" and recipe.deepspeed.precision == "bf16"
+
+
+# METHOD.md section 6's headline figures (Dolly, SelfInst, Vicuna), and which ablations each paper table ran
+HEADLINE = {
+    "gpt2-1.5b-to-120m": {"distill/bd": (24.7, 13.3, 16.2), "teacher_sft": (27.6, 14.3, 16.3)},
+    "opt-6.7b-to-125m": {"distill/bd": (25.1, 11.4, 14.8), "teacher_sft": (27.6, 16.4, 17.8)},
+    "qwen2.5-3b-to-0.5b": {"distill/bd": (27.8, 19.5, 20.7), "teacher_sft": (28.8, 24.1, 21.0)},
+}
+ABLATIONS = {  # Table 2 (p) on GPT-2 340M, OPT 125M, Qwen 0.5B; Table 4 (chi^2) on GPT-2 760M, Qwen 0.5B
+    "gpt2-1.5b-to-340m": {"bd-p1.0", "bd-p0.5"},
+    "gpt2-1.5b-to-760m": {"bd-chi2-off"},
+    "opt-6.7b-to-125m": {"bd-p1.0", "bd-p0.5"},
+    "qwen2.5-3b-to-0.5b": {"bd-p1.0", "bd-p0.5", "bd-chi2-off", "bd-released"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_numbers_and_ablations(name):
+    recipe, _ = load_recipe(name)
+    paper = recipe.paper_rouge_l
+    for model, scores in HEADLINE.get(name, {}).items():
+        assert (paper[model]["dolly"], paper[model]["selfinst"], paper[model]["vicuna"]) == scores
+    assert {"teacher_sft", "student_sft", "distill/kd", "distill/seqkd", "distill/bd"} <= set(paper)
+    runs = recipe.stages.distill.ablations.runs()
+    assert set(runs) == ABLATIONS.get(name, set())
+    assert {f"distill/{run}" for run in runs} <= set(recipe.stages.eval.models)  # evaluated side by side
+    # the cache holds the sets of every p < 1 the runs use (smaller p: prefixes of the cached sets;
+    # p = 1 needs no sets)
+    masked = [p for p in [recipe.stages.distill.p, *recipe.stages.distill.ablations.p] if p < 1]
+    assert recipe.stages.generate.cache_top_p >= max(masked)

@@ -19,6 +19,25 @@ def test_stage_order_and_dependencies():
     assert plan["distill/kd"].command == "bdctl distill RECIPE --method kd"
 
 
+def test_ablations_are_named_bd_runs_with_one_setting_changed(tmp_path):
+    recipe, _ = load_recipe("smoke", ["stages.distill.ablations={p: [1.0, 0.5], chi2: [false], variant: [released]}"])
+    runs = recipe.stages.distill.ablations.runs()
+    assert runs == {"bd-p1.0": ("p", 1.0), "bd-p0.5": ("p", 0.5), "bd-chi2-off": ("chi2", False), "bd-released": ("variant", "released")}
+    plan = {s.directory: s for s in stages(recipe)}
+    assert plan["distill/bd-p0.5"].command == "bdctl distill RECIPE --ablation bd-p0.5"
+    assert set(plan["distill/bd-chi2-off"].needs) == {"generate", "student_sft"}
+    # the CLI runs an ablation as BD with that one setting changed, into its own directory
+    shown = run_cli(
+        "distill", "smoke", "--ablation", "bd-chi2-off", "--dry-run",
+        "--set", "stages.distill.ablations.chi2=[false]", cwd=tmp_path,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert "runs/smoke/distill/bd-chi2-off/job.json" in shown.stdout + shown.stderr
+    unknown = run_cli("distill", "smoke", "--ablation", "bd-p0.3", cwd=tmp_path)
+    assert unknown.returncode == 2 and "--ablation bd-p0.3: no such run in stages.distill.ablations" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
+
+
 def test_zero_memory_arithmetic():
     billion = 10**9
     assert training_gib_per_gpu(billion, 4, 3, "bf16") == pytest.approx(16 * billion / 4 / 2**30)

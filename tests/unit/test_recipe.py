@@ -98,13 +98,14 @@ def _fingerprint(stage_name: str, overrides: list[str]) -> str:
 
 
 def test_resume_fingerprint_covers_the_stage_and_its_inputs_only():
-    base = _fingerprint("distill/bd", [])
+    by_loss = ["stages.distill.select=val_loss"]
+    base = _fingerprint("distill/bd", by_loss)
     # the stage's own section (distill/bd reads stages.distill) and what made its training data
-    assert _fingerprint("distill/bd", ["stages.distill.lr=0.1"]) != base
-    assert _fingerprint("distill/bd", ["stages.generate.cache_max_k=7"]) != base
+    assert _fingerprint("distill/bd", [*by_loss, "stages.distill.lr=0.1"]) != base
+    assert _fingerprint("distill/bd", [*by_loss, "stages.generate.cache_max_k=7"]) != base
     # other stages, and eval unless the stage selects by Rouge-L (which samples with eval's settings)
-    assert _fingerprint("distill/bd", ["stages.teacher_sft.lr=0.1"]) == base
-    assert _fingerprint("distill/bd", ["stages.eval.max_new_tokens=7"]) == base
+    assert _fingerprint("distill/bd", [*by_loss, "stages.teacher_sft.lr=0.1"]) == base
+    assert _fingerprint("distill/bd", [*by_loss, "stages.eval.max_new_tokens=7"]) == base
     rouge = _fingerprint("distill/bd", ["stages.distill.select=rouge_l"])
     assert _fingerprint("distill/bd", ["stages.distill.select=rouge_l", "stages.eval.max_new_tokens=7"]) != rouge
     # the scoring stage is configured by stages.generate

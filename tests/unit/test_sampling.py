@@ -142,6 +142,23 @@ def test_capture_equals_fresh_forward(model):
     assert min(sizes) == 1 and max(sizes) > 3
 
 
+def test_narrowed_capture_is_the_smaller_p_capture(model):
+    """Distill with p below the cache's: the cached sets cut to top-p equal a capture made at that p."""
+    kwargs = dict(eos_id=None, pad_id=PAD, max_new_tokens=16, capture_max_k=K)
+    seeds = list(range(len(PROMPTS)))
+    wide = sample(model, PROMPTS, seeds, capture_top_p=P, **kwargs)
+    narrow = sample(model, PROMPTS, seeds, capture_top_p=0.5, **kwargs)
+    for a, b in zip(wide, narrow, strict=True):
+        assert a.tokens == b.tokens  # the capture does not change what is sampled
+        cut = a.capture.narrowed(0.5)
+        np.testing.assert_array_equal(cut.kept, b.capture.kept)
+        np.testing.assert_array_equal(cut.ids, b.capture.ids)
+        np.testing.assert_allclose(cut.covered, b.capture.covered, rtol=1e-6)
+        assert (cut.kept <= a.capture.kept).all() and (cut.kept < a.capture.kept).any()
+        head = a.capture.head(5)
+        assert len(head) == 5 and head.ids.tolist() == a.capture.ids[: a.capture.kept[:5].sum()].tolist()
+
+
 def test_capture_ignores_sampling_filters(gpt2):
     """The capture is the raw temperature-1 distribution, whatever the sampling options."""
     samples = sample(
