@@ -106,13 +106,26 @@ def _write_file_synced(path: Path, data: np.ndarray) -> None:
 
 
 @dataclass(frozen=True)
-class _Pending:
+class CacheExample:
+    """One cached response: what a writer buffers and a reader returns.
+
+    Attributes:
+        prompt_id, sample_index, seed: which prompt, which of its samples, and its seed.
+        finish_reason: "eos" (the last token is EOS) or "length" (truncated).
+        tokens: int32 ``[T]`` response token ids.
+        capture: the top-p set at each of the ``T`` positions (ids int32, probs float16,
+            kept uint16, covered float16, views into the memory map, when read back).
+    """
+
     prompt_id: int
     sample_index: int
     seed: int
     finish_reason: str
     tokens: np.ndarray
     capture: Capture
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
 
 
 class CacheWriter:
@@ -141,7 +154,7 @@ class CacheWriter:
             if (match := _SHARD_NAME.match(name)) and int(match.group(1)) == writer
         ]
         self._next = max(mine) + 1 if mine else 0
-        self._pending: list[_Pending] = []
+        self._pending: list[CacheExample] = []
 
     def add(
         self,
@@ -169,7 +182,7 @@ class CacheWriter:
         if len(token_array) and (token_array.min() < 0 or token_array.max() > np.iinfo(np.int32).max):
             raise ValueError("token ids must fit in int32")
         self._pending.append(
-            _Pending(int(prompt_id), int(sample_index), int(seed), finish_reason, token_array, capture)
+            CacheExample(int(prompt_id), int(sample_index), int(seed), finish_reason, token_array, capture)
         )
 
     def add_sample(self, prompt_id: int, sample_index: int, sample: Sample) -> None:
@@ -356,29 +369,6 @@ def finalize(
 
 
 # --------------------------------------------------------------------------- reading
-
-
-@dataclass(frozen=True)
-class CacheExample:
-    """One cached response, as stored.
-
-    Attributes:
-        prompt_id, sample_index, seed: which prompt, which of its samples, and its seed.
-        finish_reason: "eos" (the last token is EOS) or "length" (truncated).
-        tokens: int32 ``[T]`` response token ids.
-        capture: the top-p set at each of the ``T`` positions (ids int32, probs float16,
-            kept uint16, covered float16), views into the memory map.
-    """
-
-    prompt_id: int
-    sample_index: int
-    seed: int
-    finish_reason: str
-    tokens: np.ndarray
-    capture: Capture
-
-    def __len__(self) -> int:
-        return int(self.tokens.shape[0])
 
 
 class TeacherCache(Sequence[CacheExample]):

@@ -207,12 +207,22 @@ def submit(
         shutil.rmtree(job.stage_dir / "logs", ignore_errors=True)
     elif job.stage_dir.exists():  # unfinished without a checkpoint, or --force: start over
         shutil.rmtree(job.stage_dir)
+    save_job(job, job_file)
+    launch(job_file, launch_options)
+    require_finished(job)
+    return job
+
+
+def save_job(job: Job, job_file: Path) -> None:
+    """The resolved recipe (in the run and the stage directory) and the job the ranks read."""
     job.stage_dir.mkdir(parents=True, exist_ok=True)
     text = dump_recipe(job.recipe)
     write_text_atomic(job.run.root / "recipe.yaml", text)
     write_text_atomic(job.stage_dir / "recipe.yaml", text)
     job.save(job_file)
-    launch(job_file, launch_options)
+
+
+def require_finished(job: Job) -> None:
+    """After the ranks: a stage without its manifest did not finish (they reported no error)."""
     if manifest(job.stage_dir) is None:
         raise UserError(f"{job.stage_dir}: the stage ended without finishing its output")
-    return job

@@ -17,7 +17,7 @@ takes one warm-up step and then one measured optimizer step on the same batch.
     bd_live      bd with the live teacher (a ZeRO-3 inference engine, 2x the student's layers) recomputing the
                  top-p sets every step, as the published code does
     bd_dense     bd from full [B, T, V] logits (bellman.dense_terms)
-    released     the released variant, chunked (stages.distill.released_lean_terms)
+    released     the released variant, chunked (bellman.released_lean_terms)
     released_dense  the released variant from full logits
 
 Time: wall clock of the measured step (forward, backward, optimizer step). Peak memory: the process's resident
@@ -113,7 +113,8 @@ def run_one(args) -> dict:
     from bdctl.objectives.lm import IGNORE_INDEX, lean_cross_entropy
     from bdctl.recipe import load_recipe
     from bdctl.recipe.schema import DistillStage
-    from bdctl.stages.distill import bd_terms, frame_sets, pretrain_loss, response_hidden, scored_rows, teacher_sets
+    from bdctl.sampling import teacher_sets
+    from bdctl.stages.distill import bd_terms, frame_sets, pretrain_loss, response_hidden, scored_rows
 
     quiet_libraries()
     init_distributed()

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from bdctl.errors import UserError
-from bdctl.job import Job, plan, resolve_weights, wait_for_job
+from bdctl.job import Job, plan, require_finished, resolve_weights, save_job, wait_for_job
 from bdctl.launch import LaunchOptions, dry_run_text, launch
 from bdctl.recipe.schema import EvalSet, EvalStage, ModelSpec
 from bdctl.rundir import MANIFEST, manifest, mark_complete, read_json, write_json_atomic, write_text_atomic
@@ -103,14 +103,9 @@ def submit(
     prepare(job, log)
     # From here until write_results the directory's results are being replaced.
     (job.stage_dir / MANIFEST).unlink(missing_ok=True)
-    from bdctl.recipe import dump_recipe
-
-    text = dump_recipe(job.recipe)
-    write_text_atomic(job.run.root / "recipe.yaml", text)
-    write_text_atomic(job.stage_dir / "recipe.yaml", text)
     units, todo = job.info["units"], job.info["todo"]
     log(f"eval: {len(units)} (model, set, seed) results: {len(units) - len(todo)} reused, {len(todo)} to generate")
-    job.save(job_file)
+    save_job(job, job_file)
     # Ranks started by other launchers (SLURM tasks, other nodes) wait for this job: start ours too.
     alone = launch_options.mode != "slurm" and launch_options.nnodes == 1
     if todo or not alone:
@@ -118,8 +113,7 @@ def submit(
         launch(job_file, launch_options)
     else:
         write_results(job)  # nothing to generate: no rank needs to start
-    if manifest(job.stage_dir) is None:
-        raise UserError(f"{job.stage_dir}: the stage ended without finishing its results")
+    require_finished(job)
     return job
 
 

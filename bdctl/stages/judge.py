@@ -36,10 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from bdctl.errors import UserError
-from bdctl.job import Job, plan
+from bdctl.job import Job, plan, require_finished, save_job
 from bdctl.launch import LaunchOptions
 from bdctl.recipe.schema import JudgeStage
-from bdctl.rundir import MANIFEST, manifest, mark_complete, write_json_atomic, write_text_atomic
+from bdctl.rundir import MANIFEST, mark_complete, write_json_atomic, write_text_atomic
 from bdctl.stages import evaluate
 
 STAGE = "judge"
@@ -81,15 +81,9 @@ def submit(
     (job.stage_dir / MANIFEST).unlink(missing_ok=True)
     if force:
         (job.stage_dir / VERDICTS_FILE).unlink(missing_ok=True)
-    from bdctl.recipe import dump_recipe
-
-    text = dump_recipe(job.recipe)
-    write_text_atomic(job.run.root / "recipe.yaml", text)
-    write_text_atomic(job.stage_dir / "recipe.yaml", text)
-    job.save(job.stage_dir / "job.json")
+    save_job(job, job.stage_dir / "job.json")
     run(job, 0, 1, log)
-    if manifest(job.stage_dir) is None:
-        raise UserError(f"{job.stage_dir}: the stage ended without finishing its results")
+    require_finished(job)
     return job
 
 
