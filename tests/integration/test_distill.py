@@ -227,6 +227,32 @@ def test_bd_two_ranks_give_the_one_rank_losses(bd_one_rank, prepared, tmp_path):
 
 
 @pytest.mark.slow
+def test_bd_resumes_exactly_from_a_checkpoint(prepared, tmp_path):
+    """Drop the last checkpoint and the finish of a 4-step run: the rerun resumes at step 2 and
+    repeats steps 3 and 4 exactly (D* batches, pretraining blocks, Rouge-L selection state)."""
+    recipe = copy_of(prepared, tmp_path)
+    settings = ("--set", "stages.distill.max_steps=4", "--set", "stages.distill.checkpoint_every=2",
+                "--set", "stages.distill.eval_every=2", *ROUGE_SELECTION)  # fmt: skip
+    _, stage, records = distill(recipe, "bd", tmp_path, *settings)
+    reference = {r["step"]: r for r in trains(records)}
+    reference_evals = {e["step"]: e["rouge_l"] for e in records if e["event"] == "eval"}
+    assert sorted(reference) == [1, 2, 3, 4]
+    shutil.rmtree(stage / "checkpoints/step4")
+    (stage / "MANIFEST.json").unlink()
+    result, _, records = distill(recipe, "bd", tmp_path, *settings)
+    assert "resuming" in result.stderr and "step2" in result.stderr
+    resumed = {r["step"]: r for r in trains(records)}
+    assert sorted(resumed) == [1, 2, 3, 4]  # metrics.jsonl was cut back to the checkpoint, then continued
+    for step in (3, 4):
+        for key in ("loss", "pt_loss", "mean_r", "mean_set_size"):
+            assert resumed[step][key] == pytest.approx(reference[step][key], rel=1e-6, abs=1e-7), (step, key)
+    evals = {e["step"]: e["rouge_l"] for e in records if e["event"] == "eval"}
+    assert sorted(evals) == [0, 2, 4] and evals[4] == pytest.approx(reference_evals[4], abs=1e-6)
+    done = json.loads((stage / "MANIFEST.json").read_text())
+    assert done["steps"] == 4 and done["best_score"] == pytest.approx(max(reference_evals.values()), abs=1e-6)
+
+
+@pytest.mark.slow
 def test_bd_with_a_live_teacher_equals_bd_from_the_cache(bd_one_rank, prepared, tmp_path):
     """The live teacher's sets are the cached ones (same rule and cap), so the losses agree."""
     recipe = copy_of(prepared, tmp_path)
