@@ -285,7 +285,9 @@ def train_loop(
             )  # fmt: skip
             progress.update(loss=record["loss"], **{"tok/s": f"{rate:.0f}"})
             end_of_epoch = (state.step % config.steps_per_epoch == 0) or state.step == config.total_steps
-            if (config.eval_every and state.step % config.eval_every == 0) or (not config.eval_every and end_of_epoch):
+            # every eval_every steps (else each epoch), and always the final weights
+            periodic = state.step % config.eval_every == 0 if config.eval_every else end_of_epoch
+            if periodic or state.step == config.total_steps:
                 validate_and_keep_best()
             due = state.step % config.checkpoint_every == 0 if config.checkpoint_every else end_of_epoch
             if due or state.step == config.total_steps:

@@ -210,7 +210,7 @@ class Train(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps with linear warm-up.")
     grad_clip: float = Field(1.0, ge=0, description="Gradient-norm clipping (0: off).")
-    eval_every: int = Field(0, ge=0, description="Validate every N steps (0: once per epoch).")
+    eval_every: int = Field(0, ge=0, description="Validate every N steps (0: once per epoch), and after the last step.")
     select: Literal["val_loss", "rouge_l"] = Field(
         "val_loss",
         description="Which validation score keeps a checkpoint: val_loss (lowest cross-entropy on the golden "
