@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bdctl.pipeline import stages
 from bdctl.recipe.schema import Recipe
 from bdctl.rundir import RunDir, write_text_atomic
 
@@ -104,7 +105,10 @@ def write_report(run: RunDir, recipe: Recipe, recipe_arg: str, overrides: list[s
             sections += ["", f"![{title}]({png.relative_to(run.root)})"]
     sparsity = run.stage("generate") / "sparsity.md"
     if sparsity.is_file():
-        sections += ["", "## Teacher sparsity (the paper's Figure 1)", "", sparsity.read_text().strip()]
+        # sparsity.md is a page of its own: drop its title, nest its sections under this one
+        lines = [line for line in sparsity.read_text().strip().splitlines() if not line.startswith("# ")]
+        nested = "\n".join("#" + line if line.startswith("## ") else line for line in lines).strip()
+        sections += ["", "## Teacher sparsity (the paper's Figure 1)", "", nested]
         if (run.stage("generate") / "sparsity.png").is_file():
             sections += ["", "![teacher sparsity](generate/sparsity.png)"]
     curves = training_curves(run, run.root / "figures" / "training_curves.png")
@@ -112,7 +116,10 @@ def write_report(run: RunDir, recipe: Recipe, recipe_arg: str, overrides: list[s
         sections += ["", "## Training curves", "", f"![training curves]({curves.relative_to(run.root)})"]
     if timings:
         sections += ["", "## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
-        sections += [f"| {stage} | {seconds:.1f} |" for stage, seconds in timings.items()]
+        order = [stage.directory for stage in stages(recipe)]
+        ranked = sorted(timings, key=lambda name: order.index(name) if name in order else len(order))
+        sections += [f"| {stage} | {timings[stage]:.1f} |" for stage in ranked]
+        sections += [f"| total | {sum(timings.values()):.1f} |"]
     path = run.root / "report.md"
     write_text_atomic(path, "\n".join(sections) + "\n")
     return path
