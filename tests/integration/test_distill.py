@@ -227,16 +227,38 @@ def test_bd_two_ranks_give_the_one_rank_losses(bd_one_rank, prepared, tmp_path):
 
 
 @pytest.mark.slow
-def test_bd_resumes_exactly_from_a_checkpoint(prepared, tmp_path):
-    """Drop the last checkpoint and the finish of a 4-step run: the rerun resumes at step 2 and
-    repeats steps 3 and 4 exactly (D* batches, pretraining blocks, Rouge-L selection state)."""
+def test_bd_with_a_live_teacher_equals_bd_from_the_cache(bd_one_rank, prepared, tmp_path):
+    """The live teacher's sets are the cached ones (same rule and cap), so the losses agree."""
     recipe = copy_of(prepared, tmp_path)
-    settings = ("--set", "stages.distill.max_steps=4", "--set", "stages.distill.checkpoint_every=2",
-                "--set", "stages.distill.eval_every=3", *ROUGE_SELECTION)  # fmt: skip
-    _, stage, records = distill(recipe, "bd", tmp_path, *settings)
+    result, _, records = distill(recipe, "bd", tmp_path, "--set", "stages.distill.teacher_source=live")
+    assert "the live teacher's top-p sets" in result.stderr
+    one, live = trains(bd_one_rank[3]), trains(records)
+    for key in ("loss", *BD_KEYS):
+        assert [r[key] for r in live] == pytest.approx([r[key] for r in one], rel=1e-4), key
+
+
+@pytest.mark.slow
+def test_bd_released_variant_with_a_live_teacher_resumes_exactly(prepared, tmp_path):
+    """The released variant with the live teacher and teacher KD in the LM term; then drop the last
+    checkpoint and the finish of the 4-step run: the rerun resumes at step 2 and repeats steps 3 and
+    4 exactly (D* batches, the teacher's sets, pretraining blocks, Rouge-L selection state)."""
+    recipe = copy_of(prepared, tmp_path)
+    settings = (
+        "--set", "stages.distill.variant=released", "--set", "stages.distill.teacher_source=live",
+        "--set", "stages.distill.pt_kd_ratio=0.5", "--set", "stages.distill.lm_coef=0.5",
+        "--set", "stages.distill.max_steps=4", "--set", "stages.distill.checkpoint_every=2",
+        "--set", "stages.distill.eval_every=3", *ROUGE_SELECTION,
+    )  # fmt: skip
+    result, stage, records = distill(recipe, "bd", tmp_path, *settings)
+    assert "bd (released variant, chunked lean form)" in result.stderr and "mixed with 0.5 exact KD" in result.stderr
+    for record in trains(records):
+        assert all(math.isfinite(record[k]) for k in ("loss", *BD_KEYS))
+        assert record["loss"] == pytest.approx(record["method_loss"] + 0.5 * record["pt_loss"])
+    assert_loadable(stage / "export")
     reference = {r["step"]: r for r in trains(records)}
     reference_evals = {e["step"]: e["rouge_l"] for e in records if e["event"] == "eval"}
     assert sorted(reference) == [1, 2, 3, 4]
+
     shutil.rmtree(stage / "checkpoints/step4")
     (stage / "MANIFEST.json").unlink()
     result, _, records = distill(recipe, "bd", tmp_path, *settings)
@@ -252,31 +274,6 @@ def test_bd_resumes_exactly_from_a_checkpoint(prepared, tmp_path):
     assert evals[3] == pytest.approx(reference_evals[3], abs=1e-6) and evals[4] == pytest.approx(reference_evals[4], abs=1e-6)
     done = json.loads((stage / "MANIFEST.json").read_text())
     assert done["steps"] == 4 and done["best_score"] == pytest.approx(max(reference_evals.values()), abs=1e-6)
-
-
-@pytest.mark.slow
-def test_bd_with_a_live_teacher_equals_bd_from_the_cache(bd_one_rank, prepared, tmp_path):
-    """The live teacher's sets are the cached ones (same rule and cap), so the losses agree."""
-    recipe = copy_of(prepared, tmp_path)
-    result, _, records = distill(recipe, "bd", tmp_path, "--set", "stages.distill.teacher_source=live")
-    assert "the live teacher's top-p sets" in result.stderr
-    one, live = trains(bd_one_rank[3]), trains(records)
-    for key in ("loss", *BD_KEYS):
-        assert [r[key] for r in live] == pytest.approx([r[key] for r in one], rel=1e-4), key
-
-
-@pytest.mark.slow
-def test_bd_released_variant_with_a_live_teacher_and_teacher_kd_in_the_lm_term(prepared, tmp_path):
-    recipe = copy_of(prepared, tmp_path)
-    result, stage, records = distill(
-        recipe, "bd", tmp_path, "--set", "stages.distill.variant=released", "--set", "stages.distill.teacher_source=live",
-        "--set", "stages.distill.pt_kd_ratio=0.5", "--set", "stages.distill.lm_coef=0.5",
-    )  # fmt: skip
-    assert "bd (released variant, chunked lean form)" in result.stderr and "mixed with 0.5 exact KD" in result.stderr
-    for record in trains(records):
-        assert all(math.isfinite(record[k]) for k in ("loss", *BD_KEYS))
-        assert record["loss"] == pytest.approx(record["method_loss"] + 0.5 * record["pt_loss"])
-    assert_loadable(stage / "export")
 
 
 @pytest.mark.slow
