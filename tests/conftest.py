@@ -10,6 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+# Tests never download (nothing can be, here or in CI): offline mode makes a hub lookup that is
+# meant to fail (an unknown model or data set id) fail at once instead of after DNS timeouts.
+# Subprocesses (the CLI under test) inherit it.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 
