@@ -483,8 +483,9 @@ def open_cache(directory: str | Path) -> TeacherCache:
     return TeacherCache(directory)
 
 
-def check(cache: TeacherCache | str | Path, tokenizer_hash: str, p: float, max_k: int | None = None) -> None:
-    """Refuse, with one line, a cache made with another tokenizer, another ``p`` or ``max_k``."""
+def check(cache: TeacherCache | str | Path, tokenizer_hash: str, p: float | None = None, max_k: int | None = None) -> None:
+    """Refuse, with one line, a cache made with another tokenizer, or another ``p`` or ``max_k``
+    when they are given."""
     if not isinstance(cache, TeacherCache):
         cache = TeacherCache(cache)
     where = f"cache {cache.directory}"
@@ -493,7 +494,7 @@ def check(cache: TeacherCache | str | Path, tokenizer_hash: str, p: float, max_k
             f"{where}: made with tokenizer {cache.tokenizer_hash}, the run's tokenizer is {tokenizer_hash}; "
             "generate the cache again with this tokenizer"
         )
-    if abs(cache.top_p - float(p)) > 1e-9:
+    if p is not None and abs(cache.top_p - float(p)) > 1e-9:
         raise UserError(f"{where}: made with top_p {cache.top_p:g}, the recipe asks for {float(p):g}")
     if max_k is not None and cache.max_k != max_k:
         raise UserError(f"{where}: made with at most {cache.max_k} candidates, the recipe asks for {max_k}")

@@ -234,7 +234,7 @@ def load_train_data(job: Job, tokenizer, setup: Setup, log=None) -> tuple[TrainD
         sources = [-1] * len(rows)
         if setup.kd_teacher == "cache":
             teacher = open_cache(cache_stage_dir(job, SCORE_STAGE))
-            check(teacher, digest, teacher.top_p)
+            check(teacher, digest)
             by_id = {row["id"]: i for i, row in enumerate(rows)}
             for index in range(len(teacher)):
                 example = teacher[index]
@@ -258,7 +258,7 @@ def load_train_data(job: Job, tokenizer, setup: Setup, log=None) -> tuple[TrainD
         return data, {"examples": len(items)}
 
     cache = open_cache(cache_stage_dir(job, DSTAR_STAGE))
-    check(cache, digest, cache.top_p)
+    check(cache, digest)  # the tokenizer; p is checked against the cache's below
     narrow_to = None
     if setup.sets == "cache" and abs(config.p - cache.top_p) > 1e-9:
         if config.p > cache.top_p:
