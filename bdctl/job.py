@@ -37,6 +37,7 @@ STAGES = {
     "eval": "bdctl.stages.evaluate",
     "judge": "bdctl.stages.judge",
     "distill": "bdctl.stages.distill",
+    "minillm": "bdctl.stages.minillm",  # `bdctl distill --method minillm`: runs/<name>/distill/minillm
 }
 # Stage directories other stages may refer to by name (weights, caches, generations).
 KNOWN_STAGE_DIRS = ("teacher_sft", "student_sft", "generate", "eval", "judge")
@@ -138,7 +139,7 @@ def stage_command(stage_dir: str, recipe_path: str) -> str:
         return f"bdctl sft {recipe_path} --model {stage_dir.removesuffix('_sft')}"
     if stage_dir.startswith("distill/"):
         name = stage_dir.removeprefix("distill/")
-        return f"bdctl distill {recipe_path} " + (f"--method {name}" if name in ("bd", "kd", "seqkd") else f"--ablation {name}")
+        return f"bdctl distill {recipe_path} " + (f"--method {name}" if name in ("bd", "kd", "seqkd", "minillm") else f"--ablation {name}")
     if stage_dir.startswith("score_"):
         return f"bdctl generate {recipe_path} --score {stage_dir.removeprefix('score_')}"
     return f"bdctl {stage_dir} {recipe_path}"

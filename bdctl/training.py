@@ -9,6 +9,11 @@ A stage supplies three functions and gets the rest:
                                              one named by `LoopConfig.select` picks the kept
                                              export (`bdctl.selection`)
 
+A stage whose training examples are made during training (MiniLLM's rollouts) also gives
+`before_step(step, batch)`, called at the start of every step with the global batch's example
+indices, and `extra_state = (save, load)`: `save()` returns what a checkpoint must hold besides the
+engine (e.g. the rollout buffer), `load(state)` restores it on resume.
+
 A stage with a second batch per step (distill's pretraining term) also gives
 `aux_inputs(step, g) -> (inputs, count)`, the extra inputs of global micro-batch `g` of a step
 (numbered over the whole global batch, so they do not depend on the number of ranks), and its
@@ -180,6 +185,8 @@ def train_loop(
     metrics,
     progress,
     aux_inputs: Callable[[int, int], tuple[dict[str, Any], int]] | None = None,
+    before_step: Callable[[int, list[int]], None] | None = None,
+    extra_state: tuple[Callable[[], dict], Callable[[dict], None]] | None = None,
 ) -> TrainState:
     """Train to `config.total_steps` (resuming from the newest checkpoint), keeping the best
     validation score's export in out/best. Returns the final state."""
@@ -208,6 +215,8 @@ def train_loop(
         _, client = engine.load_checkpoint(str(checkpoints), tag=resume_from.name)
         state = TrainState(**client["train_state"])
         restore_rng(state.rng)
+        if extra_state is not None:
+            extra_state[1](client["extra_state"])
         progress.print(f"resumed from {resume_from} (step {state.step})")
         if rank == 0:
             metrics.truncate_after(state.step)
@@ -216,8 +225,9 @@ def train_loop(
     def checkpoint(reason: str) -> None:
         state.rng = capture_rng()
         tag = f"step{state.step}"
+        client = {"train_state": asdict(state), **({"extra_state": extra_state[0]()} if extra_state else {})}
         save_checkpoint(
-            engine, checkpoints, tag, {"train_state": asdict(state)}, config.keep_checkpoints, rank,
+            engine, checkpoints, tag, client, config.keep_checkpoints, rank,
             info={"fingerprint": config.fingerprint, "world_size": world, "reason": reason},
         )  # fmt: skip
         metrics.write(event="checkpoint", step=state.step, tag=tag, reason=reason)
@@ -238,6 +248,8 @@ def train_loop(
         while state.step < config.total_steps:
             epoch, index = divmod(state.step, config.steps_per_epoch)
             order = epoch_order(n_train, config.seed, epoch)
+            if before_step is not None:
+                before_step(state.step, order[index * config.batch_size : (index + 1) * config.batch_size])
             chunks = rank_share(order, index, config.batch_size, config.micro_batch_size, rank, world)
             batches = []
             for j, chunk in enumerate(chunks):
