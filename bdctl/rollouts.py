@@ -64,14 +64,18 @@ class MixedSample:
 
 
 class Both:
-    """Calls the student and the teacher with the same arguments: `Lockstep`'s dummy forward for two models."""
+    """Calls the student and the teacher with the same arguments: `Lockstep`'s dummy forward for two models.
+
+    Runs under no_grad, never inference mode (which `Lockstep` uses): see `mixed_sample`.
+    """
 
     def __init__(self, student, teacher):
         self.student, self.teacher = student, teacher
 
     def __call__(self, **inputs):
-        self.student(**inputs)
-        return self.teacher(**inputs)
+        with torch.inference_mode(False), torch.no_grad():
+            self.student(**inputs)
+            return self.teacher(**inputs)
 
 
 def _check(student, teacher, prompts, seeds, mix: float, max_new_tokens: int) -> None:
@@ -94,7 +98,7 @@ def _check(student, teacher, prompts, seeds, mix: float, max_new_tokens: int) ->
             )
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def mixed_sample(
     student: torch.nn.Module,
     teacher: torch.nn.Module,
@@ -122,6 +126,10 @@ def mixed_sample(
 
     Returns:
         One :class:`MixedSample` per prompt, in the order given.
+
+    No gradients, but not inference mode: the student is the training engine's module, and on ZeRO-3 the
+    first forward after an optimizer step re-gathers the persistent (small) parameters; gathered in
+    inference mode they would become inference tensors that the next training forward cannot save.
     """
     _check(student, teacher, prompts, seeds, mix, max_new_tokens)
     if not prompts:
