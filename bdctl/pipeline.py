@@ -2,7 +2,7 @@
 memory a model needs per GPU under ZeRO-2 and ZeRO-3.
 
     data split -> teacher SFT -> generate D* (+ cache) -> student SFT (phase 1)
-               -> distill: BD, its ablations and the baselines -> eval -> judge
+               -> distill: BD, its ablations and the baselines (KD, SeqKD, MiniLLM) -> eval -> judge
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ def stages(recipe: Recipe) -> list[Stage]:
         ),
         Stage("distill/kd", "bdctl distill RECIPE --method kd", ("score_train",)),
         Stage("distill/seqkd", "bdctl distill RECIPE --method seqkd", ("generate",)),
+        # online: the student's own rollouts with the live teacher (stages.generate.model) mixed in
+        Stage("distill/minillm", "bdctl distill RECIPE --method minillm", ("teacher_sft", "student_sft")),
         Stage("eval", "bdctl eval RECIPE", tuple(recipe.stages.eval.models)),
         Stage("judge", f"bdctl judge RECIPE --backend {recipe.stages.judge.backend}", ("eval",)),
     ]
