@@ -90,3 +90,44 @@ def test_bad_settings():
     teacher.train()
     with pytest.raises(ValueError, match="teacher is in training mode"):
         mixed_sample(student, teacher, PROMPTS, [1, 2, 3, 4], mix=0.2, eos_id=EOS, pad_id=PAD, max_new_tokens=4)
+
+
+def test_collated_rollouts_line_up_with_the_training_forward():
+    """The stage's update batch reads the student's log-probability of each response token at position
+    len(prompt) + t - 1 of the right-padded sequence: at the sampling weights it equals what the sampler
+    kept (so rho_t = w_t on the first minibatch), for rows of different lengths."""
+    from bdctl.recipe.schema import MiniLLM
+    from bdctl.stages.minillm import Rollout, collate_rollouts, minibatch_advantages
+
+    student, teacher = _models("gpt2")
+    own = MiniLLM()
+    seeds = [rollout_seed(7, 4, i) for i in range(len(PROMPTS))]  # rows of different lengths (see above)
+    found = mixed_sample(student, teacher, PROMPTS, seeds, mix=own.teacher_mix, eos_id=EOS, pad_id=PAD, max_new_tokens=12)
+    rollouts = [
+        Rollout(row=i, tokens=np.asarray(f.tokens, dtype=np.int64), log_q=f.log_q, log_p=f.log_p, log_mix=f.log_mix, eos=f.finish_reason == "eos")
+        for i, f in enumerate(found)
+    ]
+    assert len({len(r.tokens) for r in rollouts}) > 1
+    batch = collate_rollouts(rollouts, minibatch_advantages(rollouts, own), own, PROMPTS, PAD)
+    valid = batch["valid"]
+    with torch.no_grad():
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    at = logits.gather(1, batch["positions"][..., None].expand(-1, -1, VOCAB))
+    log_q = torch.log_softmax(at, -1).gather(-1, batch["actions"][..., None])[..., 0]
+    torch.testing.assert_close(log_q[valid], batch["old_log_q"][valid], rtol=1e-9, atol=1e-9)
+    for i, r in enumerate(rollouts):
+        n = len(r.tokens)
+        assert valid[i].sum() == n and batch["actions"][i, :n].tolist() == r.tokens.tolist()
+        np.testing.assert_allclose(batch["weights"][i, :n].numpy(), np.exp(r.log_q - r.log_mix), rtol=1e-12)
+    adv = batch["advantages"][valid]
+    assert abs(adv.mean().item()) < 1e-9 and abs(adv.std(unbiased=False).item() - 1) < 1e-6  # whitened over the minibatch
+
+
+def test_collections_walk_the_seeded_prompt_order():
+    from bdctl.data.batching import epoch_order
+    from bdctl.stages.minillm import collection_rows
+
+    rows = [collection_rows(c, 10, 4, seed=3) for c in range(5)]  # 20 positions: two passes of 10 prompts
+    flat = [r for part in rows for r in part]
+    assert flat == epoch_order(10, 3, 0) + epoch_order(10, 3, 1)
+    assert collection_rows(2, 10, 4, seed=3) == rows[2]
