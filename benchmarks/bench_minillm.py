@@ -6,7 +6,7 @@
 
 One process, one rank (CPU here, or the first GPU), the real training path: a DeepSpeed ZeRO-3 engine with
 `policy_module` for the student (GPT-2 architecture from a config, random weights, vocabulary 50257) and the
-stages' own loss functions. The teacher is a GPT-2 of the same width with more layers, a whole copy beside the
+stages' own loss functions. The teacher is a wider, deeper GPT-2 (its own output embedding), a whole copy beside the
 student (`minillm.zero_inference: false`, the default). The batch: `micro` prompts of `prompt` random tokens,
 each with a response of `response` tokens.
 
@@ -21,8 +21,9 @@ each with a response of `response` tokens.
                       (k = 0.5), how the recipes run it
 
 A MiniLLM optimizer step is `update + rollout / ppo_epochs`: a collection is sampled once and trained on
-`ppo_epochs` times (4 in MiniLLM). Each configuration takes one warm-up step, then the mean of `--repeat`
-measured steps (wall clock, forward + backward + optimizer step; for the rollout, the sampling).
+`ppo_epochs` times (4 in MiniLLM). Each configuration takes one warm-up step, then `--repeat` rounds run each
+configuration once; the median per configuration is reported (wall clock, forward + backward + optimizer step;
+for the rollout, the sampling).
 """
 
 from __future__ import annotations
@@ -39,12 +40,13 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--teacher-layers", type=int, default=8)
+    parser.add_argument("--teacher-hidden", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=50257)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--response", type=int, default=128)
     parser.add_argument("--micro", type=int, default=4, help="sequences per step")
     parser.add_argument("--ppo-epochs", type=int, default=4, help="passes over a collection (MiniLLM: 4)")
-    parser.add_argument("--repeat", type=int, default=2, help="measured steps per configuration")
+    parser.add_argument("--repeat", type=int, default=3, help="measured rounds (each configuration once per round)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -72,18 +74,18 @@ def main() -> None:
     own = config.minillm
     seq = args.prompt + args.response
 
-    def gpt2(layers):
+    def gpt2(layers, hidden):
         return GPT2Config(
-            vocab_size=args.vocab, n_layer=layers, n_embd=args.hidden, n_head=max(1, args.hidden // 64), n_positions=seq,
+            vocab_size=args.vocab, n_layer=layers, n_embd=hidden, n_head=max(1, hidden // 64), n_positions=seq,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         )  # fmt: skip
 
-    teacher = policy_module(AutoModelForCausalLM.from_config(gpt2(args.teacher_layers))).eval()  # before ZeRO-3's context
+    teacher = policy_module(AutoModelForCausalLM.from_config(gpt2(args.teacher_layers, args.teacher_hidden))).eval()  # before ZeRO-3's context
     for param in teacher.parameters():
         param.requires_grad_(False)
     ds_config = deepspeed_config(recipe, config, "bench", 1, 1000, args.hidden, "fp32", False)
     with_ds = hf_deepspeed_context(ds_config)  # noqa: F841  (partitioned load, as the stages do)
-    engine = make_engine(policy_module(AutoModelForCausalLM.from_config(gpt2(args.layers))), ds_config, 1000, 0.0)
+    engine = make_engine(policy_module(AutoModelForCausalLM.from_config(gpt2(args.layers, args.hidden))), ds_config, 1000, 0.0)
     device = engine.device
     teacher.to(device)
     teacher_weight = teacher.lm.get_output_embeddings().weight.detach()
@@ -106,9 +108,13 @@ def main() -> None:
     # synthetic top-p sets: sizes about 6, the action inside nine times in ten (as bench_distill.py)
     width = 16
     kept = torch.from_numpy(np.minimum(rng.geometric(1 / 6, size=actions.shape), width))
-    cand_ids = torch.from_numpy(rng.integers(0, args.vocab, size=(*actions.shape, width)))
-    inside = torch.from_numpy(rng.random(actions.shape) < 0.9)
-    cand_ids[..., 0] = torch.where(inside, actions, cand_ids[..., 0])
+    sets = np.stack([rng.choice(args.vocab, size=width, replace=False) for _ in range(actions.numel())]).reshape(*actions.shape, width)
+    for index in np.ndindex(*actions.shape):
+        action, members = int(actions[index]), sets[index]
+        if rng.random() < 0.9:  # the action first in its set (distinct ids: it may already be a member)
+            members[members == action] = members[0]
+            members[0] = action
+    cand_ids = torch.from_numpy(sets)
     cand_mask = torch.arange(width)[None, None, :] < kept[..., None]
 
     def at_response(hidden):
@@ -179,45 +185,52 @@ def main() -> None:
 
         train(engine(batch["input_ids"], batch["attention_mask"], loss_fn=head) + pretrain(own.pt_kd_ratio))
 
-    def measure(fn) -> float:
-        fn()  # warm-up
-        started = time.perf_counter()
-        for _ in range(args.repeat):
+    configs = {"sft": sft, "bd": lambda: bd(False), "bd_pt": lambda: bd(True), "minillm rollout": rollout, "minillm update": update}
+    for fn in configs.values():
+        fn()  # warm-up (DeepSpeed's first-step set-up, the optimizer states, the allocator)
+    times = {name: [] for name in configs}
+    cpu = {name: [] for name in configs}
+    for _ in range(args.repeat):  # rounds: a busy machine's slow spells spread over every configuration
+        for name, fn in configs.items():
+            started, started_cpu = time.perf_counter(), time.process_time()
             fn()
-        return (time.perf_counter() - started) / args.repeat
+            times[name].append(time.perf_counter() - started)
+            cpu[name].append(time.process_time() - started_cpu)
 
     print(
-        f"student: GPT-2 {args.layers} layers ({n_student / 1e6:.1f} M), teacher {args.teacher_layers} layers ({n_teacher / 1e6:.1f} M), "
-        f"hidden {args.hidden}, vocabulary {args.vocab}; batch {args.micro} x ({args.prompt} prompt + {args.response} response) tokens"
+        f"student: GPT-2 {args.layers} layers x {args.hidden} ({n_student / 1e6:.1f} M), teacher {args.teacher_layers} layers x "
+        f"{args.teacher_hidden} ({n_teacher / 1e6:.1f} M), vocabulary {args.vocab}; batch {args.micro} x ({args.prompt} prompt + {args.response} response) tokens"
     )
-    seconds = {
-        "sft": measure(sft),
-        "bd": measure(lambda: bd(False)),
-        "bd_pt": measure(lambda: bd(True)),
-        "minillm rollout": measure(rollout),
-        "minillm update": measure(update),
-    }
-    seconds["minillm step"] = seconds["minillm update"] + seconds["minillm rollout"] / args.ppo_epochs
-    for name, value in seconds.items():
-        print(f"{name:16s} {value:8.3f} s")
-    step = seconds["minillm step"]
-    ratios = {
-        "minillm step / sft": step / seconds["sft"],
-        "minillm step / bd": step / seconds["bd"],
-        "minillm step / bd_pt": step / seconds["bd_pt"],
-        "minillm update / sft": seconds["minillm update"] / seconds["sft"],
-        "rollout share of a minillm step": seconds["minillm rollout"] / args.ppo_epochs / step,
-        "update share of a minillm step": seconds["minillm update"] / step,
-        "bd_pt / sft": seconds["bd_pt"] / seconds["sft"],
-    }
-    print(f"\nratios (a MiniLLM step = update + rollout / {args.ppo_epochs} PPO epochs)")
-    for name, value in ratios.items():
-        print(f"{name:34s} {value:6.2f}")
+    def summary(samples):
+        seconds = {name: float(np.median(values)) for name, values in samples.items()}
+        seconds["minillm step"] = seconds["minillm update"] + seconds["minillm rollout"] / args.ppo_epochs
+        step = seconds["minillm step"]
+        ratios = {
+            "minillm step / sft": step / seconds["sft"],
+            "minillm step / bd": step / seconds["bd"],
+            "minillm step / bd_pt": step / seconds["bd_pt"],
+            "minillm update / sft": seconds["minillm update"] / seconds["sft"],
+            "rollout share of a minillm step": seconds["minillm rollout"] / args.ppo_epochs / step,
+            "update share of a minillm step": seconds["minillm update"] / step,
+            "bd_pt / sft": seconds["bd_pt"] / seconds["sft"],
+        }
+        return seconds, ratios
+
+    # Wall clock is what a user waits for; the process's CPU time is the steadier measure on a shared machine.
+    seconds, ratios = summary(times)
+    cpu_seconds, cpu_ratios = summary(cpu)
+    print(f"{'':16s} {'wall s':>8s} {'CPU s':>8s}")
+    for name in seconds:
+        print(f"{name:16s} {seconds[name]:8.3f} {cpu_seconds[name]:8.3f}")
+    print(f"\nratios (a MiniLLM step = update + rollout / {args.ppo_epochs} PPO epochs)   wall    CPU")
+    for name in ratios:
+        print(f"{name:42s} {ratios[name]:6.2f}  {cpu_ratios[name]:6.2f}")
     print(f"METHOD.md 5b's estimate of the update alone, 2 + 2 N_teacher / (3 N_student): {2 + 2 * n_teacher / (3 * n_student):.2f} x SFT")
     if args.out:
-        shape = {k: getattr(args, k) for k in ("layers", "hidden", "teacher_layers", "vocab", "prompt", "response", "micro", "ppo_epochs", "repeat", "seed")}
+        shape = {k: getattr(args, k) for k in ("layers", "hidden", "teacher_layers", "teacher_hidden", "vocab", "prompt", "response", "micro", "ppo_epochs", "repeat", "seed")}
         args.out.write_text(json.dumps({"shape": shape, "parameters": {"student": n_student, "teacher": n_teacher},
-                                        "seconds": seconds, "ratios": ratios}, indent=2) + "\n")  # fmt: skip
+                                        "seconds": seconds, "ratios": ratios, "cpu_seconds": cpu_seconds, "cpu_ratios": cpu_ratios,
+                                        "samples": {"wall": times, "cpu": cpu}}, indent=2) + "\n")  # fmt: skip
 
 
 if __name__ == "__main__":
