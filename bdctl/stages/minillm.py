@@ -169,9 +169,9 @@ def check_teacher_fits(job: Job, student, teacher) -> None:
         return  # CPU runs share the host's memory; there is no per-device budget to compare with
     import json
 
-    import torch
+    from deepspeed.accelerator import get_accelerator
 
-    gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    gpu_gib = get_accelerator().total_memory(0) / 2**30
     zero_stage = int(json.loads(config_path(job.recipe.deepspeed.config).read_text()).get("zero_optimization", {}).get("stage", 0))
     error = teacher_fit_error(
         _parameters(student, job.recipe), _parameters(teacher, job.recipe), job.world_size, zero_stage,
