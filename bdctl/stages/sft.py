@@ -116,13 +116,25 @@ def run(job: Job, rank: int, world: int) -> None:
         state = train_loop(
             engine=engine, config=loop_config(job, config, total_steps, per_epoch), out=out, rank=rank, world=world,
             n_train=len(train), micro_batches=micro_batches, loss=loss, validate=validate,
-            export_best=lambda info: export_hf(engine, tokenizer, out / "best", rank, info),
+            export_best=lambda info, name: export_hf(engine, tokenizer, out / name, rank, info),
             metrics=metrics, progress=progress,
         )  # fmt: skip
-    finish(out, state, rank, job.stage_name, metrics, config.select)
+    finish(out, state, rank, job.stage_name, metrics, config.select, **selection_facts(job, config))
+
+
+def selection_facts(job: Job, config) -> dict:
+    """What the manifest records about checkpoint selection: the protocol Rouge-L sampled with."""
+    from bdctl.selection import selection_protocols
+
+    protocols = selection_protocols(job, config)
+    if not protocols:
+        return {}
+    chosen = job.recipe.stages.eval.protocol(protocols[0])
+    return {"select_protocol": chosen.model_dump(), "select_prompts": config.select_prompts}
 
 
 def loop_config(job: Job, config, total_steps: int, per_epoch: int):
+    from bdctl.selection import selection_protocols
     from bdctl.training import LoopConfig
 
     return LoopConfig(
@@ -130,5 +142,5 @@ def loop_config(job: Job, config, total_steps: int, per_epoch: int):
         micro_batch_size=config.micro_batch_size, seed=job.recipe.seed, eval_every=config.eval_every,
         checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
         on_nonfinite=config.on_nonfinite, fingerprint=job.fingerprint(),
-        select=config.select,
+        select=config.select, keep_each_protocol=selection_protocols(job, config)[1:],
     )  # fmt: skip
