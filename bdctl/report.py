@@ -33,9 +33,14 @@ def training_curves(run: RunDir, path: Path) -> Path | None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(4.2 * len(dirs), 3.2), layout="constrained")
+    columns = min(4, len(dirs))  # a grid: a run with a dozen distillation stages stays readable
+    rows = -(-len(dirs) // columns)
+    figure = Figure(figsize=(4.2 * columns, 3.2 * rows), layout="constrained")
     canvas = FigureCanvasAgg(figure)
-    for axes, directory in zip(figure.subplots(1, len(dirs), squeeze=False)[0], dirs, strict=True):
+    panels = figure.subplots(rows, columns, squeeze=False).ravel()
+    for unused in panels[len(dirs) :]:
+        unused.set_visible(False)
+    for axes, directory in zip(panels[: len(dirs)], dirs, strict=True):
         records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
         train = [(r["step"], r["loss"]) for r in records if r.get("event") == "train"]
         evals = [r for r in records if r.get("event") == "eval"]
@@ -43,11 +48,17 @@ def training_curves(run: RunDir, path: Path) -> Path | None:
             axes.plot(*zip(*train), lw=1, label="train loss")
         if evals:
             axes.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", ms=3, label="validation loss")
-        rouge = [(r["step"], r["rouge_l"]) for r in evals if "rouge_l" in r]
-        if rouge:
+        # one Rouge-L curve per protocol where the stage validated under several, else the one it selected by
+        keys = sorted({k for r in evals for k in r if k.startswith("rouge_l@")}) or ["rouge_l"]
+        curves = {key: [(r["step"], r[key]) for r in evals if key in r] for key in keys}
+        if any(curves.values()):
             twin = axes.twinx()
-            twin.plot(*zip(*rouge), "s--", ms=3, color="tab:green", label="validation Rouge-L")
+            for (key, points), color in zip(curves.items(), ("tab:green", "tab:red", "tab:purple", "tab:brown"), strict=False):
+                if points:
+                    label = "validation Rouge-L" + (f" ({key.split('@')[1]})" if "@" in key else "")
+                    twin.plot(*zip(*points), "s--", ms=3, color=color, label=label)
             twin.set_ylabel("Rouge-L", color="tab:green")
+            twin.legend(fontsize="x-small", loc="lower right")
         axes.set_title(str(directory.relative_to(run.root)))
         axes.set_xlabel("optimizer step")
         axes.legend(fontsize="small")
