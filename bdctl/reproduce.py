@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from rich.markup import escape
+
 from bdctl.errors import UserError
 from bdctl.pipeline import Stage, stages
 from bdctl.recipe import load_recipe
@@ -54,7 +56,8 @@ def reproduce(
     timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
     for stage in pipeline:
         command = command_of(stage, recipe_path, overrides, launcher_args)
-        shown = shlex.join(["bdctl", *command[3:]])
+        # escaped: a --set value such as "{chi2: [false]}" is text, not rich markup
+        shown = escape(shlex.join(["bdctl", *command[3:]]))
         if manifest(run.stage(stage.directory)) is not None:
             log(f"[dim]skip[/] {stage.directory}: finished ({shown})")
             continue
