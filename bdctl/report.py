@@ -71,7 +71,7 @@ def rouge_tables(results: dict, recipe: Recipe) -> list[str]:
     """Per sampling protocol: Table 1 (every evaluated model, with the paper's numbers beside ours
     where the recipe has them and says they came from this protocol or does not know) and Tables 2
     / 4 (BD and its ablations), as Markdown sections. Numbers of two protocols never share a table."""
-    from bdctl.stages.evaluate import protocol_label
+    from bdctl.answers import protocol_label
     from bdctl.tables import markdown_table, mean_std_cell
 
     sets, paper = results["sets"], recipe.paper_rouge_l

@@ -58,10 +58,10 @@ def validation_rouge(engine, tokenizer, rows: list[dict], settings, seed: int, r
     `settings`: the eval stage (max_new_tokens, batch_size, no_repeat_ngram_size); `protocol`: the
     stages.eval protocol to sample with (None: its first).
     """
+    from bdctl.answers import prompt_seed, sample_answers
     from bdctl.engine import global_mean
     from bdctl.metrics import rouge_l
-    from bdctl.sampling import FINISH_EOS, Lockstep, length_grouped_batches, sample
-    from bdctl.stages.evaluate import prompt_seed
+    from bdctl.sampling import Lockstep, length_grouped_batches
 
     sampling = settings.protocol(protocol.name if protocol is not None else None).sampling()
 
@@ -74,17 +74,15 @@ def validation_rouge(engine, tokenizer, rows: list[dict], settings, seed: int, r
         batch = batches[first + rank] if first + rank < len(batches) else None
 
         def run(all_done=None, batch=batch):
-            return sample(
-                model, [prompts[i] for i in batch], [prompt_seed(seed, rows[i]["id"]) for i in batch],
-                eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                max_new_tokens=settings.max_new_tokens, no_repeat_ngram_size=settings.no_repeat_ngram_size,
-                all_done=all_done, **sampling,
+            return sample_answers(
+                model, tokenizer, [prompts[i] for i in batch], [prompt_seed(seed, rows[i]["id"]) for i in batch],
+                sampling=sampling, max_new_tokens=settings.max_new_tokens,
+                no_repeat_ngram_size=settings.no_repeat_ngram_size, all_done=all_done,
             )  # fmt: skip
 
-        samples = run() if lockstep is None else lockstep.round(settings.max_new_tokens, run if batch else None)
-        for i, result in zip(batch or [], samples, strict=True):
-            tokens = result.tokens[:-1] if result.finish_reason == FINISH_EOS else result.tokens
-            total += rouge_l(tokenizer.decode(tokens, skip_special_tokens=True), [rows[i]["output"]])
+        answers = run() if lockstep is None else lockstep.round(settings.max_new_tokens, run if batch else None)
+        for i, answer in zip(batch or [], answers, strict=True):
+            total += rouge_l(answer.text, [rows[i]["output"]])
     return global_mean(total, float(len(rows) if rank == 0 else 0), engine.device)
 
 

@@ -54,7 +54,8 @@ def eval_(
     generations do not depend on the number of ranks.
     """
     with user_errors():
-        from bdctl.stages.evaluate import protocol_label, results_table, submit
+        from bdctl.answers import protocol_label
+        from bdctl.stages.evaluate import results_table, submit
         from bdctl.tables import print_table
 
         options = {"models": list(model) if model else None}

@@ -52,6 +52,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from bdctl.answers import prompt_seed, protocol_label, sample_answers
 from bdctl.errors import UserError
 from bdctl.job import Job, plan, require_finished, resolve_weights, save_job, wait_for_job
 from bdctl.launch import LaunchOptions, dry_run_text, launch
@@ -397,14 +398,6 @@ def read_generations(eval_dir: Path, unit: dict[str, Any]) -> list[dict]:
     return [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line]
 
 
-def prompt_seed(seed: int, prompt_id: Any) -> int:
-    """The seed of one prompt's sample: a hash of (seed, prompt id), so it depends on neither the
-    batch nor the rank the prompt lands in, and two models get the same random numbers on the
-    same prompt (a paired comparison)."""
-    digest = hashlib.sha256(f"{seed}/{prompt_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
 def _device():
     import torch
 
@@ -450,7 +443,7 @@ def generate_units(
 def _generate_model_units(eval_dir, info, mine, network, tokenizer, sampling, rank, world, progress) -> None:
     """The units of one loaded model (its protocols, sets and seeds); rank 0 writes each."""
     from bdctl.metrics import rouge_l
-    from bdctl.sampling import FINISH_EOS, length_grouped_batches, sample
+    from bdctl.sampling import length_grouped_batches
 
     settings = info["settings"]
     model = next(m for m in info["models"] if m["name"] == mine[0]["model"])
@@ -466,21 +459,17 @@ def _generate_model_units(eval_dir, info, mine, network, tokenizer, sampling, ra
             started = time.time()
             records = []
             for batch in batches:
-                samples = sample(
-                    network, [prompts[i] for i in batch],
-                    [prompt_seed(unit["seed"], examples[i]["id"]) for i in batch],
-                    eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                    max_new_tokens=settings["max_new_tokens"], **sampling[unit["protocol"]],
-                    no_repeat_ngram_size=settings["no_repeat_ngram_size"],
+                answers = sample_answers(
+                    network, tokenizer, [prompts[i] for i in batch],
+                    [prompt_seed(unit["seed"], examples[i]["id"]) for i in batch], sampling=sampling[unit["protocol"]],
+                    max_new_tokens=settings["max_new_tokens"], no_repeat_ngram_size=settings["no_repeat_ngram_size"],
                 )  # fmt: skip
-                for i, result in zip(batch, samples, strict=True):
-                    tokens = result.tokens[:-1] if result.finish_reason == FINISH_EOS else result.tokens
-                    text = tokenizer.decode(tokens, skip_special_tokens=True)
+                for i, answer in zip(batch, answers, strict=True):
                     records.append(
                         (i, {"model": model["ref"], "protocol": unit["protocol"], "set": unit["set"], "seed": unit["seed"],
-                             "prompt_id": examples[i]["id"], "text": text,
-                             "rouge_l": rouge_l(text, examples[i]["references"]),
-                             "finish_reason": result.finish_reason, "tokens": len(tokens)})
+                             "prompt_id": examples[i]["id"], "text": answer.text,
+                             "rouge_l": rouge_l(answer.text, examples[i]["references"]),
+                             "finish_reason": answer.finish_reason, "tokens": answer.tokens})
                     )  # fmt: skip
                 if progress is not None:
                     progress.update(len(batch), unit=f"{model['ref']} {unit['protocol']} {unit['set']} seed {unit['seed']}")
@@ -546,11 +535,6 @@ def _share(n: int, batch_size: int, rank: int, world: int) -> int:
 
 
 # --------------------------------------------------------------------------- results
-
-
-def protocol_label(protocol: dict[str, Any]) -> str:
-    """"minillm (temperature 1, top_p 1, top_k 0)": how every number of a table was sampled."""
-    return f"{protocol['name']} (temperature {protocol['temperature']:g}, top_p {protocol['top_p']:g}, top_k {protocol['top_k']})"
 
 
 def results_table(results: dict[str, Any], protocol: str) -> tuple[list[str], list[list[Any]]]:

@@ -8,7 +8,8 @@ import math
 import re
 
 from bdctl.sampling import length_grouped_batches
-from bdctl.stages.evaluate import _share, model_dir_name, prompt_seed
+from bdctl.answers import prompt_seed
+from bdctl.stages.evaluate import _share, model_dir_name
 from bdctl.tables import csv_table, markdown_table, mean_std_cell, rich_table
 
 
