@@ -153,7 +153,7 @@ def stage_module(stage: str) -> ModuleType:
 
 def plan(stage: str, recipe_arg: str, overrides: list[str], options: dict[str, Any], launch_options: LaunchOptions) -> Job:
     recipe, path = load_recipe(recipe_arg, overrides)
-    run_root = recipe.run_dir or f"runs/{recipe.name}"
+    run_root = str(RunDir.of(recipe).root)
     module = stage_module(stage)
     return Job(
         stage=stage,

@@ -28,7 +28,7 @@ def plan(
     recipe_arg: str, overrides: list[str], start: str | None, only: str | None
 ) -> tuple[list[Stage], RunDir, Path, Recipe]:
     recipe, path = load_recipe(recipe_arg, overrides)
-    run = RunDir(recipe.run_dir or f"runs/{recipe.name}")
+    run = RunDir.of(recipe)
     pipeline = stages(recipe)
     names = [s.directory for s in pipeline]
     for flag, value in (("--from", start), ("--only", only)):

@@ -475,7 +475,7 @@ def pretrain_loss(hidden: Tensor, weight: Tensor, blocks: Tensor, ratio: float =
 
 def prepare(job: Job, log=print) -> None:
     """Launching process: data split, inputs that must exist, vocabulary check, pretraining blocks."""
-    from bdctl.data.batching import steps_per_epoch
+    from bdctl.data.batching import training_steps
     from bdctl.engine import check_batch_split
     from bdctl.data.prepare import prepare_data
     from bdctl.models import check_vocabularies, load_tokenizer, max_positions
@@ -506,8 +506,7 @@ def prepare(job: Job, log=print) -> None:
         raise UserError(
             f"stages.distill.batch_size ({config.batch_size}) exceeds the {len(data)} training examples of --method {method}"
         )
-    per_epoch = steps_per_epoch(len(data), config.batch_size)
-    total_steps = min(per_epoch * config.epochs, config.max_steps or per_epoch * config.epochs)
+    per_epoch, total_steps = training_steps(len(data), config)
     if setup.pretrain:
         from bdctl.data.pretrain import prepare_blocks
 
@@ -539,7 +538,7 @@ def deepspeed_preview(job: Job) -> dict:
 
 def run(job: Job, rank: int, world: int) -> None:
     """Every rank: data, student (and live teacher) engines, train with the shared loop, export the best."""
-    from bdctl.data.batching import steps_per_epoch
+    from bdctl.data.batching import training_steps
     from bdctl.engine import (
         deepspeed_config, export_hf, hf_deepspeed_context, make_engine, make_inference_engine, on_gpu,
         policy_module, resolve_precision,
@@ -556,8 +555,7 @@ def run(job: Job, rank: int, world: int) -> None:
     # --- data: every rank reads the same examples; the loop hands each rank its share
     tokenizer = load_tokenizer(job.run.tokenizer)
     data, stats = load_train_data(job, tokenizer, setup)
-    per_epoch = steps_per_epoch(len(data), config.batch_size)
-    total_steps = min(per_epoch * config.epochs, config.max_steps or per_epoch * config.epochs)
+    per_epoch, total_steps = training_steps(len(data), config)
     blocks = None
     if setup.pretrain:
         from bdctl.data.pretrain import PretrainBlocks, pretrain_dir
