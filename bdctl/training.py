@@ -178,7 +178,8 @@ def train_loop(
     world: int,
     n_train: int,
     micro_batches: Callable[[list[int]], list[MicroBatch]],
-    loss: Callable[[MicroBatch], tuple[Any, dict[str, float]]],
+    # (loss, logs) or (loss, logs, aux loss): the aux term when aux_inputs is given (distill's LM term)
+    loss: Callable[[MicroBatch], tuple[Any, dict[str, float]] | tuple[Any, dict[str, float], Any]],
     validate: Callable[[], dict[str, float]],
     export_best: Callable[[dict, str], None],
     metrics,
