@@ -67,6 +67,12 @@ def test_study_ablations_name_their_settings_and_their_dstar(tmp_path):
     )  # fmt: skip
     assert shown.returncode == 0, shown.stderr
     assert "runs/smoke/distill/bd-nucleus-drop/job.json" in shown.stdout + shown.stderr
+    # an ablation runs alone: drop beside a released-variant run of the same recipe is no clash
+    released = run_cli(
+        "distill", "smoke", "--ablation", "bd-released", "--dry-run",
+        "--set", "stages.distill.ablations={variant: [released], outside: [drop]}", cwd=tmp_path,
+    )  # fmt: skip
+    assert released.returncode == 0, released.stderr
 
 
 def test_zero_memory_arithmetic():
