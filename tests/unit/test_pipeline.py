@@ -102,3 +102,28 @@ def test_recipes_list_and_show(tmp_path):
     assert shown.returncode == 0, shown.stderr
     assert "bdctl generate" in shown.stdout and "distill/bd" in shown.stdout and "ZeRO-3" in shown.stdout
     assert "model states on 2 GPUs" in shown.stdout
+
+
+def test_reproduce_reruns_eval_and_judge_when_the_recipe_asks_for_more(tmp_path):
+    """eval keeps its finished units, so a reproduce with another model, protocol, set or seed runs
+    it again (it generates only what is new); other stages count as finished once they are."""
+    from bdctl.reproduce import finished
+    from bdctl.rundir import RunDir, mark_complete
+
+    recipe, _ = load_recipe("smoke", ["stages.eval.models=[teacher_sft, student_sft]", "stages.eval.seeds=[10, 20]"])
+    run = RunDir(tmp_path)
+    assert not finished(run, "eval", recipe)
+    mark_complete(run.stage("eval"), stage="eval", models=["teacher_sft", "student_sft"], protocols=["minillm"],
+                  sets=["dolly"], seeds=[10, 20])  # fmt: skip
+    assert finished(run, "eval", recipe)
+    more = load_recipe("smoke", ["stages.eval.models=[teacher_sft, student_sft, distill/bd]", "stages.eval.seeds=[10, 20]"])[0]
+    assert not finished(run, "eval", more)
+    protocols = load_recipe(
+        "smoke", ["stages.eval.models=[teacher_sft, student_sft]", "stages.eval.seeds=[10, 20]",
+                  "stages.eval.protocols=[{name: minillm}, {name: release, top_p: 0.8}]"],
+    )[0]  # fmt: skip
+    assert not finished(run, "eval", protocols)
+    mark_complete(run.stage("judge"), stage="judge", candidate="distill/bd", baselines=["student_sft"])
+    assert not finished(run, "judge", recipe)  # smoke judges against three baselines
+    mark_complete(run.stage("teacher_sft"), stage="teacher_sft")
+    assert finished(run, "teacher_sft", recipe)
