@@ -142,12 +142,13 @@ def bd_diagnostics(run: RunDir) -> list[str]:
             f"{first['outside_share']:.3f} / {last['outside_share']:.3f}",
             f"{first['mean_v']:.2f} / {last['mean_v']:.2f}",
             f"{first['mean_set_size']:.1f} / {last['mean_set_size']:.1f}",
+            f"{first['set_mass']:.3f} / {last['set_mass']:.3f}" if "set_mass" in last else "",
             f"{last['anchor_ce']:.3f}" if "anchor_ce" in last else "",
             ", ".join(kept),
         ])  # fmt: skip
     if not rows:
         return []
-    headers = ["run", "outside share (first / last step)", "mean V", "mean |A_t|", "anchor CE (last)", "kept step"]
+    headers = ["run", "outside share (first / last step)", "mean V", "mean |A_t|", "student mass on A_t", "anchor CE (last)", "kept step"]
     return ["## Bellman Distill diagnostics", "", markdown_table(headers, rows).strip()]
 
 

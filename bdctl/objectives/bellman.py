@@ -82,6 +82,8 @@ class BellmanTerms:
     * ``chi2``: ``mean_t r_t^2 / (4 alpha)``, the regulariser's size (reported with chi^2 off too).
     * ``outside_share``: share of transitions whose action ``a_t`` is not in ``A_t``.
     * ``mean_set_size``: mean ``|A_t|``.
+    * ``set_mass``: mean probability the student puts on ``A_t``, ``sum_{a in A_t} softmax(z_t)(a)``
+      (1 with ``p = 1``): what METHOD.md 2.1 says nothing in Eq. 17 holds in place.
     * ``num_transitions``: ``N``.
 
     For the released variant, "transitions" are the valid positions ``t < T`` (its ``N``),
@@ -98,6 +100,7 @@ class BellmanTerms:
     outside_share: Tensor
     mean_set_size: Tensor
     num_transitions: int
+    set_mass: Tensor | None = None
 
     def as_floats(self) -> dict[str, float]:
         """All terms as Python floats, for logging (syncs with the device)."""
@@ -110,6 +113,7 @@ class BellmanTerms:
             "outside_share": float(self.outside_share),
             "mean_set_size": float(self.mean_set_size),
             "num_transitions": float(self.num_transitions),
+            **({"set_mass": float(self.set_mass)} if self.set_mass is not None else {}),
         }
 
 
@@ -196,6 +200,7 @@ def _assemble(
     alpha: float,
     chi2: bool,
     outside: str = "q_min",
+    set_mass: Tensor | None = None,
 ) -> BellmanTerms:
     """Paper-variant loss and diagnostics from per-position ``[B, T]`` quantities.
 
@@ -226,6 +231,7 @@ def _assemble(
             outside_share=torch.where(kept, (~in_set).to(reward.dtype), 0.0).sum() / int(kept.sum()),
             mean_set_size=scored_mean(set_size.to(reward.dtype)),
             num_transitions=count,
+            set_mass=scored_mean(set_mass.to(reward.dtype)) if set_mass is not None else None,
         )
 
 
@@ -272,7 +278,8 @@ def _paper_dense_terms(
     with torch.no_grad():
         set_size = teacher_mask.sum(dim=-1)
         q_cand_mean = torch.where(teacher_mask, q, 0.0).sum(dim=-1) / set_size.clamp_min(1)
-    return _assemble(q_hat, values, q_cand_mean, set_size, in_set, kept, term, gamma, alpha, chi2, outside)
+        set_mass = torch.exp(_masked_logsumexp(z, teacher_mask) - torch.logsumexp(z, dim=-1))
+    return _assemble(q_hat, values, q_cand_mean, set_size, in_set, kept, term, gamma, alpha, chi2, outside, set_mass)
 
 
 def _released_terms(
@@ -320,6 +327,7 @@ def _released_terms(
         in_set = teacher_mask.gather(-1, safe_actions[..., None]).squeeze(-1)[:, :-1]
         set_size = teacher_mask[:, :-1].sum(dim=-1).to(z.dtype)
         q_cand = torch.where(teacher_mask, q, 0.0).sum(dim=-1)[:, :-1] / set_size.clamp_min(1)
+        mass = torch.exp(_masked_logsumexp(z, teacher_mask) - torch.logsumexp(z, dim=-1))[:, :-1]
 
         def start_mean(x: Tensor) -> Tensor:
             return torch.where(start, x, 0.0).sum() / count
@@ -333,6 +341,7 @@ def _released_terms(
             outside_share=start_mean((~in_set).to(z.dtype)),
             mean_set_size=start_mean(set_size),
             num_transitions=count,
+            set_mass=start_mean(mass),
         )
 
 
@@ -488,6 +497,7 @@ def lean_terms(
         in_set = torch.ones_like(row_kept)
         set_size = torch.full_like(row_actions, vocab)
         q_cand_mean = _mean_clipped_q(rows, weight, bias, shift.detach(), q_min, chunk_size)
+        set_mass = torch.ones_like(shift)
     else:
         slots = cand_ids.shape[-1]
         ids = cand_ids.reshape(-1, slots).index_select(0, index)
@@ -513,6 +523,9 @@ def lean_terms(
         set_size = mask.sum(dim=-1)
         with torch.no_grad():
             q_cand_mean = torch.where(mask, q, 0.0).sum(dim=-1) / set_size
+            # one more gradient-free pass over the vocabulary chunks: the student's mass on A_t
+            members = _masked_logsumexp(logits[:, :slots], mask)
+            set_mass = torch.exp(members - chunked_logsumexp(rows.detach(), weight.detach(), None if bias is None else bias.detach(), chunk_size=chunk_size))
 
     def scatter(x: Tensor) -> Tensor:
         """Rows back to ``[B, T]`` (zeros elsewhere), keeping the autograd graph."""
@@ -531,6 +544,7 @@ def lean_terms(
         alpha,
         chi2,
         outside,
+        scatter(set_mass.to(q_hat.dtype)),
     )
 
 
@@ -734,6 +748,8 @@ def released_lean_terms(
             outside_share=start_mean(~in_set),
             mean_set_size=start_mean(members),
             num_transitions=count,
+            # pi = softmax(Q) is not the student's softmax(z) where the clip bites: recompute from z
+            set_mass=start_mean(torch.exp(_masked_logsumexp(logits[:, :slots], mask) - chunked_logsumexp(rows.detach(), weight.detach(), chunk_size=chunk_size))),
         )
 
 

@@ -63,7 +63,7 @@ from bdctl.sampling import teacher_sets
 
 METHODS = ("bd", "kd", "seqkd")
 SCORE_STAGE = "score_train"  # the teacher's sets over the golden training responses: runs/<name>/score_train/cache
-BD_LOGS = ("mean_r", "mean_v", "mean_q_candidates", "chi2", "outside_share", "mean_set_size")
+BD_LOGS = ("mean_r", "mean_v", "mean_q_candidates", "chi2", "outside_share", "mean_set_size", "set_mass")
 BEYOND_PAPER = "BEYOND THE PAPER"  # how every setting the paper does not have is labelled in output
 
 

@@ -588,3 +588,27 @@ def test_released_lean_terms_equal_the_dense_released_loss(chi2, dtype):
     for key in ("mean_r", "mean_v", "mean_q_candidates", "chi2", "outside_share", "mean_set_size"):
         assert float(getattr(lean, key)) == pytest.approx(float(getattr(dense, key)), rel=tol, abs=tol), key
     assert lean.num_transitions == dense.num_transitions == int(valid[:, :-1].sum())
+
+
+def test_set_mass_is_the_students_probability_on_the_set():
+    """Diagnostic: mean over kept transitions of sum_{a in A_t} softmax(z_t)(a), on the dense and
+    the lean path (paper variant) and for the released variant."""
+    from bdctl.objectives.bellman import released_lean_terms
+
+    logits, mask, actions, valid, terminal, teacher = make_batch(21, V=9, p=0.6)
+    kept = valid & (terminal | torch.cat([valid[:, 1:], torch.zeros_like(valid[:, :1])], dim=1))
+    probs = torch.softmax(logits.detach(), dim=-1)
+    expected = float((probs * mask).sum(-1)[kept].mean())
+    assert float(dense_terms(logits, mask, actions, valid, terminal).set_mass) == pytest.approx(expected, rel=1e-12)
+    hidden = torch.randn(3, 6, 5, dtype=torch.float64)
+    weight = torch.randn(9, 5, dtype=torch.float64)
+    ids, cand_mask = sparse_from_mask(mask, teacher)
+    probs = torch.softmax(hidden @ weight.T, dim=-1)
+    lean = lean_terms(hidden, weight, ids, cand_mask, actions, valid, terminal, chunk_size=4)
+    assert float(lean.set_mass) == pytest.approx(float((probs * mask).sum(-1)[kept].mean()), rel=1e-10)
+    assert float(lean_terms(hidden, weight, None, None, actions, valid, terminal).set_mass) == 1.0
+    released = released_lean_terms(hidden, weight, ids, cand_mask, actions, valid, gamma=0.99, alpha=0.1, q_min=-10.0,
+                                   chi2=True, top_p=0.6, eps=1e-6, chunk_size=4)  # fmt: skip
+    starts = valid.clone()
+    starts[:, -1] = False
+    assert float(released.set_mass) == pytest.approx(float((probs * mask).sum(-1)[starts].mean()), rel=1e-10)
