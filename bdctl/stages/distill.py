@@ -615,7 +615,7 @@ def run(job: Job, rank: int, world: int) -> None:
                 if scored is None or micro.count == 0:
                     return terms.loss, logs
                 anchor = anchor_loss(hidden, weight, batch, scored)
-                logs.update(bd_loss=float(terms.loss), anchor_ce=float(anchor))
+                logs.update(bd_loss=float(terms.loss.detach()), anchor_ce=float(anchor.detach()))
                 return terms.loss + setup.anchor_coef * anchor, logs
 
         else:
