@@ -373,8 +373,9 @@ def run(job: Job, rank: int, world: int) -> None:
     from bdctl.rollouts import Both, mixed_sample, rollout_seed
     from bdctl.sampling import Lockstep, length_grouped_batches
     from bdctl.selection import Validator
+    from bdctl.stages.sft import loop_config, selection_facts
     from bdctl.tracking import MetricsLog, StepProgress
-    from bdctl.training import LoopConfig, MicroBatch, finish, train_loop
+    from bdctl.training import MicroBatch, finish, train_loop
 
     recipe, config, own, out = job.recipe, stage_config(job), settings(job), job.stage_dir
 
@@ -544,13 +545,9 @@ def run(job: Job, rank: int, world: int) -> None:
 
         return value, logs, engine(ids, mask, loss_fn=pt_head)
 
-    loop = LoopConfig(
-        total_steps=steps.total_steps, steps_per_epoch=steps.minibatches, batch_size=config.batch_size,
-        micro_batch_size=config.micro_batch_size, seed=recipe.seed, eval_every=config.eval_every,
-        checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
-        on_nonfinite=config.on_nonfinite, fingerprint=job.fingerprint(), select=config.select,
-        aux_coef=config.lm_coef, aux_name="pt_loss",
-    )  # fmt: skip
+    # a PPO epoch is the loop's "epoch": one shuffled pass of minibatches over the collection
+    loop = loop_config(job, config, steps.total_steps, steps.minibatches)
+    loop.aux_coef, loop.aux_name = config.lm_coef, "pt_loss"
     validate = Validator(job, config, engine, tokenizer, rank, world)
     notes = describe(job, config, pretrain)
     metrics.write(
@@ -563,8 +560,8 @@ def run(job: Job, rank: int, world: int) -> None:
         state = train_loop(
             engine=engine, config=loop, out=out, rank=rank, world=world, n_train=own.num_rollouts,
             micro_batches=micro_batches, loss=loss, validate=validate,
-            export_best=lambda info: export_hf(engine, tokenizer, out / "best", rank, info),
+            export_best=lambda info, name: export_hf(engine, tokenizer, out / name, rank, info),
             metrics=metrics, progress=progress, aux_inputs=pretrain_inputs if blocks is not None else None,
             before_step=before_step, extra_state=(save_buffer, load_buffer),
         )  # fmt: skip
-    finish(out, state, rank, job.stage_name, metrics, config.select)
+    finish(out, state, rank, job.stage_name, metrics, config.select, notes=notes, **selection_facts(job, config))
