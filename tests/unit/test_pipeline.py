@@ -65,7 +65,8 @@ def test_parameter_counts_from_tiny_specs_and_local_directories(tiny_tokenizer, 
     hub, _ = load_recipe("gpt2-1.5b-to-120m")
     assert model_config(ModelSpec(path="bdctl-tests/not-in-any-cache"), hub) is None
     # The paper's 1.5B teacher (gpt2-xl's shape, its config alone in a local directory): 1,557,611,200 parameters.
-    GPT2Config(n_layer=48, n_embd=1600, n_head=25, n_positions=1024, vocab_size=50257).save_pretrained(tmp_path / "gpt2-xl")
+    xl_config = GPT2Config(n_layer=48, n_embd=1600, n_head=25, n_positions=1024, vocab_size=50257)
+    xl_config.save_pretrained(tmp_path / "gpt2-xl")
     xl, _ = load_recipe("gpt2-1.5b-to-120m", [f"models.teacher.path={tmp_path / 'gpt2-xl'}"])
     assert count_parameters(model_config(xl.models.teacher, xl)) == 1_557_611_200
 
