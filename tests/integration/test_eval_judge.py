@@ -19,6 +19,8 @@ import pytest
 from tests.conftest import RECIPES, assert_user_error, run_cli, write_recipe
 from tests.unit.chat_server import ChatServer, Reply, answers_of, closed_port
 
+pytestmark = pytest.mark.slow  # every test runs `bdctl eval` / `bdctl judge` in a subprocess
+
 SMOKE = str(RECIPES / "smoke.yaml")
 # Two seeds and short answers (the smoke models have 128 positions; prompts take up to ~80).
 EVAL = ["--set", "stages.eval.seeds=[10,20]", "--set", "stages.eval.max_new_tokens=16", "--set", "stages.eval.models=[teacher_sft,student_sft]"]
@@ -64,7 +66,6 @@ def evaluated(trained, tmp_path_factory) -> tuple[Path, object]:
 # --------------------------------------------------------------------------- eval
 
 
-@pytest.mark.slow
 def test_eval_end_to_end_and_reuse(evaluated, tmp_path):
     from bdctl.metrics import mean_std, rouge_l
 
@@ -133,7 +134,6 @@ def test_eval_end_to_end_and_reuse(evaluated, tmp_path):
     assert max(r["tokens"] for r in lines(generations(root, "student_sft", 10))) <= 8
 
 
-@pytest.mark.slow
 def test_every_model_under_every_protocol_with_reuse_per_protocol(evaluated, tmp_path):
     """Issue 11: a second protocol adds its own units (the first protocol's are reused), its
     answers differ, and results.json, table.md and table.csv say which protocol each number is of."""
@@ -170,7 +170,6 @@ def test_every_model_under_every_protocol_with_reuse_per_protocol(evaluated, tmp
     assert "8 reused, 0 to generate" in again.stderr
 
 
-@pytest.mark.slow
 def test_two_ranks_give_the_same_generations(trained, evaluated, tmp_path):
     """Batches are formed for the whole set and dealt to ranks, and each prompt's seed comes from
     (seed, prompt id): every prompt is sampled in the same batch with the same random numbers."""
@@ -184,7 +183,6 @@ def test_two_ranks_give_the_same_generations(trained, evaluated, tmp_path):
             assert done["world_size"] == 2
 
 
-@pytest.mark.slow
 def test_eval_set_from_local_jsonl_with_several_references(trained, tmp_path):
     from bdctl.metrics import rouge_l
 
@@ -214,7 +212,6 @@ def test_eval_set_from_local_jsonl_with_several_references(trained, tmp_path):
 # --------------------------------------------------------------------------- judge
 
 
-@pytest.mark.slow
 def test_judge_hf_end_to_end(evaluated, tmp_path):
     root = copy_run(evaluated[0], tmp_path)
     before = {p: p.stat().st_mtime_ns for p in (root / "runs/smoke/eval/generations").rglob("seed*")}
@@ -251,7 +248,6 @@ def longer_answer_wins(body) -> Reply:
     return Reply(content="A" if len(answer_a) > len(answer_b) else "B")
 
 
-@pytest.mark.slow
 def test_judge_openai_end_to_end_generating_missing_answers(trained, tmp_path, monkeypatch):
     """Against a local chat-completions server, through the CLI; the answers for seed 30 do not
     exist yet and are generated first (with the eval stage's settings, into its directory)."""
@@ -286,7 +282,6 @@ def test_judge_openai_end_to_end_generating_missing_answers(trained, tmp_path, m
         assert "generating" not in again.stderr
 
 
-@pytest.mark.slow
 def test_failing_endpoint_keeps_finished_verdicts(evaluated, tmp_path, monkeypatch):
     monkeypatch.setenv(KEY_ENV, "sk-test")
     root = copy_run(evaluated[0], tmp_path)
@@ -318,7 +313,6 @@ def test_failing_endpoint_keeps_finished_verdicts(evaluated, tmp_path, monkeypat
 # --------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.slow
 def test_unreachable_endpoint(evaluated, tmp_path):
     root = copy_run(evaluated[0], tmp_path)
     url = f"http://127.0.0.1:{closed_port()}/v1"
@@ -329,7 +323,6 @@ def test_unreachable_endpoint(evaluated, tmp_path):
     assert_user_error(result, f"judge endpoint {url} unreachable after 2 tries: connection refused")
 
 
-@pytest.mark.slow
 def test_judge_before_eval_without_generating(trained, tmp_path):
     root = copy_run(trained, tmp_path)
     result = run_cli("judge", SMOKE, "--backend", "openai", "--no-generate", *PAIR, *EVAL,
@@ -342,7 +335,6 @@ def test_judge_before_eval_without_generating(trained, tmp_path):
     assert not (root / "runs/smoke/judge/MANIFEST.json").exists()
 
 
-@pytest.mark.slow
 def test_bad_model_and_judge_settings(trained, tmp_path):
     root = copy_run(trained, tmp_path)
     # 256 new tokens do not fit smoke's 128-position student

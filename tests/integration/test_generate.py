@@ -22,6 +22,8 @@ import pytest
 
 from tests.conftest import RECIPES, assert_user_error, run_cli
 
+pytestmark = pytest.mark.slow  # every test runs `bdctl generate` (DeepSpeed ranks) in a subprocess
+
 SMOKE = str(RECIPES / "smoke.yaml")
 N_SAMPLES = 2
 MAX_NEW = 24
@@ -84,7 +86,6 @@ def reference(teacher_run, tmp_path_factory) -> Path:
 # --------------------------------------------------------------------------- outputs
 
 
-@pytest.mark.slow
 def test_generate_writes_dstar_cache_and_report(reference):
     from bdctl.cache import TeacherCache
     from bdctl.models import load_tokenizer, tokenizer_hash
@@ -144,7 +145,6 @@ def test_generate_writes_dstar_cache_and_report(reference):
     assert done["sequences"] == len(dstar) and done["report"]["png"] == "sparsity.png"
 
 
-@pytest.mark.slow
 def test_cache_equals_top_p_sets_of_a_fresh_teacher_forward(reference):
     """End to end from the files: for generated sequences, the cached set at every position is
     the top-p set of a fresh (no KV cache, unbatched) forward over prompt + response."""
@@ -197,7 +197,6 @@ def test_cache_equals_top_p_sets_of_a_fresh_teacher_forward(reference):
     assert min(sizes) < 8 and max(sizes) == k  # small sets and sets cut by the cap both occur
 
 
-@pytest.mark.slow
 def test_a_cache_from_another_tokenizer_or_p_is_refused(reference):
     """What distillation calls before using a cache: one clear line on a mismatch."""
     from bdctl.cache import check
@@ -215,7 +214,6 @@ def test_a_cache_from_another_tokenizer_or_p_is_refused(reference):
 # --------------------------------------------------------------------------- ranks, resume
 
 
-@pytest.mark.slow
 def test_two_ranks_and_a_zero3_teacher_give_the_same_dstar_and_cache(teacher_run, tmp_path):
     """One rank, two data-parallel ranks, and a teacher partitioned over two ranks (ZeRO-3
     inference) produce the same samples and sets: the batches and the seeds do not depend on the
@@ -269,7 +267,6 @@ def start(cwd: Path, *args: str) -> subprocess.Popen:
     )  # fmt: skip
 
 
-@pytest.mark.slow
 def test_sigkill_midway_then_resume_equals_an_uninterrupted_run(reference, teacher_run, tmp_path):
     from bdctl.cache import visible_shards
 
@@ -299,7 +296,6 @@ def test_sigkill_midway_then_resume_equals_an_uninterrupted_run(reference, teach
 # --------------------------------------------------------------------------- scoring
 
 
-@pytest.mark.slow
 def test_score_train_caches_the_golden_responses(teacher_run, tmp_path):
     from bdctl.cache import TeacherCache
     from bdctl.data.batching import tokenize_examples
@@ -329,7 +325,6 @@ def test_help_shows_an_example(tmp_path):
     assert result.returncode == 0 and "bdctl generate recipes/smoke.yaml" in result.stdout and "--score" in result.stdout
 
 
-@pytest.mark.slow
 def test_unfinished_teacher(teacher_run, tmp_path):
     run = fresh(teacher_run, tmp_path)
     (run / "teacher_sft/MANIFEST.json").unlink()
@@ -340,7 +335,6 @@ def test_unfinished_teacher(teacher_run, tmp_path):
     assert not (tmp_path / "runs/smoke/generate").exists()
 
 
-@pytest.mark.slow
 def test_bad_input(teacher_run, tmp_path):
     from bdctl.models import build_tiny_model, train_tokenizer
     from bdctl.recipe.schema import TinyModel, TokenizerTraining
@@ -366,7 +360,6 @@ def test_bad_input(teacher_run, tmp_path):
     assert not (run / "generate").exists()
 
 
-@pytest.mark.slow
 def test_an_unfinished_run_with_other_settings_is_not_continued(reference, teacher_run, tmp_path):
     run = fresh(teacher_run, tmp_path)
     shutil.copytree(reference, run / "generate")

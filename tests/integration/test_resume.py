@@ -13,6 +13,8 @@ import pytest
 
 from tests.conftest import RECIPES, assert_user_error, run_cli
 
+pytestmark = pytest.mark.slow  # every test runs `bdctl sft` (DeepSpeed, one or two ranks) in a subprocess
+
 SMOKE = str(RECIPES / "smoke.yaml")
 # 2 epochs of the smoke student = 42 steps; stop at 36 to keep it short
 STEPS = 36
@@ -61,7 +63,6 @@ def reference(tmp_path_factory):
     return losses
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("nproc", ["1", "2"])
 def test_sigkill_then_resume_gives_the_same_losses(nproc, reference, tmp_path):
     process = start(tmp_path, nproc)
@@ -81,7 +82,6 @@ def test_sigkill_then_resume_gives_the_same_losses(nproc, reference, tmp_path):
     assert (tmp_path / "runs/smoke/student_sft/MANIFEST.json").is_file()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("nproc", ["1", "2"])
 def test_sigterm_checkpoints_exits_75_and_resumes(nproc, reference, tmp_path):
     process = start(tmp_path, nproc)
@@ -110,7 +110,6 @@ def test_resume_refuses_another_recipe_or_world_size(reference, tmp_path):
     assert_user_error(two, "written by 1 ranks; resume with the same number of ranks (now 2)")
 
 
-@pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     blowup = ["--set", "stages.student_sft.lr=1e6", "--set", "stages.student_sft.checkpoint_every=1", "--set", "stages.student_sft.grad_clip=0"]
     result = run_cli("sft", SMOKE, "--model", "student", *blowup, cwd=tmp_path)
@@ -125,7 +124,6 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     assert json.loads((stage / "MANIFEST.json").read_text())["skipped_steps"] > 0
 
 
-@pytest.mark.slow
 def test_a_dead_rank_brings_the_job_down(tmp_path):
     """SIGKILL one rank mid-run: the job ends promptly with an error, it does not hang."""
     import psutil

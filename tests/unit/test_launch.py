@@ -87,6 +87,7 @@ def test_first_host_of_a_nodelist(nodelist, host):
     assert first_host(nodelist) == host
 
 
+@pytest.mark.slow  # runs `bdctl sft --dry-run` in a subprocess
 def test_dry_run_through_the_cli(tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("worker-0 slots=2\nworker-1 slots=2\n")
