@@ -50,9 +50,11 @@ from typing import Any
 
 from bdctl.errors import UserError
 from bdctl.job import Job, plan, require_finished, resolve_weights, save_job, wait_for_job
-from bdctl.launch import LaunchOptions, dry_run_text, launch
+from bdctl.launch import PREEMPT, LaunchOptions, dry_run_text, launch
 from bdctl.recipe.schema import EvalSet, EvalStage, ModelSpec
-from bdctl.rundir import MANIFEST, manifest, mark_complete, read_json, write_json_atomic, write_text_atomic
+from bdctl.rundir import (
+    MANIFEST, hold_lock, manifest, mark_complete, read_json, write_json_atomic, write_text_atomic,
+)  # fmt: skip
 
 STAGE = "eval"
 # The paper's test-time sampling (METHOD.md section 5); not recipe settings on purpose.
@@ -99,6 +101,7 @@ def submit(
         wait_for_job(job, job_file, log)
         launch(job_file, launch_options)
         return job
+    hold_lock(job.stage_dir)  # one command at a time writes eval/ (bdctl.rundir.hold_lock)
     job.info["force"] = force
     prepare(job, log)
     # From here until write_results the directory's results are being replaced.
@@ -403,11 +406,18 @@ def generate_units(
     world: int,
     seed: int,
     progress=None,
+    stop_file: Path | None = None,
 ) -> None:
     """Generate and score `units` (rank r: its share of every set's batches); rank 0 writes them.
 
-    Every rank must call this with the same units (the gather is collective).
+    Every rank must call this with the same units (the gather is collective). Once `stop_file`
+    exists (the launching process got SIGTERM / SIGUSR1), the rank stops after its current batch
+    with exit code 75: finished units are kept, the unit in progress is generated again by the
+    next command. A rank that stops leaves the others waiting in the gather, where the launcher
+    (torchrun, srun) ends them when it sees the first rank exit.
     """
+    from bdctl.training import Preempted
+
     import torch
 
     from bdctl.metrics import rouge_l
@@ -458,6 +468,11 @@ def generate_units(
                         )  # fmt: skip
                     if progress is not None:
                         progress.update(len(batch), unit=f"{model['ref']} {unit['set']} seed {unit['seed']}")
+                    if stop_file is not None and stop_file.exists():
+                        raise Preempted(
+                            f"preempted during {model['ref']} on {unit['set']} (seed {unit['seed']}); finished "
+                            "results are kept: run the same command again to continue"
+                        )
                 records = _gather(records, rank, world)
                 if rank == 0:
                     ordered = [record for _, record in sorted(records, key=lambda pair: pair[0])]  # set order
@@ -507,7 +522,7 @@ def run(job: Job, rank: int, world: int) -> None:
     sizes = {s["name"]: s["examples"] for s in info["sets"]}
     mine = sum(_share(sizes[u["set"]], batch_size, 0, world) for u in todo)
     with StepProgress("eval", mine, enabled=rank == 0) as progress:
-        generate_units(job.stage_dir, info, todo, rank, world, job.recipe.seed, progress)
+        generate_units(job.stage_dir, info, todo, rank, world, job.recipe.seed, progress, job.stage_dir / PREEMPT)
     if world > 1:
         dist.barrier()
     if rank == 0:

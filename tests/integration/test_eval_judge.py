@@ -133,6 +133,40 @@ def test_eval_end_to_end_and_reuse(evaluated, tmp_path):
 
 
 @pytest.mark.slow
+def test_sigterm_stops_eval_with_75_and_keeps_finished_results(trained, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = copy_run(trained, tmp_path)
+    # Batches of 4 prompts: a check for the stop request every few hundred milliseconds.
+    args = [*EVAL, "--set", "stages.eval.batch_size=4"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    process = subprocess.Popen([sys.executable, "-m", "bdctl", "eval", SMOKE, *args], cwd=root, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    done = root / "runs/smoke/eval/generations"
+    deadline = time.time() + 300
+    while not list(done.glob("*/*/seed*.done.json")):
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, "no eval unit finished in time"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 75, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: preempted during ") and "finished results are kept" in lines[-1], lines[-3:]
+    assert "Traceback" not in stderr and not (root / "runs/smoke/eval/MANIFEST.json").exists()
+    kept = len(list(done.glob("*/*/seed*.done.json")))
+    assert 1 <= kept < 4
+
+    result = run_cli("eval", SMOKE, *args, cwd=root)
+    ok(result)
+    assert f"{kept} reused, {4 - kept} to generate" in result.stderr
+
+
+@pytest.mark.slow
 def test_two_ranks_give_the_same_generations(trained, evaluated, tmp_path):
     """Batches are formed for the whole set and dealt to ranks, and each prompt's seed comes from
     (seed, prompt id): every prompt is sampled in the same batch with the same random numbers."""
@@ -309,6 +343,8 @@ def test_unparsed_verdicts_and_a_failed_force_leave_no_results(evaluated, tmp_pa
     with ChatServer(longer_answer_wins) as good:
         ok(judge(good.base_url))
     assert all(path.exists() for path in results)
+    recorded = (root / "runs/smoke/recipe.yaml").read_text()  # the recipe of the latest finished command
+    assert f"base_url: {good.base_url}" in recorded
 
     with ChatServer(lambda body: Reply(content="Maybe")) as vague:
         failed = judge(vague.base_url, "--force")
@@ -316,6 +352,7 @@ def test_unparsed_verdicts_and_a_failed_force_leave_no_results(evaluated, tmp_pa
     assert_user_error(failed, "64 of 64 judgments against student_sft (100.0%) were not A, B or Tie after 3 tries",
                       "(e.g. 'Maybe'); stages.judge.max_unparsed allows 5%")  # fmt: skip
     assert not any(path.exists() for path in results), [p for p in results if p.exists()]
+    assert (root / "runs/smoke/recipe.yaml").read_text() == recorded  # the failed command's is not recorded
     assert not (out / "verdicts.jsonl").exists() or not (out / "verdicts.jsonl").read_text()  # nothing cached
 
     with ChatServer(longer_answer_wins) as good:
