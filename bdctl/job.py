@@ -25,7 +25,7 @@ from bdctl.errors import UserError
 from bdctl.launch import LaunchOptions, dry_run_text, launch
 from bdctl.recipe import Recipe, dump_recipe, load_recipe
 from bdctl.recipe.schema import ModelSpec
-from bdctl.rundir import RunDir, clear_dir, hold_lock, manifest, write_json_atomic, write_text_atomic
+from bdctl.rundir import RunDir, clear_dir, manifest, stage_lock, write_json_atomic, write_text_atomic
 from bdctl.training import check_resumable, latest_checkpoint
 
 # Stage modules: each has stage_dir(options), prepare(job, log) (launching process) and run(job, rank, world).
@@ -191,7 +191,13 @@ def submit(
         wait_for_job(job, job_file, log)
         launch(job_file, launch_options)
         return job
-    hold_lock(job.stage_dir)  # before anything in the stage directory changes
+    with stage_lock(job.stage_dir):  # before anything in the stage directory changes
+        _run_primary(job, module, job_file, launch_options, force, log)
+    return job
+
+
+def _run_primary(job: Job, module: ModuleType, job_file: Path, launch_options: LaunchOptions, force: bool, log) -> None:
+    """Node 0's part of `submit`, under the stage's lock: check, resume or start over, launch."""
     module.prepare(job, log)
     resume_from = None if force else latest_checkpoint(job.stage_dir / "checkpoints")
     partial = None
@@ -209,7 +215,6 @@ def submit(
     save_job(job, job_file)
     launch(job_file, launch_options)
     require_finished(job)
-    return job
 
 
 def save_job(job: Job, job_file: Path) -> None:

@@ -14,12 +14,12 @@
 
 Files are written to a temporary name and renamed, so a reader never sees half a file, and a
 directory without MANIFEST.json is never taken for finished work. One command writes a stage
-directory at a time (`hold_lock`).
+directory at a time (`stage_lock`).
 """
 
 from __future__ import annotations
 
-import atexit
+import contextlib
 import hashlib
 import json
 import os
@@ -29,6 +29,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,12 +106,13 @@ def clear_dir(directory: Path) -> None:
 
 # --------------------------------------------------------------------------- one writer per stage
 
-# Directories whose lock this process holds (released when it exits).
+# Directories whose lock this process holds.
 _HELD: set[Path] = set()
 
 
-def hold_lock(directory: Path) -> None:
-    """Make this process the one writer of `directory` until it exits, or stop with one line.
+@contextlib.contextmanager
+def stage_lock(directory: Path) -> Iterator[None]:
+    """Make this process the one writer of `directory` while the block runs, or stop with one line.
 
     Two commands on one stage directory corrupt each other (one deletes the other's logs, both
     append to one metrics file, one rotates away the checkpoint the other just reported), so a
@@ -120,14 +122,35 @@ def hold_lock(directory: Path) -> None:
     over. A holder on another host cannot be checked from here; the message names the file to
     delete once that command is known to be gone. The lock is created with O_EXCL, which is
     atomic on local and network file systems alike (unlike flock, which some cluster file systems
-    lack). The file is removed when the process exits; a killed holder's file is what the stale
-    check is for. Holding it again in the same process (stages run in-process by tests) is a no-op.
+    lack). Leaving the block removes the file, and the directories the lock created if the
+    command left nothing in them; a killed holder's file is what the stale check is for. Taking it
+    again in the same process (stages run in-process by tests) is a no-op.
     """
     directory = directory.resolve()
     if directory in _HELD:
+        yield
         return
+    created = []  # the directories made for the lock, deepest first
+    for parent in [directory, *directory.parents]:
+        if parent.exists():
+            break
+        created.append(parent)
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / LOCK
+    _acquire(directory / LOCK)
+    _HELD.add(directory)
+    try:
+        yield
+    finally:
+        _HELD.discard(directory)
+        (directory / LOCK).unlink(missing_ok=True)
+        for made in created:
+            try:
+                made.rmdir()
+            except OSError:  # not empty: the command wrote there
+                break
+
+
+def _acquire(path: Path) -> None:
     mine = {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid()),
             "command": shlex.join(["bdctl", *sys.argv[1:]])}  # fmt: skip
     for _ in range(3):  # a stale lock is taken over, then created afresh
@@ -138,17 +161,14 @@ def hold_lock(directory: Path) -> None:
             if holder is not None and not _is_stale(holder):
                 since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started") or 0))
                 raise UserError(
-                    f"{directory} is in use by another command: `{holder.get('command')}` (pid {holder.get('pid')} on "
-                    f"{holder.get('host')}, since {since}); one command per stage directory at a time: wait for it "
-                    f"to finish (or delete {path} if that process is gone)"
+                    f"{path.parent} is in use by another command: `{holder.get('command')}` (pid {holder.get('pid')} "
+                    f"on {holder.get('host')}, since {since}); one command per stage directory at a time: wait for "
+                    f"it to finish (or delete {path} if that process is gone)"
                 ) from None
             _take_over(path, holder)
             continue
         with os.fdopen(descriptor, "w") as handle:
             handle.write(json.dumps(mine) + "\n")
-        _HELD.add(directory)
-        if len(_HELD) == 1:
-            atexit.register(_release_all)
         return
     raise UserError(f"{path}: could not take the lock (other commands keep taking it); try again")
 
@@ -200,14 +220,6 @@ def _take_over(path: Path, holder: dict | None) -> None:
         fcntl.flock(handle, fcntl.LOCK_EX)
         if _read_lock(path) == holder:  # not taken over by another process meanwhile
             path.unlink(missing_ok=True)
-
-
-def _release_all() -> None:
-    for directory in _HELD:
-        holder = _read_lock(directory / LOCK)
-        if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
-            (directory / LOCK).unlink(missing_ok=True)
-    _HELD.clear()
 
 
 class RunDir:

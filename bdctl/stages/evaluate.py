@@ -52,9 +52,7 @@ from bdctl.errors import UserError
 from bdctl.job import Job, plan, require_finished, resolve_weights, save_job, wait_for_job
 from bdctl.launch import PREEMPT, LaunchOptions, dry_run_text, launch
 from bdctl.recipe.schema import EvalSet, EvalStage, ModelSpec
-from bdctl.rundir import (
-    MANIFEST, hold_lock, manifest, mark_complete, read_json, write_json_atomic, write_text_atomic,
-)  # fmt: skip
+from bdctl.rundir import MANIFEST, manifest, mark_complete, read_json, stage_lock, write_json_atomic, write_text_atomic
 
 STAGE = "eval"
 # The paper's test-time sampling (METHOD.md section 5); not recipe settings on purpose.
@@ -101,7 +99,13 @@ def submit(
         wait_for_job(job, job_file, log)
         launch(job_file, launch_options)
         return job
-    hold_lock(job.stage_dir)  # one command at a time writes eval/ (bdctl.rundir.hold_lock)
+    with stage_lock(job.stage_dir):  # one command at a time writes eval/
+        _run_primary(job, job_file, launch_options, force, log)
+    return job
+
+
+def _run_primary(job: Job, job_file: Path, launch_options: LaunchOptions, force: bool, log) -> None:
+    """Node 0's part of `submit`, under the stage's lock."""
     job.info["force"] = force
     prepare(job, log)
     # From here until write_results the directory's results are being replaced.
@@ -117,7 +121,6 @@ def submit(
     else:
         write_results(job)  # nothing to generate: no rank needs to start
     require_finished(job)
-    return job
 
 
 def prepare(job: Job, log: Callable[[str], None] = print) -> None:
@@ -416,13 +419,12 @@ def generate_units(
     next command. A rank that stops leaves the others waiting in the gather, where the launcher
     (torchrun, srun) ends them when it sees the first rank exit.
     """
-    from bdctl.training import Preempted
-
     import torch
 
     from bdctl.metrics import rouge_l
     from bdctl.models import load_model
     from bdctl.sampling import FINISH_EOS, length_grouped_batches, sample
+    from bdctl.training import Preempted
 
     settings = info["settings"]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings["precision"], torch.float32)

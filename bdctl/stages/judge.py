@@ -35,6 +35,7 @@ rates (`bdctl.judges.stats`): its 50 % is position noise, not a tie.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -49,7 +50,7 @@ from bdctl.errors import UserError
 from bdctl.job import Job, plan, require_finished, save_job
 from bdctl.launch import LaunchOptions
 from bdctl.recipe.schema import JudgeStage
-from bdctl.rundir import MANIFEST, hold_lock, mark_complete, write_json_atomic, write_text_atomic
+from bdctl.rundir import MANIFEST, mark_complete, stage_lock, write_json_atomic, write_text_atomic
 from bdctl.stages import evaluate
 
 STAGE = "judge"
@@ -88,17 +89,18 @@ def submit(
         # and the verdict cache takes one writer.
         log("judge: runs on SLURM task 0 only; nothing to do on this task")
         return None
-    hold_lock(job.stage_dir)  # one command at a time writes judge/ (bdctl.rundir.hold_lock)
-    job.info["overrides"] = list(overrides)  # for the eval command an error may suggest
-    prepare(job, log)
-    if job.info["missing"]:
-        hold_lock(job.run.stage(evaluate.STAGE))  # the answers still missing are written into eval/
-    discard_results(job.stage_dir)
-    if force:
-        (job.stage_dir / VERDICTS_FILE).unlink(missing_ok=True)
-    save_job(job, job.stage_dir / "job.json")
-    run(job, 0, 1, log)
-    require_finished(job)
+    with contextlib.ExitStack() as locks:
+        locks.enter_context(stage_lock(job.stage_dir))  # one command at a time writes judge/
+        job.info["overrides"] = list(overrides)  # for the eval command an error may suggest
+        prepare(job, log)
+        if job.info["missing"]:
+            locks.enter_context(stage_lock(job.run.stage(evaluate.STAGE)))  # missing answers go into eval/
+        discard_results(job.stage_dir)
+        if force:
+            (job.stage_dir / VERDICTS_FILE).unlink(missing_ok=True)
+        save_job(job, job.stage_dir / "job.json")
+        run(job, 0, 1, log)
+        require_finished(job)
     return job
 
 

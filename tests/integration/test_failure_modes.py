@@ -21,8 +21,8 @@ LATIN1 = "café".encode("latin-1")  # b"caf\xe9": not UTF-8
 def lock_holder(stage: Path) -> subprocess.Popen:
     """A process that holds `stage`'s lock (as a running command would) until it is killed."""
     code = (
-        "import time; from pathlib import Path; from bdctl.rundir import hold_lock; "
-        f"hold_lock(Path({str(stage)!r})); print('held', flush=True); time.sleep(600)"
+        "import time; from pathlib import Path; from bdctl.rundir import stage_lock\n"
+        f"with stage_lock(Path({str(stage)!r})): print('held', flush=True); time.sleep(600)"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen([sys.executable, "-c", code, "sft", "smoke"], stdout=subprocess.PIPE, text=True, env=env)
