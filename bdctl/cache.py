@@ -263,9 +263,9 @@ def written_keys(directory: str | Path) -> set[tuple[int, int]]:
 def remake_hint(directory: Path) -> str:
     """How to repair a damaged cache: the command that made it, started over. (Deleting the bad
     shard is not enough: its stage is complete, so a plain rerun would have nothing to do.)"""
-    stage = Path(directory).parent.name
-    score = f" --score {stage.removeprefix('score_')}" if stage.startswith("score_") else ""
-    return f"make the cache again: bdctl generate RECIPE{score} --force"
+    from bdctl.job import stage_command
+
+    return f"make the cache again: {stage_command(Path(directory).parent.name, 'RECIPE')} --force"
 
 
 def _load_indices(directory: Path) -> list[dict]:

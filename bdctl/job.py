@@ -40,6 +40,7 @@ STAGES = {
 }
 # Stage directories other stages may refer to by name (weights, caches, generations).
 KNOWN_STAGE_DIRS = ("teacher_sft", "student_sft", "generate", "eval", "judge")
+# ... and generate-<variant> for each D* variant of stages.generate.variants.
 
 
 @dataclass
@@ -68,10 +69,10 @@ class Job:
         for key in ("description", "run_dir"):
             recipe.pop(key)
         # the recipe section of the stage: distill/bd -> distill, score_train -> generate
-        section = "generate" if self.stage_name.startswith("score_") else self.stage_name.split("/")[0]
+        section = "generate" if self.stage_name.startswith(("score_", "generate-")) else self.stage_name.split("/")[0]
         inputs = {section, *STAGE_INPUTS.get(section, ())}
         if recipe["stages"][section].get("select") == "rouge_l":
-            inputs.add("eval")  # Rouge-L selection samples with the eval stage's settings
+            inputs.add("eval")  # Rouge-L selection samples with the eval stage's settings (and protocols)
         recipe["stages"] = {name: value for name, value in recipe["stages"].items() if name in inputs}
         payload = json.dumps({"recipe": recipe, "stage": self.stage_name, "options": self.options}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -141,6 +142,8 @@ def stage_command(stage_dir: str, recipe_path: str) -> str:
         return f"bdctl distill {recipe_path} " + (f"--method {name}" if name in ("bd", "kd", "seqkd") else f"--ablation {name}")
     if stage_dir.startswith("score_"):
         return f"bdctl generate {recipe_path} --score {stage_dir.removeprefix('score_')}"
+    if stage_dir.startswith("generate-"):  # a D* variant (stages.generate.variants)
+        return f"bdctl generate {recipe_path} --variant {stage_dir.removeprefix('generate-')}"
     return f"bdctl {stage_dir} {recipe_path}"
 
 
@@ -150,7 +153,7 @@ def stage_module(stage: str) -> ModuleType:
 
 def plan(stage: str, recipe_arg: str, overrides: list[str], options: dict[str, Any], launch_options: LaunchOptions) -> Job:
     recipe, path = load_recipe(recipe_arg, overrides)
-    run_root = recipe.run_dir or f"runs/{recipe.name}"
+    run_root = str(RunDir.of(recipe).root)
     module = stage_module(stage)
     return Job(
         stage=stage,

@@ -150,7 +150,7 @@ def tiny_config(spec: TinyModel, tokenizer):
         return OPTConfig(
             num_hidden_layers=spec.layers, hidden_size=spec.hidden, num_attention_heads=spec.heads,
             ffn_dim=ffn, max_position_embeddings=spec.max_positions, word_embed_proj_dim=spec.hidden,
-            dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0, **common,
+            dropout=0.0, attention_dropout=0.0, layerdrop=0.0, **common,
         )  # fmt: skip
     return Qwen2Config(
         num_hidden_layers=spec.layers, hidden_size=spec.hidden, num_attention_heads=spec.heads,

@@ -20,19 +20,28 @@ class Stage:
 
 def stages(recipe: Recipe) -> list[Stage]:
     """The pipeline for `recipe`, in the order it runs."""
+    distill = recipe.stages.distill
+
+    def dstar_of(changes: dict) -> str:  # the D* stage a BD run trains on
+        return changes.get("dstar", distill.dstar)
+
     return [
         Stage("teacher_sft", "bdctl sft RECIPE --model teacher", ()),
         Stage("generate", "bdctl generate RECIPE", ("teacher_sft",)),
+        *(
+            Stage(f"generate-{name}", f"bdctl generate RECIPE --variant {name}", ("teacher_sft",))
+            for name in recipe.stages.generate.variants
+        ),
         # the teacher's distribution on the golden responses, for KD from the cache
         Stage("score_train", "bdctl generate RECIPE --score train", ("teacher_sft",)),
         Stage("student_sft", "bdctl sft RECIPE --model student", ()),
-        Stage("distill/bd", "bdctl distill RECIPE --method bd", ("generate", "student_sft")),
+        Stage("distill/bd", "bdctl distill RECIPE --method bd", (dstar_of({}), "student_sft")),
         *(
-            Stage(f"distill/{name}", f"bdctl distill RECIPE --ablation {name}", ("generate", "student_sft"))
-            for name in recipe.stages.distill.ablations.runs()
+            Stage(f"distill/{name}", f"bdctl distill RECIPE --ablation {name}", (dstar_of(changes), "student_sft"))
+            for name, changes in distill.ablations.runs().items()
         ),
         Stage("distill/kd", "bdctl distill RECIPE --method kd", ("score_train",)),
-        Stage("distill/seqkd", "bdctl distill RECIPE --method seqkd", ("generate",)),
+        Stage("distill/seqkd", "bdctl distill RECIPE --method seqkd", (dstar_of({}),)),
         Stage("eval", "bdctl eval RECIPE", tuple(recipe.stages.eval.models)),
         Stage("judge", f"bdctl judge RECIPE --backend {recipe.stages.judge.backend}", ("eval",)),
     ]

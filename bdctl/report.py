@@ -33,9 +33,14 @@ def training_curves(run: RunDir, path: Path) -> Path | None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(4.2 * len(dirs), 3.2), layout="constrained")
+    columns = min(4, len(dirs))  # a grid: a run with a dozen distillation stages stays readable
+    rows = -(-len(dirs) // columns)
+    figure = Figure(figsize=(4.2 * columns, 3.2 * rows), layout="constrained")
     canvas = FigureCanvasAgg(figure)
-    for axes, directory in zip(figure.subplots(1, len(dirs), squeeze=False)[0], dirs, strict=True):
+    panels = figure.subplots(rows, columns, squeeze=False).ravel()
+    for unused in panels[len(dirs) :]:
+        unused.set_visible(False)
+    for axes, directory in zip(panels[: len(dirs)], dirs, strict=True):
         records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
         train = [(r["step"], r["loss"]) for r in records if r.get("event") == "train"]
         evals = [r for r in records if r.get("event") == "eval"]
@@ -43,11 +48,17 @@ def training_curves(run: RunDir, path: Path) -> Path | None:
             axes.plot(*zip(*train), lw=1, label="train loss")
         if evals:
             axes.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", ms=3, label="validation loss")
-        rouge = [(r["step"], r["rouge_l"]) for r in evals if "rouge_l" in r]
-        if rouge:
+        # one Rouge-L curve per protocol where the stage validated under several, else the one it selected by
+        keys = sorted({k for r in evals for k in r if k.startswith("rouge_l@")}) or ["rouge_l"]
+        curves = {key: [(r["step"], r[key]) for r in evals if key in r] for key in keys}
+        if any(curves.values()):
             twin = axes.twinx()
-            twin.plot(*zip(*rouge), "s--", ms=3, color="tab:green", label="validation Rouge-L")
+            for (key, points), color in zip(curves.items(), ("tab:green", "tab:red", "tab:purple", "tab:brown"), strict=False):
+                if points:
+                    label = "validation Rouge-L" + (f" ({key.split('@')[1]})" if "@" in key else "")
+                    twin.plot(*zip(*points), "s--", ms=3, color=color, label=label)
             twin.set_ylabel("Rouge-L", color="tab:green")
+            twin.legend(fontsize="x-small", loc="lower right")
         axes.set_title(str(directory.relative_to(run.root)))
         axes.set_xlabel("optimizer step")
         axes.legend(fontsize="small")
@@ -57,40 +68,88 @@ def training_curves(run: RunDir, path: Path) -> Path | None:
 
 
 def rouge_tables(results: dict, recipe: Recipe) -> list[str]:
-    """Table 1 (every evaluated model, with the paper's numbers beside ours where the recipe has
-    them) and Tables 2 / 4 (BD and its ablations), as Markdown sections."""
+    """Per sampling protocol: Table 1 (every evaluated model, with the paper's numbers beside ours
+    where the recipe has them and says they came from this protocol or does not know) and Tables 2
+    / 4 (BD and its ablations), as Markdown sections. Numbers of two protocols never share a table."""
+    from bdctl.answers import protocol_label
     from bdctl.tables import markdown_table, mean_std_cell
 
-    sets, scores, paper = results["sets"], results["scores"], recipe.paper_rouge_l
+    sets, paper = results["sets"], recipe.paper_rouge_l
     seeds = ", ".join(str(s) for s in results["seeds"])
-
-    def row(model: str) -> list[str]:
-        cells = []
-        for name in sets:
-            cells.append(mean_std_cell(scores[model][name]["mean"], scores[model][name]["std"]))
-            if paper:
-                cells.append(f"{paper[model][name]:.1f}" if name in paper.get(model, {}) else "")
-        return cells
-
-    headers = [h for name in sets for h in ([name, f"{name} (paper)"] if paper else [name])]
-    lines = [
-        "## Rouge-L", "",
-        f"Mean ± std over seeds {seeds}" + ("; the paper's numbers (mean of 5 seeds) beside ours." if paper else "."),
-        "", markdown_table(["model", *headers], [[m, *row(m)] for m in results["models"]]).strip(),
-    ]  # fmt: skip
     distill = recipe.stages.distill
     runs = {f"distill/{name}": change for name, change in distill.ablations.runs().items()}
-    ablated = [m for m in results["models"] if m in runs]
-    if ablated and "distill/bd" in results["models"]:
-        base = f"p = {distill.p:g}, chi2 {'on' if distill.chi2 else 'off'}, {distill.variant} variant"
-        described = [["distill/bd", base, *row("distill/bd")]]
-        described += [[m, f"{runs[m][0]} = {runs[m][1]}", *row(m)] for m in ablated]
+    lines: list[str] = []
+    for protocol in results["protocols"]:
+        scores, name = results["scores"][protocol["name"]], protocol["name"]
+
+        def paper_cell(model: str, set_name: str) -> str:
+            if set_name not in paper.get(model, {}):
+                return ""
+            source = recipe.paper_protocols.get(model, "not stated")
+            return f"{paper[model][set_name]:.1f} ({source})"
+
+        def row(model: str, scores=scores) -> list[str]:
+            cells = []
+            for set_name in sets:
+                cells.append(mean_std_cell(scores[model][set_name]["mean"], scores[model][set_name]["std"]))
+                if paper:
+                    cells.append(paper_cell(model, set_name))
+            return cells
+
+        headers = [h for s in sets for h in ([s, f"{s} (paper, its protocol)"] if paper else [s])]
         lines += [
-            "", "## Ablations (the paper's Tables 2 and 4)", "",
-            "Bellman Distill with one setting of stages.distill changed; everything else as distill/bd.", "",
-            markdown_table(["run", "setting", *headers], described).strip(),
+            "" if lines else "", f"## Rouge-L, protocol {protocol_label(protocol)}", "",
+            f"Mean ± std over seeds {seeds}, every model sampled under this protocol"
+            + ("; the paper's numbers (mean of 5 seeds) beside ours, with the protocol that produced them." if paper else "."),
+            "", markdown_table(["model", *headers], [[m, *row(m)] for m in results["models"]]).strip(),
         ]  # fmt: skip
+        ablated = [m for m in results["models"] if m in runs]
+        if ablated and "distill/bd" in results["models"]:
+            base = (
+                f"p = {distill.p:g}, chi2 {'on' if distill.chi2 else 'off'} (alpha {distill.alpha:g}), {distill.variant} "
+                f"variant, outside {distill.outside}, anchor {distill.anchor_coef:g}, D* {distill.dstar}"
+            )
+            described = [["distill/bd", base, *row("distill/bd")]]
+            described += [[m, ", ".join(f"{k} = {v}" for k, v in runs[m].items()), *row(m)] for m in ablated]
+            lines += [
+                "", f"### Ablations, protocol {name} (the paper's Tables 2 and 4, and the settings of METHOD.md 2.2)", "",
+                "Bellman Distill with the named settings of stages.distill changed; everything else as distill/bd. "
+                "anchor > 0 is beyond the paper.", "",
+                markdown_table(["run", "setting", *headers], described).strip(),
+            ]  # fmt: skip
     return lines
+
+
+def bd_diagnostics(run: RunDir) -> list[str]:
+    """What each BD run logged (METHOD.md 2.1's quantities): outside share, mean V and mean set
+    size at the first and last step, and the kept step per protocol."""
+    from bdctl.rundir import manifest
+    from bdctl.tables import markdown_table
+
+    rows = []
+    for directory in training_stage_dirs(run):
+        records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line]
+        train = [r for r in records if r.get("event") == "train" and "mean_v" in r]
+        if not train:
+            continue
+        done = manifest(directory) or {}
+        kept = [f"{done.get('best_step', '?')}"] + [
+            f"{name}: {info['best_step']}" for name, info in (done.get("best_per_protocol") or {}).items()
+        ]
+        first, last = train[0], train[-1]
+        rows.append([
+            str(directory.relative_to(run.root)),
+            f"{first['outside_share']:.3f} / {last['outside_share']:.3f}",
+            f"{first['mean_v']:.2f} / {last['mean_v']:.2f}",
+            f"{first['mean_set_size']:.1f} / {last['mean_set_size']:.1f}",
+            f"{first['set_mass']:.3f} / {last['set_mass']:.3f}" if "set_mass" in last else "",
+            f"{last['anchor_ce']:.3f}" if "anchor_ce" in last else "",
+            ", ".join(kept),
+        ])  # fmt: skip
+    if not rows:
+        return []
+    headers = ["run", "outside share (first / last step)", "mean V", "mean |A_t|", "student mass on A_t", "anchor CE (last)", "kept step"]
+    return ["## Bellman Distill diagnostics", "", markdown_table(headers, rows).strip()]
 
 
 def write_report(run: RunDir, recipe: Recipe, recipe_arg: str, overrides: list[str], timings: dict[str, float]) -> Path:
@@ -98,6 +157,9 @@ def write_report(run: RunDir, recipe: Recipe, recipe_arg: str, overrides: list[s
     results = run.stage("eval") / "results.json"
     if results.is_file():
         sections += ["", *rouge_tables(json.loads(results.read_text()), recipe)]
+    diagnostics = bd_diagnostics(run)
+    if diagnostics:
+        sections += ["", *diagnostics]
     if (run.stage("judge") / "table.md").is_file():
         sections += ["", "## Win rates", "", (run.stage("judge") / "table.md").read_text().strip()]
     for title, png in (("Win rates", run.stage("judge") / "win_rates.png"),):

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from rich.markup import escape
+
 from bdctl.errors import UserError
 from bdctl.pipeline import Stage, stages
 from bdctl.recipe import load_recipe
@@ -22,11 +24,30 @@ from bdctl.recipe.schema import Recipe
 from bdctl.rundir import RunDir, manifest, write_json_atomic
 
 
+def finished(run: RunDir, directory: str, recipe: Recipe) -> bool:
+    """A stage is finished when its manifest exists; eval and judge grow with the recipe (their
+    finished units are reused), so they count as finished only for what the recipe asks now."""
+    done = manifest(run.stage(directory))
+    if done is None:
+        return False
+    if directory == "eval":
+        config = recipe.stages.eval
+        asked = {
+            "models": list(config.models), "protocols": [p.name for p in config.protocols],
+            "sets": [s.name for s in config.sets], "seeds": list(config.seeds),
+        }  # fmt: skip
+        return all(done.get(key) == value for key, value in asked.items())
+    if directory == "judge":
+        config = recipe.stages.judge
+        return done.get("candidate") == config.candidate and done.get("baselines") == list(config.baselines)
+    return True
+
+
 def plan(
     recipe_arg: str, overrides: list[str], start: str | None, only: str | None
 ) -> tuple[list[Stage], RunDir, Path, Recipe]:
     recipe, path = load_recipe(recipe_arg, overrides)
-    run = RunDir(recipe.run_dir or f"runs/{recipe.name}")
+    run = RunDir.of(recipe)
     pipeline = stages(recipe)
     names = [s.directory for s in pipeline]
     for flag, value in (("--from", start), ("--only", only)):
@@ -54,8 +75,9 @@ def reproduce(
     timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
     for stage in pipeline:
         command = command_of(stage, recipe_path, overrides, launcher_args)
-        shown = shlex.join(["bdctl", *command[3:]])
-        if manifest(run.stage(stage.directory)) is not None:
+        # escaped: a --set value such as "{chi2: [false]}" is text, not rich markup
+        shown = escape(shlex.join(["bdctl", *command[3:]]))
+        if finished(run, stage.directory, recipe):
             log(f"[dim]skip[/] {stage.directory}: finished ({shown})")
             continue
         if dry_run:

@@ -225,6 +225,11 @@ def _take_over(path: Path, holder: dict | None) -> None:
 class RunDir:
     """Paths of one recipe's run directory."""
 
+    @classmethod
+    def of(cls, recipe) -> RunDir:
+        """The recipe's run directory: its run_dir, else runs/<name>."""
+        return cls(recipe.run_dir or f"runs/{recipe.name}")
+
     def __init__(self, root: str | Path):
         self.root = Path(root)
 

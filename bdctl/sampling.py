@@ -425,6 +425,7 @@ def _choose(
     top_k: int,
     top_p: float,
     probs: Tensor | None = None,
+    allowed: TopPSet | None = None,
 ) -> Tensor:
     """Next token ``[b]`` (long) from ``scores [b, V]`` and one uniform per row.
 
@@ -436,6 +437,10 @@ def _choose(
     ``probs``, when given, must be ``softmax(scores)``: the capture has computed it already, and
     at temperature 1 without top-k it is the sampling distribution (bit for bit the one computed
     here otherwise, so capturing never changes the tokens).
+
+    ``allowed``, when given, restricts the draw to each row's set (its first ``kept`` ids), the
+    distribution renormalised over it: D* sampled from the teacher's top-p set exactly as the
+    cache stores it (:func:`top_p_set`, cap included).
     """
     if temperature == 0.0:
         return scores.argmax(dim=-1)
@@ -449,6 +454,11 @@ def _choose(
         probs = torch.softmax(scores, dim=-1)
     if top_p < 1.0:
         probs = _top_p_filter(probs, top_p)
+    if allowed is not None:
+        members = torch.arange(allowed.ids.shape[1], device=probs.device)[None, :] < allowed.kept[:, None]
+        # amax, not a plain scatter: padding slots may repeat an id that is also a member.
+        inside = torch.zeros_like(probs).scatter_reduce(-1, allowed.ids, members.to(probs.dtype), reduce="amax")
+        probs = probs * inside
     cdf = probs.cumsum(dim=-1)
     total = cdf[:, -1:]
     if not bool(torch.isfinite(total).all()):
@@ -479,6 +489,7 @@ def sample(
     top_p: float = 1.0,
     top_k: int = 0,
     no_repeat_ngram_size: int | None = None,
+    set_top_p: float | None = None,
     capture_top_p: float | None = None,
     capture_max_k: int = DEFAULT_MAX_K,
     all_done: Callable[[bool], bool] | None = None,
@@ -493,7 +504,12 @@ def sample(
         pad_id: id fed at padding positions (never attended to).
         max_new_tokens: response length limit.
         temperature, top_p, top_k: the sampling distribution (``temperature == 0`` = greedy;
-            ``top_p == 1`` and ``top_k == 0`` = off). Teacher data uses 1, 1, 0.
+            ``top_p == 1`` and ``top_k == 0`` = off). Teacher data uses 1, 1, 0. ``top_p`` is
+            evaluation's nucleus (no cap); for D* see ``set_top_p``.
+        set_top_p: if set, draw only inside the top-p set of the raw temperature-1 distribution
+            computed exactly as the capture computes it (:func:`top_p_set`: ties by lower id,
+            the crossing token kept, at most ``capture_max_k`` tokens), renormalised. With
+            ``set_top_p == capture_top_p`` every drawn token lies in its captured set.
         no_repeat_ngram_size: if set, never generate a token that completes an n-gram already
             present in the row's prompt + response (MiniLLM's evaluation used 6).
         capture_top_p: if set, record the teacher's top-p set (with this ``p``) at every
@@ -511,6 +527,8 @@ def sample(
         model, prompts, seeds, max_new_tokens, temperature, top_p, top_k, no_repeat_ngram_size,
         capture_top_p, capture_max_k,
     )  # fmt: skip
+    if set_top_p is not None:
+        _check_p(set_top_p, "set_top_p")
     if not prompts:
         return []
     device = _model_device(model)
@@ -544,16 +562,21 @@ def sample(
     for step in range(max_new_tokens):
         if live_rows:
             scores = logits.to(compute_dtype(logits.dtype))
-            probs = None
-            if capture_top_p is not None:
+            probs, allowed = None, None
+            if capture_top_p is not None or set_top_p is not None:
                 probs = torch.softmax(scores, dim=-1)
+            if capture_top_p is not None:
                 step_sets.append(top_p_set(probs, capture_top_p, capture_max_k))
+            if set_top_p is not None:
+                same = capture_top_p is not None and set_top_p == capture_top_p
+                allowed = step_sets[-1] if same else top_p_set(probs, set_top_p, capture_max_k)
             if ban is not None:
                 banned = ban.apply(scores, live_rows)
                 if banned is not scores:
                     scores, probs = banned, None
             tokens = _choose(
-                scores, uniforms[live, step], temperature=temperature, top_k=top_k, top_p=top_p, probs=probs
+                scores, uniforms[live, step], temperature=temperature, top_k=top_k, top_p=top_p, probs=probs,
+                allowed=allowed,
             )
             step_rows.append(live)
             step_tokens.append(tokens)

@@ -5,9 +5,11 @@
     rouge_l    Rouge-L of sampled answers to the validation prompts (higher is better): phase 2,
                "checkpoint chosen by best validation Rouge-L" (METHOD.md section 2).
 
-Rouge-L validation samples as `bdctl eval` does (temperature 1, top_p 1, top_k 0, and the eval
-stage's max_new_tokens, batch size and no_repeat_ngram_size), one answer per prompt, each prompt
-with the seed `prompt_seed(recipe seed, prompt id)`. Every validation therefore draws the same
+Rouge-L validation samples as `bdctl eval` does, under a named protocol of stages.eval
+(`select_protocol`, default the first: temperature, top_p, top_k; and the eval stage's
+max_new_tokens, batch size and no_repeat_ngram_size), one answer per prompt, each prompt with the
+seed `prompt_seed(recipe seed, prompt id)`. With `select_each_protocol` every protocol is scored
+(`rouge_l@<protocol>`) and the loop keeps one best export per protocol. Every validation therefore draws the same
 random numbers, and the scores of two checkpoints are a paired comparison, not two noisy draws.
 The sampling runs on the training engine itself: through the root module (ZeRO-3 gathers the
 weights per layer), with the ranks kept in step by `sampling.Lockstep`.
@@ -50,15 +52,18 @@ def validation_loss(engine, examples, micro_batch_size: int, pad_id: int, rank: 
     return global_mean(total, count, engine.device)
 
 
-def validation_rouge(engine, tokenizer, rows: list[dict], settings, seed: int, rank: int, world: int) -> float:
+def validation_rouge(engine, tokenizer, rows: list[dict], settings, seed: int, rank: int, world: int, protocol=None) -> float:
     """Mean Rouge-L (0-100) of one sampled answer per validation row against its golden output.
 
-    `settings`: the eval stage (max_new_tokens, batch_size, no_repeat_ngram_size).
+    `settings`: the eval stage (max_new_tokens, batch_size, no_repeat_ngram_size); `protocol`: the
+    stages.eval protocol to sample with (None: its first).
     """
+    from bdctl.answers import prompt_seed, sample_answers
     from bdctl.engine import global_mean
     from bdctl.metrics import rouge_l
-    from bdctl.sampling import FINISH_EOS, Lockstep, length_grouped_batches, sample
-    from bdctl.stages.evaluate import SAMPLING, prompt_seed
+    from bdctl.sampling import Lockstep, length_grouped_batches
+
+    sampling = settings.protocol(protocol.name if protocol is not None else None).sampling()
 
     model = engine.module  # the policy module: loss_fn=None makes it a plain causal LM
     prompts = tokenizer([row["prompt"] for row in rows])["input_ids"]
@@ -69,23 +74,39 @@ def validation_rouge(engine, tokenizer, rows: list[dict], settings, seed: int, r
         batch = batches[first + rank] if first + rank < len(batches) else None
 
         def run(all_done=None, batch=batch):
-            return sample(
-                model, [prompts[i] for i in batch], [prompt_seed(seed, rows[i]["id"]) for i in batch],
-                eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                max_new_tokens=settings.max_new_tokens, no_repeat_ngram_size=settings.no_repeat_ngram_size,
-                all_done=all_done, **SAMPLING,
+            return sample_answers(
+                model, tokenizer, [prompts[i] for i in batch], [prompt_seed(seed, rows[i]["id"]) for i in batch],
+                sampling=sampling, max_new_tokens=settings.max_new_tokens,
+                no_repeat_ngram_size=settings.no_repeat_ngram_size, all_done=all_done,
             )  # fmt: skip
 
-        samples = run() if lockstep is None else lockstep.round(settings.max_new_tokens, run if batch else None)
-        for i, result in zip(batch or [], samples, strict=True):
-            tokens = result.tokens[:-1] if result.finish_reason == FINISH_EOS else result.tokens
-            total += rouge_l(tokenizer.decode(tokens, skip_special_tokens=True), [rows[i]["output"]])
+        answers = run() if lockstep is None else lockstep.round(settings.max_new_tokens, run if batch else None)
+        for i, answer in zip(batch or [], answers, strict=True):
+            total += rouge_l(answer.text, [rows[i]["output"]])
     return global_mean(total, float(len(rows) if rank == 0 else 0), engine.device)
+
+
+def per_protocol_key(name: str) -> str:
+    """The validation score of one protocol when a stage keeps a best export per protocol."""
+    return f"rouge_l@{name}"
+
+
+def selection_protocols(job, config) -> list[str]:
+    """Rouge-L selection: [the protocol that picks the export, then every other one it keeps a
+    best export for (select_each_protocol)]; [] when the stage selects by loss."""
+    if config.select != "rouge_l":
+        return []
+    protocols = job.recipe.stages.eval.protocols
+    chosen = job.recipe.stages.eval.protocol(config.select_protocol).name
+    others = [p.name for p in protocols if p.name != chosen] if config.select_each_protocol else []
+    return [chosen, *others]
 
 
 class Validator:
     """`validate()` for `training.train_loop`: the validation loss, plus Rouge-L when the stage
-    selects by it. Returns {"val_loss": ..., ["rouge_l": ...]}, the same on every rank."""
+    selects by it. Returns {"val_loss": ..., ["rouge_l": ..., "rouge_l@<protocol>": ...]}, the
+    same on every rank (`rouge_l` under the selection protocol; the per-protocol keys only with
+    select_each_protocol, for every protocol)."""
 
     def __init__(self, job, config, engine, tokenizer, rank: int, world: int):
         from bdctl.data.batching import tokenize_examples
@@ -98,6 +119,8 @@ class Validator:
         if config.select_prompts is not None:
             self.rows = self.rows[: config.select_prompts]
         self.settings, self.seed = job.recipe.stages.eval, job.recipe.seed
+        self.protocols = selection_protocols(job, config)
+        self.each = config.select_each_protocol and config.select == "rouge_l"
 
     def __call__(self) -> dict[str, float]:
         self.engine.eval()
@@ -106,10 +129,15 @@ class Validator:
                 self.engine, self.examples, self.micro_batch_size, self.tokenizer.pad_token_id, self.rank, self.world
             )
         }
-        if self.select == "rouge_l":
-            scores["rouge_l"] = validation_rouge(
-                self.engine, self.tokenizer, self.rows, self.settings, self.seed, self.rank, self.world
-            )
+        for index, name in enumerate(self.protocols):
+            score = validation_rouge(
+                self.engine, self.tokenizer, self.rows, self.settings, self.seed, self.rank, self.world,
+                self.settings.protocol(name),
+            )  # fmt: skip
+            if index == 0:
+                scores["rouge_l"] = score
+            if self.each:
+                scores[per_protocol_key(name)] = score
         self.engine.train()
         return scores
 

@@ -38,7 +38,7 @@ from typing import Any
 from bdctl.errors import UserError
 from bdctl.launch import PREEMPT
 from bdctl.rundir import manifest, mark_complete, read_json, recover_dir, replace_dir
-from bdctl.selection import better
+from bdctl.selection import better, per_protocol_key
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"; rerun the same command to resume
 NONFINITE_EXIT_CODE = 3
@@ -73,6 +73,8 @@ class TrainState:
     step: int = 0
     best_score: float | None = None  # of the selection metric; None until the first validation
     best_step: int = -1
+    # protocol -> [best score, its step], for the extra exports of select_each_protocol
+    best_by_protocol: dict[str, list] = field(default_factory=dict)
     skipped_steps: int = 0
     rng: dict[str, Any] = field(default_factory=dict)
 
@@ -92,6 +94,8 @@ class LoopConfig:
     select: str = "val_loss"  # the validation score that picks the kept export (bdctl.selection)
     aux_coef: float = 1.0  # weight of the second term (see aux_inputs), e.g. lm_coef
     aux_name: str = "aux_loss"  # its name in metrics.jsonl
+    # protocols with a best export of their own (best-<protocol>/, scored as rouge_l@<protocol>)
+    keep_each_protocol: list[str] = field(default_factory=list)
 
 
 class PreemptionWatch:
@@ -175,15 +179,17 @@ def train_loop(
     world: int,
     n_train: int,
     micro_batches: Callable[[list[int]], list[MicroBatch]],
-    loss: Callable[[MicroBatch], tuple[Any, dict[str, float]]],
+    # (loss, logs) or (loss, logs, aux loss): the aux term when aux_inputs is given (distill's LM term)
+    loss: Callable[[MicroBatch], tuple[Any, dict[str, float]] | tuple[Any, dict[str, float], Any]],
     validate: Callable[[], dict[str, float]],
-    export_best: Callable[[dict], None],
+    export_best: Callable[[dict, str], None],
     metrics,
     progress,
     aux_inputs: Callable[[int, int], tuple[dict[str, Any], int]] | None = None,
 ) -> TrainState:
     """Train to `config.total_steps` (resuming from the newest checkpoint), keeping the best
-    validation score's export in out/best. Returns the final state."""
+    validation score's export in out/best (and, per protocol of `keep_each_protocol`, in
+    out/best-<protocol>): `export_best(info, directory name)`. Returns the final state."""
     import torch
     import torch.distributed as dist
 
@@ -228,8 +234,16 @@ def train_loop(
         improved = better(config.select, scores[config.select], state.best_score)
         if improved:
             state.best_score, state.best_step = scores[config.select], state.step
-            export_best({"step": state.step, "select": config.select, **scores})
-        metrics.write(event="eval", step=state.step, **scores, best=improved)
+            export_best({"step": state.step, "select": config.select, **scores}, "best")
+        kept = {}
+        for name in config.keep_each_protocol:
+            key = per_protocol_key(name)
+            previous = state.best_by_protocol.get(name)
+            if better(config.select, scores[key], previous[0] if previous else None):
+                state.best_by_protocol[name] = [scores[key], state.step]
+                export_best({"step": state.step, "select": key, **scores}, f"best-{name}")
+                kept[name] = True
+        metrics.write(event="eval", step=state.step, **scores, best=improved, **({"best_per_protocol": kept} if kept else {}))
         shown = "  ".join(f"{name} {value:.4f}" for name, value in scores.items())
         progress.print(f"step {state.step}: {shown}{'  (best)' if improved else ''}")
 
@@ -300,26 +314,34 @@ def train_loop(
     return state
 
 
-def finish(out: Path, state: TrainState, rank: int, stage: str, metrics, select: str) -> None:
-    """The kept export becomes the stage's export; the manifest marks the stage complete."""
+def finish(out: Path, state: TrainState, rank: int, stage: str, metrics, select: str, **facts) -> None:
+    """The kept export becomes the stage's export (and each best-<protocol> its export-<protocol>);
+    the manifest, with `facts` (e.g. the selection protocol, notes), marks the stage complete."""
     import torch.distributed as dist
 
     from bdctl.engine import EXPORT_INFO
 
     if rank == 0:
-        best, export = out / "best", out / "export"
-        recover_dir(best)
-        if best.exists():  # else an interrupted finish() already moved it
-            replace_dir(best, export)
-        # Only now is the export complete: best/ never carries a manifest, so that an interrupted
-        # run's candidate cannot pass for a finished model (bdctl.engine.export_hf).
-        if manifest(export) is None:
-            mark_complete(export, **read_json(export / EXPORT_INFO))
-            (export / EXPORT_INFO).unlink()
+        for name in ["", *(f"-{protocol}" for protocol in state.best_by_protocol)]:
+            best, export = out / f"best{name}", out / f"export{name}"
+            recover_dir(best)
+            if best.exists():  # else an interrupted finish() already moved it
+                replace_dir(best, export)
+            # Only now is the export complete: best*/ never carries a manifest, so that an
+            # interrupted run's candidate cannot pass for a finished model (bdctl.engine.export_hf).
+            if manifest(export) is None:
+                mark_complete(export, **read_json(export / EXPORT_INFO))
+                (export / EXPORT_INFO).unlink()
         (out / PREEMPT).unlink(missing_ok=True)
-        metrics.write(event="end", best_step=state.best_step, select=select, best_score=state.best_score)
+        per_protocol = {
+            name: {"best_score": score, "best_step": step, "export": f"export-{name}"}
+            for name, (score, step) in state.best_by_protocol.items()
+        }
+        if per_protocol:
+            facts["best_per_protocol"] = per_protocol
+        metrics.write(event="end", best_step=state.best_step, select=select, best_score=state.best_score, **facts)
         mark_complete(
             out, stage=stage, best_step=state.best_step, select=select, best_score=state.best_score,
-            steps=state.step, skipped_steps=state.skipped_steps, export="export",
+            steps=state.step, skipped_steps=state.skipped_steps, export="export", **facts,
         )  # fmt: skip
     dist.barrier()

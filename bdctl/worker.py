@@ -2,7 +2,8 @@
 
 Joins the process group, sets up per-rank logging, runs the stage. A user error on any rank is
 written to logs/error-rank<R>.txt (the launching process shows it as one line) and ends the rank
-with exit code 2; any other error also keeps its traceback on stderr.
+with the error's own exit code: 2 for bad input, 3 for a non-finite loss, 75 for a preempted run
+(`bdctl.errors.UserError.exit_code`). Any other error also keeps its traceback on stderr and exits 1.
 """
 
 from __future__ import annotations

@@ -66,9 +66,12 @@ def distill(
             if ablation not in runs:
                 known = ", ".join(runs) or "none: the recipe sets no stages.distill.ablations"
                 raise UserError(f"--ablation {ablation}: no such run in stages.distill.ablations (runs: {known})")
-            key, value = runs[ablation]
             chosen = "bd"
-            overrides.append(f"stages.distill.{key}={json.dumps(value)}")  # the saved recipe says what ran
+            for key, value in runs[ablation].items():  # the saved recipe says what ran
+                overrides.append(f"stages.distill.{key}={json.dumps(value)}")
+            # The run is BD with these settings; the other runs are not its business (and checked
+            # against its settings they could clash, e.g. outside: drop beside variant: released).
+            overrides.append("stages.distill.ablations={}")
         elif method is None:
             chosen = load_recipe(recipe, overrides)[0].stages.distill.method
         else:

@@ -39,12 +39,14 @@ def eval_(
     *,
     launch: LaunchOptions,
 ) -> None:
-    """Sample answers (temperature 1, top_p 1, top_k 0, one pass per seed) and score Rouge-L.
+    """Sample answers under every sampling protocol of stages.eval.protocols (default: one,
+    temperature 1, top_p 1, top_k 0), one pass per seed, and score Rouge-L.
 
     Writes every generation under runs/<name>/eval/generations/, results.json
-    and a table (models x sets, mean ± std over seeds) as table.md, table.csv.
+    and one table per protocol (models x sets, mean ± std over seeds) as
+    table.md, table.csv. Numbers are only comparable within one protocol.
 
-    Finished (model, set, seed) results are reused by later runs, e.g. when
+    Finished (model, protocol, set, seed) results are reused by later runs, e.g. when
     models are added; one is generated again when its model's weights, its set
     or the sampling settings changed (--force: always).
 
@@ -52,6 +54,7 @@ def eval_(
     generations do not depend on the number of ranks.
     """
     with user_errors():
+        from bdctl.answers import protocol_label
         from bdctl.stages.evaluate import results_table, submit
         from bdctl.tables import print_table
 
@@ -62,5 +65,9 @@ def eval_(
 
             results = json.loads((job.stage_dir / "results.json").read_text())
             seeds = ", ".join(str(s) for s in results["seeds"])
-            print_table(*results_table(results), title=f"Rouge-L, mean ± std over seeds {seeds}")
+            for protocol in results["protocols"]:
+                print_table(
+                    *results_table(results, protocol["name"]),
+                    title=f"Rouge-L, mean ± std over seeds {seeds}; protocol {protocol_label(protocol)}",
+                )
             say(f"[green]done:[/] {job.stage_dir / 'results.json'}")

@@ -15,6 +15,7 @@ EXAMPLE = """[bold]Examples[/]
   bdctl generate recipes/smoke.yaml
   bdctl generate tiny --nproc 2 --set stages.generate.n_samples=4
   bdctl generate recipes/smoke.yaml --score train
+  bdctl generate tiny --variant nucleus      # a second D* of stages.generate.variants
 """
 
 
@@ -36,6 +37,15 @@ def generate(
             show_default=False,
         ),
     ] = None,
+    variant: Annotated[
+        str | None,
+        typer.Option(
+            "--variant",
+            help="Make the D* variant NAME of stages.generate.variants (e.g. sampled inside the teacher's top-p "
+            "set) into runs/<name>/generate-NAME/.",
+            show_default=False,
+        ),
+    ] = None,
     set_: SetOpt = None,
     force: ForceOpt = False,
     *,
@@ -43,7 +53,7 @@ def generate(
 ) -> None:
     """Sample the teacher's responses D* and cache its top-p distribution at every generated token.
 
-    stages.generate.n_samples responses per training prompt, temperature 1, no top-k, no top-p,
+    stages.generate.n_samples responses per training prompt, temperature 1, no top-k, top_p 1 by default,
     from stages.generate.model (default: the teacher SFT export). Writes
     runs/<name>/generate/: dstar.jsonl, cache/ (the sparse teacher cache distillation reads) and
     the sparsity report (sparsity.md, .json, .png). Stopped runs continue where they stopped:
@@ -53,7 +63,7 @@ def generate(
         from bdctl.job import submit
         from bdctl.rundir import manifest
 
-        job = submit("generate", recipe, set_ or [], {"score": score.value if score else None}, launch, force, log=say)
+        job = submit("generate", recipe, set_ or [], {"score": score.value if score else None, **({"variant": variant} if variant else {})}, launch, force, log=say)
         done = None if launch.dry_run else manifest(job.stage_dir)
         if done is not None:
             sizes = ", ".join(f"{p}: {n:.1f}" for p, n in done["top_p_mean_set_size"].items())

@@ -62,6 +62,14 @@ def steps_per_epoch(n_examples: int, global_batch: int) -> int:
     return n_examples // global_batch
 
 
+def training_steps(n_examples: int, config) -> tuple[int, int]:
+    """(steps per epoch, total optimizer steps) of a training stage: `epochs` passes of full
+    global batches, stopped early at `max_steps`. The one formula sft and distill use."""
+    per_epoch = steps_per_epoch(n_examples, config.batch_size)
+    planned = per_epoch * config.epochs
+    return per_epoch, min(planned, config.max_steps or planned)
+
+
 def micro_batches(order: list[int], step: int, global_batch: int, micro: int, rank: int, world: int) -> list[list[int]]:
     """This rank's micro-batches of global step `step`: micro-batch m goes to rank m % world."""
     batch = order[step * global_batch : (step + 1) * global_batch]

@@ -16,7 +16,10 @@ Paper variant (``variant="paper"``, Eq. 17 with the release's Q)::
     L       = - mean_t phi(r_t) + mean_t (V_t - gamma V_{t+1})
 
 Kept transitions: valid ``t`` with ``terminal_t`` or ``valid_{t+1}``; the last transition of a
-truncated response has no known next value and is dropped. Means are token-level over the
+truncated response has no known next value and is dropped. With ``outside="drop"`` (METHOD.md
+section 2.2, not the paper's default) a transition whose action lies outside ``A_t`` is dropped
+the same way: Eq. (15) sets ``F Q = -inf`` there, where Eq. (17) is undefined; its state's ``V``
+still serves as the previous transition's ``V_{t+1}``. Means are token-level over the
 ``N`` kept transitions of the whole batch. No stop-gradient anywhere: gradients flow through
 the max-logit shift (into the arg-max logit) and through ``V_{t+1}``.
 
@@ -64,6 +67,7 @@ from bdctl.objectives.lm import (
 )
 
 VARIANTS = ("paper", "released")
+OUTSIDE = ("q_min", "drop")  # what a data action outside A_t gets (METHOD.md section 2.2)
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,8 @@ class BellmanTerms:
     * ``chi2``: ``mean_t r_t^2 / (4 alpha)``, the regulariser's size (reported with chi^2 off too).
     * ``outside_share``: share of transitions whose action ``a_t`` is not in ``A_t``.
     * ``mean_set_size``: mean ``|A_t|``.
+    * ``set_mass``: mean probability the student puts on ``A_t``, ``sum_{a in A_t} softmax(z_t)(a)``
+      (1 with ``p = 1``): what METHOD.md 2.1 says nothing in Eq. 17 holds in place.
     * ``num_transitions``: ``N``.
 
     For the released variant, "transitions" are the valid positions ``t < T`` (its ``N``),
@@ -94,6 +100,7 @@ class BellmanTerms:
     outside_share: Tensor
     mean_set_size: Tensor
     num_transitions: int
+    set_mass: Tensor | None = None
 
     def as_floats(self) -> dict[str, float]:
         """All terms as Python floats, for logging (syncs with the device)."""
@@ -106,15 +113,21 @@ class BellmanTerms:
             "outside_share": float(self.outside_share),
             "mean_set_size": float(self.mean_set_size),
             "num_transitions": float(self.num_transitions),
+            **({"set_mass": float(self.set_mass)} if self.set_mass is not None else {}),
         }
 
 
 def _validate(
-    variant: str, gamma: float, alpha: float, q_min: float, top_p: float, eps: float
+    variant: str, gamma: float, alpha: float, q_min: float, top_p: float, eps: float, outside: str = "q_min"
 ) -> None:
     """User-facing hyperparameter checks (one-line `UserError`s)."""
     if variant not in VARIANTS:
         raise UserError(f"unknown Bellman Distill variant {variant!r}; expected one of {VARIANTS}")
+    if outside not in OUTSIDE:
+        raise UserError(f"outside must be one of {OUTSIDE}, got {outside!r}")
+    if variant == "released" and outside != "q_min":
+        # The released arithmetic never reads the data action, so there is nothing to drop.
+        raise UserError("outside: drop applies to the paper variant only (the released loss ignores the actions)")
     if not 0.0 <= gamma <= 1.0:
         raise UserError(f"gamma must be in [0, 1], got {gamma!r}")
     if not alpha > 0.0:
@@ -186,31 +199,39 @@ def _assemble(
     gamma: float,
     alpha: float,
     chi2: bool,
+    outside: str = "q_min",
+    set_mass: Tensor | None = None,
 ) -> BellmanTerms:
     """Paper-variant loss and diagnostics from per-position ``[B, T]`` quantities.
 
     Entries at positions that are not kept (and, for ``values``, not successors of kept
     non-terminal transitions) may hold anything finite; they are masked out here.
+    ``outside_share`` is measured over the kept transitions before ``outside="drop"`` removes
+    the out-of-set ones (so a run shows what it dropped); every other mean is over the ``N``
+    transitions that enter the loss.
     """
-    count = int(kept.sum())
+    scored = kept & in_set if outside == "drop" else kept
+    count = int(scored.sum())
     next_values = _next_values(values, term)
     reward = q_hat - gamma * next_values
     phi = reward - reward.square() / (4.0 * alpha) if chi2 else reward
 
-    def kept_mean(x: Tensor) -> Tensor:
-        return torch.where(kept, x, 0.0).sum() / count
+    def scored_mean(x: Tensor) -> Tensor:
+        return torch.where(scored, x, 0.0).sum() / max(count, 1)
 
-    loss = -kept_mean(phi) + kept_mean(values - gamma * next_values)
+    # A batch whose every transition was dropped contributes zero (its count is 0), with a graph.
+    loss = -scored_mean(phi) + scored_mean(values - gamma * next_values)
     with torch.no_grad():
         return BellmanTerms(
             loss=loss,
-            mean_r=kept_mean(reward.detach()),
-            mean_v=kept_mean(values.detach()),
-            mean_q_candidates=kept_mean(q_cand_mean.detach()),
-            chi2=kept_mean(reward.detach().square()) / (4.0 * alpha),
-            outside_share=kept_mean((~in_set).to(reward.dtype)),
-            mean_set_size=kept_mean(set_size.to(reward.dtype)),
+            mean_r=scored_mean(reward.detach()),
+            mean_v=scored_mean(values.detach()),
+            mean_q_candidates=scored_mean(q_cand_mean.detach()),
+            chi2=scored_mean(reward.detach().square()) / (4.0 * alpha),
+            outside_share=torch.where(kept, (~in_set).to(reward.dtype), 0.0).sum() / int(kept.sum()),
+            mean_set_size=scored_mean(set_size.to(reward.dtype)),
             num_transitions=count,
+            set_mass=scored_mean(set_mass.to(reward.dtype)) if set_mass is not None else None,
         )
 
 
@@ -235,6 +256,7 @@ def _paper_dense_terms(
     alpha: float,
     q_min: float,
     chi2: bool,
+    outside: str,
 ) -> BellmanTerms:
     kept, term, needs_value = _transitions(valid, terminal)
     if not bool(kept.any()):
@@ -256,7 +278,8 @@ def _paper_dense_terms(
     with torch.no_grad():
         set_size = teacher_mask.sum(dim=-1)
         q_cand_mean = torch.where(teacher_mask, q, 0.0).sum(dim=-1) / set_size.clamp_min(1)
-    return _assemble(q_hat, values, q_cand_mean, set_size, in_set, kept, term, gamma, alpha, chi2)
+        set_mass = torch.exp(_masked_logsumexp(z, teacher_mask) - torch.logsumexp(z, dim=-1))
+    return _assemble(q_hat, values, q_cand_mean, set_size, in_set, kept, term, gamma, alpha, chi2, outside, set_mass)
 
 
 def _released_terms(
@@ -304,6 +327,7 @@ def _released_terms(
         in_set = teacher_mask.gather(-1, safe_actions[..., None]).squeeze(-1)[:, :-1]
         set_size = teacher_mask[:, :-1].sum(dim=-1).to(z.dtype)
         q_cand = torch.where(teacher_mask, q, 0.0).sum(dim=-1)[:, :-1] / set_size.clamp_min(1)
+        mass = torch.exp(_masked_logsumexp(z, teacher_mask) - torch.logsumexp(z, dim=-1))[:, :-1]
 
         def start_mean(x: Tensor) -> Tensor:
             return torch.where(start, x, 0.0).sum() / count
@@ -317,6 +341,7 @@ def _released_terms(
             outside_share=start_mean((~in_set).to(z.dtype)),
             mean_set_size=start_mean(set_size),
             num_transitions=count,
+            set_mass=start_mean(mass),
         )
 
 
@@ -334,9 +359,10 @@ def dense_terms(
     chi2: bool = True,
     top_p: float = 0.8,
     eps: float = 1e-6,
+    outside: str = "q_min",
 ) -> BellmanTerms:
     """:func:`dense_loss` with its diagnostics (see :class:`BellmanTerms`)."""
-    _validate(variant, gamma, alpha, q_min, top_p, eps)
+    _validate(variant, gamma, alpha, q_min, top_p, eps, outside)
     if logits.dim() != 3 or teacher_mask.shape != logits.shape:
         raise ValueError(
             f"expected logits and teacher_mask [B, T, V], got {tuple(logits.shape)} and "
@@ -350,7 +376,7 @@ def dense_terms(
             logits, teacher_mask, actions, valid, gamma, alpha, q_min, chi2, top_p, eps
         )
     return _paper_dense_terms(
-        logits, teacher_mask, actions, valid, terminal, gamma, alpha, q_min, chi2
+        logits, teacher_mask, actions, valid, terminal, gamma, alpha, q_min, chi2, outside
     )
 
 
@@ -368,6 +394,7 @@ def dense_loss(
     chi2: bool = True,
     top_p: float = 0.8,
     eps: float = 1e-6,
+    outside: str = "q_min",
 ) -> Tensor:
     """Bellman Distill loss from full logits (scalar, differentiable w.r.t. ``logits``).
 
@@ -380,6 +407,9 @@ def dense_loss(
         variant: ``"paper"`` (METHOD.md section 2) or ``"released"`` (section 3).
         gamma, alpha, q_min, chi2: discount, chi^2 strength, Q clip, chi^2 on/off.
         top_p, eps: used only by the released variant (``pi * m / p + eps``).
+        outside: what a transition whose action lies outside ``A_t`` gets: ``"q_min"`` (the
+            paper's clipped ``Qhat = q_min``) or ``"drop"`` (left out of every term, like a
+            truncated last transition; METHOD.md section 2.2). Paper variant only.
 
     Raises:
         UserError: bad hyperparameters, a batch without kept transitions, an empty candidate
@@ -387,7 +417,7 @@ def dense_loss(
     """
     return dense_terms(
         logits, teacher_mask, actions, valid, terminal, variant=variant, gamma=gamma,
-        alpha=alpha, q_min=q_min, chi2=chi2, top_p=top_p, eps=eps,
+        alpha=alpha, q_min=q_min, chi2=chi2, top_p=top_p, eps=eps, outside=outside,
     ).loss
 
 
@@ -418,6 +448,7 @@ def lean_terms(
     alpha: float = 0.1,
     q_min: float = -10.0,
     chi2: bool = True,
+    outside: str = "q_min",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> BellmanTerms:
     """:func:`lean_loss` with its diagnostics (see :class:`BellmanTerms`).
@@ -425,7 +456,7 @@ def lean_terms(
     With ``cand_ids=None`` the diagnostic ``mean_q_candidates`` (the mean clipped Q over the
     whole vocabulary) costs one extra gradient-free pass over the vocabulary chunks.
     """
-    _validate(variant, gamma, alpha, q_min, 1.0, 1.0)
+    _validate(variant, gamma, alpha, q_min, 1.0, 1.0, outside)
     if variant != "paper":
         raise UserError(
             "the lean Bellman Distill path implements the paper variant only; the released "
@@ -466,6 +497,7 @@ def lean_terms(
         in_set = torch.ones_like(row_kept)
         set_size = torch.full_like(row_actions, vocab)
         q_cand_mean = _mean_clipped_q(rows, weight, bias, shift.detach(), q_min, chunk_size)
+        set_mass = torch.ones_like(shift)
     else:
         slots = cand_ids.shape[-1]
         ids = cand_ids.reshape(-1, slots).index_select(0, index)
@@ -491,6 +523,9 @@ def lean_terms(
         set_size = mask.sum(dim=-1)
         with torch.no_grad():
             q_cand_mean = torch.where(mask, q, 0.0).sum(dim=-1) / set_size
+            # one more gradient-free pass over the vocabulary chunks: the student's mass on A_t
+            members = _masked_logsumexp(logits[:, :slots], mask)
+            set_mass = torch.exp(members - chunked_logsumexp(rows.detach(), weight.detach(), None if bias is None else bias.detach(), chunk_size=chunk_size))
 
     def scatter(x: Tensor) -> Tensor:
         """Rows back to ``[B, T]`` (zeros elsewhere), keeping the autograd graph."""
@@ -508,6 +543,8 @@ def lean_terms(
         gamma,
         alpha,
         chi2,
+        outside,
+        scatter(set_mass.to(q_hat.dtype)),
     )
 
 
@@ -542,6 +579,7 @@ def lean_loss(
     alpha: float = 0.1,
     q_min: float = -10.0,
     chi2: bool = True,
+    outside: str = "q_min",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> Tensor:
     """Paper-variant Bellman Distill loss from hidden states, equal to ``dense_loss``.
@@ -557,7 +595,7 @@ def lean_loss(
         actions, valid, terminal: as in :func:`dense_loss`.
         bias: optional ``[V]`` output bias.
         variant: only ``"paper"`` (accepted so callers can forward the recipe's setting).
-        gamma, alpha, q_min, chi2: as in :func:`dense_loss`.
+        gamma, alpha, q_min, chi2, outside: as in :func:`dense_loss`.
         chunk_size: vocabulary chunk; bounds the live logits to ``[N, chunk_size]``.
 
     Returns:
@@ -566,7 +604,7 @@ def lean_loss(
     return lean_terms(
         hidden, weight, cand_ids, cand_mask, actions, valid, terminal, bias=bias,
         variant=variant, gamma=gamma, alpha=alpha, q_min=q_min, chi2=chi2,
-        chunk_size=chunk_size,
+        outside=outside, chunk_size=chunk_size,
     ).loss
 
 
@@ -710,6 +748,8 @@ def released_lean_terms(
             outside_share=start_mean(~in_set),
             mean_set_size=start_mean(members),
             num_transitions=count,
+            # pi = softmax(Q) is not the student's softmax(z) where the clip bites: recompute from z
+            set_mass=start_mean(torch.exp(_masked_logsumexp(logits[:, :slots], mask) - chunked_logsumexp(rows.detach(), weight.detach(), chunk_size=chunk_size))),
         )
 
 

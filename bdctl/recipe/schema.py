@@ -8,7 +8,7 @@ Unknown keys are errors everywhere (`extra="forbid"`).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -201,6 +201,27 @@ class DeepSpeed(Section):
 # --------------------------------------------------------------------------- stages
 
 
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # names that become directory names
+
+
+class Protocol(Section):
+    """A named sampling protocol: how answers are sampled for evaluation and Rouge-L selection
+    (METHOD.md section 5). Every model is evaluated under every protocol of stages.eval."""
+
+    name: str = Field(pattern=_NAME, description="Name shown in tables and directories, e.g. minillm or release.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus: sample inside the top-p set (1.0: off).")
+    top_k: int = Field(0, ge=0, description="Sample among the k most likely tokens (0: off).")
+
+    def sampling(self) -> dict[str, float | int]:
+        """The keyword arguments of `bdctl.sampling.sample` this protocol sets."""
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+
+
+def _default_protocols() -> list[Protocol]:
+    return [Protocol(name="minillm")]  # MiniLLM's protocol: temperature 1, top_p 1.0, top_k 0
+
+
 class Train(Section):
     """Settings every training stage shares."""
 
@@ -220,6 +241,16 @@ class Train(Section):
     )
     select_prompts: int | None = Field(
         None, gt=0, description="rouge_l: score the first N validation prompts (null: all of them)."
+    )
+    select_protocol: str | None = Field(
+        None,
+        description="rouge_l: the stages.eval protocol the validation answers are sampled with; it picks "
+        "the stage's export (null: the first protocol).",
+    )
+    select_each_protocol: bool = Field(
+        False,
+        description="rouge_l: validate under every stages.eval protocol and keep one best export per protocol "
+        "(export-<protocol>/); bdctl eval scores each protocol with the checkpoint chosen under it.",
     )
     checkpoint_every: int = Field(0, ge=0, description="DeepSpeed checkpoint every N steps (0: per epoch).")
     keep_checkpoints: int = Field(2, ge=1, description="How many DeepSpeed checkpoints to keep.")
@@ -241,12 +272,31 @@ class SFTStage(Train):
     """Supervised fine-tuning (teacher SFT, student phase 1, the SFT baseline)."""
 
 
+class GenerateVariant(Section):
+    """A second teacher data set D* beside runs/<name>/generate: the same teacher and cache with
+    some sampling settings changed (unset fields inherit stages.generate's). It is made by
+    `bdctl generate RECIPE --variant NAME` into runs/<name>/generate-NAME, and a distill run trains
+    on it with `stages.distill.dstar: generate-NAME`."""
+
+    top_p: float | None = Field(None, gt=0, le=1, description="See stages.generate.top_p.")
+    temperature: float | None = Field(None, gt=0, description="See stages.generate.temperature.")
+    n_samples: int | None = Field(None, gt=0, description="See stages.generate.n_samples.")
+
+
 class GenerateStage(Section):
     """Teacher data D* and the sparse top-p teacher cache (METHOD.md sections 1 and 5)."""
 
     model: str = Field("teacher_sft", description="Teacher weights: a stage name (its export) or a path.")
     n_samples: int = Field(8, gt=0, description="Responses sampled per training prompt.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature (no top-k, no top-p).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (no top-k).")
+    top_p: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Sample D* from the teacher's top-p set, computed exactly as the cache stores it (same tie "
+        "rule, crossing token kept, capped at cache_max_k) and renormalised (1.0: the whole vocabulary, the paper's "
+        "protocol). With top_p == cache_top_p every action of D* lies in its cached set A_t (METHOD.md 2.2).",
+    )
     max_new_tokens: int = Field(
         256, gt=0, description="Longest response, and at most data.max_length - prompt length; longer ones are truncated."
     )
@@ -259,6 +309,17 @@ class GenerateStage(Section):
     report_examples: int = Field(
         256, gt=0, description="Sequences re-scored (top 50, p = 1) for the sparsity report; an even spread of D*."
     )
+    variants: dict[Annotated[str, Field(pattern=_NAME)], GenerateVariant] = Field(
+        default_factory=dict,
+        description="Further D* sets, each in runs/<name>/generate-<variant> (e.g. {nucleus: {top_p: 0.8}}).",
+    )
+
+    def variant(self, name: str | None) -> GenerateStage:
+        """These settings with a variant's changes applied (None: the base D*)."""
+        if name is None:
+            return self
+        changes = self.variants[name].model_dump(exclude_none=True)
+        return self.model_copy(update={**changes, "variants": {}})
 
 
 class Ablations(Section):
@@ -274,16 +335,44 @@ class Ablations(Section):
     variant: list[Literal["paper", "released"]] = Field(
         default_factory=list, description="Loss variants, e.g. [released] for the released code's arithmetic."
     )
+    outside: list[Literal["q_min", "drop"]] = Field(
+        default_factory=list, description="Out-of-set actions, e.g. [drop] -> distill/bd-outside-drop."
+    )
+    anchor_coef: list[Annotated[float, Field(ge=0)]] = Field(
+        default_factory=list, description="Anchor weights (beyond the paper), e.g. [0.5] -> distill/bd-anchor0.5."
+    )
+    alpha: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=list, description="chi^2 strengths, e.g. [1.0] -> distill/bd-alpha1.0."
+    )
+    dstar: list[str] = Field(
+        default_factory=list,
+        description="D* sets to train on, e.g. [generate-nucleus] -> distill/bd-dstar-nucleus.",
+    )
+    combined: dict[Annotated[str, Field(pattern=_NAME)], dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Named runs changing several stages.distill settings at once, e.g. "
+        "{bd-nucleus-drop: {dstar: generate-nucleus, outside: drop}} -> distill/bd-nucleus-drop.",
+    )
 
-    def runs(self) -> dict[str, tuple[str, object]]:
-        """Run name -> (the stages.distill key it changes, the value)."""
-        names: dict[str, tuple[str, object]] = {}
+    def runs(self) -> dict[str, dict[str, Any]]:
+        """Run name -> the stages.distill settings it changes."""
+        names: dict[str, dict[str, Any]] = {}
         for value in self.p:
-            names[f"bd-p{float(value)}"] = ("p", float(value))
+            names[f"bd-p{float(value)}"] = {"p": float(value)}
         for value in self.chi2:
-            names[f"bd-chi2-{'on' if value else 'off'}"] = ("chi2", value)
+            names[f"bd-chi2-{'on' if value else 'off'}"] = {"chi2": value}
         for value in self.variant:
-            names[f"bd-{value}"] = ("variant", value)
+            names[f"bd-{value}"] = {"variant": value}
+        for value in self.outside:
+            names[f"bd-outside-{value.replace('_', '')}"] = {"outside": value}
+        for value in self.anchor_coef:
+            names[f"bd-anchor{float(value)}"] = {"anchor_coef": float(value)}
+        for value in self.alpha:
+            names[f"bd-alpha{float(value)}"] = {"alpha": float(value)}
+        for value in self.dstar:
+            names[f"bd-dstar-{value.removeprefix('generate-')}"] = {"dstar": value}
+        for name, changes in self.combined.items():
+            names[name] = dict(changes)
         return names
 
 
@@ -310,6 +399,22 @@ class DistillStage(Train):
         description="The LM term on data.pretrain: true / false; null (default) = on for bd when data.pretrain "
         "is set, off for the kd / seqkd baselines (MiniLLM trained them without it).",
     )
+    outside: Literal["q_min", "drop"] = Field(
+        "q_min",
+        description="What a D* action outside the teacher's set A_t gets: q_min (Eq. 17 with the release's clip, "
+        "the paper) or drop (the transition is left out of every term, like a truncated last one; METHOD.md 2.2).",
+    )
+    anchor_coef: float = Field(
+        0.0,
+        ge=0,
+        description="BEYOND THE PAPER: + anchor_coef x the token-mean cross-entropy of D*'s actions (the SeqKD "
+        "term) over BD's transitions, to keep the student's mass where the teacher's is (0: the paper's loss).",
+    )
+    dstar: str = Field(
+        "generate",
+        description="The D* (and cache) bd and seqkd train on: generate, or generate-<variant> of "
+        "stages.generate.variants.",
+    )
     init: str = Field("auto", description="auto: student_sft export for BD, the base student otherwise.")
     ablations: Ablations = Field(default_factory=Ablations, description="Extra BD runs, one setting changed each.")
 
@@ -333,6 +438,11 @@ class EvalSet(Section):
 
 
 class EvalStage(Section):
+    protocols: list[Protocol] = Field(
+        default_factory=_default_protocols,
+        description="Named sampling protocols; every model is evaluated under each (default: one, minillm: "
+        "temperature 1, top_p 1.0, top_k 0). E.g. [{name: minillm}, {name: release, top_p: 0.8}].",
+    )
     models: list[str] = Field(
         default_factory=lambda: ["teacher_sft", "student_sft"],
         description="Stage names (their exports), local directories or hub ids.",
@@ -344,6 +454,21 @@ class EvalStage(Section):
     max_new_tokens: int = Field(256, gt=0, description="Longest generated answer.")
     no_repeat_ngram_size: int | None = Field(None, gt=0, description="MiniLLM used 6.")
     batch_size: int = Field(16, gt=0, description="Prompts per generation batch per rank.")
+
+    @model_validator(mode="after")
+    def _check_protocols(self) -> EvalStage:
+        names = [p.name for p in self.protocols]
+        if not names:
+            raise ValueError("protocols is empty; give at least one (e.g. [{name: minillm}])")
+        if len(set(names)) != len(names):
+            raise ValueError(f"protocols: two protocols share a name ({', '.join(names)})")
+        return self
+
+    def protocol(self, name: str | None) -> Protocol:
+        """The protocol called `name` (None: the first)."""
+        if name is None:
+            return self.protocols[0]
+        return next(p for p in self.protocols if p.name == name)
 
 
 class JudgeStage(Section):
@@ -372,6 +497,7 @@ class JudgeStage(Section):
         default_factory=lambda: ["student_sft", "distill/kd", "distill/seqkd"], description="Baselines."
     )
     eval_set: str = Field("dolly", description="Which eval set's generations to judge.")
+    protocol: str | None = Field(None, description="Which stages.eval protocol's generations to judge (null: the first).")
     seed: int = Field(10, description="Which sampling seed's generations to judge.")
 
 
@@ -400,6 +526,43 @@ class Recipe(Section):
         description="The paper's Rouge-L for this pair, shown beside ours in the report: model (a stages.eval.models "
         "entry) -> eval set -> score.",
     )
+    paper_protocols: dict[str, str] = Field(
+        default_factory=dict,
+        description="Which sampling protocol produced each paper_rouge_l model's numbers, shown beside them: a "
+        "stages.eval protocol name, or a few words where it is not known (e.g. 'not stated').",
+    )
+
+    @model_validator(mode="after")
+    def _check_references(self) -> Recipe:
+        """Names one section gives another must exist (protocols, D* variants, ablation settings)."""
+        protocols = [p.name for p in self.stages.eval.protocols]
+        for stage in ("teacher_sft", "student_sft", "distill"):
+            chosen = getattr(self.stages, stage).select_protocol
+            if chosen is not None and chosen not in protocols:
+                raise ValueError(
+                    f"stages.{stage}.select_protocol: {chosen!r} is not a stages.eval protocol ({', '.join(protocols)})"
+                )
+        if self.stages.judge.protocol is not None and self.stages.judge.protocol not in protocols:
+            raise ValueError(
+                f"stages.judge.protocol: {self.stages.judge.protocol!r} is not a stages.eval protocol ({', '.join(protocols)})"
+            )
+        dstars = ["generate", *(f"generate-{name}" for name in self.stages.generate.variants)]
+        distill = self.stages.distill
+        for name, changes in {"": {}, **distill.ablations.runs()}.items():
+            where = f"stages.distill.ablations ({name})" if name else "stages.distill"
+            try:
+                run = DistillStage.model_validate({**distill.model_dump(exclude={"ablations"}), **changes})
+            except ValueError as error:
+                first = error.errors()[0] if hasattr(error, "errors") else {"loc": (), "msg": str(error)}
+                key = ".".join(str(part) for part in first["loc"])
+                raise ValueError(f"{where}: {key}: {first['msg']}") from None
+            if run.dstar not in dstars:
+                raise ValueError(f"{where}: dstar {run.dstar!r} is not a D* of this recipe ({', '.join(dstars)})")
+            if run.outside == "drop" and run.variant == "released":
+                raise ValueError(f"{where}: outside: drop applies to the paper variant (the released loss ignores actions)")
+            if run.outside == "drop" and run.teacher_source == "live" and run.p < 1:
+                raise ValueError(f"{where}: outside: drop reads A_t from the cache; use teacher_source: cache")
+        return self
 
     @model_validator(mode="after")
     def _check_paper_results(self) -> Recipe:
@@ -410,4 +573,7 @@ class Recipe(Section):
             for name in scores:
                 if name not in sets:
                     raise ValueError(f"paper_rouge_l.{model}: {name!r} is not an eval set ({', '.join(sets)})")
+        for model in self.paper_protocols:
+            if model not in self.paper_rouge_l:
+                raise ValueError(f"paper_protocols: {model!r} has no paper_rouge_l entry")
         return self

@@ -62,9 +62,9 @@ from bdctl.rundir import manifest
 from bdctl.sampling import teacher_sets
 
 METHODS = ("bd", "kd", "seqkd")
-DSTAR_STAGE = "generate"  # D* and its cache: runs/<name>/generate/cache
 SCORE_STAGE = "score_train"  # the teacher's sets over the golden training responses: runs/<name>/score_train/cache
-BD_LOGS = ("mean_r", "mean_v", "mean_q_candidates", "chi2", "outside_share", "mean_set_size")
+BD_LOGS = ("mean_r", "mean_v", "mean_q_candidates", "chi2", "outside_share", "mean_set_size", "set_mass")
+BEYOND_PAPER = "BEYOND THE PAPER"  # how every setting the paper does not have is labelled in output
 
 
 def stage_dir(options: dict) -> str:
@@ -91,6 +91,9 @@ class Setup:
     pretrain: bool
     pt_kd: bool  # the LM term mixes in the live teacher's KD
     init: str
+    dstar: str = "generate"  # bd, seqkd: the stage directory of the D* (and cache) trained on
+    outside: str = "q_min"  # bd: what an action outside A_t gets (METHOD.md 2.2)
+    anchor_coef: float = 0.0  # bd: + anchor_coef x CE of D*'s actions (beyond the paper)
 
     @property
     def live_teacher(self) -> bool:
@@ -125,6 +128,9 @@ def make_setup(job: Job) -> Setup:
         pretrain=pretrain,
         pt_kd=pretrain and config.pt_kd_ratio > 0,
         init=config.init if config.init != "auto" else ("student_sft" if method == "bd" else "base"),
+        dstar=config.dstar,
+        outside=config.outside if method == "bd" else "q_min",
+        anchor_coef=config.anchor_coef if method == "bd" else 0.0,
     )
 
 
@@ -139,9 +145,16 @@ def describe(setup: Setup, job: Job) -> list[str]:
             None: "A_t = the whole vocabulary (p = 1)",
         }[setup.sets]
         form = "chunked lean form" if setup.variant == "paper" or setup.sets else "dense form (full logits)"
-        lines.append(f"bd ({setup.variant} variant, {form}) on D*, {sets}")
+        lines.append(f"bd ({setup.variant} variant, {form}) on D* ({setup.dstar}), {sets}")
+        if setup.outside == "drop":
+            lines.append("outside: drop: D* actions outside A_t leave every term (METHOD.md 2.2; the paper's Eq. 17 gives them q_min)")
+        if setup.anchor_coef > 0:
+            lines.append(
+                f"{BEYOND_PAPER}: anchor + {setup.anchor_coef:g} x cross-entropy of D*'s actions over BD's transitions; "
+                "this is not the paper's loss"
+            )
     else:
-        data = "the golden training responses" if setup.method == "kd" else "D*"
+        data = "the golden training responses" if setup.method == "kd" else f"D* ({setup.dstar})"
         teacher = {
             "cache": "teacher distribution from the sparse top-p cache, renormalised over each cached set: "
             "an approximation of exact KD",
@@ -205,12 +218,12 @@ class TrainData:
 
 def cache_stage_dir(job: Job, stage: str) -> Path:
     """A finished stage's cache directory, or one line naming the command that makes it."""
+    from bdctl.job import stage_command
+
     directory = job.run.stage(stage)
     if manifest(directory) is None:
-        what, command = {
-            DSTAR_STAGE: ("the teacher data D*", f"bdctl generate {job.recipe_path}"),
-            SCORE_STAGE: ("the teacher's scores of the golden responses", f"bdctl generate {job.recipe_path} --score train"),
-        }[stage]
+        what = "the teacher's scores of the golden responses" if stage == SCORE_STAGE else f"the teacher data D* ({stage})"
+        command = stage_command(stage, job.recipe_path)
         raise UserError(
             f"distill --method {job.options['method']} needs {what} ({directory} has not finished); run it first: {command}"
         )
@@ -257,7 +270,7 @@ def load_train_data(job: Job, tokenizer, setup: Setup, log=None) -> tuple[TrainD
         data = TrainData(prompts, items, responses=responses, teacher=teacher, with_sets=teacher is not None)
         return data, {"examples": len(items)}
 
-    cache = open_cache(cache_stage_dir(job, DSTAR_STAGE))
+    cache = open_cache(cache_stage_dir(job, setup.dstar))
     check(cache, digest)  # the tokenizer; p is checked against the cache's below
     narrow_to = None
     if setup.sets == "cache" and abs(config.p - cache.top_p) > 1e-9:
@@ -341,13 +354,38 @@ def kept_transitions(valid: Tensor, terminal: Tensor) -> Tensor:
     return valid & ((terminal & valid) | valid_next)
 
 
+def released_valid(batch: dict[str, Tensor]) -> Tensor:
+    """The released code's `valid`: its response mask is `token != pad` with pad = EOS, so the
+    position that emits EOS is never valid (METHOD.md section 3, last paragraph)."""
+    return batch["valid"] & ~batch["terminal"]
+
+
+def in_cached_set(batch: dict[str, Tensor]) -> Tensor:
+    """[B, T] whether each action lies in its cached set A_t (all True without sets: p = 1)."""
+    if "cand_ids" not in batch:
+        return torch.ones_like(batch["valid"])
+    return (batch["cand_mask"] & (batch["cand_ids"] == batch["actions"][..., None])).any(dim=-1)
+
+
+def bd_scored(batch: dict[str, Tensor], setup: Setup) -> Tensor:
+    """[B, T] the positions BD's means run over (its N): the released variant's transition starts
+    (valid t < T), or the paper's kept transitions, less the out-of-set ones with outside: drop.
+    The anchor averages over the same positions, so both terms share one unit."""
+    if setup.variant == "released":
+        scored = released_valid(batch).clone()
+        scored[:, -1] = False
+        return scored
+    scored = kept_transitions(batch["valid"], batch["terminal"])
+    if setup.outside == "drop":
+        scored = scored & in_cached_set(batch)
+    return scored
+
+
 def batch_count(batch: dict[str, Tensor], setup: Setup) -> int:
-    """The units of a micro-batch's mean: kept transitions (bd paper), the released N, or tokens."""
+    """The units of a micro-batch's mean: BD's transitions (`bd_scored`), or tokens."""
     if setup.method != "bd":
         return int(batch["valid"].sum())
-    if setup.variant == "released":
-        return int(batch["valid"][:, :-1].sum())
-    return int(kept_transitions(batch["valid"], batch["terminal"]).sum())
+    return int(bd_scored(batch, setup).sum())
 
 
 def response_hidden(hidden: Tensor, positions: Tensor) -> Tensor:
@@ -368,18 +406,32 @@ def bd_terms(hidden: Tensor, weight: Tensor, batch: dict[str, Tensor], config: D
     h = response_hidden(hidden, batch["positions"])
     ids, mask = batch.get("cand_ids"), batch.get("cand_mask")
     common = dict(gamma=config.gamma, alpha=config.alpha, q_min=config.q_min, chi2=config.chi2)
-    if config.variant == "paper" and not dense:
+    if config.variant == "released":
+        valid = released_valid(batch)
+        if ids is not None and not dense:
+            return released_lean_terms(h, weight, ids, mask, batch["actions"], valid, top_p=config.p, eps=config.eps, **common)
+        logits = h @ weight.T
+        teacher_mask = candidate_mask(ids, mask, h.shape[:2], weight.shape[0]).to(logits.device)
+        return dense_terms(
+            logits, teacher_mask, batch["actions"], valid, batch["terminal"] & valid, variant="released",
+            top_p=config.p, eps=config.eps, **common,
+        )  # fmt: skip
+    common["outside"] = config.outside
+    if not dense:
         return lean_terms(h, weight, ids, mask, batch["actions"], batch["valid"], batch["terminal"], **common)
-    if config.variant == "released" and ids is not None and not dense:
-        return released_lean_terms(
-            h, weight, ids, mask, batch["actions"], batch["valid"], top_p=config.p, eps=config.eps, **common
-        )
     logits = h @ weight.T
     teacher_mask = candidate_mask(ids, mask, h.shape[:2], weight.shape[0]).to(logits.device)
     return dense_terms(
-        logits, teacher_mask, batch["actions"], batch["valid"], batch["terminal"], variant=config.variant,
-        top_p=config.p, eps=config.eps, **common,
+        logits, teacher_mask, batch["actions"], batch["valid"], batch["terminal"], top_p=config.p, eps=config.eps,
+        **common,
     )  # fmt: skip
+
+
+def anchor_loss(hidden: Tensor, weight: Tensor, batch: dict[str, Tensor], scored: Tensor) -> Tensor:
+    """BEYOND THE PAPER (METHOD.md 2.2): token-mean cross-entropy of D*'s actions at BD's scored
+    positions (the SeqKD term), from hidden states (no [B, T, V] logits)."""
+    h = response_hidden(hidden, batch["positions"])
+    return lean_cross_entropy(h, weight, torch.where(scored, batch["actions"], IGNORE_INDEX))
 
 
 def frame_sets(valid: Tensor, ids: Tensor, kept: Tensor) -> tuple[Tensor, Tensor]:
@@ -423,7 +475,7 @@ def pretrain_loss(hidden: Tensor, weight: Tensor, blocks: Tensor, ratio: float =
 
 def prepare(job: Job, log=print) -> None:
     """Launching process: data split, inputs that must exist, vocabulary check, pretraining blocks."""
-    from bdctl.data.batching import steps_per_epoch
+    from bdctl.data.batching import training_steps
     from bdctl.engine import check_batch_split
     from bdctl.data.prepare import prepare_data
     from bdctl.models import check_vocabularies, load_tokenizer, max_positions
@@ -454,8 +506,7 @@ def prepare(job: Job, log=print) -> None:
         raise UserError(
             f"stages.distill.batch_size ({config.batch_size}) exceeds the {len(data)} training examples of --method {method}"
         )
-    per_epoch = steps_per_epoch(len(data), config.batch_size)
-    total_steps = min(per_epoch * config.epochs, config.max_steps or per_epoch * config.epochs)
+    per_epoch, total_steps = training_steps(len(data), config)
     if setup.pretrain:
         from bdctl.data.pretrain import prepare_blocks
 
@@ -487,14 +538,14 @@ def deepspeed_preview(job: Job) -> dict:
 
 def run(job: Job, rank: int, world: int) -> None:
     """Every rank: data, student (and live teacher) engines, train with the shared loop, export the best."""
-    from bdctl.data.batching import steps_per_epoch
+    from bdctl.data.batching import training_steps
     from bdctl.engine import (
         deepspeed_config, export_hf, hf_deepspeed_context, make_engine, make_inference_engine, on_gpu,
         policy_module, resolve_precision,
     )  # fmt: skip
     from bdctl.models import hidden_size, load_model, load_tokenizer
     from bdctl.selection import Validator
-    from bdctl.stages.sft import loop_config
+    from bdctl.stages.sft import loop_config, selection_facts
     from bdctl.tracking import MetricsLog, StepProgress
     from bdctl.training import MicroBatch, finish, train_loop
 
@@ -504,8 +555,7 @@ def run(job: Job, rank: int, world: int) -> None:
     # --- data: every rank reads the same examples; the loop hands each rank its share
     tokenizer = load_tokenizer(job.run.tokenizer)
     data, stats = load_train_data(job, tokenizer, setup)
-    per_epoch = steps_per_epoch(len(data), config.batch_size)
-    total_steps = min(per_epoch * config.epochs, config.max_steps or per_epoch * config.epochs)
+    per_epoch, total_steps = training_steps(len(data), config)
     blocks = None
     if setup.pretrain:
         from bdctl.data.pretrain import PretrainBlocks, pretrain_dir
@@ -557,10 +607,16 @@ def run(job: Job, rank: int, world: int) -> None:
                 lambda h, w: teacher_probabilities(scored_rows(response_hidden(h, batch["positions"]), valid), w),
             )  # fmt: skip
         if setup.method == "bd":
+            scored = bd_scored(batch, setup) if setup.anchor_coef > 0 else None
 
             def head(hidden, weight):
                 terms = bd_terms(hidden, weight, batch, config)
-                return terms.loss, {k: float(getattr(terms, k)) for k in BD_LOGS}
+                logs = {k: float(getattr(terms, k)) for k in BD_LOGS}
+                if scored is None or micro.count == 0:
+                    return terms.loss, logs
+                anchor = anchor_loss(hidden, weight, batch, scored)
+                logs.update(bd_loss=float(terms.loss), anchor_ce=float(anchor))
+                return terms.loss + setup.anchor_coef * anchor, logs
 
         else:
 
@@ -592,7 +648,7 @@ def run(job: Job, rank: int, world: int) -> None:
         state = train_loop(
             engine=engine, config=loop, out=out, rank=rank, world=world, n_train=len(data),
             micro_batches=micro_batches, loss=loss, validate=validate,
-            export_best=lambda info: export_hf(engine, tokenizer, out / "best", rank, info),
+            export_best=lambda info, name: export_hf(engine, tokenizer, out / name, rank, info),
             metrics=metrics, progress=progress, aux_inputs=pretrain_inputs if blocks is not None else None,
         )  # fmt: skip
-    finish(out, state, rank, job.stage_name, metrics, config.select)
+    finish(out, state, rank, job.stage_name, metrics, config.select, notes=describe(setup, job), **selection_facts(job, config))

@@ -1,20 +1,24 @@
 """`bdctl eval`: Rouge-L of one or more models on the recipe's evaluation sets, over seeds.
 
-METHOD.md section 5: every prompt of a set is answered once per seed by sampling at temperature
-1 (top_p 1, top_k 0, optionally MiniLLM's no_repeat_ngram_size); each answer is scored with
-Rouge-L against its references (`bdctl.metrics.rouge_l`); a model's score on a set for one seed
-is the mean over prompts, and the table reports the mean ± std over the seeds.
+METHOD.md section 5: every prompt of a set is answered once per seed and sampling protocol
+(stages.eval.protocols: a name, temperature, top_p and top_k each; optionally MiniLLM's
+no_repeat_ngram_size); each answer is scored with Rouge-L against its references
+(`bdctl.metrics.rouge_l`); a model's score on a set for one seed is the mean over prompts, and
+the tables report the mean ± std over the seeds, one table per protocol. Every model is sampled
+under every protocol, so two numbers are only ever compared under the same one. A training stage
+that kept a best export per protocol (select_each_protocol) is scored under each protocol with the
+export chosen under it (its manifest's best_per_protocol); otherwise with its one export.
 
-The work is cut into units, one per (model, eval set, seed), each stored on its own:
+The work is cut into units, one per (model, protocol, eval set, seed), each stored on its own:
 
     eval/
       sets/<set>.jsonl                               the set as evaluated: id, instruction, input,
                                                      prompt, references
-      generations/<model>/<set>/seed<S>.jsonl        one line per prompt: model, set, seed,
-                                                     prompt_id, text, rouge_l, finish_reason, tokens
-      generations/<model>/<set>/seed<S>.done.json    the unit's manifest: fingerprint, count, mean
-                                                     Rouge-L, sha256 of the JSONL; written second
-      results.json table.md table.csv               the models, sets and seeds of the latest command
+      generations/<model>/<protocol>/<set>/seed<S>.jsonl      one line per prompt: model, protocol,
+                                                     set, seed, prompt_id, text, rouge_l, finish_reason, tokens
+      generations/<model>/<protocol>/<set>/seed<S>.done.json  the unit's manifest: fingerprint,
+                                                     count, mean Rouge-L, sha256 of the JSONL; written second
+      results.json table.md table.csv               the models, protocols, sets and seeds of the latest command
       MANIFEST.json                                  written last
 
 Reuse. A unit counts as finished only when its `.done.json` exists, names the unit's current
@@ -48,6 +52,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from bdctl.answers import prompt_seed, protocol_label, sample_answers
 from bdctl.errors import UserError
 from bdctl.job import Job, plan, require_finished, resolve_weights, save_job, wait_for_job
 from bdctl.launch import PREEMPT, LaunchOptions, dry_run_text, launch
@@ -55,10 +60,8 @@ from bdctl.recipe.schema import EvalSet, EvalStage, ModelSpec
 from bdctl.rundir import MANIFEST, manifest, mark_complete, read_json, stage_lock, write_json_atomic, write_text_atomic
 
 STAGE = "eval"
-# The paper's test-time sampling (METHOD.md section 5); not recipe settings on purpose.
-SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
 # Bump when the way a unit's text is produced changes (decoding, seeding): old units turn stale.
-UNIT_VERSION = 1
+UNIT_VERSION = 2
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -139,9 +142,13 @@ def prepare(job: Job, log: Callable[[str], None] = print) -> None:
     job.info.update(plan_, todo=todo)
 
 
-def plan_units(job: Job, refs: Sequence[str], sets: Sequence[EvalSet], seeds: Sequence[int], log) -> dict[str, Any]:
-    """Models x sets x seeds as units with their fingerprints (shared with `bdctl judge`)."""
+def plan_units(
+    job: Job, refs: Sequence[str], sets: Sequence[EvalSet], seeds: Sequence[int], log, protocols: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Models x protocols x sets x seeds as units with their fingerprints (shared with `bdctl
+    judge`, which asks for one protocol; None: every protocol of stages.eval)."""
     config = stage_config(job)
+    chosen = [config.protocol(name) for name in protocols] if protocols is not None else list(config.protocols)
     if not seeds:
         raise UserError("stages.eval.seeds is empty; give at least one sampling seed")
     if len(set(seeds)) != len(seeds):
@@ -166,7 +173,6 @@ def plan_units(job: Job, refs: Sequence[str], sets: Sequence[EvalSet], seeds: Se
         check_lengths(job, model, sets_info, config)
     precision = _precision(job.recipe)
     settings = {
-        **SAMPLING,
         "max_new_tokens": config.max_new_tokens,
         "no_repeat_ngram_size": config.no_repeat_ngram_size,
         "batch_size": config.batch_size,  # batch composition changes float rounding, hence samples
@@ -175,18 +181,23 @@ def plan_units(job: Job, refs: Sequence[str], sets: Sequence[EvalSet], seeds: Se
     }
     units = []
     for model in models:
-        for set_info in sets_info:
-            for seed in seeds:
-                payload = {
-                    "model": model["identity"], "tokenizer": model["tokenizer"], "set": set_info["sha256"],
-                    "seed": seed, "settings": settings,
-                }  # fmt: skip
-                fingerprint = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-                units.append(
-                    {"model": model["name"], "ref": model["ref"], "set": set_info["name"], "seed": seed,
-                     "fingerprint": fingerprint}
-                )  # fmt: skip
-    return {"models": models, "sets": sets_info, "seeds": list(seeds), "settings": settings, "units": units}
+        for protocol in chosen:
+            weights = model["weights"].get(protocol.name, model["path"])
+            for set_info in sets_info:
+                for seed in seeds:
+                    payload = {
+                        "model": model["identity"], "weights": weights, "tokenizer": model["tokenizer"],
+                        "set": set_info["sha256"], "seed": seed, "sampling": protocol.sampling(), "settings": settings,
+                    }  # fmt: skip
+                    fingerprint = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+                    units.append(
+                        {"model": model["name"], "ref": model["ref"], "protocol": protocol.name, "weights": weights,
+                         "set": set_info["name"], "seed": seed, "fingerprint": fingerprint}
+                    )  # fmt: skip
+    return {
+        "models": models, "protocols": [p.model_dump() for p in chosen], "sets": sets_info, "seeds": list(seeds),
+        "settings": settings, "units": units,
+    }  # fmt: skip
 
 
 # --------------------------------------------------------------------------- models
@@ -236,6 +247,12 @@ def describe_model(job: Job, ref: str) -> dict[str, Any]:
         identity = {"hub": source.path, "revision": source.revision}
     path = str(source) if isinstance(source, Path) else source.path
     revision = None if isinstance(source, Path) else source.revision
+    # A stage that kept a best export per protocol (select_each_protocol): protocol -> its export.
+    weights = {}
+    if kind == "stage":
+        for name, kept in (manifest(stage).get("best_per_protocol") or {}).items():
+            if (stage / kept["export"]).is_dir():
+                weights[name] = str(stage / kept["export"])
     tokenizer = {"path": path, "revision": revision}
     tokenizer_files = ("tokenizer.json", "tokenizer_config.json")
     has_tokenizer = isinstance(source, Path) and any((source / f).is_file() for f in tokenizer_files)
@@ -248,7 +265,7 @@ def describe_model(job: Job, ref: str) -> dict[str, Any]:
     positions = max_positions(source)
     return {
         "ref": ref, "name": model_dir_name(ref, kind), "kind": kind, "path": path, "revision": revision,
-        "tokenizer": tokenizer, "identity": identity, "positions": positions,
+        "tokenizer": tokenizer, "identity": identity, "positions": positions, "weights": weights,
     }  # fmt: skip
 
 
@@ -362,7 +379,7 @@ def materialize_set(job: Job, spec: EvalSet, log) -> dict[str, Any]:
 
 def unit_paths(eval_dir: Path, unit: dict[str, Any]) -> tuple[Path, Path]:
     """(generations JSONL, unit manifest) of a unit."""
-    base = eval_dir / "generations" / unit["model"] / unit["set"]
+    base = eval_dir / "generations" / unit["model"] / unit["protocol"] / unit["set"]
     return base / f"seed{unit['seed']}.jsonl", base / f"seed{unit['seed']}.done.json"
 
 
@@ -385,14 +402,6 @@ def unit_done(eval_dir: Path, unit: dict[str, Any]) -> dict | None:
 def read_generations(eval_dir: Path, unit: dict[str, Any]) -> list[dict]:
     data, _ = unit_paths(eval_dir, unit)
     return [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line]
-
-
-def prompt_seed(seed: int, prompt_id: Any) -> int:
-    """The seed of one prompt's sample: a hash of (seed, prompt id), so it depends on neither the
-    batch nor the rank the prompt lands in, and two models get the same random numbers on the
-    same prompt (a paired comparison)."""
-    digest = hashlib.sha256(f"{seed}/{prompt_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def _device():
@@ -421,65 +430,70 @@ def generate_units(
     """
     import torch
 
-    from bdctl.metrics import rouge_l
     from bdctl.models import load_model
-    from bdctl.sampling import FINISH_EOS, length_grouped_batches, sample
-    from bdctl.training import Preempted
 
     settings = info["settings"]
+    sampling = {p["name"]: {k: p[k] for k in ("temperature", "top_p", "top_k")} for p in info["protocols"]}
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings["precision"], torch.float32)
     device = _device()
     for model in info["models"]:
         mine = [u for u in units if u["model"] == model["name"]]
-        if not mine:
+        tokenizer = _tokenizer(model) if mine else None
+        # One load per distinct weights (a stage may have one export per protocol).
+        for weights in dict.fromkeys(u["weights"] for u in mine):
+            if model["kind"] == "hub":
+                source = ModelSpec(path=model["path"], revision=model["revision"])
+            else:
+                source = Path(weights)
+            network = load_model(source, tokenizer, seed).to(device=device, dtype=dtype).eval()
+            _generate_model_units(eval_dir, info, [u for u in mine if u["weights"] == weights], network, tokenizer,
+                                  sampling, rank, world, progress, stop_file)  # fmt: skip
+            del network
+
+
+def _generate_model_units(eval_dir, info, mine, network, tokenizer, sampling, rank, world, progress, stop_file) -> None:
+    """The units of one loaded model (its protocols, sets and seeds); rank 0 writes each."""
+    from bdctl.metrics import rouge_l
+    from bdctl.sampling import length_grouped_batches
+    from bdctl.training import Preempted
+
+    settings = info["settings"]
+    model = next(m for m in info["models"] if m["name"] == mine[0]["model"])
+    for set_info in info["sets"]:
+        set_units = [u for u in mine if u["set"] == set_info["name"]]
+        if not set_units:
             continue
-        tokenizer = _tokenizer(model)
-        if model["kind"] == "hub":
-            source = ModelSpec(path=model["path"], revision=model["revision"])
-        else:
-            source = Path(model["path"])
-        network = load_model(source, tokenizer, seed).to(device=device, dtype=dtype).eval()
-        for set_info in info["sets"]:
-            set_units = [u for u in mine if u["set"] == set_info["name"]]
-            if not set_units:
-                continue
-            examples = read_set(eval_dir, set_info["name"])
-            prompts = tokenizer([e["prompt"] for e in examples])["input_ids"]
-            # The same batches for every world size; this rank's are every world-th of them.
-            batches = length_grouped_batches([len(p) for p in prompts], settings["batch_size"])[rank::world]
-            for unit in set_units:
-                started = time.time()
-                records = []
-                for batch in batches:
-                    samples = sample(
-                        network, [prompts[i] for i in batch],
-                        [prompt_seed(unit["seed"], examples[i]["id"]) for i in batch],
-                        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                        max_new_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
-                        top_p=settings["top_p"], top_k=settings["top_k"],
-                        no_repeat_ngram_size=settings["no_repeat_ngram_size"],
+        examples = read_set(eval_dir, set_info["name"])
+        prompts = tokenizer([e["prompt"] for e in examples])["input_ids"]
+        # The same batches for every world size; this rank's are every world-th of them.
+        batches = length_grouped_batches([len(p) for p in prompts], settings["batch_size"])[rank::world]
+        for unit in set_units:
+            started = time.time()
+            records = []
+            for batch in batches:
+                answers = sample_answers(
+                    network, tokenizer, [prompts[i] for i in batch],
+                    [prompt_seed(unit["seed"], examples[i]["id"]) for i in batch], sampling=sampling[unit["protocol"]],
+                    max_new_tokens=settings["max_new_tokens"], no_repeat_ngram_size=settings["no_repeat_ngram_size"],
+                )  # fmt: skip
+                for i, answer in zip(batch, answers, strict=True):
+                    records.append(
+                        (i, {"model": model["ref"], "protocol": unit["protocol"], "set": unit["set"], "seed": unit["seed"],
+                             "prompt_id": examples[i]["id"], "text": answer.text,
+                             "rouge_l": rouge_l(answer.text, examples[i]["references"]),
+                             "finish_reason": answer.finish_reason, "tokens": answer.tokens})
                     )  # fmt: skip
-                    for i, result in zip(batch, samples, strict=True):
-                        tokens = result.tokens[:-1] if result.finish_reason == FINISH_EOS else result.tokens
-                        text = tokenizer.decode(tokens, skip_special_tokens=True)
-                        records.append(
-                            (i, {"model": model["ref"], "set": unit["set"], "seed": unit["seed"],
-                                 "prompt_id": examples[i]["id"], "text": text,
-                                 "rouge_l": rouge_l(text, examples[i]["references"]),
-                                 "finish_reason": result.finish_reason, "tokens": len(tokens)})
-                        )  # fmt: skip
-                    if progress is not None:
-                        progress.update(len(batch), unit=f"{model['ref']} {unit['set']} seed {unit['seed']}")
-                    if stop_file is not None and stop_file.exists():
-                        raise Preempted(
-                            f"preempted during {model['ref']} on {unit['set']} (seed {unit['seed']}); finished "
-                            "results are kept: run the same command again to continue"
-                        )
-                records = _gather(records, rank, world)
-                if rank == 0:
-                    ordered = [record for _, record in sorted(records, key=lambda pair: pair[0])]  # set order
-                    _write_unit(eval_dir, unit, ordered, world, time.time() - started)
-        del network
+                if progress is not None:
+                    progress.update(len(batch), unit=f"{model['ref']} {unit['protocol']} {unit['set']} seed {unit['seed']}")
+                if stop_file is not None and stop_file.exists():
+                    raise Preempted(
+                        f"preempted during {model['ref']} on {unit['set']} ({unit['protocol']}, seed {unit['seed']}); "
+                        "finished results are kept: run the same command again to continue"
+                    )
+            records = _gather(records, rank, world)
+            if rank == 0:
+                ordered = [record for _, record in sorted(records, key=lambda pair: pair[0])]  # set order
+                _write_unit(eval_dir, unit, ordered, world, time.time() - started)
 
 
 def _gather(records: list, rank: int, world: int) -> list:
@@ -501,7 +515,8 @@ def _write_unit(eval_dir: Path, unit: dict, records: list[dict], world: int, sec
     write_text_atomic(data, text)
     write_json_atomic(
         done,
-        {"fingerprint": unit["fingerprint"], "model": unit["ref"], "set": unit["set"], "seed": unit["seed"],
+        {"fingerprint": unit["fingerprint"], "model": unit["ref"], "protocol": unit["protocol"],
+         "weights": unit["weights"], "set": unit["set"], "seed": unit["seed"],
          "prompts": len(records), "rouge_l": mean_std([r["rouge_l"] for r in records])[0],
          "sha256": hashlib.sha256(text.encode()).hexdigest(), "world_size": world,
          "seconds": round(seconds, 3), "finished_at": time.time()},
@@ -539,12 +554,12 @@ def _share(n: int, batch_size: int, rank: int, world: int) -> int:
 # --------------------------------------------------------------------------- results
 
 
-def results_table(results: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    """Models as rows, sets as columns, "mean ± std" over seeds (Table 1 of the paper)."""
+def results_table(results: dict[str, Any], protocol: str) -> tuple[list[str], list[list[Any]]]:
+    """One protocol's table: models as rows, sets as columns, "mean ± std" over seeds (Table 1)."""
     from bdctl.tables import mean_std_cell
 
     headers = ["model"] + list(results["sets"])
-    scores = results["scores"]
+    scores = results["scores"][protocol]
     rows = [
         [model] + [mean_std_cell(scores[model][s]["mean"], scores[model][s]["std"]) for s in results["sets"]]
         for model in results["models"]
@@ -558,28 +573,32 @@ def write_results(job: Job) -> dict[str, Any]:
     from bdctl.tables import csv_table, markdown_table
 
     info, out = job.info, job.stage_dir
-    scores: dict[str, dict[str, Any]] = {}
-    for model in info["models"]:
-        scores[model["ref"]] = {}
-        for set_info in info["sets"]:
-            per_seed = {}
-            for unit in info["units"]:
-                if unit["model"] == model["name"] and unit["set"] == set_info["name"]:
-                    done = unit_done(out, unit)
-                    if done is None:
-                        raise UserError(f"{unit_paths(out, unit)[0]}: missing after generation; run the command again")
-                    per_seed[str(unit["seed"])] = done["rouge_l"]
-            mean, std = mean_std(list(per_seed.values()))
-            scores[model["ref"]][set_info["name"]] = {
-                "mean": mean, "std": std, "per_seed": per_seed, "prompts": set_info["examples"]
-            }  # fmt: skip
+    scores: dict[str, dict[str, dict[str, Any]]] = {}
+    for protocol in info["protocols"]:
+        by_model = scores[protocol["name"]] = {}
+        for model in info["models"]:
+            by_model[model["ref"]] = {}
+            for set_info in info["sets"]:
+                per_seed, weights = {}, None
+                for unit in info["units"]:
+                    if (unit["model"], unit["protocol"], unit["set"]) == (model["name"], protocol["name"], set_info["name"]):
+                        done = unit_done(out, unit)
+                        if done is None:
+                            raise UserError(f"{unit_paths(out, unit)[0]}: missing after generation; run the command again")
+                        per_seed[str(unit["seed"])] = done["rouge_l"]
+                        weights = unit["weights"]
+                mean, std = mean_std(list(per_seed.values()))
+                by_model[model["ref"]][set_info["name"]] = {
+                    "mean": mean, "std": std, "per_seed": per_seed, "prompts": set_info["examples"], "weights": weights,
+                }  # fmt: skip
     results = {
         "metric": "rouge_l",
         "models": [m["ref"] for m in info["models"]],
         "model_dirs": {m["ref"]: m["name"] for m in info["models"]},
+        "protocols": info["protocols"],
         "sets": [s["name"] for s in info["sets"]],
         "seeds": info["seeds"],
-        "sampling": info["settings"],
+        "settings": info["settings"],
         "scores": scores,
         "units": {
             "total": len(info["units"]),
@@ -588,14 +607,20 @@ def write_results(job: Job) -> dict[str, Any]:
         },
     }
     write_json_atomic(out / "results.json", results)
-    headers, rows = results_table(results)
-    write_text_atomic(out / "table.md", markdown_table(headers, rows))
-    csv_headers = ["model"] + [f"{s}_{stat}" for s in results["sets"] for stat in ("mean", "std")]
+    blocks = []
+    for protocol in info["protocols"]:
+        headers, rows = results_table(results, protocol["name"])
+        blocks.append(f"### Protocol {protocol_label(protocol)}\n\n{markdown_table(headers, rows).strip()}\n")
+    write_text_atomic(out / "table.md", "\n".join(blocks))
+    csv_headers = ["protocol", "model"] + [f"{s}_{stat}" for s in results["sets"] for stat in ("mean", "std")]
     csv_rows = [
-        [m] + [scores[m][s][stat] for s in results["sets"] for stat in ("mean", "std")] for m in results["models"]
+        [p["name"], m] + [scores[p["name"]][m][s][stat] for s in results["sets"] for stat in ("mean", "std")]
+        for p in info["protocols"]
+        for m in results["models"]
     ]
     write_text_atomic(out / "table.csv", csv_table(csv_headers, csv_rows))
     mark_complete(
-        out, stage=STAGE, models=results["models"], sets=results["sets"], seeds=results["seeds"], results="results.json"
-    )
+        out, stage=STAGE, models=results["models"], protocols=[p["name"] for p in info["protocols"]],
+        sets=results["sets"], seeds=results["seeds"], results="results.json",
+    )  # fmt: skip
     return results

@@ -1,13 +1,14 @@
 """`bdctl generate`: the teacher's data D* and its sparse top-p cache, in one pass (METHOD.md 1, 5).
 
 Bellman Distill is offline. The teacher samples `n_samples` responses per training prompt
-(temperature 1, no top-k, no top-p) and, at every position it generates, bdctl records its
+(temperature 1, no top-k, no top-p by default; `top_p < 1` samples inside the teacher's capped
+top-p set, the very set the cache stores, METHOD.md 2.2) and, at every position it generates, bdctl records its
 top-p set of the raw temperature-1 distribution (ids and probabilities, at most `cache_max_k`),
 so distillation never needs the teacher again. With `--score SPLIT` the teacher reads the golden
 responses of a split instead of sampling, and writes the same cache (KD from the cache, BD on
 external data).
 
-    generate/                         score_<split>/ with --score
+    generate/                         score_<split>/ with --score, generate-<variant>/ with --variant
       cache/        the sparse cache (bdctl.cache): one shard per batch, MANIFEST.json last
       dstar.jsonl   one line per sample: prompt_id, sample_index, seed, prompt, response, ...
       sparsity.md sparsity.json sparsity.png   the paper's Figure 1 on this teacher
@@ -48,11 +49,14 @@ log = logging.getLogger("bdctl.generate")
 
 
 def stage_dir(options: dict) -> str:
-    return f"score_{options['score']}" if options.get("score") else "generate"
+    if options.get("score"):
+        return f"score_{options['score']}"
+    return f"generate-{options['variant']}" if options.get("variant") else "generate"
 
 
 def stage_config(job: Job) -> GenerateStage:
-    return job.recipe.stages.generate
+    """stages.generate, with the changes of the D* variant this job makes (--variant)."""
+    return job.recipe.stages.generate.variant(job.options.get("variant"))
 
 
 # --------------------------------------------------------------------------- launching process
@@ -63,6 +67,13 @@ def prepare(job: Job, log=print) -> None:
     from bdctl.data.prepare import prepare_data
     from bdctl.models import check_vocabularies, load_tokenizer
 
+    variants = job.recipe.stages.generate.variants
+    if job.options.get("variant") is not None:
+        if job.options["variant"] not in variants:
+            known = ", ".join(variants) or "none: the recipe sets no stages.generate.variants"
+            raise UserError(f"--variant {job.options['variant']}: no such D* in stages.generate.variants ({known})")
+        if job.options.get("score"):
+            raise UserError("--variant and --score do not go together: scoring samples nothing")
     config = stage_config(job)
     split = job.options.get("score") or "train"
     if split not in SPLITS:
@@ -323,6 +334,7 @@ def generate_batch(teacher, batch: list[Item] | None, tokenizer, config: Generat
         return sample(
             teacher, [item.prompt for item in batch], [item.seed for item in batch], eos_id=tokenizer.eos_token_id,
             pad_id=tokenizer.pad_token_id, max_new_tokens=max_new, temperature=config.temperature,
+            set_top_p=config.top_p if config.top_p < 1.0 else None,
             capture_top_p=config.cache_top_p, capture_max_k=config.cache_max_k, all_done=all_done,
         )  # fmt: skip
 
@@ -456,7 +468,10 @@ def finalize_cache(job: Job, cache_dir: Path, tokenizer, expected: int) -> dict:
         cache_dir, teacher=job.info["teacher"], tokenizer_hash=tokenizer_hash(tokenizer), top_p=config.cache_top_p,
         max_k=config.cache_max_k, vocab_size=len(tokenizer),
         extra={"mode": "score" if job.options.get("score") else "generate", "split": job.info["split"],
-               "n_samples": 1 if job.options.get("score") else config.n_samples, "seed": job.recipe.seed},
+               "n_samples": 1 if job.options.get("score") else config.n_samples, "seed": job.recipe.seed,
+               # how D* was sampled: inside the teacher's capped top-p set (sample_top_p < 1) or not
+               "sample_temperature": None if job.options.get("score") else config.temperature,
+               "sample_top_p": None if job.options.get("score") else config.top_p},
     )  # fmt: skip
     if payload["counts"]["examples"] != expected:
         raise UserError(f"cache {cache_dir}: {payload['counts']['examples']} sequences, expected {expected}")
@@ -508,6 +523,7 @@ def finish_stage(job: Job, stats: dict, rows: list[dict], tokenizer, metrics, se
         "prompts": counts["prompts"],
         "tokens": counts["tokens"],
         "finish": counts["finish"],
+        "sample_top_p": None if job.options.get("score") else stage_config(job).top_p,
         "cache_top_p": cache.top_p,
         "cache_max_k": cache.max_k,
         "mean_set_size": cache.manifest["mean_set_size"],

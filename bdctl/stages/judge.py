@@ -143,7 +143,8 @@ def prepare(job: Job, log: Callable[[str], None] = print) -> None:
         _openai_judge(config)  # checks base_url and the numbers now, not after generating
 
     refs = [candidate, *baselines]
-    units = evaluate.plan_units(job, refs, [spec], [config.seed], log)
+    protocol = eval_config.protocol(config.protocol).name  # judge the answers of one sampling protocol
+    units = evaluate.plan_units(job, refs, [spec], [config.seed], log, protocols=[protocol])
     eval_dir = job.run.stage(evaluate.STAGE)
     if backend == "hf":
         judge.update(_describe_hf_judge(job, config, evaluate.read_set(eval_dir, spec.name)))
@@ -158,10 +159,13 @@ def prepare(job: Job, log: Callable[[str], None] = print) -> None:
             words += ["--set", f"stages.eval.seeds=[{config.seed}]"]
         command = shlex.join(words)
         raise UserError(
-            f"{first}: no current generations of {missing[0]['ref']} on eval set {spec.name!r} (seed {config.seed}); "
+            f"{first}: no current generations of {missing[0]['ref']} on eval set {spec.name!r} (seed {config.seed}, "
+            f"protocol {protocol}); "
             f"run `{command}` first, or judge without --no-generate"
         )
-    job.info.update(units, missing=missing, candidate=candidate, baselines=baselines, judge=judge, eval_set=spec.name)
+    job.info.update(
+        units, missing=missing, candidate=candidate, baselines=baselines, judge=judge, eval_set=spec.name, protocol=protocol
+    )
 
 
 def _quiet_transformers() -> None:
@@ -397,6 +401,7 @@ def write_results(job: Job, records: dict, identity: dict, new_verdicts: int, se
     results = {
         "candidate": info["candidate"],
         "eval_set": info["eval_set"],
+        "protocol": info.get("protocol"),
         "seed": config.seed,
         "judge": identity,
         "position_driven_below": POSITION_DRIVEN_BELOW,

@@ -49,14 +49,14 @@ def prepare(job: Job, log=print) -> None:
 def deepspeed_preview(job: Job) -> dict:
     """The resolved DeepSpeed config that --dry-run prints (step count from the data split if it
     already exists; the learning-rate schedule needs it, nothing else does)."""
-    from bdctl.data.batching import steps_per_epoch
+    from bdctl.data.batching import training_steps
     from bdctl.engine import deepspeed_config, on_gpu, resolve_precision
     from bdctl.models import hidden_size
     from bdctl.rundir import manifest
 
     config = stage_config(job)
     counts = (manifest(job.run.data) or {}).get("counts")
-    total = steps_per_epoch(counts["train"], config.batch_size) * config.epochs if counts else 0
+    total = training_steps(counts["train"], config)[1] if counts else 0
     source = resolve_weights(job, config.init, job.options["model"])
     return deepspeed_config(
         job.recipe, config, job.stage_name, job.world_size, total, hidden_size(source), resolve_precision(job.recipe), on_gpu()
@@ -65,7 +65,7 @@ def deepspeed_preview(job: Job) -> dict:
 
 def run(job: Job, rank: int, world: int) -> None:
     """Every rank: load data and model, train (resuming if a checkpoint exists), export the best."""
-    from bdctl.data.batching import IGNORE, collate, steps_per_epoch, tokenize_examples
+    from bdctl.data.batching import IGNORE, collate, tokenize_examples, training_steps
     from bdctl.data.prepare import read_split
     from bdctl.engine import (
         deepspeed_config, export_hf, hf_deepspeed_context, make_engine, on_gpu, policy_module,
@@ -82,8 +82,7 @@ def run(job: Job, rank: int, world: int) -> None:
     # --- data: every rank tokenises the same splits; the loop hands each rank its share
     tokenizer = load_tokenizer(job.run.tokenizer)
     train = tokenize_examples(read_split(job.run.data, "train"), tokenizer)
-    per_epoch = steps_per_epoch(len(train), config.batch_size)
-    total_steps = min(per_epoch * config.epochs, config.max_steps or per_epoch * config.epochs)
+    per_epoch, total_steps = training_steps(len(train), config)
 
     # --- model and engine
     source = resolve_weights(job, config.init, job.options["model"])
@@ -116,13 +115,25 @@ def run(job: Job, rank: int, world: int) -> None:
         state = train_loop(
             engine=engine, config=loop_config(job, config, total_steps, per_epoch), out=out, rank=rank, world=world,
             n_train=len(train), micro_batches=micro_batches, loss=loss, validate=validate,
-            export_best=lambda info: export_hf(engine, tokenizer, out / "best", rank, info),
+            export_best=lambda info, name: export_hf(engine, tokenizer, out / name, rank, info),
             metrics=metrics, progress=progress,
         )  # fmt: skip
-    finish(out, state, rank, job.stage_name, metrics, config.select)
+    finish(out, state, rank, job.stage_name, metrics, config.select, **selection_facts(job, config))
+
+
+def selection_facts(job: Job, config) -> dict:
+    """What the manifest records about checkpoint selection: the protocol Rouge-L sampled with."""
+    from bdctl.selection import selection_protocols
+
+    protocols = selection_protocols(job, config)
+    if not protocols:
+        return {}
+    chosen = job.recipe.stages.eval.protocol(protocols[0])
+    return {"select_protocol": chosen.model_dump(), "select_prompts": config.select_prompts}
 
 
 def loop_config(job: Job, config, total_steps: int, per_epoch: int):
+    from bdctl.selection import selection_protocols
     from bdctl.training import LoopConfig
 
     return LoopConfig(
@@ -130,5 +141,5 @@ def loop_config(job: Job, config, total_steps: int, per_epoch: int):
         micro_batch_size=config.micro_batch_size, seed=job.recipe.seed, eval_every=config.eval_every,
         checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
         on_nonfinite=config.on_nonfinite, fingerprint=job.fingerprint(),
-        select=config.select,
+        select=config.select, keep_each_protocol=selection_protocols(job, config)[1:],
     )  # fmt: skip

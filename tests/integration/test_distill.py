@@ -358,3 +358,48 @@ def test_cache_from_another_tokenizer_or_p(prepared, tmp_path, monkeypatch):
     result = run_cli("distill", recipe, "--method", "bd", cwd=tmp_path)
     assert_user_error(result, "made with tokenizer 0123456789abcdef", "generate the cache again")
     assert not (tmp_path / "runs/smoke/distill").exists()
+
+
+@pytest.mark.slow
+def test_bd_on_the_nucleus_dstar_with_drop_anchor_and_a_best_export_per_protocol(prepared, tmp_path):
+    """Issue 11 through the real CLI: `generate --variant nucleus` samples D* inside the cached
+    top-p sets (generate.top_p == cache_top_p), so BD on it logs outside_share exactly 0; the anchor
+    is labelled beyond the paper in the header and the manifest; Rouge-L selection validates under
+    both protocols and keeps one export per protocol, which eval then uses for that protocol."""
+    recipe = copy_of(prepared, tmp_path)
+    study = [
+        "--set", "stages.generate.variants={nucleus: {top_p: 0.8, n_samples: 1}}",
+        "--set", f"stages.generate.cache_max_k={MAX_K}", "--set", "stages.generate.max_new_tokens=20",
+        "--set", "stages.eval.protocols=[{name: minillm}, {name: release, top_p: 0.8}]",
+        "--set", "stages.eval.max_new_tokens=16", "--set", "stages.eval.seeds=[10]",
+    ]  # fmt: skip
+    made = run_cli("generate", recipe, "--variant", "nucleus", *study, cwd=tmp_path)
+    assert made.returncode == 0, made.stderr[-3000:]
+    cache_manifest = json.loads((tmp_path / "runs/smoke/generate-nucleus/cache/MANIFEST.json").read_text())
+    assert cache_manifest["extra"]["sample_top_p"] == 0.8 and cache_manifest["top_p"] == 0.8
+    settings = [
+        "--set", "stages.distill.dstar=generate-nucleus", "--set", "stages.distill.outside=drop",
+        "--set", "stages.distill.anchor_coef=0.5", "--set", "stages.distill.select_each_protocol=true",
+    ]  # fmt: skip
+    result, stage, records = distill(recipe, "bd", tmp_path, *ROUGE_SELECTION, *study, *settings)
+    assert "on D* (generate-nucleus)" in result.stderr
+    assert "BEYOND THE PAPER: anchor + 0.5 x cross-entropy" in result.stderr
+    steps = trains(records)
+    assert steps and all(r["outside_share"] == 0.0 for r in steps)
+    assert all(r["method_loss"] == pytest.approx(r["bd_loss"] + 0.5 * r["anchor_ce"], rel=1e-5) for r in steps)
+    evals = [r for r in records if r["event"] == "eval"]
+    assert all(e["rouge_l"] == e["rouge_l@minillm"] and "rouge_l@release" in e for e in evals)
+    done = json.loads((stage / "MANIFEST.json").read_text())
+    assert any("BEYOND THE PAPER" in line for line in done["notes"])
+    assert done["select_protocol"]["name"] == "minillm"
+    release = done["best_per_protocol"]["release"]
+    best = max(evals, key=lambda e: (e["rouge_l@release"], -e["step"]))
+    assert (release["best_step"], release["best_score"]) == (best["step"], best["rouge_l@release"])
+    assert json.loads((stage / "export-release/MANIFEST.json").read_text())["step"] == best["step"]
+    assert_loadable(stage / "export-release")
+
+    evaluated = run_cli("eval", recipe, "--model", "distill/bd", *study, cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    eval_dir = tmp_path / "runs/smoke/eval/generations/distill-bd"
+    weights = {p: json.loads((eval_dir / p / "dolly/seed10.done.json").read_text())["weights"] for p in ("minillm", "release")}
+    assert weights["minillm"].endswith("distill/bd/export") and weights["release"].endswith("distill/bd/export-release")

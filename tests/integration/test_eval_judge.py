@@ -32,8 +32,8 @@ def copy_run(source: Path, dest: Path) -> Path:
     return dest
 
 
-def generations(root: Path, model: str, seed: int, eval_set: str = "dolly") -> Path:
-    return root / f"runs/smoke/eval/generations/{model}/{eval_set}/seed{seed}.jsonl"
+def generations(root: Path, model: str, seed: int, eval_set: str = "dolly", protocol: str = "minillm") -> Path:
+    return root / f"runs/smoke/eval/generations/{model}/{protocol}/{eval_set}/seed{seed}.jsonl"
 
 
 def lines(path: Path) -> list[dict]:
@@ -76,18 +76,18 @@ def test_eval_end_to_end_and_reuse(evaluated, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["models"] == ["teacher_sft", "student_sft"] and results["seeds"] == [10, 20]
     assert results["units"] == {"total": 4, "generated": 4, "reused": 0}
-    assert results["sampling"]["temperature"] == 1.0 and results["sampling"]["top_k"] == 0
+    assert results["protocols"] == [{"name": "minillm", "temperature": 1.0, "top_p": 1.0, "top_k": 0}]
     for model in ("teacher_sft", "student_sft"):
         per_seed = []
         for seed in (10, 20):
             records = lines(generations(root, model, seed))
             assert [r["prompt_id"] for r in records] == list(references)  # every prompt, in set order
-            assert {(r["model"], r["set"], r["seed"]) for r in records} == {(model, "dolly", seed)}
+            assert {(r["model"], r["protocol"], r["set"], r["seed"]) for r in records} == {(model, "minillm", "dolly", seed)}
             for r in records:  # Rouge-L exactly as METHOD.md says, max over references
                 assert r["rouge_l"] == pytest.approx(rouge_l(r["text"], references[r["prompt_id"]]))
                 assert 0 < r["tokens"] <= 16 and r["finish_reason"] in ("eos", "length")
             per_seed.append(sum(r["rouge_l"] for r in records) / len(records))
-        score = results["scores"][model]["dolly"]
+        score = results["scores"]["minillm"][model]["dolly"]
         assert score["per_seed"] == {"10": pytest.approx(per_seed[0]), "20": pytest.approx(per_seed[1])}
         mean, std = mean_std(per_seed)
         assert (score["mean"], score["std"]) == (pytest.approx(mean), pytest.approx(std))
@@ -95,7 +95,8 @@ def test_eval_end_to_end_and_reuse(evaluated, tmp_path):
         assert f"{mean:.2f} ± {std:.2f}" in result.stdout  # the rich table
     rows = list(csv.DictReader(io.StringIO((out / "table.csv").read_text())))
     assert [r["model"] for r in rows] == ["teacher_sft", "student_sft"]
-    assert float(rows[0]["dolly_mean"]) == pytest.approx(results["scores"]["teacher_sft"]["dolly"]["mean"])
+    assert float(rows[0]["dolly_mean"]) == pytest.approx(results["scores"]["minillm"]["teacher_sft"]["dolly"]["mean"])
+    assert {r["protocol"] for r in rows} == {"minillm"}
     assert json.loads((out / "MANIFEST.json").read_text())["models"] == ["teacher_sft", "student_sft"]
     # sampling differs between seeds
     assert [r["text"] for r in lines(generations(root, "teacher_sft", 10))] != [
@@ -120,7 +121,7 @@ def test_eval_end_to_end_and_reuse(evaluated, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in files} == stamps
     [copy_dir] = [p for p in (out / "generations").iterdir() if p.name.startswith("copy-of-student-")]
     for seed in (10, 20):
-        copy_texts = [r["text"] for r in lines(copy_dir / f"dolly/seed{seed}.jsonl")]
+        copy_texts = [r["text"] for r in lines(copy_dir / f"minillm/dolly/seed{seed}.jsonl")]
         assert copy_texts == [r["text"] for r in lines(generations(root, "student_sft", seed))]
     assert json.loads((out / "results.json").read_text())["models"] == ["teacher_sft", "./copy-of-student"]
 
@@ -148,7 +149,7 @@ def test_sigterm_stops_eval_with_75_and_keeps_finished_results(trained, tmp_path
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     done = root / "runs/smoke/eval/generations"
     deadline = time.time() + 300
-    while not list(done.glob("*/*/seed*.done.json")):
+    while not list(done.rglob("seed*.done.json")):
         assert process.poll() is None, process.communicate()
         assert time.time() < deadline, "no eval unit finished in time"
         time.sleep(0.02)
@@ -158,12 +159,49 @@ def test_sigterm_stops_eval_with_75_and_keeps_finished_results(trained, tmp_path
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error: preempted during ") and "finished results are kept" in lines[-1], lines[-3:]
     assert "Traceback" not in stderr and not (root / "runs/smoke/eval/MANIFEST.json").exists()
-    kept = len(list(done.glob("*/*/seed*.done.json")))
+    kept = len(list(done.rglob("seed*.done.json")))
     assert 1 <= kept < 4
 
     result = run_cli("eval", SMOKE, *args, cwd=root)
     ok(result)
     assert f"{kept} reused, {4 - kept} to generate" in result.stderr
+
+
+@pytest.mark.slow
+def test_every_model_under_every_protocol_with_reuse_per_protocol(evaluated, tmp_path):
+    """Issue 11: a second protocol adds its own units (the first protocol's are reused), its
+    answers differ, and results.json, table.md and table.csv say which protocol each number is of."""
+    source, _ = evaluated
+    root = copy_run(source, tmp_path)
+    out = root / "runs/smoke/eval"
+    files = sorted((out / "generations").rglob("seed*"))
+    stamps = {p: p.stat().st_mtime_ns for p in files}
+    protocols = ["--set", "stages.eval.protocols=[{name: minillm}, {name: release, top_p: 0.8}]"]
+    result = run_cli("eval", SMOKE, *EVAL, *protocols, cwd=root)
+    ok(result)
+    assert "4 reused, 4 to generate" in result.stderr
+    assert {p: p.stat().st_mtime_ns for p in files} == stamps  # minillm's units untouched
+    results = json.loads((out / "results.json").read_text())
+    assert [p["name"] for p in results["protocols"]] == ["minillm", "release"]
+    assert results["protocols"][1]["top_p"] == 0.8
+    for model in ("teacher_sft", "student_sft"):
+        release = lines(generations(root, model, 10, protocol="release"))
+        assert {r["protocol"] for r in release} == {"release"}
+        assert [r["text"] for r in release] != [r["text"] for r in lines(generations(root, model, 10))]
+        per_seed = results["scores"]["release"][model]["dolly"]["per_seed"]
+        assert per_seed["10"] == pytest.approx(sum(r["rouge_l"] for r in release) / len(release))
+    table = (out / "table.md").read_text()
+    assert "### Protocol minillm (temperature 1, top_p 1, top_k 0)" in table
+    assert "### Protocol release (temperature 1, top_p 0.8, top_k 0)" in table
+    assert "protocol release" in result.stdout  # the printed tables name their protocol
+    rows = list(csv.DictReader(io.StringIO((out / "table.csv").read_text())))
+    assert [(r["protocol"], r["model"]) for r in rows] == [
+        ("minillm", "teacher_sft"), ("minillm", "student_sft"), ("release", "teacher_sft"), ("release", "student_sft")
+    ]
+    assert json.loads((out / "MANIFEST.json").read_text())["protocols"] == ["minillm", "release"]
+    again = run_cli("eval", SMOKE, *EVAL, *protocols, cwd=root)
+    ok(again)
+    assert "8 reused, 0 to generate" in again.stderr
 
 
 @pytest.mark.slow
@@ -397,7 +435,7 @@ def test_judge_before_eval_without_generating(trained, tmp_path):
     result = run_cli("judge", SMOKE, "--backend", "openai", "--no-generate", *PAIR, *EVAL,
                      "--set", "stages.judge.api_key_env=none", cwd=root)  # fmt: skip
     assert_user_error(
-        result, "generations/teacher_sft/dolly/seed10.jsonl: no current generations of teacher_sft",
+        result, "generations/teacher_sft/minillm/dolly/seed10.jsonl: no current generations of teacher_sft",
         f"run `bdctl eval {SMOKE} --model teacher_sft --model student_sft --set 'stages.eval.seeds=[10,20]' "
         "--set stages.eval.max_new_tokens=16 --set 'stages.eval.models=[teacher_sft,student_sft]'` first",
     )

@@ -71,8 +71,10 @@ def make_batch(seed: int, *, B=3, T=6, V=9, p=0.8, scale=3.0, dtype=torch.float6
     return logits, mask, actions, valid, terminal, teacher
 
 
-def ref_paper(logits, mask, actions, valid, terminal, *, gamma, alpha, q_min, chi2):
-    """METHOD.md section 2, one state at a time."""
+def ref_paper(logits, mask, actions, valid, terminal, *, gamma, alpha, q_min, chi2, outside="q_min"):
+    """METHOD.md section 2, one state at a time; outside="drop" (section 2.2) skips a transition
+    whose action is outside its set, as a truncated last transition is skipped. The share of
+    outside actions is counted before that."""
     B, T, V = logits.shape
 
     def q_values(b, t):
@@ -84,6 +86,7 @@ def ref_paper(logits, mask, actions, valid, terminal, *, gamma, alpha, q_min, ch
         q = q_values(b, t)
         return torch.log(sum(torch.exp(q[a]) for a in range(V) if mask[b, t, a]))
 
+    outside_rule = outside
     phis, vterms, rewards, values, outside, sizes, q_means = [], [], [], [], [], [], []
     for b in range(B):
         for t in range(T):
@@ -95,6 +98,9 @@ def ref_paper(logits, mask, actions, valid, terminal, *, gamma, alpha, q_min, ch
                 continue  # last transition of a truncated response
             q = q_values(b, t)
             a = int(actions[b, t])
+            outside.append(0.0 if mask[b, t, a] else 1.0)
+            if outside_rule == "drop" and not mask[b, t, a]:
+                continue
             q_hat = q[a] if mask[b, t, a] else torch.tensor(q_min, dtype=logits.dtype)
             v_t = value(b, t)
             v_next = 0.0 if is_terminal else value(b, t + 1)
@@ -103,7 +109,6 @@ def ref_paper(logits, mask, actions, valid, terminal, *, gamma, alpha, q_min, ch
             vterms.append(v_t - gamma * v_next)
             rewards.append(r)
             values.append(v_t)
-            outside.append(0.0 if mask[b, t, a] else 1.0)
             members = [a2 for a2 in range(V) if mask[b, t, a2]]
             sizes.append(len(members))
             q_means.append(sum(q[a2] for a2 in members) / len(members))
@@ -114,7 +119,7 @@ def ref_paper(logits, mask, actions, valid, terminal, *, gamma, alpha, q_min, ch
         "mean_r": float(sum(rewards).detach() / n),
         "mean_v": float(sum(values).detach() / n),
         "chi2": float(sum(r * r for r in rewards).detach() / n / (4 * alpha)),
-        "outside_share": sum(outside) / n,
+        "outside_share": sum(outside) / len(outside),
         "mean_set_size": sum(sizes) / n,
         "mean_q_candidates": float(sum(q_means).detach() / n),
         "num_transitions": n,
@@ -335,6 +340,52 @@ def test_empty_candidate_set_and_bad_action_raise():
         dense_loss(logits, mask, bad, valid, terminal)
 
 
+@pytest.mark.parametrize("chi2", [True, False])
+@pytest.mark.parametrize("case", ["top_p_0.8", "clipped", "single_token_sets"])
+def test_outside_drop_matches_loop_reference_dense_and_lean(case, chi2):
+    """METHOD.md 2.2: with outside="drop" an out-of-set transition leaves every term and N, on the
+    dense and the lean path (values, diagnostics and gradients)."""
+    p, scale, q_min = CASES[case]
+    logits, mask, actions, valid, terminal, teacher = make_batch(3, p=p, scale=scale)
+    hp = dict(gamma=0.9, alpha=0.1, q_min=q_min, chi2=chi2)
+    expected = ref_paper(logits, mask, actions, valid, terminal, outside="drop", **hp)
+    kept_default = ref_paper(logits, mask, actions, valid, terminal, **hp)
+    assert 0 < expected["num_transitions"] < kept_default["num_transitions"]  # something was dropped
+    terms = dense_terms(logits, mask, actions, valid, terminal, top_p=p, outside="drop", **hp)
+    assert_same_loss_and_grad(terms.loss, expected["loss"], logits)
+    got = terms.as_floats()
+    for key in ("mean_r", "mean_v", "chi2", "outside_share", "mean_set_size", "mean_q_candidates", "num_transitions"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-9, abs=1e-12), key
+    assert got["outside_share"] == pytest.approx(kept_default["outside_share"])  # measured before dropping
+    hidden = torch.randn(3, 6, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    ids, cand_mask = sparse_from_mask(mask, teacher)
+    lean = lean_terms(hidden, weight, ids, cand_mask, actions, valid, terminal, outside="drop", chunk_size=4, **hp)
+    dense = dense_terms(hidden @ weight.T, mask, actions, valid, terminal, outside="drop", **hp)
+    assert_same_loss_and_grad(lean.loss, dense.loss, (hidden, weight))
+    assert lean.num_transitions == dense.num_transitions == expected["num_transitions"]
+
+
+def test_outside_drop_equals_q_min_when_every_action_is_in_its_set():
+    """D* sampled inside A_t (generate.top_p == cache_top_p) makes the two rules one loss."""
+    logits, mask, actions, valid, terminal, teacher = make_batch(4, p=0.8)
+    inside = torch.where(mask, teacher, float("-inf")).argmax(-1)
+    actions = torch.where(valid, inside, -100)
+    hp = dict(gamma=0.99, alpha=0.1, q_min=-10.0, chi2=True)
+    one = dense_terms(logits, mask, actions, valid, terminal, outside="drop", **hp)
+    two = dense_terms(logits, mask, actions, valid, terminal, outside="q_min", **hp)
+    assert float(one.outside_share) == 0.0
+    assert_same_loss_and_grad(one.loss, two.loss, logits)
+
+
+def test_outside_drop_is_a_paper_variant_setting():
+    logits, mask, actions, valid, terminal, _ = make_batch(5)
+    with pytest.raises(UserError, match="paper variant"):
+        dense_loss(logits, mask, actions, valid, terminal, variant="released", outside="drop")
+    with pytest.raises(UserError, match="outside must be one of"):
+        dense_loss(logits, mask, actions, valid, terminal, outside="ignore")
+
+
 def test_lean_rejects_released_variant_and_duplicate_candidates():
     logits, mask, actions, valid, terminal, teacher = make_batch(11)
     ids, cand_mask = sparse_from_mask(mask, teacher)
@@ -537,3 +588,27 @@ def test_released_lean_terms_equal_the_dense_released_loss(chi2, dtype):
     for key in ("mean_r", "mean_v", "mean_q_candidates", "chi2", "outside_share", "mean_set_size"):
         assert float(getattr(lean, key)) == pytest.approx(float(getattr(dense, key)), rel=tol, abs=tol), key
     assert lean.num_transitions == dense.num_transitions == int(valid[:, :-1].sum())
+
+
+def test_set_mass_is_the_students_probability_on_the_set():
+    """Diagnostic: mean over kept transitions of sum_{a in A_t} softmax(z_t)(a), on the dense and
+    the lean path (paper variant) and for the released variant."""
+    from bdctl.objectives.bellman import released_lean_terms
+
+    logits, mask, actions, valid, terminal, teacher = make_batch(21, V=9, p=0.6)
+    kept = valid & (terminal | torch.cat([valid[:, 1:], torch.zeros_like(valid[:, :1])], dim=1))
+    probs = torch.softmax(logits.detach(), dim=-1)
+    expected = float((probs * mask).sum(-1)[kept].mean())
+    assert float(dense_terms(logits, mask, actions, valid, terminal).set_mass) == pytest.approx(expected, rel=1e-12)
+    hidden = torch.randn(3, 6, 5, dtype=torch.float64)
+    weight = torch.randn(9, 5, dtype=torch.float64)
+    ids, cand_mask = sparse_from_mask(mask, teacher)
+    probs = torch.softmax(hidden @ weight.T, dim=-1)
+    lean = lean_terms(hidden, weight, ids, cand_mask, actions, valid, terminal, chunk_size=4)
+    assert float(lean.set_mass) == pytest.approx(float((probs * mask).sum(-1)[kept].mean()), rel=1e-10)
+    assert float(lean_terms(hidden, weight, None, None, actions, valid, terminal).set_mass) == 1.0
+    released = released_lean_terms(hidden, weight, ids, cand_mask, actions, valid, gamma=0.99, alpha=0.1, q_min=-10.0,
+                                   chi2=True, top_p=0.6, eps=1e-6, chunk_size=4)  # fmt: skip
+    starts = valid.clone()
+    starts[:, -1] = False
+    assert float(released.set_mass) == pytest.approx(float((probs * mask).sum(-1)[starts].mean()), rel=1e-10)

@@ -166,6 +166,7 @@ def test_damaged_shard_is_refused(tmp_path):
     # The hint names a command that repairs it (a plain rerun of a complete stage does nothing).
     assert str(damaged.value).endswith("make the cache again: bdctl generate RECIPE --force")
     assert remake_hint(tmp_path / "score_train" / "cache").endswith("bdctl generate RECIPE --score train --force")
+    assert remake_hint(tmp_path / "generate-sharp" / "cache").endswith("bdctl generate RECIPE --variant sharp --force")
 
 
 def test_check_tokenizer_and_p(tmp_path):

@@ -8,7 +8,8 @@ import math
 import re
 
 from bdctl.sampling import length_grouped_batches
-from bdctl.stages.evaluate import _share, model_dir_name, prompt_seed
+from bdctl.answers import prompt_seed
+from bdctl.stages.evaluate import _share, model_dir_name
 from bdctl.tables import csv_table, markdown_table, mean_std_cell, rich_table
 
 
@@ -79,6 +80,7 @@ def test_share_counts_a_ranks_prompts():
 
 
 def test_report_puts_the_papers_numbers_beside_ours_and_lists_ablations():
+    """One Table-1 block per protocol; the paper's numbers carry the protocol that produced them."""
     from bdctl.recipe import load_recipe
     from bdctl.report import rouge_tables
 
@@ -86,25 +88,38 @@ def test_report_puts_the_papers_numbers_beside_ours_and_lists_ablations():
         "smoke",
         [
             "stages.eval.models=[teacher_sft, distill/bd, distill/bd-p1.0, distill/bd-chi2-off]",
+            "stages.eval.protocols=[{name: minillm}, {name: release, top_p: 0.8}]",
             "stages.distill.ablations={p: [1.0], chi2: [false]}",
             "paper_rouge_l={teacher_sft: {dolly: 27.6}, distill/bd: {dolly: 24.7}, distill/bd-p1.0: {dolly: 23.6}}",
+            "paper_protocols={distill/bd: release, distill/bd-p1.0: release}",
         ],
     )
 
     def score(mean):
         return {"dolly": {"mean": mean, "std": 0.5, "per_seed": {}, "prompts": 32}}
 
+    def scores(shift):
+        return {"teacher_sft": score(40.0 + shift), "distill/bd": score(30.0 + shift),
+                "distill/bd-p1.0": score(28.0 + shift), "distill/bd-chi2-off": score(29.0 + shift)}  # fmt: skip
+
     results = {
         "sets": ["dolly"], "seeds": [10, 20],
         "models": ["teacher_sft", "distill/bd", "distill/bd-p1.0", "distill/bd-chi2-off"],
-        "scores": {"teacher_sft": score(40.0), "distill/bd": score(30.0), "distill/bd-p1.0": score(28.0),
-                   "distill/bd-chi2-off": score(29.0)},
+        "protocols": [
+            {"name": "minillm", "temperature": 1.0, "top_p": 1.0, "top_k": 0},
+            {"name": "release", "temperature": 1.0, "top_p": 0.8, "top_k": 0},
+        ],
+        "scores": {"minillm": scores(0.0), "release": scores(5.0)},
     }  # fmt: skip
     text = "\n".join(rouge_tables(results, recipe))
-    assert "| model | dolly | dolly (paper) |" in text
-    assert "| teacher_sft | 40.00 ± 0.50 | 27.6 |" in text
-    assert "| distill/bd-chi2-off | 29.00 ± 0.50 |  |" in text  # no paper number for it
-    ablations = text[text.index("## Ablations") :]
-    assert "| distill/bd | p = 0.8, chi2 on, paper variant | 30.00 ± 0.50 | 24.7 |" in ablations
-    assert "| distill/bd-p1.0 | p = 1.0 | 28.00 ± 0.50 | 23.6 |" in ablations
+    minillm = text[text.index("## Rouge-L, protocol minillm (temperature 1, top_p 1, top_k 0)") : text.index("## Rouge-L, protocol release")]
+    release = text[text.index("## Rouge-L, protocol release (temperature 1, top_p 0.8, top_k 0)") :]
+    assert "| model | dolly | dolly (paper, its protocol) |" in minillm
+    assert "| teacher_sft | 40.00 ± 0.50 | 27.6 (not stated) |" in minillm
+    assert "| distill/bd-chi2-off | 29.00 ± 0.50 |  |" in minillm  # no paper number for it
+    assert "| teacher_sft | 45.00 ± 0.50 | 27.6 (not stated) |" in release
+    ablations = minillm[minillm.index("### Ablations") :]
+    assert "| distill/bd | p = 0.8, chi2 on (alpha 0.1), paper variant, outside q_min, anchor 0, D* generate | 30.00 ± 0.50 | 24.7 (release) |" in ablations
+    assert "| distill/bd-p1.0 | p = 1.0 | 28.00 ± 0.50 | 23.6 (release) |" in ablations
     assert "| distill/bd-chi2-off | chi2 = False | 29.00 ± 0.50 |  |" in ablations
+    assert "| distill/bd-p1.0 | p = 1.0 | 33.00 ± 0.50 | 23.6 (release) |" in release[release.index("### Ablations") :]

@@ -22,7 +22,7 @@ def test_stage_order_and_dependencies():
 def test_ablations_are_named_bd_runs_with_one_setting_changed(tmp_path):
     recipe, _ = load_recipe("smoke", ["stages.distill.ablations={p: [1.0, 0.5], chi2: [false], variant: [released]}"])
     runs = recipe.stages.distill.ablations.runs()
-    assert runs == {"bd-p1.0": ("p", 1.0), "bd-p0.5": ("p", 0.5), "bd-chi2-off": ("chi2", False), "bd-released": ("variant", "released")}
+    assert runs == {"bd-p1.0": {"p": 1.0}, "bd-p0.5": {"p": 0.5}, "bd-chi2-off": {"chi2": False}, "bd-released": {"variant": "released"}}
     plan = {s.directory: s for s in stages(recipe)}
     assert plan["distill/bd-p0.5"].command == "bdctl distill RECIPE --ablation bd-p0.5"
     assert set(plan["distill/bd-chi2-off"].needs) == {"generate", "student_sft"}
@@ -36,6 +36,43 @@ def test_ablations_are_named_bd_runs_with_one_setting_changed(tmp_path):
     unknown = run_cli("distill", "smoke", "--ablation", "bd-p0.3", cwd=tmp_path)
     assert unknown.returncode == 2 and "--ablation bd-p0.3: no such run in stages.distill.ablations" in unknown.stderr
     assert "Traceback" not in unknown.stderr
+
+
+def test_study_ablations_name_their_settings_and_their_dstar(tmp_path):
+    """METHOD.md 2.2's settings as ablations (issue 11): one run per value, plus named combinations;
+    a run on the nucleus D* needs that D*'s own generate stage."""
+    recipe, _ = load_recipe(
+        "smoke",
+        [
+            "stages.generate.variants={nucleus: {top_p: 0.8}}",
+            "stages.distill.ablations={outside: [drop], anchor_coef: [0.5], alpha: [1.0], dstar: [generate-nucleus], "
+            "combined: {bd-nucleus-drop: {dstar: generate-nucleus, outside: drop}}}",
+        ],
+    )
+    runs = recipe.stages.distill.ablations.runs()
+    assert runs == {
+        "bd-outside-drop": {"outside": "drop"}, "bd-anchor0.5": {"anchor_coef": 0.5}, "bd-alpha1.0": {"alpha": 1.0},
+        "bd-dstar-nucleus": {"dstar": "generate-nucleus"},
+        "bd-nucleus-drop": {"dstar": "generate-nucleus", "outside": "drop"},
+    }  # fmt: skip
+    plan = {s.directory: s for s in stages(recipe)}
+    assert plan["generate-nucleus"].command == "bdctl generate RECIPE --variant nucleus"
+    assert set(plan["distill/bd-nucleus-drop"].needs) == {"generate-nucleus", "student_sft"}
+    assert set(plan["distill/bd-outside-drop"].needs) == {"generate", "student_sft"}
+    shown = run_cli(
+        "distill", "smoke", "--ablation", "bd-nucleus-drop", "--dry-run",
+        "--set", "stages.generate.variants={nucleus: {top_p: 0.8}}",
+        "--set", "stages.distill.ablations={combined: {bd-nucleus-drop: {dstar: generate-nucleus, outside: drop}}}",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert "runs/smoke/distill/bd-nucleus-drop/job.json" in shown.stdout + shown.stderr
+    # an ablation runs alone: drop beside a released-variant run of the same recipe is no clash
+    released = run_cli(
+        "distill", "smoke", "--ablation", "bd-released", "--dry-run",
+        "--set", "stages.distill.ablations={variant: [released], outside: [drop]}", cwd=tmp_path,
+    )  # fmt: skip
+    assert released.returncode == 0, released.stderr
 
 
 def test_zero_memory_arithmetic():
@@ -65,3 +102,28 @@ def test_recipes_list_and_show(tmp_path):
     assert shown.returncode == 0, shown.stderr
     assert "bdctl generate" in shown.stdout and "distill/bd" in shown.stdout and "ZeRO-3" in shown.stdout
     assert "model states on 2 GPUs" in shown.stdout
+
+
+def test_reproduce_reruns_eval_and_judge_when_the_recipe_asks_for_more(tmp_path):
+    """eval keeps its finished units, so a reproduce with another model, protocol, set or seed runs
+    it again (it generates only what is new); other stages count as finished once they are."""
+    from bdctl.reproduce import finished
+    from bdctl.rundir import RunDir, mark_complete
+
+    recipe, _ = load_recipe("smoke", ["stages.eval.models=[teacher_sft, student_sft]", "stages.eval.seeds=[10, 20]"])
+    run = RunDir(tmp_path)
+    assert not finished(run, "eval", recipe)
+    mark_complete(run.stage("eval"), stage="eval", models=["teacher_sft", "student_sft"], protocols=["minillm"],
+                  sets=["dolly"], seeds=[10, 20])  # fmt: skip
+    assert finished(run, "eval", recipe)
+    more = load_recipe("smoke", ["stages.eval.models=[teacher_sft, student_sft, distill/bd]", "stages.eval.seeds=[10, 20]"])[0]
+    assert not finished(run, "eval", more)
+    protocols = load_recipe(
+        "smoke", ["stages.eval.models=[teacher_sft, student_sft]", "stages.eval.seeds=[10, 20]",
+                  "stages.eval.protocols=[{name: minillm}, {name: release, top_p: 0.8}]"],
+    )[0]  # fmt: skip
+    assert not finished(run, "eval", protocols)
+    mark_complete(run.stage("judge"), stage="judge", candidate="distill/bd", baselines=["student_sft"])
+    assert not finished(run, "judge", recipe)  # smoke judges against three baselines
+    mark_complete(run.stage("teacher_sft"), stage="teacher_sft")
+    assert finished(run, "teacher_sft", recipe)

@@ -111,3 +111,37 @@ def test_resume_fingerprint_covers_the_stage_and_its_inputs_only():
     # the scoring stage is configured by stages.generate
     assert _fingerprint("score_train", ["stages.generate.cache_max_k=7"]) != _fingerprint("score_train", [])
     assert _fingerprint("student_sft", ["stages.student_sft.lr=0.1"]) != _fingerprint("student_sft", [])
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("stages.distill.select_protocol=release", "stages.distill.select_protocol: 'release' is not a stages.eval protocol (minillm)"),
+        ("stages.eval.protocols=[{name: a}, {name: a, top_p: 0.8}]", "stages.eval: protocols: two protocols share a name (a, a)"),
+        ("stages.eval.protocols=[{name: a, top_p: 1.5}]", "stages.eval.protocols.0.top_p"),
+        ("stages.eval.protocols=[{name: a, top_p: 0}]", "stages.eval.protocols.0.top_p"),
+        ("stages.eval.protocols=[]", "protocols is empty"),
+        ("stages.eval.protocols=[{name: 'a b'}]", "stages.eval.protocols.0.name"),
+        ("stages.generate.top_p=0", "stages.generate.top_p"),
+        ("stages.generate.top_p=1.2", "stages.generate.top_p"),
+        ("stages.distill.outside=ignore", "stages.distill.outside"),
+        ("stages.distill.anchor_coef=-1", "stages.distill.anchor_coef"),
+        ("stages.distill.dstar=generate-nucleus", "dstar 'generate-nucleus' is not a D* of this recipe (generate)"),
+        ("stages.judge.protocol=release", "stages.judge.protocol: 'release' is not a stages.eval protocol"),
+        ("stages.distill.ablations={combined: {bd-x: {outside: nope}}}", "stages.distill.ablations (bd-x): outside"),
+        ("stages.distill.ablations={outside: [drop], variant: [released]}", None),
+    ],
+)
+def test_sampling_protocol_and_eq17_settings_are_validated(override, expected):
+    """Issue 11 item 9: one line naming the key for each bad protocol / D* / Eq. 17 setting."""
+    if expected is None:  # a valid combination: drop with the paper variant, released as its own run
+        load_recipe("smoke", [override])
+        return
+    message = error_of("smoke", [override])
+    assert expected in message, message
+    assert "\n" not in message
+
+
+def test_outside_drop_with_released_or_live_sets_is_refused():
+    assert "paper variant" in error_of("smoke", ["stages.distill.variant=released", "stages.distill.outside=drop"])
+    assert "teacher_source: cache" in error_of("smoke", ["stages.distill.teacher_source=live", "stages.distill.outside=drop"])

@@ -489,3 +489,67 @@ def test_teacher_sets_are_the_caches_top_p_sets():
     cand_ids, cand_mask = frame_sets(valid, ids, kept)
     assert cand_ids.shape[:2] == (3, 5) and cand_mask.sum().item() == kept.sum().item()
     assert cand_ids[0, 1, : kept[1]].tolist() == ids[1, : kept[1]].tolist()
+
+
+# --------------------------------------------------------------------------- D* inside the teacher's sets
+
+
+@pytest.mark.parametrize("peak", [20.0, 1.0], ids=["trained-like", "barely-trained"])
+def test_set_top_p_draws_every_token_inside_its_captured_set(model, peak):
+    """generate.top_p == cache_top_p (METHOD.md 2.2): each drawn token lies in the top-p set the
+    capture stores at its position, cap included. A barely trained teacher (peak 1: nearly uniform)
+    has sets that hit the cap, where an uncapped nucleus would draw outside the cached set; the
+    same draw without set_top_p does land outside, so the check can fail."""
+    if peak != 20.0:
+        model = _rescaled(model, peak)
+    prompts = make_prompts([5, 9, 3, 7] * 4, seed=3)
+    cap = 8
+    capped = 0
+    outside_without = 0
+    for set_top_p in (P, None):
+        results = sample(
+            model, prompts, list(range(100, 100 + len(prompts))), eos_id=EOS, pad_id=PAD, max_new_tokens=12,
+            set_top_p=set_top_p, capture_top_p=P, capture_max_k=cap,
+        )  # fmt: skip
+        for result in results:
+            capture = result.capture
+            for t, token in enumerate(result.tokens):
+                ids, _ = capture.position(t)
+                inside = token in set(ids.tolist())
+                if set_top_p is not None:
+                    assert inside, (t, token, ids)
+                    capped += int(capture.kept[t]) == cap and capture.covered[t] < P
+                else:
+                    outside_without += not inside
+    if peak == 1.0:
+        assert capped > 0  # the cap did bite
+        assert outside_without > 0  # and without set_top_p tokens fall outside the cached sets
+
+
+def _rescaled(model: torch.nn.Module, peak: float) -> torch.nn.Module:
+    """A copy of `model` whose output embedding is scaled back to `peak` (the fixture's is x20)."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        clone.get_output_embeddings().weight.mul_(peak / 20.0)
+    return clone.eval()
+
+
+def test_set_top_p_follows_the_renormalised_set(gpt2):
+    """Frequencies of the first token match the teacher's distribution restricted to its capped
+    top-p set (ties by lower id, crossing token kept) and renormalised."""
+    prompt = PROMPTS[1]
+    with torch.no_grad():
+        logits = gpt2(torch.tensor([prompt])).logits[0, -1].double()
+    probs = torch.softmax(logits, dim=-1)
+    ids, _ = brute_force_top_p(probs.tolist(), 0.6, 4)
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    keep[ids] = True
+    expected = torch.where(keep, probs, 0.0)
+    expected = (expected / expected.sum()).numpy()
+    n = 4000
+    freq = first_token_frequencies(gpt2, prompt, n, set_top_p=0.6, capture_max_k=4)
+    assert (freq[expected == 0] == 0).all()
+    tolerance = (4.5 * np.sqrt(n * expected * (1 - expected)) + 3) / n
+    assert (np.abs(freq - expected) <= tolerance).all(), np.abs(freq - expected).max()
