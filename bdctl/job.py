@@ -25,7 +25,7 @@ from bdctl.errors import UserError
 from bdctl.launch import LaunchOptions, dry_run_text, launch
 from bdctl.recipe import Recipe, dump_recipe, load_recipe
 from bdctl.recipe.schema import ModelSpec
-from bdctl.rundir import RunDir, manifest, write_json_atomic, write_text_atomic
+from bdctl.rundir import RunDir, clear_dir, manifest, stage_lock, write_json_atomic, write_text_atomic
 from bdctl.training import check_resumable, latest_checkpoint
 
 # Stage modules: each has stage_dir(options), prepare(job, log) (launching process) and run(job, rank, world).
@@ -194,6 +194,13 @@ def submit(
         wait_for_job(job, job_file, log)
         launch(job_file, launch_options)
         return job
+    with stage_lock(job.stage_dir):  # before anything in the stage directory changes
+        _run_primary(job, module, job_file, launch_options, force, log)
+    return job
+
+
+def _run_primary(job: Job, module: ModuleType, job_file: Path, launch_options: LaunchOptions, force: bool, log) -> None:
+    """Node 0's part of `submit`, under the stage's lock: check, resume or start over, launch."""
     module.prepare(job, log)
     resume_from = None if force else latest_checkpoint(job.stage_dir / "checkpoints")
     partial = None
@@ -202,30 +209,30 @@ def submit(
     if resume_from is not None:
         check_resumable(resume_from, job.fingerprint(), job.world_size)
         log(f"resuming {job.stage_dir} from {resume_from.name}")
-        (job.stage_dir / "PREEMPT").unlink(missing_ok=True)
         shutil.rmtree(job.stage_dir / "logs", ignore_errors=True)
     elif partial is not None:
         log(f"resuming {job.stage_dir}: {partial}")
-        (job.stage_dir / "PREEMPT").unlink(missing_ok=True)
         shutil.rmtree(job.stage_dir / "logs", ignore_errors=True)
-    elif job.stage_dir.exists():  # unfinished without a checkpoint, or --force: start over
-        shutil.rmtree(job.stage_dir)
+    else:  # unfinished without a checkpoint, or --force: start over
+        clear_dir(job.stage_dir)
     save_job(job, job_file)
     launch(job_file, launch_options)
     require_finished(job)
-    return job
 
 
 def save_job(job: Job, job_file: Path) -> None:
-    """The resolved recipe (in the run and the stage directory) and the job the ranks read."""
+    """The resolved recipe the stage runs with, and the job the ranks read."""
     job.stage_dir.mkdir(parents=True, exist_ok=True)
-    text = dump_recipe(job.recipe)
-    write_text_atomic(job.run.root / "recipe.yaml", text)
-    write_text_atomic(job.stage_dir / "recipe.yaml", text)
+    write_text_atomic(job.stage_dir / "recipe.yaml", dump_recipe(job.recipe))
     job.save(job_file)
 
 
 def require_finished(job: Job) -> None:
-    """After the ranks: a stage without its manifest did not finish (they reported no error)."""
+    """After the ranks: a stage without its manifest did not finish (they reported no error).
+
+    A finished stage's recipe becomes the run's recipe.yaml ("the latest command"), and only
+    then: a command that failed, whether on a bad setting or in the ranks, leaves the run's record
+    of what it last ran as it was."""
     if manifest(job.stage_dir) is None:
         raise UserError(f"{job.stage_dir}: the stage ended without finishing its output")
+    write_text_atomic(job.run.root / "recipe.yaml", dump_recipe(job.recipe))

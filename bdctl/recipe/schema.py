@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from bdctl.judges import PARSE_TRIES
+
 
 class Section(BaseModel):
     """Base of every recipe section: unknown keys are errors, values are checked on assignment."""
@@ -479,6 +481,12 @@ class JudgeStage(Section):
     )
     concurrency: int = Field(8, gt=0, description="Requests in flight.")
     retries: int = Field(4, ge=0, description="Retries on timeouts, 429 and 5xx.")
+    max_unparsed: float = Field(
+        0.05, ge=0, le=1,
+        description="Largest share of a baseline's judgments whose reply is still not A, B or Tie after "
+        f"{PARSE_TRIES} tries (left out of the win rate); above it the stage fails instead of reporting a rate "
+        "from what is left.",
+    )  # fmt: skip
     timeout: float = Field(60.0, gt=0, description="Seconds per request.")
     hf_batch_size: int = Field(8, gt=0, description="hf backend: judge prompts per forward pass.")
     max_answer_tokens: int = Field(

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from bdctl.errors import UserError
 from bdctl.job import Job, resolve_weights
+from bdctl.launch import PREEMPT
 from bdctl.recipe.schema import GenerateStage, ModelSpec
 from bdctl.rundir import manifest, read_json
 
@@ -306,7 +307,7 @@ def run(job: Job, rank: int, world: int) -> None:
                 event="batch", rows=len(batch), tokens=tokens_out, seconds=round(seconds, 4),
                 tokens_per_s=round(rate, 1),
             )  # fmt: skip
-            if (out / "PREEMPT").exists():  # the launching process got SIGTERM / SIGUSR1
+            if (out / PREEMPT).exists():  # the launching process got SIGTERM / SIGUSR1
                 raise Preempted(f"preempted after {number + 1} batches; run the same command again to continue")
     log.info("rank %d: %d batches, %d tokens in %.1f s", rank, len(pending), generated, time.perf_counter() - started)
     dist.barrier()  # every shard is written

@@ -293,6 +293,33 @@ def test_sigkill_midway_then_resume_equals_an_uninterrupted_run(reference, teach
     assert [m["already_done"] for m in starts if m["event"] == "start"][-1] >= 6 * 16
 
 
+@pytest.mark.slow
+def test_sigterm_stops_with_75_and_a_message_then_resumes(reference, teacher_run, tmp_path):
+    """One rank runs in the bdctl process itself: SIGTERM must not kill it outright (-15, no word)."""
+    from bdctl.cache import visible_shards
+
+    fresh(teacher_run, tmp_path)
+    stage = tmp_path / "runs/smoke/generate"
+    process = start(tmp_path)
+    deadline = time.time() + 120
+    while len(visible_shards(stage / "cache")) < 2:
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, "no shards appeared in time"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)  # as a scheduler would
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 75, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: preempted after ") and "run the same command again" in lines[-1], lines[-3:]
+    assert "Traceback" not in stderr and not (stage / "MANIFEST.json").exists()
+
+    result = generate(tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming runs/smoke/generate: " in result.stderr
+    assert cache_contents(stage) == cache_contents(reference)
+    assert not (stage / "PREEMPT").exists()
+
+
 # --------------------------------------------------------------------------- scoring
 
 

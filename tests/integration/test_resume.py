@@ -92,11 +92,17 @@ def test_sigterm_checkpoints_exits_75_and_resumes(nproc, reference, tmp_path):
     assert "preempted at step" in stderr and "Traceback" not in stderr
     stage = tmp_path / "runs/smoke/student_sft"
     assert not (stage / "MANIFEST.json").exists()
+    # The best weights so far are kept, but as a candidate: nothing in best/ claims to be complete.
+    assert (stage / "best/config.json").is_file() and (stage / "best/selected.json").is_file()
+    assert not (stage / "best/MANIFEST.json").exists()
     reasons = [json.loads((p / "MANIFEST.json").read_text())["reason"] for p in (stage / "checkpoints").iterdir() if (p / "MANIFEST.json").is_file()]
     assert "preempted" in reasons or len(reasons) >= 1
     result = run_cli("sft", SMOKE, "--model", "student", "--nproc", nproc, *SETTINGS, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert train_losses(tmp_path) == pytest.approx(reference[nproc], rel=1e-6, abs=1e-7)
+    export = json.loads((stage / "export/MANIFEST.json").read_text())
+    assert export["complete"] and export["step"] == json.loads((stage / "MANIFEST.json").read_text())["best_step"]
+    assert not (stage / "best").exists() and not (stage / "export/selected.json").exists()
 
 
 def test_resume_refuses_another_recipe_or_world_size(reference, tmp_path):
@@ -119,9 +125,11 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     bad_step = int(result.stderr.split("non-finite loss at step ")[1].split(";")[0])
     kept = [json.loads((p / "MANIFEST.json").read_text())["step"] for p in (stage / "checkpoints").iterdir() if (p / "MANIFEST.json").is_file()]
     assert kept and max(kept) == bad_step - 1  # the checkpoint before the bad step, untouched
+    assert not (tmp_path / "runs/smoke/recipe.yaml").exists()  # the run's recipe is that of a finished command
     skipping = run_cli("sft", SMOKE, "--model", "student", "--force", *blowup, "--set", "stages.student_sft.on_nonfinite=skip", cwd=tmp_path)
     assert skipping.returncode == 0, skipping.stderr[-3000:]
     assert json.loads((stage / "MANIFEST.json").read_text())["skipped_steps"] > 0
+    assert "on_nonfinite: skip" in (tmp_path / "runs/smoke/recipe.yaml").read_text()
 
 
 def test_a_dead_rank_brings_the_job_down(tmp_path):
