@@ -22,9 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bdctl.errors import UserError, decode_utf8
-
-# The flag file in a stage directory that asks its ranks to stop at the next resume point.
-PREEMPT = "PREEMPT"
+from bdctl.rundir import PREEMPT  # the flag file in a stage directory that asks its ranks to stop
 
 
 @dataclass

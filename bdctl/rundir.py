@@ -35,6 +35,9 @@ from typing import Any
 
 from bdctl.errors import UserError
 
+# The file in a stage directory that asks its ranks to checkpoint and stop (bdctl.launch writes
+# it on SIGTERM / SIGUSR1; bdctl.training polls it).
+PREEMPT = "PREEMPT"
 MANIFEST = "MANIFEST.json"
 LOCK = "LOCK"
 

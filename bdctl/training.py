@@ -36,8 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from bdctl.errors import UserError
-from bdctl.launch import PREEMPT
-from bdctl.rundir import manifest, mark_complete, read_json, recover_dir, replace_dir
+from bdctl.rundir import PREEMPT, manifest, mark_complete, read_json, recover_dir, replace_dir
 from bdctl.selection import better, per_protocol_key
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"; rerun the same command to resume

@@ -54,10 +54,20 @@ from typing import Any
 
 from bdctl.answers import prompt_seed, protocol_label, sample_answers
 from bdctl.errors import UserError
-from bdctl.job import Job, plan, require_finished, resolve_weights, save_job, wait_for_job
-from bdctl.launch import PREEMPT, LaunchOptions, dry_run_text, launch
+from bdctl.job import Job, resolve_weights
+from bdctl.launch import LaunchOptions, dry_run_text, launch
 from bdctl.recipe.schema import EvalSet, EvalStage, ModelSpec
-from bdctl.rundir import MANIFEST, manifest, mark_complete, read_json, stage_lock, write_json_atomic, write_text_atomic
+from bdctl.rundir import (
+    MANIFEST,
+    PREEMPT,
+    manifest,
+    mark_complete,
+    read_json,
+    stage_lock,
+    write_json_atomic,
+    write_text_atomic,
+)
+from bdctl.submit import plan, require_finished, save_job, wait_for_job
 
 STAGE = "eval"
 # Bump when the way a unit's text is produced changes (decoding, seeding): old units turn stale.
@@ -87,7 +97,7 @@ def submit(
 ) -> Job:
     """Plan, check, generate what is missing, write results: `bdctl eval`.
 
-    Not `bdctl.job.submit`, which treats a stage directory as all-or-nothing (a finished one is
+    Not `bdctl.submit.submit`, which treats a stage directory as all-or-nothing (a finished one is
     skipped, an unfinished one wiped): eval keeps its finished units across commands.
     """
     from bdctl.engine import quiet_libraries

@@ -40,9 +40,8 @@ from pathlib import Path
 
 from bdctl.errors import UserError
 from bdctl.job import Job, resolve_weights
-from bdctl.launch import PREEMPT
 from bdctl.recipe.schema import GenerateStage, ModelSpec
-from bdctl.rundir import manifest, read_json
+from bdctl.rundir import PREEMPT, manifest, read_json
 
 SPLITS = ("train", "valid", "test")
 log = logging.getLogger("bdctl.generate")
@@ -111,7 +110,7 @@ def prepare(job: Job, log=print) -> None:
 
 def resumable(job: Job) -> str | None:
     """Launching process, on a rerun: say what an unfinished run left to continue from, or None
-    to start over. Called by `bdctl.job.submit` (not with --force) after `prepare`."""
+    to start over. Called by `bdctl.submit.submit` (not with --force) after `prepare`."""
     from bdctl.cache import visible_shards, written_keys
 
     cache_dir = job.stage_dir / "cache"

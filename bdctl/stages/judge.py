@@ -47,11 +47,12 @@ from pathlib import Path
 from typing import Any
 
 from bdctl.errors import UserError
-from bdctl.job import Job, plan, require_finished, save_job
+from bdctl.job import Job
 from bdctl.launch import LaunchOptions
 from bdctl.recipe.schema import JudgeStage
 from bdctl.rundir import MANIFEST, mark_complete, stage_lock, write_json_atomic, write_text_atomic
 from bdctl.stages import evaluate
+from bdctl.submit import plan, require_finished, save_job
 
 STAGE = "judge"
 VERDICTS_FILE = "verdicts.jsonl"
@@ -79,7 +80,7 @@ def submit(
 ) -> Job | None:
     """Check, generate missing answers, judge, write results: `bdctl judge` (one process).
 
-    Not `bdctl.job.submit`: that would wipe an unfinished stage directory, and with it the
+    Not `bdctl.submit.submit`: that would wipe an unfinished stage directory, and with it the
     verdicts an interrupted run finished.
     """
     single = LaunchOptions()

@@ -311,7 +311,7 @@ def test_seqkd_on_dstar(prepared, tmp_path):
 def submit_error(recipe, method, *overrides) -> str:
     """The one-line error of a job that fails before launching (in-process: no interpreter start-up)."""
     from bdctl.errors import UserError
-    from bdctl.job import submit
+    from bdctl.submit import submit
     from bdctl.launch import LaunchOptions
 
     with pytest.raises(UserError) as caught:

@@ -13,6 +13,8 @@ import pytest
 
 from tests.conftest import RECIPES, assert_user_error, run_cli, write_recipe
 
+pytestmark = pytest.mark.slow  # every test runs the CLI in a subprocess
+
 SMOKE = str(RECIPES / "smoke.yaml")
 ROOT = Path(__file__).resolve().parents[2]
 LATIN1 = "café".encode("latin-1")  # b"caf\xe9": not UTF-8
