@@ -260,6 +260,17 @@ def written_keys(directory: str | Path) -> set[tuple[int, int]]:
     return keys
 
 
+def remake_hint(directory: Path) -> str:
+    """How to repair a damaged cache: the command that made it, started over. (Deleting the bad
+    shard is not enough: its stage is complete, so a plain rerun would have nothing to do.)"""
+    from bdctl.pipeline import stage_command
+
+    stage = Path(directory).parent.name
+    if not stage.startswith(("generate", "score_")):  # a cache outside a run directory: D* by default
+        stage = "generate"
+    return f"make the cache again: {stage_command(stage, 'RECIPE')} --force"
+
+
 def _load_indices(directory: Path) -> list[dict]:
     """Every visible shard's index, each checked against its data files (one line on damage)."""
     indices = []
@@ -277,7 +288,7 @@ def _load_indices(directory: Path) -> list[dict]:
                 found = "is missing" if size < 0 else f"has {size} bytes"
                 raise UserError(
                     f"cache {directory}: shard {shard} is damaged ({path.name} {found}, its index says "
-                    f"{count * dtype.itemsize}); delete the shard's files and generate it again"
+                    f"{count * dtype.itemsize}); {remake_hint(directory)}"
                 )
         indices.append(index)
     return indices
@@ -414,7 +425,7 @@ class TeacherCache(Sequence[CacheExample]):
         if expected is not None and expected != len(order):
             raise UserError(
                 f"cache {self.directory}: the manifest lists {expected} examples but the shards hold "
-                f"{len(order)}; a writer ran after finalize, finalize again"
+                f"{len(order)} (shards were added or removed after it was finished); {remake_hint(self.directory)}"
             )
         self._maps: dict[int, dict[str, np.ndarray]] = {}
 

@@ -19,7 +19,11 @@ from typing import Any
 
 from bdctl.errors import UserError
 from bdctl.recipe.schema import Recipe, Train
-from bdctl.rundir import manifest, mark_complete, replace_dir
+from bdctl.rundir import manifest, mark_complete, replace_dir, write_json_atomic
+
+# What an export was chosen for (step, selection metric, scores), until its stage finishes and
+# the same facts go into its MANIFEST.json.
+EXPORT_INFO = "selected.json"
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PROJECT_ROOT / "deepspeed_configs"
@@ -217,7 +221,9 @@ def linear_schedule(total_steps: int, warmup_steps: int):
     return factor
 
 
-def make_engine(module, config: dict, total_steps: int | None = None, warmup_ratio: float = 0.0, warmup_steps: int | None = None):
+def make_engine(
+    module, config: dict, total_steps: int | None = None, warmup_ratio: float = 0.0, warmup_steps: int | None = None
+):
     """A DeepSpeed engine; the learning-rate schedule is bdctl's unless the config brings one
     (warm-up: `warmup_steps` when given, else `warmup_ratio` of the steps)."""
     import deepspeed
@@ -270,7 +276,9 @@ def gathered_state_dict(model, rank: int) -> dict:
 
 def export_hf(engine, tokenizer, out_dir: Path, rank: int, info: dict | None = None) -> None:
     """Save the engine's language model as a standard Hugging Face directory (weights, config,
-    tokenizer). Collective: every rank must call it. The directory appears complete or not at all.
+    tokenizer), with `info` (which step, which scores) in EXPORT_INFO. Collective: every rank must
+    call it. The directory appears whole or not at all, but without a manifest: it is a candidate
+    of an unfinished stage until the stage's `bdctl.training.finish` marks it complete.
     """
     import torch.distributed as dist
 
@@ -285,7 +293,7 @@ def export_hf(engine, tokenizer, out_dir: Path, rank: int, info: dict | None = N
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        mark_complete(tmp, **(info or {}))
+        write_json_atomic(tmp / EXPORT_INFO, info or {})
         replace_dir(tmp, out_dir)
     dist.barrier()
 

@@ -17,3 +17,16 @@ class UserError(Exception):
         super().__init__(message)
         if exit_code is not None:
             self.exit_code = exit_code
+
+
+def decode_utf8(data: bytes, path: object, first_line: int = 1) -> str:
+    """The text of a user's file (or of the part starting at line `first_line`), which must be
+    UTF-8: other bytes are a user error naming the file and the line, not a UnicodeDecodeError
+    traceback."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = first_line + data.count(b"\n", 0, exc.start)
+        raise UserError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8"
+        ) from None

@@ -21,7 +21,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from bdctl.errors import UserError
+from bdctl.errors import UserError, decode_utf8
+from bdctl.rundir import PREEMPT  # the flag file in a stage directory that asks its ranks to stop
 
 
 @dataclass
@@ -37,6 +38,16 @@ class LaunchOptions:
     include: str | None = None
     exclude: str | None = None
     dry_run: bool = False
+
+    def __post_init__(self) -> None:
+        """Options that cannot work together stop here, in one line: a node rank beyond the nodes
+        would wait forever for a rendezvous that never completes; a port outside 1..65535 would
+        surface as a launcher traceback."""
+        if self.master_port is not None and not 1 <= self.master_port <= 65535:
+            raise UserError(f"--master-port {self.master_port}: expected a port number from 1 to 65535")
+        if not 0 <= self.node_rank < self.nnodes:
+            last = self.nnodes - 1
+            raise UserError(f"--node-rank {self.node_rank}: expected a node rank from 0 to {last} (--nnodes {self.nnodes})")
 
     def as_args(self) -> list[str]:
         """These options as command-line arguments again (for commands started on the user's behalf)."""
@@ -115,7 +126,7 @@ def read_hostfile(path: str) -> dict[str, int]:
     if not file.is_file():
         raise UserError(f"{path}: hostfile not found")
     hosts: dict[str, int] = {}
-    for number, raw in enumerate(file.read_text().splitlines(), start=1):
+    for number, raw in enumerate(decode_utf8(file.read_bytes(), path).splitlines(), start=1):
         line = raw.split("#")[0].strip()
         if not line:
             continue
@@ -169,19 +180,22 @@ def launcher_command(job_file: Path, options: LaunchOptions) -> list[str]:
 
 def launch(job_file: Path, options: LaunchOptions) -> None:
     """Run the job on `options.nproc` ranks; a failure raises UserError with the rank's message."""
-    if options.mode in ("in-process", "slurm"):
-        from bdctl.worker import run_job
+    flag_file = job_file.parent / PREEMPT
+    if options.is_primary:
+        flag_file.unlink(missing_ok=True)  # a request an earlier command got was served by it
+    with forward_preemption(flag_file):
+        if options.mode in ("in-process", "slurm"):
+            from bdctl.worker import run_job
 
-        if options.mode == "slurm":  # this process is one of the ranks srun started
-            os.environ.update({k: str(v) for k, v in slurm_environment().items()})
-        run_job(job_file)
-        return
-    command = launcher_command(job_file, options)
-    env = dict(os.environ)
-    # torchrun would set 1 thread per rank and print a banner about it; share the cores instead.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // options.nproc)))
-    env.setdefault("PYTHONUNBUFFERED", "1")  # rank output reaches the terminal (and logs) as it happens
-    with forward_preemption(job_file.parent / "PREEMPT"):
+            if options.mode == "slurm":  # this process is one of the ranks srun started
+                os.environ.update({k: str(v) for k, v in slurm_environment().items()})
+            run_job(job_file)
+            return
+        command = launcher_command(job_file, options)
+        env = dict(os.environ)
+        # torchrun would set 1 thread per rank and print a banner about it; share the cores instead.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // options.nproc)))
+        env.setdefault("PYTHONUNBUFFERED", "1")  # rank output reaches the terminal (and logs) as it happens
         returncode = subprocess.run(command, env=env).returncode
     if returncode != 0:
         raise UserError(_failure_message(job_file.parent, returncode), exit_code=returncode)
@@ -189,13 +203,22 @@ def launch(job_file: Path, options: LaunchOptions) -> None:
 
 @contextlib.contextmanager
 def forward_preemption(flag_file: Path):
-    """While ranks run in child processes, SIGTERM / SIGUSR1 to this process become a PREEMPT
-    file the ranks look for at every step boundary (they then checkpoint and exit 75)."""
+    """While the ranks run, SIGTERM / SIGUSR1 to this process become a PREEMPT file that every
+    stage looks for at its resume points (training steps, generate's batches, eval's batches): it
+    then saves what it can and exits 75. Ranks in child processes cannot see this process's
+    signal any other way; a rank running in this process (one rank, a SLURM task) would otherwise
+    die of the signal at once, with -15 and no word. Training installs its own handler on top
+    (`bdctl.training.PreemptionWatch`), which checks the same file."""
 
     def handle(signum, frame):
         flag_file.touch()
 
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        try:
+            previous[sig] = signal.signal(sig, handle)
+        except ValueError:  # not the main thread (a test runner's): the flag file still works by hand
+            pass
     try:
         yield
     finally:

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from bdctl.errors import UserError
-from bdctl.rundir import manifest, mark_complete, read_json, recover_dir, replace_dir
+from bdctl.rundir import PREEMPT, manifest, mark_complete, read_json, recover_dir, replace_dir
 from bdctl.selection import better, per_protocol_key
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"; rerun the same command to resume
@@ -256,7 +256,7 @@ def train_loop(
         shown = "  ".join(f"{name} {value:.4f}" for name, value in scores.items())
         progress.print(f"step {state.step}: {shown}{'  (best)' if improved else ''}")
 
-    with PreemptionWatch(out / "PREEMPT") as preemption:
+    with PreemptionWatch(out / PREEMPT) as preemption:
         if state.step == 0:
             validate_and_keep_best()  # the starting point counts: a run that only gets worse keeps it
         while state.step < config.total_steps:
@@ -330,13 +330,20 @@ def finish(out: Path, state: TrainState, rank: int, stage: str, metrics, select:
     the manifest, with `facts` (e.g. the selection protocol, notes), marks the stage complete."""
     import torch.distributed as dist
 
+    from bdctl.engine import EXPORT_INFO
+
     if rank == 0:
         for name in ["", *(f"-{protocol}" for protocol in state.best_by_protocol)]:
-            best = out / f"best{name}"
+            best, export = out / f"best{name}", out / f"export{name}"
             recover_dir(best)
             if best.exists():  # else an interrupted finish() already moved it
-                replace_dir(best, out / f"export{name}")
-        (out / "PREEMPT").unlink(missing_ok=True)
+                replace_dir(best, export)
+            # Only now is the export complete: best*/ never carries a manifest, so that an
+            # interrupted run's candidate cannot pass for a finished model (bdctl.engine.export_hf).
+            if manifest(export) is None:
+                mark_complete(export, **read_json(export / EXPORT_INFO))
+                (export / EXPORT_INFO).unlink()
+        (out / PREEMPT).unlink(missing_ok=True)
         per_protocol = {
             name: {"best_score": score, "best_step": step, "export": f"export-{name}"}
             for name, (score, step) in state.best_by_protocol.items()

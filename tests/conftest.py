@@ -20,8 +20,20 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 
 
+_IN_SLOW_TEST = [False]
+
+
+def pytest_runtest_setup(item):
+    """Whether the test about to run (fixtures included, even module-scoped ones) is marked slow."""
+    _IN_SLOW_TEST[0] = item.get_closest_marker("slow") is not None
+
+
 def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`bdctl ARGS` in a fresh interpreter, as a user would run it."""
+    """`bdctl ARGS` in a fresh interpreter, as a user would run it.
+
+    Only in tests marked `slow`: the fast subset (`pytest -m "not slow"`) starts no CLI process.
+    """
+    assert _IN_SLOW_TEST[0], "a test that runs the CLI in a subprocess must be marked @pytest.mark.slow"
     # Drop a process group's variables that an in-process DeepSpeed test may have set.
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.update(PYTHONWARNINGS="ignore", NO_COLOR="1", COLUMNS="200")

@@ -85,7 +85,9 @@ def job_command(func: Callable) -> Callable:
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         options = {name: kwargs.pop(name) for name in names}
-        return func(*args, launch=LaunchOptions(**options), **kwargs)
+        with user_errors():  # options that do not fit together (LaunchOptions checks them)
+            launch = LaunchOptions(**options)
+        return func(*args, launch=launch, **kwargs)
 
     # Resolve the command's (string) annotations in its own module, so typer sees real types.
     hints = typing.get_type_hints(func, include_extras=True)

@@ -57,8 +57,8 @@ def distill(
     """
     with user_errors():
         from bdctl.errors import UserError
-        from bdctl.job import submit
         from bdctl.recipe import load_recipe
+        from bdctl.submit import submit
 
         overrides = list(set_ or [])
         if ablation is not None:

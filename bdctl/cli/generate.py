@@ -60,8 +60,8 @@ def generate(
     run the same command again.
     """
     with user_errors():
-        from bdctl.job import submit
         from bdctl.rundir import manifest
+        from bdctl.submit import submit
 
         job = submit("generate", recipe, set_ or [], {"score": score.value if score else None, **({"variant": variant} if variant else {})}, launch, force, log=say)
         done = None if launch.dry_run else manifest(job.stage_dir)

@@ -60,11 +60,16 @@ def judge(
     The answers are the eval stage's generations for stages.judge.eval_set at
     stages.judge.seed (missing ones are generated first, unless --no-generate).
     A win counts 1, a tie 0.5, a loss 0; the win rate has a bootstrap 95%
-    interval over prompts. Writes runs/<name>/judge/: results.json, table.md,
-    table.csv and win_rates.png.
+    interval over prompts. Beside it: the judge's position consistency (share of
+    pairs whose verdict follows the answer, not its position) and how often it
+    picks the first answer; a judge below 50 % consistency is flagged as
+    position-driven. Writes runs/<name>/judge/: results.json, table.md,
+    table.csv and win_rates.png (only when the command succeeds).
 
     Every verdict is cached in judge/verdicts.jsonl: a rerun asks nothing twice,
-    and a failed run keeps the verdicts it finished.
+    and a failed run keeps the verdicts it finished. A reply that is not A, B or
+    Tie is asked again and never cached; more than stages.judge.max_unparsed of
+    them fails the command.
 
     Runs as a single process (no DeepSpeed launch, hence no --nproc): the judge
     is one local model or an HTTP endpoint.
@@ -72,7 +77,9 @@ def judge(
     with user_errors():
         import json
 
-        from bdctl.stages.judge import results_table, submit
+        from rich.markup import escape
+
+        from bdctl.stages.judge import position_warning, results_table, submit
         from bdctl.tables import print_table
 
         options = {
@@ -87,4 +94,7 @@ def judge(
         results = json.loads((job.stage_dir / "results.json").read_text())
         title = f"{results['candidate']} vs baselines on {results['eval_set']} (seed {results['seed']})"
         print_table(*results_table(results), title=title)
+        warning = position_warning(results)
+        if warning:
+            say(f"[bold yellow]warning:[/] {escape(warning)}")
         say(f"[green]done:[/] {job.stage_dir / 'results.json'}  chart: {job.stage_dir / 'win_rates.png'}")

@@ -37,7 +37,7 @@ def sft(
     directory: runs/<name>/<model>_sft/export.
     """
     with user_errors():
-        from bdctl.job import submit
+        from bdctl.submit import submit
 
         job = submit("sft", recipe, set_ or [], {"model": model.value}, launch, force, log=say)
         if not launch.dry_run:

@@ -12,19 +12,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bdctl.errors import UserError
+from bdctl.errors import UserError, decode_utf8
 from bdctl.recipe.schema import FieldMap
 
 
 def read_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """(location, record) pairs of a local .jsonl, .json or .parquet file."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
+    _check_file(path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
+        with path.open("rb") as handle:  # decoded line by line, so that bad bytes are found with their line
+            for number, raw in enumerate(handle, start=1):
+                line = decode_utf8(raw, path, number)
                 if not line.strip():
                     continue
                 try:
@@ -34,7 +34,7 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 yield f"{path}:{number}", record
     elif suffix == ".json":
         try:
-            records = json.loads(path.read_text(encoding="utf-8"))
+            records = json.loads(decode_utf8(path.read_bytes(), path))
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
         if not isinstance(records, list):
@@ -52,6 +52,13 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
             yield f"{path} row {index}", record
     else:
         raise UserError(f"{path}: unsupported file type {suffix!r} (expected .jsonl, .json or .parquet)")
+
+
+def _check_file(path: Path) -> None:
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a data file")
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
 
 
 def read_hub(name: str, config: str | None, split: str, streaming: bool = False) -> Iterator[tuple[str, dict]]:
@@ -98,10 +105,12 @@ def read_texts(path: str | Path, text_field: str) -> Iterator[str]:
     """Documents of a local corpus: .txt (one document per line) or .jsonl (`text_field`)."""
     path = Path(path)
     if path.suffix.lower() == ".txt":
-        if not path.is_file():
-            raise UserError(f"{path}: file not found")
-        with path.open(encoding="utf-8") as handle:
-            yield from (line.rstrip("\n") for line in handle if line.strip())
+        _check_file(path)
+        with path.open("rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                line = decode_utf8(raw, path, number)
+                if line.strip():
+                    yield line.rstrip("\r\n")
         return
     for where, record in read_records(path):
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):

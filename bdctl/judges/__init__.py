@@ -4,6 +4,10 @@ Every pair is judged twice, once with the model's answer shown as A and once wit
 swapped, which cancels a judge's preference for a position (METHOD.md section 5). For the model a
 win counts 1, a tie 0.5 and a loss 0, and a pair's score is the mean over its two orders.
 
+A reply that is not A, B or Tie is no verdict: it is asked again (``PARSE_TRIES`` in all), never
+stored in the cache (a rerun against a repaired endpoint asks it again), and if it stays
+unreadable the judgment is reported as unparsed and left out of the win rate.
+
 Backends live in submodules that are imported only when used, so that importing this package
 stays cheap (no torch, transformers or httpx): ``bdctl.judges.openai_backend.OpenAIJudge`` (any
 OpenAI-compatible endpoint) and ``bdctl.judges.hf_backend.HFJudge`` (a local causal LM).
@@ -21,6 +25,7 @@ from bdctl.judges.cache import CachedVerdict, VerdictCache, verdict_key
 from bdctl.judges.prompt import PROMPT_VERSION, Verdict, build_messages, parse_verdict
 
 __all__ = [
+    "PARSE_TRIES",
     "PROMPT_VERSION",
     "CachedVerdict",
     "JudgeBackend",
@@ -40,6 +45,10 @@ __all__ = [
 ]
 
 Order = Literal["model_first", "model_second"]
+#: Times a request is asked in all while its reply is not A, B or Tie. A sampling or overloaded
+#: endpoint often answers properly on another try; a deterministic one repeats itself, so more
+#: tries would only cost time before the reply is reported as unparsed.
+PARSE_TRIES = 3
 ORDERS: tuple[Order, Order] = ("model_first", "model_second")
 
 
@@ -105,14 +114,19 @@ def judge_pairs(
     cache: VerdictCache,
     *,
     on_verdict: Callable[[int, int], None] | None = None,
+    parse_tries: int = PARSE_TRIES,
 ) -> list[PairResult]:
     """Judge every pair in both orders, asking the backend only for verdicts not yet cached.
 
     Each new verdict is stored in ``cache`` as soon as the backend finishes it, so a failure
     (the backend's ``UserError``, an interrupt) loses no finished work and a rerun resumes.
-    Identical requests (the same texts in the same order) are asked once. ``on_verdict(done,
-    total)`` is called after each new verdict, for progress display.
+    Identical requests (the same texts in the same order) are asked once. A reply that is not a
+    verdict is asked again, up to ``parse_tries`` times in all, and never stored; the last such
+    reply is returned as an unparsed judgment. ``on_verdict(done, total)`` is called after each
+    reply, for progress display (``total`` grows when replies are asked again).
     """
+    if parse_tries < 1:
+        raise ValueError(f"parse_tries must be at least 1, got {parse_tries}")
     identity = dict(backend.identity)
     keys = [[verdict_key(identity, pair.request(order)) for order in ORDERS] for pair in pairs]
 
@@ -123,30 +137,45 @@ def judge_pairs(
             if key not in missing and cache.get(key) is None:
                 missing[key] = pair.request(order)
 
-    if missing:
+    unparsed: dict[str, JudgeOutput] = {}  # the latest unreadable reply per key
+    asked = 0
+    for _ in range(parse_tries):
+        if not missing:
+            break
         missing_keys = list(missing)
         requests = [missing[key] for key in missing_keys]
+        total, again = asked + len(requests), {}
         outputs = backend.judge_many(requests)
         try:
-            for done, (index, output) in enumerate(outputs, start=1):
-                cache.put(missing_keys[index], identity, requests[index], output)
+            for index, output in outputs:
+                key = missing_keys[index]
+                if output.verdict is None:
+                    unparsed[key], again[key] = output, requests[index]
+                else:
+                    unparsed.pop(key, None)
+                    cache.put(key, identity, requests[index], output)
+                asked += 1
                 if on_verdict is not None:
-                    on_verdict(done, len(requests))
+                    on_verdict(asked, total)
         finally:
             # If storing failed, stop the backend's work now rather than when the traceback
             # holding the generator is freed.
             close = getattr(outputs, "close", None)
             if close is not None:
                 close()
+        missing = again
 
     results = []
     for pair, pair_keys in zip(pairs, keys):
         judgments = []
         for order, key in zip(ORDERS, pair_keys):
             entry = cache.get(key)
-            if entry is None:
+            if entry is not None:
+                judgments.append(Judgment(order, entry.verdict, entry.raw, outcome_for_model(entry.verdict, order)))
+            elif key in unparsed:
+                judgments.append(Judgment(order, None, unparsed[key].raw, None))
+            else:
                 # A backend that returned without an error must have answered every request.
                 raise RuntimeError(f"judge backend {identity} gave no verdict for pair {pair.prompt_id!r} ({order})")
-            judgments.append(Judgment(order, entry.verdict, entry.raw, outcome_for_model(entry.verdict, order)))
         results.append(PairResult(pair.prompt_id, (judgments[0], judgments[1])))
     return results

@@ -7,6 +7,10 @@ held a finished verdict) and kept if it does (the crash came between the record 
 Any other unreadable line means the file was edited or is not a verdict cache: that is a
 ``UserError`` naming the line, never a silent skip.
 
+Only verdicts are stored: a reply that is not A, B or Tie is not an answer to keep (the same
+request is asked again by a later run). Records with a null verdict, which older versions wrote,
+are skipped on loading for the same reason.
+
 Keys are SHA-256 hashes of everything that determines a verdict: the judge's identity (backend,
 model, endpoint, prompt version, decoding limits), the instruction, the input and the two answers
 in the order shown. Swapping the answers gives another key, so both orders are stored.
@@ -40,10 +44,10 @@ def verdict_key(identity: Mapping[str, str], request: JudgeRequest) -> str:
 
 @dataclass(frozen=True)
 class CachedVerdict:
-    """One stored verdict (``verdict`` is ``None`` when the judge's reply was unparseable)."""
+    """One stored verdict."""
 
     key: str
-    verdict: Verdict | None
+    verdict: Verdict
     raw: str
     scores: Mapping[str, float]
 
@@ -88,7 +92,7 @@ class VerdictCache:
             except UserError:
                 self._torn_bytes = len(tail)
 
-    def _parse(self, line: bytes, number: int) -> CachedVerdict:
+    def _parse(self, line: bytes, number: int) -> CachedVerdict | None:
         where = f"verdict cache {self.path} line {number}"
         try:
             record = json.loads(line)
@@ -105,11 +109,14 @@ class VerdictCache:
             isinstance(value, (int, float)) and not isinstance(value, bool) for value in scores.values()
         ):
             raise UserError(f"{where} has no 'scores' object of numbers; delete the line or the file")
+        if verdict is None:
+            return None  # an unparseable reply stored by an older version: not a verdict, ask again
         return CachedVerdict(key=key, verdict=verdict, raw=raw, scores={k: float(v) for k, v in scores.items()})
 
-    def _add(self, entry: CachedVerdict) -> None:
+    def _add(self, entry: CachedVerdict | None) -> None:
         # A key stored twice (two runs racing, or a rerun after a lost write) keeps the latest.
-        self._entries[entry.key] = entry
+        if entry is not None:
+            self._entries[entry.key] = entry
 
     def get(self, key: str) -> CachedVerdict | None:
         """The stored verdict for ``key``, or ``None`` if it was never judged."""
@@ -123,12 +130,6 @@ class VerdictCache:
     def __len__(self) -> int:
         with self._lock:
             return len(self._entries)
-
-    @property
-    def unparseable(self) -> int:
-        """How many stored verdicts are unparseable judge replies."""
-        with self._lock:
-            return sum(entry.verdict is None for entry in self._entries.values())
 
     @property
     def torn_bytes(self) -> int:
@@ -145,6 +146,8 @@ class VerdictCache:
         output: JudgeOutput,
     ) -> CachedVerdict:
         """Store a finished verdict durably (written and fsync'ed before returning)."""
+        if output.verdict is None:
+            raise ValueError("an unparseable reply is not a verdict and is not stored")
         record: dict[str, Any] = {
             "key": key,
             "verdict": output.verdict,

@@ -72,4 +72,9 @@ def _annotation(record: WinRate) -> str:
     )
     if record.unparseable:
         text += f", {record.unparseable} unparsed"
+    # Beside the rate, how far the judge followed the answers rather than their positions.
+    if not math.isnan(record.consistency):
+        text += f", consistent {100 * record.consistency:.0f}%"
+    if record.position_driven:
+        text += " POSITION-DRIVEN JUDGE"
     return text

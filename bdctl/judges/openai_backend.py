@@ -10,7 +10,8 @@ user's to fix and is not retried.
 When a request still fails after ``max_tries``, no new requests are started, those in flight are
 allowed to finish (their verdicts are yielded, so the caller can store them), and a ``UserError``
 names the endpoint and the last error. A reply that is a well-formed response whose text is not
-``A``/``B``/``Tie`` is a verdict of ``None``, kept and counted, not an error.
+``A``/``B``/``Tie`` is returned with a verdict of ``None``, not as an error: ``judge_pairs`` asks
+it again and, if it stays unreadable, reports it as unparsed without caching it.
 """
 
 from __future__ import annotations

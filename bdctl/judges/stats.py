@@ -4,6 +4,18 @@ Counts are per judgment (two per pair, one per order), which is what the stacked
 chart show. The win rate is the mean pair score (win 1, tie 0.5, loss 0, averaged over both
 orders) over the pairs that have one; its 95% interval is a percentile bootstrap that resamples
 prompts, not judgments, because the two orders of one prompt are not independent.
+
+Position bias. Both orders cancel a judge's preference for a position in the win rate, but they
+cannot make a position-driven judge informative: one that always answers "A" scores every pair
+one win and one loss, a win rate of exactly 50 % with an interval of zero width, which reads as a
+precise tie. So every record also says how far the verdicts follow the answers:
+
+    consistency      the share of pairs (both orders parsed) whose two verdicts agree about the
+                     answers: the same answer wins in both orders, or both are ties
+    first position   the share of decisive verdicts (A or B) that pick the answer shown first
+
+A judge with a consistency below ``POSITION_DRIVEN_BELOW`` picks by position more often than by
+content; its win rates are flagged as such wherever they are shown.
 """
 
 from __future__ import annotations
@@ -15,6 +27,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from bdctl.judges import PairResult
+
+#: Below this consistency a judge's verdicts follow the answer's position more often than the
+#: answer (a judge guessing among A, B and Tie at random is consistent on a third of the pairs).
+POSITION_DRIVEN_BELOW = 0.5
 
 
 @dataclass(frozen=True)
@@ -31,6 +47,27 @@ class WinRate:
     win_rate: float
     ci_low: float
     ci_high: float
+    #: Pairs with both orders parsed, and those among them whose verdicts agree about the answers.
+    both_parsed: int = 0
+    consistent: int = 0
+    #: Decisive verdicts (A or B), and those among them that picked the answer shown first.
+    decisive: int = 0
+    first_picks: int = 0
+
+    @property
+    def consistency(self) -> float:
+        """Share of pairs whose verdict follows the answer, not its position (NaN without pairs)."""
+        return self.consistent / self.both_parsed if self.both_parsed else math.nan
+
+    @property
+    def first_position(self) -> float:
+        """Share of decisive verdicts that picked the first answer shown (0.5: no preference)."""
+        return self.first_picks / self.decisive if self.decisive else math.nan
+
+    @property
+    def position_driven(self) -> bool:
+        """Whether the judge followed the answers' positions more often than the answers."""
+        return self.consistency < POSITION_DRIVEN_BELOW  # False when NaN: nothing to judge by
 
     @property
     def judgments(self) -> int:
@@ -79,7 +116,7 @@ def win_rate(
     seed: int = 0,
 ) -> WinRate:
     """Summarise judged pairs; the win rate and interval are NaN when no pair has a score."""
-    wins = ties = losses = unparseable = 0
+    wins = ties = losses = unparseable = both_parsed = consistent = decisive = first_picks = 0
     for result in results:
         for judgment in result.judgments:
             if judgment.outcome is None:
@@ -90,6 +127,14 @@ def win_rate(
                 ties += 1
             else:
                 losses += 1
+            if judgment.verdict in ("A", "B"):
+                decisive += 1
+                first_picks += judgment.verdict == "A"
+        outcomes = [judgment.outcome for judgment in result.judgments]
+        if None not in outcomes:
+            both_parsed += 1
+            # The same outcome for the model in both orders: the verdict moved with the answers.
+            consistent += outcomes[0] == outcomes[1]
     scores = [score for score in (result.score for result in results) if score is not None]
     low, high = bootstrap_interval(scores, resamples=resamples, confidence=confidence, seed=seed)
     return WinRate(
@@ -101,4 +146,8 @@ def win_rate(
         win_rate=float(np.mean(scores)) if scores else math.nan,
         ci_low=low,
         ci_high=high,
+        both_parsed=both_parsed,
+        consistent=consistent,
+        decisive=decisive,
+        first_picks=first_picks,
     )

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from bdctl.errors import UserError
+from bdctl.errors import UserError, decode_utf8
 from bdctl.recipe.schema import Recipe
 
 __all__ = ["Recipe", "load_recipe", "find_recipe", "recipe_dirs", "dump_recipe"]
@@ -48,7 +48,7 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> tuple[
     """Load, override and validate a recipe; returns it with the file it came from."""
     path = find_recipe(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(decode_utf8(path.read_bytes(), path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

@@ -218,7 +218,7 @@ class TrainData:
 
 def cache_stage_dir(job: Job, stage: str) -> Path:
     """A finished stage's cache directory, or one line naming the command that makes it."""
-    from bdctl.job import stage_command
+    from bdctl.pipeline import stage_command
 
     directory = job.run.stage(stage)
     if manifest(directory) is None:
@@ -476,8 +476,8 @@ def pretrain_loss(hidden: Tensor, weight: Tensor, blocks: Tensor, ratio: float =
 def prepare(job: Job, log=print) -> None:
     """Launching process: data split, inputs that must exist, vocabulary check, pretraining blocks."""
     from bdctl.data.batching import training_steps
-    from bdctl.engine import check_batch_split
     from bdctl.data.prepare import prepare_data
+    from bdctl.engine import check_batch_split
     from bdctl.models import check_vocabularies, load_tokenizer, max_positions
     from bdctl.selection import check_rouge_selection
 
@@ -540,8 +540,14 @@ def run(job: Job, rank: int, world: int) -> None:
     """Every rank: data, student (and live teacher) engines, train with the shared loop, export the best."""
     from bdctl.data.batching import training_steps
     from bdctl.engine import (
-        deepspeed_config, export_hf, hf_deepspeed_context, make_engine, make_inference_engine, on_gpu,
-        policy_module, resolve_precision,
+        deepspeed_config,
+        export_hf,
+        hf_deepspeed_context,
+        make_engine,
+        make_inference_engine,
+        on_gpu,
+        policy_module,
+        resolve_precision,
     )  # fmt: skip
     from bdctl.models import hidden_size, load_model, load_tokenizer
     from bdctl.selection import Validator

@@ -54,10 +54,20 @@ from typing import Any
 
 from bdctl.answers import prompt_seed, protocol_label, sample_answers
 from bdctl.errors import UserError
-from bdctl.job import Job, plan, require_finished, resolve_weights, save_job, wait_for_job
+from bdctl.job import Job, resolve_weights
 from bdctl.launch import LaunchOptions, dry_run_text, launch
 from bdctl.recipe.schema import EvalSet, EvalStage, ModelSpec
-from bdctl.rundir import MANIFEST, manifest, mark_complete, read_json, write_json_atomic, write_text_atomic
+from bdctl.rundir import (
+    MANIFEST,
+    PREEMPT,
+    manifest,
+    mark_complete,
+    read_json,
+    stage_lock,
+    write_json_atomic,
+    write_text_atomic,
+)
+from bdctl.submit import plan, require_finished, save_job, wait_for_job
 
 STAGE = "eval"
 # Bump when the way a unit's text is produced changes (decoding, seeding): old units turn stale.
@@ -87,7 +97,7 @@ def submit(
 ) -> Job:
     """Plan, check, generate what is missing, write results: `bdctl eval`.
 
-    Not `bdctl.job.submit`, which treats a stage directory as all-or-nothing (a finished one is
+    Not `bdctl.submit.submit`, which treats a stage directory as all-or-nothing (a finished one is
     skipped, an unfinished one wiped): eval keeps its finished units across commands.
     """
     from bdctl.engine import quiet_libraries
@@ -102,6 +112,13 @@ def submit(
         wait_for_job(job, job_file, log)
         launch(job_file, launch_options)
         return job
+    with stage_lock(job.stage_dir):  # one command at a time writes eval/
+        _run_primary(job, job_file, launch_options, force, log)
+    return job
+
+
+def _run_primary(job: Job, job_file: Path, launch_options: LaunchOptions, force: bool, log) -> None:
+    """Node 0's part of `submit`, under the stage's lock."""
     job.info["force"] = force
     prepare(job, log)
     # From here until write_results the directory's results are being replaced.
@@ -117,7 +134,6 @@ def submit(
     else:
         write_results(job)  # nothing to generate: no rank needs to start
     require_finished(job)
-    return job
 
 
 def prepare(job: Job, log: Callable[[str], None] = print) -> None:
@@ -412,10 +428,15 @@ def generate_units(
     world: int,
     seed: int,
     progress=None,
+    stop_file: Path | None = None,
 ) -> None:
     """Generate and score `units` (rank r: its share of every set's batches); rank 0 writes them.
 
-    Every rank must call this with the same units (the gather is collective).
+    Every rank must call this with the same units (the gather is collective). Once `stop_file`
+    exists (the launching process got SIGTERM / SIGUSR1), the rank stops after its current batch
+    with exit code 75: finished units are kept, the unit in progress is generated again by the
+    next command. A rank that stops leaves the others waiting in the gather, where the launcher
+    (torchrun, srun) ends them when it sees the first rank exit.
     """
     import torch
 
@@ -436,14 +457,15 @@ def generate_units(
                 source = Path(weights)
             network = load_model(source, tokenizer, seed).to(device=device, dtype=dtype).eval()
             _generate_model_units(eval_dir, info, [u for u in mine if u["weights"] == weights], network, tokenizer,
-                                  sampling, rank, world, progress)  # fmt: skip
+                                  sampling, rank, world, progress, stop_file)  # fmt: skip
             del network
 
 
-def _generate_model_units(eval_dir, info, mine, network, tokenizer, sampling, rank, world, progress) -> None:
+def _generate_model_units(eval_dir, info, mine, network, tokenizer, sampling, rank, world, progress, stop_file) -> None:
     """The units of one loaded model (its protocols, sets and seeds); rank 0 writes each."""
     from bdctl.metrics import rouge_l
     from bdctl.sampling import length_grouped_batches
+    from bdctl.training import Preempted
 
     settings = info["settings"]
     model = next(m for m in info["models"] if m["name"] == mine[0]["model"])
@@ -473,6 +495,11 @@ def _generate_model_units(eval_dir, info, mine, network, tokenizer, sampling, ra
                     )  # fmt: skip
                 if progress is not None:
                     progress.update(len(batch), unit=f"{model['ref']} {unit['protocol']} {unit['set']} seed {unit['seed']}")
+                if stop_file is not None and stop_file.exists():
+                    raise Preempted(
+                        f"preempted during {model['ref']} on {unit['set']} ({unit['protocol']}, seed {unit['seed']}); "
+                        "finished results are kept: run the same command again to continue"
+                    )
             records = _gather(records, rank, world)
             if rank == 0:
                 ordered = [record for _, record in sorted(records, key=lambda pair: pair[0])]  # set order
@@ -522,7 +549,7 @@ def run(job: Job, rank: int, world: int) -> None:
     sizes = {s["name"]: s["examples"] for s in info["sets"]}
     mine = sum(_share(sizes[u["set"]], batch_size, 0, world) for u in todo)
     with StepProgress("eval", mine, enabled=rank == 0) as progress:
-        generate_units(job.stage_dir, info, todo, rank, world, job.recipe.seed, progress)
+        generate_units(job.stage_dir, info, todo, rank, world, job.recipe.seed, progress, job.stage_dir / PREEMPT)
     if world > 1:
         dist.barrier()
     if rank == 0:

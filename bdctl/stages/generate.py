@@ -41,7 +41,7 @@ from pathlib import Path
 from bdctl.errors import UserError
 from bdctl.job import Job, resolve_weights
 from bdctl.recipe.schema import GenerateStage, ModelSpec
-from bdctl.rundir import manifest, read_json
+from bdctl.rundir import PREEMPT, manifest, read_json
 
 SPLITS = ("train", "valid", "test")
 log = logging.getLogger("bdctl.generate")
@@ -110,7 +110,7 @@ def prepare(job: Job, log=print) -> None:
 
 def resumable(job: Job) -> str | None:
     """Launching process, on a rerun: say what an unfinished run left to continue from, or None
-    to start over. Called by `bdctl.job.submit` (not with --force) after `prepare`."""
+    to start over. Called by `bdctl.submit.submit` (not with --force) after `prepare`."""
     from bdctl.cache import visible_shards, written_keys
 
     cache_dir = job.stage_dir / "cache"
@@ -306,7 +306,7 @@ def run(job: Job, rank: int, world: int) -> None:
                 event="batch", rows=len(batch), tokens=tokens_out, seconds=round(seconds, 4),
                 tokens_per_s=round(rate, 1),
             )  # fmt: skip
-            if (out / "PREEMPT").exists():  # the launching process got SIGTERM / SIGUSR1
+            if (out / PREEMPT).exists():  # the launching process got SIGTERM / SIGUSR1
                 raise Preempted(f"preempted after {number + 1} batches; run the same command again to continue")
     log.info("rank %d: %d batches, %d tokens in %.1f s", rank, len(pending), generated, time.perf_counter() - started)
     dist.barrier()  # every shard is written

@@ -7,7 +7,8 @@ pair is judged in both orders (`bdctl.judges.judge_pairs`), a win counts 1, a ti
     judge/
       verdicts.jsonl                          every verdict, keyed by all that decides it (append-only)
       judgments/<candidate>_vs_<baseline>.jsonl   per prompt: both orders' verdicts and the score
-      results.json table.md table.csv         wins / ties / losses / unparseable, win rate, 95% CI
+      results.json table.md table.csv         wins / ties / losses / unparseable, win rate, 95% CI,
+                                              the judge's position consistency and first-position share
       win_rates.png                            the chart (after the paper's Figure 2)
       MANIFEST.json                           written last
 
@@ -21,29 +22,42 @@ scoring short prompts, the openai backend waits on the network. Generating missi
 runs in this process (one model copy, the same batches as any world size: the same texts).
 
 Reruns. Verdicts are never recomputed: the cache makes a rerun free, and an interrupted or failed
-run (an unreachable endpoint) keeps every verdict it finished. `--force` discards the cache.
+run (an unreachable endpoint) keeps every verdict it finished. `--force` discards the cache. The
+results (judgments/, results.json, tables, chart, manifest) are removed when a command starts and
+written only when it succeeds, so a failed command never leaves an earlier run's win rates looking
+current.
+
+Trust. A reply that is not A, B or Tie is asked again and never cached (`bdctl.judges`); more
+than stages.judge.max_unparsed of a baseline's judgments left unparsed fails the stage. A judge
+whose verdicts follow the answers' positions rather than the answers is flagged beside its win
+rates (`bdctl.judges.stats`): its 50 % is position noise, not a tie.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shlex
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from bdctl.errors import UserError
-from bdctl.job import Job, plan, require_finished, save_job
+from bdctl.job import Job
 from bdctl.launch import LaunchOptions
 from bdctl.recipe.schema import JudgeStage
-from bdctl.rundir import MANIFEST, mark_complete, write_json_atomic, write_text_atomic
+from bdctl.rundir import MANIFEST, mark_complete, stage_lock, write_json_atomic, write_text_atomic
 from bdctl.stages import evaluate
+from bdctl.submit import plan, require_finished, save_job
 
 STAGE = "judge"
 VERDICTS_FILE = "verdicts.jsonl"
+# What a finished command leaves besides the cache: all of it describes one command's verdicts.
+RESULTS = ("judgments", "results.json", "table.md", "table.csv", "win_rates.png", MANIFEST)
 
 
 def stage_dir(options: dict) -> str:
@@ -66,7 +80,7 @@ def submit(
 ) -> Job | None:
     """Check, generate missing answers, judge, write results: `bdctl judge` (one process).
 
-    Not `bdctl.job.submit`: that would wipe an unfinished stage directory, and with it the
+    Not `bdctl.submit.submit`: that would wipe an unfinished stage directory, and with it the
     verdicts an interrupted run finished.
     """
     single = LaunchOptions()
@@ -76,15 +90,30 @@ def submit(
         # and the verdict cache takes one writer.
         log("judge: runs on SLURM task 0 only; nothing to do on this task")
         return None
-    job.info["overrides"] = list(overrides)  # for the eval command an error may suggest
-    prepare(job, log)
-    (job.stage_dir / MANIFEST).unlink(missing_ok=True)
-    if force:
-        (job.stage_dir / VERDICTS_FILE).unlink(missing_ok=True)
-    save_job(job, job.stage_dir / "job.json")
-    run(job, 0, 1, log)
-    require_finished(job)
+    with contextlib.ExitStack() as locks:
+        locks.enter_context(stage_lock(job.stage_dir))  # one command at a time writes judge/
+        job.info["overrides"] = list(overrides)  # for the eval command an error may suggest
+        prepare(job, log)
+        if job.info["missing"]:
+            locks.enter_context(stage_lock(job.run.stage(evaluate.STAGE)))  # missing answers go into eval/
+        discard_results(job.stage_dir)
+        if force:
+            (job.stage_dir / VERDICTS_FILE).unlink(missing_ok=True)
+        save_job(job, job.stage_dir / "job.json")
+        run(job, 0, 1, log)
+        require_finished(job)
     return job
+
+
+def discard_results(out: Path) -> None:
+    """From here until write_results the directory holds no results: a command that fails leaves
+    none, rather than an earlier command's (another endpoint's, another judge's) looking current."""
+    for name in RESULTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def prepare(job: Job, log: Callable[[str], None] = print) -> None:
@@ -241,7 +270,6 @@ class _VerdictProgress:
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             console=Console(stderr=True),
         )  # fmt: skip
-        self.new = 0
 
     def __enter__(self) -> _VerdictProgress:
         self.progress.__enter__()
@@ -254,7 +282,6 @@ class _VerdictProgress:
         task = self.progress.add_task(description, total=None)
 
         def on_verdict(done: int, total: int) -> None:
-            self.new += 1
             self.progress.update(task, total=total, completed=done)
 
         return on_verdict
@@ -285,15 +312,38 @@ def run(job: Job, rank: int, world: int, log: Callable[[str], None] = print) -> 
     names = {u["ref"]: u["model"] for u in info["units"]}
     candidate = info["candidate"]
     backend = _openai_judge(config) if info["judge"]["backend"] == "openai" else _LazyHFJudge(info["judge"], config)
-    records, started = {}, time.time()
+    records, judged, started = {}, {}, time.time()
     with VerdictCache(out / VERDICTS_FILE) as cache, _VerdictProgress() as progress:
+        cached = len(cache)
         for baseline in info["baselines"]:
             mine, theirs = answers[candidate], answers[baseline]
             pairs = [Pair(str(e["id"]), e["instruction"], e["input"], mine[e["id"]], theirs[e["id"]]) for e in examples]
-            results = judge_pairs(backend, pairs, cache, on_verdict=progress.callback(f"judge vs {baseline}"))
-            records[baseline] = win_rate(results, seed=job.recipe.seed)
-            _write_judgments(out / "judgments" / f"{names[candidate]}_vs_{names[baseline]}.jsonl", results)
-    write_results(job, records, dict(backend.identity), new_verdicts=progress.new, seconds=time.time() - started)
+            judged[baseline] = judge_pairs(backend, pairs, cache, on_verdict=progress.callback(f"judge vs {baseline}"))
+            records[baseline] = win_rate(judged[baseline], seed=job.recipe.seed)
+        new_verdicts = len(cache) - cached
+    check_unparsed(config, judged, records)
+    for baseline, results in judged.items():
+        _write_judgments(out / "judgments" / f"{names[candidate]}_vs_{names[baseline]}.jsonl", results)
+    write_results(job, records, dict(backend.identity), new_verdicts=new_verdicts, seconds=time.time() - started)
+
+
+def check_unparsed(config: JudgeStage, judged: Mapping[str, Sequence], records: Mapping) -> None:
+    """Fail when too many of a baseline's judgments stayed unreadable: a win rate over the few
+    that parsed would stand for a judge that mostly did not answer."""
+    from bdctl.judges import PARSE_TRIES
+
+    for baseline, record in records.items():
+        total = 2 * len(judged[baseline])
+        if total and record.unparseable > config.max_unparsed * total:
+            example = next(j.raw for r in judged[baseline] for j in r.judgments if j.verdict is None)
+            example = " ".join(example.split())
+            example = example[:60] + ("..." if len(example) > 60 else "")
+            raise UserError(
+                f"judge: {record.unparseable} of {total} judgments against {baseline} "
+                f"({100 * record.unparseable / total:.1f}%) were not A, B or Tie after {PARSE_TRIES} tries "
+                f"(e.g. {example!r}); stages.judge.max_unparsed allows {100 * config.max_unparsed:g}%: fix the judge "
+                "(endpoint, model) and run the command again (the verdicts that parsed are kept)"
+            )
 
 
 def _write_judgments(path: Path, results: Sequence) -> None:
@@ -308,19 +358,44 @@ def _number(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}"
+
+
 def results_table(results: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    """One row per baseline: counts per judgment (two per prompt), win rate and 95% CI in %."""
-    headers = ["baseline", "wins", "ties", "losses", "unparsed", "pairs", "win %", "95% CI"]
+    """One row per baseline: counts per judgment (two per prompt), win rate and 95% CI in %, and
+    beside them how far the judge followed the answers rather than their positions."""
+    headers = ["baseline", "wins", "ties", "losses", "unparsed", "pairs", "win %", "95% CI", "consistent %",
+               "first pos. %", "position-driven"]  # fmt: skip
     rows = []
     for baseline, r in results["baselines"].items():
-        rate = "n/a" if r["win_rate"] is None else f"{100 * r['win_rate']:.1f}"
         ci = "n/a" if r["ci_low"] is None else f"[{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"
-        rows.append([baseline, r["wins"], r["ties"], r["losses"], r["unparseable"], r["pairs"], rate, ci])
+        driven = "n/a" if r["consistency"] is None else ("YES" if r["position_driven"] else "no")
+        rows.append([baseline, r["wins"], r["ties"], r["losses"], r["unparseable"], r["pairs"], _percent(r["win_rate"]),
+                     ci, _percent(r["consistency"]), _percent(r["first_position"]), driven])  # fmt: skip
     return headers, rows
+
+
+def position_warning(results: dict[str, Any]) -> str | None:
+    """One line naming the baselines against which the judge was position-driven, or None."""
+    driven = {name: r for name, r in results["baselines"].items() if r["position_driven"]}
+    if not driven:
+        return None
+    which = ", ".join(
+        f"{name} ({_percent(r['consistency'])}% consistent, first answer picked in {_percent(r['first_position'])}% "
+        "of decisive verdicts)"
+        for name, r in driven.items()
+    )
+    return (
+        f"position-driven judge: against {which}, the verdicts followed the answers' positions more often than the "
+        f"answers (consistency below {100 * results['position_driven_below']:.0f}%): those win rates measure answer "
+        "order, not quality; use a stronger judge"
+    )
 
 
 def write_results(job: Job, records: dict, identity: dict, new_verdicts: int, seconds: float) -> dict[str, Any]:
     from bdctl.judges.figure import win_rate_chart
+    from bdctl.judges.stats import POSITION_DRIVEN_BELOW
     from bdctl.tables import csv_table, markdown_table
 
     info, out, config = job.info, job.stage_dir, stage_config(job)
@@ -330,18 +405,25 @@ def write_results(job: Job, records: dict, identity: dict, new_verdicts: int, se
         "protocol": info.get("protocol"),
         "seed": config.seed,
         "judge": identity,
+        "position_driven_below": POSITION_DRIVEN_BELOW,
         "baselines": {
             name: {"wins": r.wins, "ties": r.ties, "losses": r.losses, "unparseable": r.unparseable,
                    "pairs": r.pairs, "judgments": r.judgments, "win_rate": _number(r.win_rate),
-                   "ci_low": _number(r.ci_low), "ci_high": _number(r.ci_high)}
+                   "ci_low": _number(r.ci_low), "ci_high": _number(r.ci_high),
+                   "consistency": _number(r.consistency), "consistent_pairs": r.consistent,
+                   "both_orders_parsed": r.both_parsed, "first_position": _number(r.first_position),
+                   "position_driven": r.position_driven}
             for name, r in records.items()
         },  # fmt: skip
         "verdicts": {"new": new_verdicts, "seconds": round(seconds, 3)},
     }
     write_json_atomic(out / "results.json", results)
     headers, rows = results_table(results)
-    write_text_atomic(out / "table.md", markdown_table(headers, rows))
-    csv_headers = ["baseline", "wins", "ties", "losses", "unparseable", "pairs", "win_rate", "ci_low", "ci_high"]
+    warning = position_warning(results)  # under the table, so that the report shows it too
+    note = f"\n**Warning:** {warning}\n" if warning else ""
+    write_text_atomic(out / "table.md", markdown_table(headers, rows) + note)
+    csv_headers = ["baseline", "wins", "ties", "losses", "unparseable", "pairs", "win_rate", "ci_low", "ci_high",
+                   "consistency", "first_position", "position_driven"]  # fmt: skip
     csv_rows = [[name] + [r[key] for key in csv_headers[1:]] for name, r in results["baselines"].items()]
     write_text_atomic(out / "table.csv", csv_table(csv_headers, csv_rows))
     # The chart is drawn to a temporary name and renamed, like every other output.

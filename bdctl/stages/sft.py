@@ -68,7 +68,12 @@ def run(job: Job, rank: int, world: int) -> None:
     from bdctl.data.batching import IGNORE, collate, tokenize_examples, training_steps
     from bdctl.data.prepare import read_split
     from bdctl.engine import (
-        deepspeed_config, export_hf, hf_deepspeed_context, make_engine, on_gpu, policy_module,
+        deepspeed_config,
+        export_hf,
+        hf_deepspeed_context,
+        make_engine,
+        on_gpu,
+        policy_module,
         resolve_precision,
     )  # fmt: skip
     from bdctl.models import hidden_size, load_model, load_tokenizer

@@ -311,7 +311,7 @@ def test_seqkd_on_dstar(prepared, tmp_path):
 def submit_error(recipe, method, *overrides) -> str:
     """The one-line error of a job that fails before launching (in-process: no interpreter start-up)."""
     from bdctl.errors import UserError
-    from bdctl.job import submit
+    from bdctl.submit import submit
     from bdctl.launch import LaunchOptions
 
     with pytest.raises(UserError) as caught:
@@ -320,6 +320,7 @@ def submit_error(recipe, method, *overrides) -> str:
     return str(caught.value)
 
 
+@pytest.mark.slow  # runs `bdctl distill` in a subprocess
 def test_p_and_alpha_out_of_range(tmp_path, monkeypatch):
     result = run_cli("distill", "smoke", "--method", "bd", "--set", "stages.distill.p=1.5", cwd=tmp_path)
     assert_user_error(result, "stages.distill.p: input should be less than or equal to 1, got 1.5")
@@ -330,6 +331,7 @@ def test_p_and_alpha_out_of_range(tmp_path, monkeypatch):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow  # runs `bdctl distill` in a subprocess
 def test_missing_inputs_name_the_command_to_run(tmp_path, monkeypatch):
     recipe = str(write_recipe(tmp_path / "smoke.yaml", **DISTILL))
     result = run_cli("distill", recipe, "--method", "bd", cwd=tmp_path)

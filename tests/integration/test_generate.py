@@ -22,6 +22,8 @@ import pytest
 
 from tests.conftest import RECIPES, assert_user_error, run_cli
 
+pytestmark = pytest.mark.slow  # every test runs `bdctl generate` (DeepSpeed ranks) in a subprocess
+
 SMOKE = str(RECIPES / "smoke.yaml")
 N_SAMPLES = 2
 MAX_NEW = 24
@@ -84,7 +86,6 @@ def reference(teacher_run, tmp_path_factory) -> Path:
 # --------------------------------------------------------------------------- outputs
 
 
-@pytest.mark.slow
 def test_generate_writes_dstar_cache_and_report(reference):
     from bdctl.cache import TeacherCache
     from bdctl.models import load_tokenizer, tokenizer_hash
@@ -144,7 +145,6 @@ def test_generate_writes_dstar_cache_and_report(reference):
     assert done["sequences"] == len(dstar) and done["report"]["png"] == "sparsity.png"
 
 
-@pytest.mark.slow
 def test_cache_equals_top_p_sets_of_a_fresh_teacher_forward(reference):
     """End to end from the files: for generated sequences, the cached set at every position is
     the top-p set of a fresh (no KV cache, unbatched) forward over prompt + response."""
@@ -197,7 +197,6 @@ def test_cache_equals_top_p_sets_of_a_fresh_teacher_forward(reference):
     assert min(sizes) < 8 and max(sizes) == k  # small sets and sets cut by the cap both occur
 
 
-@pytest.mark.slow
 def test_a_cache_from_another_tokenizer_or_p_is_refused(reference):
     """What distillation calls before using a cache: one clear line on a mismatch."""
     from bdctl.cache import check
@@ -215,7 +214,6 @@ def test_a_cache_from_another_tokenizer_or_p_is_refused(reference):
 # --------------------------------------------------------------------------- ranks, resume
 
 
-@pytest.mark.slow
 def test_two_ranks_and_a_zero3_teacher_give_the_same_dstar_and_cache(teacher_run, tmp_path):
     """One rank, two data-parallel ranks, and a teacher partitioned over two ranks (ZeRO-3
     inference) produce the same samples and sets: the batches and the seeds do not depend on the
@@ -269,7 +267,6 @@ def start(cwd: Path, *args: str) -> subprocess.Popen:
     )  # fmt: skip
 
 
-@pytest.mark.slow
 def test_sigkill_midway_then_resume_equals_an_uninterrupted_run(reference, teacher_run, tmp_path):
     from bdctl.cache import visible_shards
 
@@ -296,10 +293,36 @@ def test_sigkill_midway_then_resume_equals_an_uninterrupted_run(reference, teach
     assert [m["already_done"] for m in starts if m["event"] == "start"][-1] >= 6 * 16
 
 
+@pytest.mark.slow
+def test_sigterm_stops_with_75_and_a_message_then_resumes(reference, teacher_run, tmp_path):
+    """One rank runs in the bdctl process itself: SIGTERM must not kill it outright (-15, no word)."""
+    from bdctl.cache import visible_shards
+
+    fresh(teacher_run, tmp_path)
+    stage = tmp_path / "runs/smoke/generate"
+    process = start(tmp_path)
+    deadline = time.time() + 120
+    while len(visible_shards(stage / "cache")) < 2:
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, "no shards appeared in time"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)  # as a scheduler would
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 75, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: preempted after ") and "run the same command again" in lines[-1], lines[-3:]
+    assert "Traceback" not in stderr and not (stage / "MANIFEST.json").exists()
+
+    result = generate(tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming runs/smoke/generate: " in result.stderr
+    assert cache_contents(stage) == cache_contents(reference)
+    assert not (stage / "PREEMPT").exists()
+
+
 # --------------------------------------------------------------------------- scoring
 
 
-@pytest.mark.slow
 def test_score_train_caches_the_golden_responses(teacher_run, tmp_path):
     from bdctl.cache import TeacherCache
     from bdctl.data.batching import tokenize_examples
@@ -329,7 +352,6 @@ def test_help_shows_an_example(tmp_path):
     assert result.returncode == 0 and "bdctl generate recipes/smoke.yaml" in result.stdout and "--score" in result.stdout
 
 
-@pytest.mark.slow
 def test_unfinished_teacher(teacher_run, tmp_path):
     run = fresh(teacher_run, tmp_path)
     (run / "teacher_sft/MANIFEST.json").unlink()
@@ -340,7 +362,6 @@ def test_unfinished_teacher(teacher_run, tmp_path):
     assert not (tmp_path / "runs/smoke/generate").exists()
 
 
-@pytest.mark.slow
 def test_bad_input(teacher_run, tmp_path):
     from bdctl.models import build_tiny_model, train_tokenizer
     from bdctl.recipe.schema import TinyModel, TokenizerTraining
@@ -366,7 +387,6 @@ def test_bad_input(teacher_run, tmp_path):
     assert not (run / "generate").exists()
 
 
-@pytest.mark.slow
 def test_an_unfinished_run_with_other_settings_is_not_continued(reference, teacher_run, tmp_path):
     run = fresh(teacher_run, tmp_path)
     shutil.copytree(reference, run / "generate")

@@ -12,6 +12,8 @@ import pytest
 from bdctl.engine import free_port
 from tests.conftest import RECIPES
 
+pytestmark = pytest.mark.slow  # every test starts two launchers (torchrun / SLURM-style ranks) in subprocesses
+
 SMOKE = str(RECIPES / "smoke.yaml")
 SHORT = ["--set", "stages.student_sft.max_steps=3"]
 
@@ -45,7 +47,6 @@ def assert_two_rank_run(cwd, results) -> None:
     assert len(list(checkpoint.glob("zero_pp_rank_*_model_states.pt"))) == 2
 
 
-@pytest.mark.slow
 def test_two_hand_started_nodes(tmp_path):
     port = str(free_port())
     node = ["sft", SMOKE, "--model", "student", "--nnodes", "2", "--master-port", port, *SHORT]
@@ -54,7 +55,6 @@ def test_two_hand_started_nodes(tmp_path):
     assert_two_rank_run(tmp_path, results)
 
 
-@pytest.mark.slow
 def test_slurm_tasks(tmp_path):
     """What `srun --ntasks 2 bdctl sft ...` gives each task: its rank comes from SLURM's environment."""
     slurm = dict(SLURM_STEP_ID="0", SLURM_NTASKS="2", SLURM_JOB_NODELIST="127.0.0.1", SLURM_JOB_ID="1", MASTER_PORT=str(free_port()))
@@ -64,7 +64,6 @@ def test_slurm_tasks(tmp_path):
     assert_two_rank_run(tmp_path, results)
 
 
-@pytest.mark.slow
 def test_distill_on_two_hand_started_nodes(tmp_path):
     quick = ["--set", "stages.teacher_sft.max_steps=2", "--set", "stages.student_sft.max_steps=2",
              "--set", "stages.generate.n_samples=1", "--set", "stages.generate.max_new_tokens=8"]  # fmt: skip

@@ -13,10 +13,11 @@ import pytest
 
 from tests.conftest import RECIPES, run_cli
 
+pytestmark = pytest.mark.slow  # every test runs `bdctl reproduce` in a subprocess
+
 SMOKE = str(RECIPES / "smoke.yaml")
 
 
-@pytest.mark.slow
 def test_reproduce_smoke_interrupted_after_generate(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     process = subprocess.Popen(

@@ -13,6 +13,8 @@ import pytest
 
 from tests.conftest import RECIPES, assert_user_error, run_cli
 
+pytestmark = pytest.mark.slow  # every test runs `bdctl sft` (DeepSpeed, one or two ranks) in a subprocess
+
 SMOKE = str(RECIPES / "smoke.yaml")
 # 2 epochs of the smoke student = 42 steps; stop at 36 to keep it short
 STEPS = 36
@@ -61,7 +63,6 @@ def reference(tmp_path_factory):
     return losses
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("nproc", ["1", "2"])
 def test_sigkill_then_resume_gives_the_same_losses(nproc, reference, tmp_path):
     process = start(tmp_path, nproc)
@@ -81,7 +82,6 @@ def test_sigkill_then_resume_gives_the_same_losses(nproc, reference, tmp_path):
     assert (tmp_path / "runs/smoke/student_sft/MANIFEST.json").is_file()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("nproc", ["1", "2"])
 def test_sigterm_checkpoints_exits_75_and_resumes(nproc, reference, tmp_path):
     process = start(tmp_path, nproc)
@@ -92,11 +92,17 @@ def test_sigterm_checkpoints_exits_75_and_resumes(nproc, reference, tmp_path):
     assert "preempted at step" in stderr and "Traceback" not in stderr
     stage = tmp_path / "runs/smoke/student_sft"
     assert not (stage / "MANIFEST.json").exists()
+    # The best weights so far are kept, but as a candidate: nothing in best/ claims to be complete.
+    assert (stage / "best/config.json").is_file() and (stage / "best/selected.json").is_file()
+    assert not (stage / "best/MANIFEST.json").exists()
     reasons = [json.loads((p / "MANIFEST.json").read_text())["reason"] for p in (stage / "checkpoints").iterdir() if (p / "MANIFEST.json").is_file()]
     assert "preempted" in reasons or len(reasons) >= 1
     result = run_cli("sft", SMOKE, "--model", "student", "--nproc", nproc, *SETTINGS, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert train_losses(tmp_path) == pytest.approx(reference[nproc], rel=1e-6, abs=1e-7)
+    export = json.loads((stage / "export/MANIFEST.json").read_text())
+    assert export["complete"] and export["step"] == json.loads((stage / "MANIFEST.json").read_text())["best_step"]
+    assert not (stage / "best").exists() and not (stage / "export/selected.json").exists()
 
 
 def test_resume_refuses_another_recipe_or_world_size(reference, tmp_path):
@@ -110,7 +116,6 @@ def test_resume_refuses_another_recipe_or_world_size(reference, tmp_path):
     assert_user_error(two, "written by 1 ranks; resume with the same number of ranks (now 2)")
 
 
-@pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     blowup = ["--set", "stages.student_sft.lr=1e6", "--set", "stages.student_sft.checkpoint_every=1", "--set", "stages.student_sft.grad_clip=0"]
     result = run_cli("sft", SMOKE, "--model", "student", *blowup, cwd=tmp_path)
@@ -120,12 +125,13 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     bad_step = int(result.stderr.split("non-finite loss at step ")[1].split(";")[0])
     kept = [json.loads((p / "MANIFEST.json").read_text())["step"] for p in (stage / "checkpoints").iterdir() if (p / "MANIFEST.json").is_file()]
     assert kept and max(kept) == bad_step - 1  # the checkpoint before the bad step, untouched
+    assert not (tmp_path / "runs/smoke/recipe.yaml").exists()  # the run's recipe is that of a finished command
     skipping = run_cli("sft", SMOKE, "--model", "student", "--force", *blowup, "--set", "stages.student_sft.on_nonfinite=skip", cwd=tmp_path)
     assert skipping.returncode == 0, skipping.stderr[-3000:]
     assert json.loads((stage / "MANIFEST.json").read_text())["skipped_steps"] > 0
+    assert "on_nonfinite: skip" in (tmp_path / "runs/smoke/recipe.yaml").read_text()
 
 
-@pytest.mark.slow
 def test_a_dead_rank_brings_the_job_down(tmp_path):
     """SIGKILL one rank mid-run: the job ends promptly with an error, it does not hang."""
     import psutil

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
 from tests.conftest import RECIPES, assert_user_error, run_cli, write_recipe
+
+pytestmark = pytest.mark.slow  # every test runs `bdctl` in a subprocess
 
 SMOKE = str(RECIPES / "smoke.yaml")
 
@@ -32,7 +33,6 @@ def assert_loadable_export(export, tokenizer_dir):
     return model
 
 
-@pytest.mark.slow
 def test_teacher_sft_one_rank(tmp_path):
     result = run_cli("sft", SMOKE, "--model", "teacher", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -54,7 +54,6 @@ def test_teacher_sft_one_rank(tmp_path):
     assert again.returncode == 0 and "already complete" in again.stderr
 
 
-@pytest.mark.slow
 def test_student_sft_two_ranks(tmp_path):
     result = run_cli("sft", SMOKE, "--model", "student", "--nproc", "2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -66,7 +65,6 @@ def test_student_sft_two_ranks(tmp_path):
     assert_loadable_export(stage / "export", tmp_path / "runs/smoke/tokenizer")
 
 
-@pytest.mark.slow
 def test_world_size_does_not_change_the_result(tmp_path):
     """The global batch and its token-mean loss do not depend on how it is cut across ranks."""
     losses = {}
@@ -80,7 +78,6 @@ def test_world_size_does_not_change_the_result(tmp_path):
     assert losses["1"] == pytest.approx(losses["2"], rel=1e-4)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["opt", "qwen2"])
 def test_sft_other_architectures(arch, tmp_path):
     result = run_cli(
@@ -92,10 +89,10 @@ def test_sft_other_architectures(arch, tmp_path):
     assert model.config.model_type == arch
 
 
-def test_help_is_instant_and_shows_examples(tmp_path):
-    start = time.perf_counter()
+def test_help_shows_examples(tmp_path):
+    # That `bdctl --help` stays instant (imports no torch, deepspeed or transformers) is checked
+    # through sys.modules by tests/unit/test_cli_imports.py, not with a wall clock here.
     result = run_cli("--help", cwd=tmp_path)
-    assert time.perf_counter() - start < 2.0  # includes interpreter start-up
     assert result.returncode == 0 and "sft" in result.stdout
     sft_help = run_cli("sft", "--help", cwd=tmp_path)
     assert "bdctl sft recipes/smoke.yaml --model teacher" in sft_help.stdout

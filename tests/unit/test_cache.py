@@ -15,6 +15,7 @@ from bdctl.cache import (
     check,
     collate_candidates,
     finalize,
+    remake_hint,
     visible_shards,
     written_keys,
 )
@@ -160,8 +161,12 @@ def test_damaged_shard_is_refused(tmp_path):
     write_cache(tmp_path)
     path = tmp_path / "w0001-000000.cand_probs.f16"
     path.write_bytes(path.read_bytes()[:-2])
-    with pytest.raises(UserError, match="w0001-000000 is damaged"):
+    with pytest.raises(UserError, match="w0001-000000 is damaged") as damaged:
         TeacherCache(tmp_path)
+    # The hint names a command that repairs it (a plain rerun of a complete stage does nothing).
+    assert str(damaged.value).endswith("make the cache again: bdctl generate RECIPE --force")
+    assert remake_hint(tmp_path / "score_train" / "cache").endswith("bdctl generate RECIPE --score train --force")
+    assert remake_hint(tmp_path / "generate-sharp" / "cache").endswith("bdctl generate RECIPE --variant sharp --force")
 
 
 def test_check_tokenizer_and_p(tmp_path):

@@ -63,6 +63,7 @@ def single_rank_group():
     init_distributed()
 
 
+@pytest.mark.slow  # a real DeepSpeed ZeRO-3 engine in this process
 @pytest.mark.parametrize("arch", ["gpt2", "opt", "qwen2"])
 def test_zero3_step_through_the_policy_module_matches_plain_torch(arch, tiny_tokenizer, single_rank_group):
     """The loss runs on the gathered output embedding (an external ZeRO-3 parameter): its value

@@ -14,6 +14,7 @@ import pytest
 
 from bdctl.errors import UserError
 from bdctl.judges import (
+    PARSE_TRIES,
     JudgeOutput,
     JudgeRequest,
     Pair,
@@ -109,11 +110,16 @@ def test_outcome_for_model() -> None:
     assert [outcome_for_model(v, "model_second") for v in ("A", "B", "Tie", None)] == [0.0, 1.0, 0.5, None]
 
 
+# The three requests whose reply is never a verdict (m6, m7, b7): asked PARSE_TRIES times each.
+UNPARSED = {"m6", "m7", "b7"}
+
+
 def test_scores_average_both_orders(tmp_path: Path) -> None:
     judge = ScriptedJudge(SCRIPT)
     results = judge_pairs(judge, scripted_pairs(), VerdictCache(tmp_path / "v.jsonl"))
     assert [r.score for r in results] == [1.0, 0.5, 0.75, 0.25, 0.0, 0.0, None]
-    assert len(judge.asked) == 14
+    assert len(judge.asked) == 14 + len(UNPARSED) * (PARSE_TRIES - 1)
+    assert [r.answer_a for r in judge.asked[14:]] == ["m6", "m7", "b7"] * (PARSE_TRIES - 1)  # only those again
     # Both orders asked: the model's answer shown first, then the baseline's.
     assert {(r.answer_a, r.answer_b) for r in judge.asked[:2]} == {("m1", "b1"), ("b1", "m1")}
 
@@ -121,6 +127,49 @@ def test_scores_average_both_orders(tmp_path: Path) -> None:
     assert (record.wins, record.ties, record.losses, record.unparseable) == (4, 2, 5, 3)
     assert record.pairs == 6
     assert record.win_rate == pytest.approx((1.0 + 0.5 + 0.75 + 0.25 + 0.0 + 0.0) / 6)
+    # Both orders parsed on p1..p5; the verdicts follow the answers on p1 (win, win) and p5 (loss, loss).
+    assert (record.both_parsed, record.consistent) == (5, 2) and record.consistency == pytest.approx(0.4)
+    # Decisive verdicts: m1 b1 m2 b2 b3 m4 m5 b5 b6, of which m1 m2 b2 b5 b6 say A.
+    assert (record.decisive, record.first_picks) == (9, 5) and record.first_position == pytest.approx(5 / 9)
+    assert record.position_driven
+
+
+def test_unparsed_replies_are_asked_again_until_they_parse(tmp_path: Path) -> None:
+    class Stammering(ScriptedJudge):
+        """Answers "Maybe" to the first `fails[answer shown first]` requests for it, then from the table."""
+
+        def __init__(self, replies: Mapping[str, str], fails: dict[str, int]) -> None:
+            super().__init__(replies)
+            self.fails = fails
+
+        def judge_many(self, requests):
+            for index, request in enumerate(requests):
+                self.asked.append(request)
+                failing = sum(r.answer_a == request.answer_a for r in self.asked) <= self.fails[request.answer_a]
+                raw = "Maybe" if failing else self.replies[request.answer_a]
+                yield index, JudgeOutput(raw=raw, verdict=parse_verdict(raw))
+
+    pairs, path = scripted_pairs()[:1], tmp_path / "v.jsonl"
+    judge = Stammering(SCRIPT, fails={"m1": 1, "b1": PARSE_TRIES})  # m1 parses on its second try, b1 never
+    results = judge_pairs(judge, pairs, VerdictCache(path))
+    assert [r.answer_a for r in judge.asked] == ["m1", "b1"] * 2 + ["b1"] * (PARSE_TRIES - 2)
+    [first, second] = results[0].judgments
+    assert first.verdict == "A" and second.verdict is None and second.raw == "Maybe" and results[0].score == 1.0
+    # Only the verdict is stored: a rerun against a repaired judge asks the other order again.
+    assert len(VerdictCache(path)) == 1
+    repaired = ScriptedJudge(SCRIPT)
+    results = judge_pairs(repaired, pairs, VerdictCache(path))
+    assert [r.answer_a for r in repaired.asked] == ["b1"] and results[0].score == 1.0
+    with pytest.raises(ValueError):
+        judge_pairs(repaired, pairs, VerdictCache(path), parse_tries=0)
+
+
+def test_a_consistent_judge_is_not_position_driven(tmp_path: Path) -> None:
+    pairs = [Pair("p1", "Q?", "", "m1", "b1"), Pair("p5", "Q?", "", "m5", "b5")]
+    record = win_rate(judge_pairs(ScriptedJudge(SCRIPT), pairs, VerdictCache(tmp_path / "v.jsonl")))
+    assert record.consistency == 1.0 and record.first_position == 0.5 and not record.position_driven
+    empty = win_rate([])
+    assert math.isnan(empty.consistency) and math.isnan(empty.first_position) and not empty.position_driven
 
 
 def test_cached_pairs_make_no_backend_call(tmp_path: Path) -> None:
@@ -128,7 +177,8 @@ def test_cached_pairs_make_no_backend_call(tmp_path: Path) -> None:
     first = judge_pairs(ScriptedJudge(SCRIPT), scripted_pairs(), VerdictCache(path))
     judge = ScriptedJudge(SCRIPT)
     assert judge_pairs(judge, scripted_pairs(), VerdictCache(path)) == first
-    assert judge.asked == []
+    # Only what never parsed is asked again: unreadable replies are not cached.
+    assert {r.answer_a for r in judge.asked} == UNPARSED and len(judge.asked) == len(UNPARSED) * PARSE_TRIES
 
 
 def test_identical_requests_are_asked_once(tmp_path: Path) -> None:
@@ -145,7 +195,7 @@ def test_backend_failure_keeps_what_was_finished(tmp_path: Path) -> None:
     assert len(VerdictCache(path)) == 5
     resumed = ScriptedJudge(SCRIPT)
     judge_pairs(resumed, scripted_pairs(), VerdictCache(path))
-    assert len(resumed.asked) == 14 - 5
+    assert len(resumed.asked) == 14 - 5 + len(UNPARSED) * (PARSE_TRIES - 1)
 
 
 # -- statistics -------------------------------------------------------------------------------
@@ -211,14 +261,20 @@ def test_cache_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "deep" / "v.jsonl"
     with VerdictCache(path) as cache:
         keys = fill(cache, 3)
-        cache.put("k-none", IDENTITY, request(9), JudgeOutput(raw="hmm", verdict=None))
+        with pytest.raises(ValueError, match="not a verdict"):
+            cache.put("k-none", IDENTITY, request(9), JudgeOutput(raw="hmm", verdict=None))
     reopened = VerdictCache(path)
-    assert len(reopened) == 4 and reopened.unparseable == 1
+    assert len(reopened) == 3 and reopened.get("k-none") is None
     entry = reopened.get(keys[1])
     assert entry is not None and entry.verdict == "A" and entry.scores == {"A": -0.1}
-    assert reopened.get("k-none") is not None and reopened.get("k-none").raw == "hmm"  # type: ignore[union-attr]
     record = json.loads(path.read_text(encoding="utf-8").splitlines()[0])
     assert record["answer_b"] == "answer b 0 ✓" and record["judge"] == IDENTITY
+
+
+def test_cache_skips_unparsed_replies_older_versions_stored(tmp_path: Path) -> None:
+    path = tmp_path / "v.jsonl"
+    path.write_text(json.dumps({"key": "k", "verdict": None, "raw": "Maybe", "scores": {}}) + "\n", encoding="utf-8")
+    assert VerdictCache(path).get("k") is None  # asked again, not taken for an answer
 
 
 def test_cache_survives_a_torn_last_line(tmp_path: Path) -> None:

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from bdctl.errors import UserError
-from bdctl.judges import Pair, VerdictCache, judge_pairs
+from bdctl.judges import PARSE_TRIES, Pair, VerdictCache, judge_pairs
 from bdctl.judges.openai_backend import OpenAIJudge
+from bdctl.judges.stats import win_rate
 from tests.unit.chat_server import GOOD, ChatServer, Reply, answers_of, closed_port, prefer_good
 
 KEY_ENV = "BDCTL_TEST_JUDGE_KEY"
@@ -86,6 +87,10 @@ def test_a_position_biased_judge_scores_one_half(tmp_path: Path) -> None:
     for result in results:
         assert [j.outcome for j in result.judgments] == [1.0, 0.0]
         assert result.score == 0.5
+    # A precise-looking 50 % that measures position alone, and is flagged as such.
+    record = win_rate(results)
+    assert (record.win_rate, record.ci_low, record.ci_high) == (0.5, 0.5, 0.5)
+    assert record.consistency == 0.0 and record.first_position == 1.0 and record.position_driven
 
 
 def test_rerun_is_served_from_the_cache(server: ChatServer, tmp_path: Path) -> None:
@@ -114,21 +119,27 @@ def test_rate_limit_honours_retry_after(server: ChatServer, tmp_path: Path) -> N
     assert results[0].score == 1.0 and server.count == 3
 
 
-def test_unparseable_reply_is_stored_and_counted(server: ChatServer, tmp_path: Path) -> None:
+def test_unparseable_reply_is_asked_again(server: ChatServer, tmp_path: Path) -> None:
     path = tmp_path / "v.jsonl"
     server.push(Reply(content="Both answers have merit, maybe A or B"))
     results = judge_pairs(make_judge(server.base_url, concurrency=1), PAIRS[:1], VerdictCache(path))
+    assert [j.verdict for j in results[0].judgments] == ["A", "B"] and results[0].score == 1.0
+    assert server.count == 3  # the unreadable reply, the other order, the same request again
+    assert len(VerdictCache(path)) == 2
 
-    first, second = results[0].judgments
-    assert first.verdict is None and first.outcome is None
-    assert first.raw == "Both answers have merit, maybe A or B"
-    assert second.verdict == "B" and results[0].score == 1.0  # scored on the order that parsed
-    assert server.count == 2  # a readable reply with an unreadable verdict is not retried
 
-    reopened = VerdictCache(path)
-    assert len(reopened) == 2 and reopened.unparseable == 1
-    judge_pairs(make_judge(server.base_url), PAIRS[:1], reopened)
-    assert server.count == 2  # kept, not asked again
+def test_a_judge_that_never_answers_is_not_cached(tmp_path: Path) -> None:
+    path = tmp_path / "v.jsonl"
+    with ChatServer(responder=lambda body: Reply(content="Maybe")) as vague:
+        results = judge_pairs(make_judge(vague.base_url), PAIRS, VerdictCache(path))
+        assert vague.count == len(PAIRS) * 2 * PARSE_TRIES
+    assert all(j.verdict is None and j.raw == "Maybe" for r in results for j in r.judgments)
+    assert win_rate(results).unparseable == 2 * len(PAIRS) and len(VerdictCache(path)) == 0
+    # The endpoint is fixed: the rerun asks everything, once.
+    with ChatServer() as fixed:
+        results = judge_pairs(make_judge(fixed.base_url), PAIRS, VerdictCache(path))
+        assert fixed.count == 2 * len(PAIRS)
+    assert scores(results) == {"win": 1.0, "loss": 0.0, "tie": 0.5}
 
 
 def test_malformed_body_is_retried(server: ChatServer, tmp_path: Path) -> None:

@@ -68,6 +68,30 @@ def test_bad_hostfiles_name_the_line(tmp_path, text, message):
     assert str(info.value) == f"{path}{message}" or str(info.value).startswith(f"{path}{message}")
 
 
+def test_a_hostfile_that_is_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "hosts"
+    path.write_bytes(b"a slots=2\nn\xe9ud slots=2\n")
+    with pytest.raises(UserError) as info:
+        read_hostfile(str(path))
+    assert str(info.value) == f"{path}:2: not UTF-8 text (byte 0xe9); save the file as UTF-8"
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"nnodes": 2, "node_rank": 5}, "--node-rank 5: expected a node rank from 0 to 1 (--nnodes 2)"),
+        ({"node_rank": 1}, "--node-rank 1: expected a node rank from 0 to 0 (--nnodes 1)"),
+        ({"master_port": 99999}, "--master-port 99999: expected a port number from 1 to 65535"),
+        ({"master_port": 0}, "--master-port 0: expected a port number from 1 to 65535"),
+    ],
+)
+def test_options_that_cannot_work_are_refused(options, message):
+    with pytest.raises(UserError) as info:
+        LaunchOptions(**options)
+    assert str(info.value) == message
+    LaunchOptions(nnodes=2, node_rank=1, master_port=65535)  # the edges themselves are fine
+
+
 def test_slurm_tasks_are_ranks(monkeypatch):
     for name, value in SLURM.items():
         monkeypatch.setenv(name, value)
@@ -87,6 +111,7 @@ def test_first_host_of_a_nodelist(nodelist, host):
     assert first_host(nodelist) == host
 
 
+@pytest.mark.slow  # runs `bdctl sft --dry-run` in a subprocess
 def test_dry_run_through_the_cli(tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("worker-0 slots=2\nworker-1 slots=2\n")

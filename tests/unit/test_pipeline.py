@@ -7,6 +7,7 @@ import pytest
 from bdctl.models import build_tiny_model, count_parameters as built_parameters
 from bdctl.pipeline import count_parameters, inference_gib, model_config, stages, training_gib_per_gpu
 from bdctl.recipe import load_recipe
+from bdctl.recipe.schema import ModelSpec
 from tests.conftest import run_cli, write_recipe
 
 
@@ -23,13 +24,17 @@ def test_stage_order_and_dependencies():
     assert "distill/minillm" in recipe.stages.eval.models and "distill/minillm" in recipe.stages.judge.baselines
 
 
-def test_ablations_are_named_bd_runs_with_one_setting_changed(tmp_path):
+def test_ablations_are_named_bd_runs_with_one_setting_changed():
     recipe, _ = load_recipe("smoke", ["stages.distill.ablations={p: [1.0, 0.5], chi2: [false], variant: [released]}"])
     runs = recipe.stages.distill.ablations.runs()
     assert runs == {"bd-p1.0": {"p": 1.0}, "bd-p0.5": {"p": 0.5}, "bd-chi2-off": {"chi2": False}, "bd-released": {"variant": "released"}}
     plan = {s.directory: s for s in stages(recipe)}
     assert plan["distill/bd-p0.5"].command == "bdctl distill RECIPE --ablation bd-p0.5"
     assert set(plan["distill/bd-chi2-off"].needs) == {"generate", "student_sft"}
+
+
+@pytest.mark.slow  # runs `bdctl distill --dry-run` in a subprocess
+def test_the_cli_runs_an_ablation_into_its_own_directory(tmp_path):
     # the CLI runs an ablation as BD with that one setting changed, into its own directory
     shown = run_cli(
         "distill", "smoke", "--ablation", "bd-chi2-off", "--dry-run",
@@ -63,6 +68,10 @@ def test_study_ablations_name_their_settings_and_their_dstar(tmp_path):
     assert plan["generate-nucleus"].command == "bdctl generate RECIPE --variant nucleus"
     assert set(plan["distill/bd-nucleus-drop"].needs) == {"generate-nucleus", "student_sft"}
     assert set(plan["distill/bd-outside-drop"].needs) == {"generate", "student_sft"}
+
+
+@pytest.mark.slow  # runs `bdctl distill --dry-run` in a subprocess
+def test_the_cli_runs_a_combined_ablation_alone(tmp_path):
     shown = run_cli(
         "distill", "smoke", "--ablation", "bd-nucleus-drop", "--dry-run",
         "--set", "stages.generate.variants={nucleus: {top_p: 0.8}}",
@@ -88,6 +97,8 @@ def test_zero_memory_arithmetic():
 
 
 def test_parameter_counts_from_tiny_specs_and_local_directories(tiny_tokenizer, tmp_path):
+    from transformers import GPT2Config
+
     recipe, _ = load_recipe("smoke", ["models.tokenizer.train.vocab_size=400"])
     spec = recipe.models.teacher
     built = build_tiny_model(spec.tiny, tiny_tokenizer, seed=0)  # the fixture's tokenizer has 400 tokens
@@ -95,10 +106,17 @@ def test_parameter_counts_from_tiny_specs_and_local_directories(tiny_tokenizer, 
     built.save_pretrained(tmp_path / "teacher")
     local, _ = load_recipe(str(write_recipe(tmp_path / "r.yaml", models__teacher={"path": str(tmp_path / "teacher")})))
     assert count_parameters(model_config(local.models.teacher, local)) == built_parameters(built)
+    # A hub id is read from the local cache only, never the network: one that is not there has no config.
     hub, _ = load_recipe("gpt2-1.5b-to-120m")
-    assert model_config(hub.models.teacher, hub) is None or count_parameters(model_config(hub.models.teacher, hub)) > 10**9
+    assert model_config(ModelSpec(path="bdctl-tests/not-in-any-cache"), hub) is None
+    # The paper's 1.5B teacher (gpt2-xl's shape, its config alone in a local directory): 1,557,611,200 parameters.
+    xl_config = GPT2Config(n_layer=48, n_embd=1600, n_head=25, n_positions=1024, vocab_size=50257)
+    xl_config.save_pretrained(tmp_path / "gpt2-xl")
+    xl, _ = load_recipe("gpt2-1.5b-to-120m", [f"models.teacher.path={tmp_path / 'gpt2-xl'}"])
+    assert count_parameters(model_config(xl.models.teacher, xl)) == 1_557_611_200
 
 
+@pytest.mark.slow  # runs `bdctl recipes` in a subprocess
 def test_recipes_list_and_show(tmp_path):
     listed = run_cli("recipes", "list", cwd=tmp_path)
     assert listed.returncode == 0 and "gpt2-1.5b-to-120m" in listed.stdout and "smoke" in listed.stdout

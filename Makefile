@@ -1,0 +1,37 @@
+# The project's commands. Each installs what it needs first, so each works on a fresh machine:
+#
+#   make demo        the tiny pipeline end to end on a CPU (bdctl reproduce recipes/tiny.yaml)
+#   make test        the full test suite (what CI runs)
+#   make test-fast   the tests not marked slow (no DeepSpeed, torchrun or CLI subprocess)
+#   make lint        ruff check, ruff format --check, mypy over bdctl/
+#
+# PYTHON picks the interpreter (e.g. make test PYTHON=.venv/bin/python). torch is installed first,
+# and only when missing, so an existing build (CUDA or CPU) is kept; a plain `torch` requirement
+# could otherwise pull a multi-GB CUDA build. TORCH_INDEX_URL names an index to take the CPU
+# build from, e.g. make install TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu on a Linux
+# machine whose configured index serves only CUDA builds; empty, pip's configured indexes are used.
+
+PYTHON ?= python
+TORCH ?= torch==2.13.0
+TORCH_INDEX_URL ?=
+
+.PHONY: install demo test test-fast lint
+
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || \
+		$(PYTHON) -m pip install "$(TORCH)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+	$(PYTHON) -m pip install -e ".[test,dev]"
+
+demo: install
+	$(PYTHON) -m bdctl reproduce recipes/tiny.yaml
+
+test: install
+	$(PYTHON) -m pytest -q
+
+test-fast: install
+	$(PYTHON) -m pytest -q -m "not slow"
+
+lint: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m mypy bdctl

@@ -1,0 +1,122 @@
+"""Bad input through the real CLI: one error line naming the culprit, exit 2, no traceback, and
+nothing left that looks complete. Every case here fails before any rank starts (seconds each)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import RECIPES, assert_user_error, run_cli, write_recipe
+
+pytestmark = pytest.mark.slow  # every test runs the CLI in a subprocess
+
+SMOKE = str(RECIPES / "smoke.yaml")
+ROOT = Path(__file__).resolve().parents[2]
+LATIN1 = "café".encode("latin-1")  # b"caf\xe9": not UTF-8
+
+
+def lock_holder(stage: Path) -> subprocess.Popen:
+    """A process that holds `stage`'s lock (as a running command would) until it is killed."""
+    code = (
+        "import time; from pathlib import Path; from bdctl.rundir import stage_lock\n"
+        f"with stage_lock(Path({str(stage)!r})): print('held', flush=True); time.sleep(600)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, "-c", code, "sft", "smoke"], stdout=subprocess.PIPE, text=True, env=env)
+    assert process.stdout.readline().strip() == "held"
+    return process
+
+
+# --------------------------------------------------------------------------- files that are not UTF-8
+
+
+def test_a_recipe_that_is_not_utf8(tmp_path):
+    recipe = tmp_path / "latin.yaml"
+    recipe.write_bytes(b"name: latin\ndescription: " + LATIN1 + b"\n")
+    for command in (["sft", str(recipe), "--model", "student"], ["recipes", "show", str(recipe)]):
+        assert_user_error(run_cli(*command, cwd=tmp_path), f"{recipe}:2: not UTF-8 text (byte 0xe9)")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_data_and_eval_files_that_are_not_utf8_name_the_line(tmp_path):
+    data = tmp_path / "latin.jsonl"
+    good = b'{"instruction": "Say hi.", "input": "", "output": "hi"}\n'
+    data.write_bytes(good * 2 + b'{"instruction": "' + LATIN1 + b'", "input": "", "output": "x"}\n')
+    source = {"path": str(data)}
+    recipe = write_recipe(tmp_path / "r.yaml", data__source=source)
+    result = run_cli("sft", str(recipe), "--model", "student", cwd=tmp_path)
+    assert_user_error(result, f"{data}:3: not UTF-8 text (byte 0xe9); save the file as UTF-8")
+    assert not (tmp_path / "runs/smoke/recipe.yaml").exists()  # a failed command records no recipe
+
+    recipe = write_recipe(tmp_path / "e.yaml", stages__eval={"sets": [{"name": "latin", "path": str(data)}]})
+    assert_user_error(run_cli("eval", str(recipe), cwd=tmp_path), f"{data}:3: not UTF-8 text")
+
+    corpus = tmp_path / "latin.txt"
+    corpus.write_bytes(b"one document\n" + LATIN1 + b"\n")
+    recipe = write_recipe(tmp_path / "p.yaml", data__pretrain={"path": str(corpus), "block_size": 64})
+    assert_user_error(run_cli("sft", str(recipe), "--model", "student", cwd=tmp_path), f"{corpus}:2: not UTF-8 text")
+
+
+def test_a_directory_given_as_a_data_file(tmp_path):
+    (tmp_path / "data.jsonl").mkdir()
+    recipe = write_recipe(tmp_path / "r.yaml", data__source={"path": str(tmp_path / "data.jsonl")})
+    result = run_cli("sft", str(recipe), "--model", "student", cwd=tmp_path)
+    assert_user_error(result, f"{tmp_path / 'data.jsonl'}: is a directory, not a data file")
+
+
+# --------------------------------------------------------------------------- launcher options
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--nnodes", "2", "--node-rank", "5"], "--node-rank 5: expected a node rank from 0 to 1 (--nnodes 2)"),
+        (["--node-rank", "1"], "--node-rank 1: expected a node rank from 0 to 0 (--nnodes 1)"),
+        (["--master-port", "99999"], "--master-port 99999: expected a port number from 1 to 65535"),
+        (["--master-port", "0"], "--master-port 0: expected a port number from 1 to 65535"),
+    ],
+)
+def test_launcher_options_that_cannot_work(tmp_path, options, message):
+    # Without the check, the first waits forever for node 0 and the others end in a launcher traceback.
+    result = run_cli("sft", SMOKE, "--model", "student", *options, cwd=tmp_path, timeout=120)
+    assert_user_error(result, message)
+    assert not (tmp_path / "runs").exists()
+
+
+# --------------------------------------------------------------------------- one writer per stage
+
+
+def test_a_second_command_on_a_stage_directory_is_refused(tmp_path):
+    for command, stage in ((["sft", SMOKE, "--model", "student"], "student_sft"), (["eval", SMOKE], "eval"),
+                           (["judge", SMOKE], "judge"), (["generate", SMOKE], "generate")):  # fmt: skip
+        directory = tmp_path / "runs/smoke" / stage
+        holder = lock_holder(directory)
+        try:
+            result = run_cli(*command, cwd=tmp_path)
+            assert_user_error(
+                result, f"runs/smoke/{stage} is in use by another command: `bdctl sft smoke` (pid {holder.pid} on ",
+                "one command per stage directory at a time",
+            )  # fmt: skip
+        finally:
+            holder.kill()
+            holder.wait()
+        assert not (tmp_path / "runs/smoke/data").exists()  # refused before preparing anything
+
+
+def test_a_stale_lock_is_taken_over(tmp_path):
+    data = tmp_path / "noref.jsonl"
+    data.write_text('{"instruction": "Say hi.", "input": ""}\n')
+    recipe = write_recipe(tmp_path / "r.yaml", stages__eval={"sets": [{"name": "noref", "path": str(data)}]})
+    stage = tmp_path / "runs/smoke/eval"
+    holder = lock_holder(stage)
+    holder.send_signal(signal.SIGKILL)  # killed: its lock stays behind
+    holder.wait()
+    assert (stage / "LOCK").is_file()
+    # The command gets past the lock to its own checks, and leaves no lock when it ends.
+    assert_user_error(run_cli("eval", str(recipe), cwd=tmp_path), f"{data}:1: eval set 'noref' has no reference answers")
+    assert not (stage / "LOCK").exists()
