@@ -148,9 +148,13 @@ def test_sigkill_in_a_collection_then_rerun_resumes_exactly(one_rank, prepared, 
 
 
 @pytest.mark.slow
-def test_two_ranks_collect_the_same_rollouts_and_losses(one_rank, prepared, tmp_path):
+@pytest.mark.parametrize("zero_inference", [False, True], ids=["whole_teacher", "partitioned_teacher"])
+def test_two_ranks_collect_the_same_rollouts_and_losses(one_rank, prepared, tmp_path, zero_inference):
+    """2 ranks, the teacher a whole copy per rank or a ZeRO-3 inference engine partitioned over both
+    (ranks in lockstep through both models): the rollouts and losses of one rank with a whole teacher."""
     recipe = copy_of(prepared, tmp_path)
-    result = run_cli("distill", recipe, "--method", "minillm", "--nproc", "2", cwd=tmp_path)
+    teacher = ("--set", f"stages.distill.minillm.zero_inference={str(zero_inference).lower()}")
+    result = run_cli("distill", recipe, "--method", "minillm", "--nproc", "2", *teacher, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     two, one = records_of(tmp_path), one_rank[2]
     assert two[0]["world_size"] == 2
