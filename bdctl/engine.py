@@ -221,14 +221,16 @@ def linear_schedule(total_steps: int, warmup_steps: int):
     return factor
 
 
-def make_engine(module, config: dict, total_steps: int | None = None, warmup_ratio: float = 0.0):
-    """A DeepSpeed engine; the learning-rate schedule is bdctl's unless the config brings one."""
+def make_engine(module, config: dict, total_steps: int | None = None, warmup_ratio: float = 0.0, warmup_steps: int | None = None):
+    """A DeepSpeed engine; the learning-rate schedule is bdctl's unless the config brings one
+    (warm-up: `warmup_steps` when given, else `warmup_ratio` of the steps)."""
     import deepspeed
     import torch
 
     scheduler = None
     if total_steps is not None and "scheduler" not in config:
-        factor = linear_schedule(total_steps, int(warmup_ratio * total_steps))
+        warmup = int(warmup_ratio * total_steps) if warmup_steps is None else warmup_steps
+        factor = linear_schedule(total_steps, warmup)
         scheduler = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)  # noqa: E731
     params = [p for p in module.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=module, model_parameters=params, config=config, lr_scheduler=scheduler)

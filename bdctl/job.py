@@ -29,6 +29,7 @@ STAGES = {
     "eval": "bdctl.stages.evaluate",
     "judge": "bdctl.stages.judge",
     "distill": "bdctl.stages.distill",
+    "minillm": "bdctl.stages.minillm",  # `bdctl distill --method minillm`: runs/<name>/distill/minillm
 }
 # Stage directories other stages may refer to by name (weights, caches, generations).
 KNOWN_STAGE_DIRS = ("teacher_sft", "student_sft", "generate", "eval", "judge")

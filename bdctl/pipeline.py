@@ -2,7 +2,7 @@
 memory a model needs per GPU under ZeRO-2 and ZeRO-3.
 
     data split -> teacher SFT -> generate D* (+ cache) -> student SFT (phase 1)
-               -> distill: BD, its ablations and the baselines -> eval -> judge
+               -> distill: BD, its ablations and the baselines (KD, SeqKD, MiniLLM) -> eval -> judge
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ def stages(recipe: Recipe) -> list[Stage]:
         ),
         Stage("distill/kd", "bdctl distill RECIPE --method kd", ("score_train",)),
         Stage("distill/seqkd", "bdctl distill RECIPE --method seqkd", (dstar_of({}),)),
+        # online: the student's own rollouts with the live teacher (stages.generate.model) mixed in
+        Stage("distill/minillm", "bdctl distill RECIPE --method minillm", ("teacher_sft", "student_sft")),
         Stage("eval", "bdctl eval RECIPE", tuple(recipe.stages.eval.models)),
         Stage("judge", f"bdctl judge RECIPE --backend {recipe.stages.judge.backend}", ("eval",)),
     ]
@@ -55,7 +57,7 @@ def stage_command(stage_dir: str, recipe_path: str) -> str:
         return f"bdctl sft {recipe_path} --model {stage_dir.removesuffix('_sft')}"
     if stage_dir.startswith("distill/"):
         name = stage_dir.removeprefix("distill/")
-        return f"bdctl distill {recipe_path} " + (f"--method {name}" if name in ("bd", "kd", "seqkd") else f"--ablation {name}")
+        return f"bdctl distill {recipe_path} " + (f"--method {name}" if name in ("bd", "kd", "seqkd", "minillm") else f"--ablation {name}")
     if stage_dir.startswith("score_"):
         return f"bdctl generate {recipe_path} --score {stage_dir.removeprefix('score_')}"
     if stage_dir.startswith("generate-"):  # a D* variant (stages.generate.variants)

@@ -120,6 +120,52 @@ def rouge_tables(results: dict, recipe: Recipe) -> list[str]:
     return lines
 
 
+def wall_times(metrics: Path) -> dict | None:
+    """Seconds of training to the kept (best) validation and in total, from a stage's metrics.jsonl.
+
+    Each process that ran the stage starts its clock at 0 with a "start" record; a resumed run keeps the
+    records up to its checkpoint and appends its own, so the work lost after that checkpoint is not counted:
+    the times are those of the work that produced the result.
+    """
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    offset = last = 0.0
+    best = None
+    for record in records:
+        if record.get("event") == "start" and last:
+            offset, last = offset + last, 0.0
+        last = record.get("time", last)
+        if record.get("event") == "eval" and record.get("best"):
+            best = (record["step"], offset + record["time"])
+    if best is None:
+        return None
+    return {"best_step": best[0], "to_best": best[1], "total": offset + last}
+
+
+def wall_time_table(run: RunDir) -> list[str]:
+    """Per distillation run: wall time to the best validation and in total, and MiniLLM / BD (Table 3)."""
+    distill = run.stage("distill")
+    times = {}
+    for directory in sorted(p for p in distill.iterdir() if p.is_dir()) if distill.is_dir() else []:
+        found = wall_times(directory / "metrics.jsonl") if (directory / "metrics.jsonl").is_file() else None
+        if found is not None:
+            times[f"distill/{directory.name}"] = found
+    if not times:
+        return []
+    from bdctl.tables import markdown_table
+
+    rows = [[name, str(t["best_step"]), f"{t['to_best']:.1f}", f"{t['total']:.1f}"] for name, t in times.items()]
+    lines = [
+        "## Wall time of the distillation runs (the paper's Table 3)", "",
+        "Seconds from the start of training (validation included) to the kept best validation, and in total.", "",
+        markdown_table(["run", "best step", "to best (s)", "total (s)"], rows).strip(),
+    ]  # fmt: skip
+    if "distill/minillm" in times and "distill/bd" in times:
+        mini, bd = times["distill/minillm"], times["distill/bd"]
+        ratio = lambda a, b: f"{a / b:.1f}x" if b > 0 else "n/a"  # noqa: E731
+        lines += ["", f"MiniLLM / BD: {ratio(mini['to_best'], bd['to_best'])} to the best validation, {ratio(mini['total'], bd['total'])} in total."]
+    return lines
+
+
 def bd_diagnostics(run: RunDir) -> list[str]:
     """What each BD run logged (METHOD.md 2.1's quantities): outside share, mean V and mean set
     size at the first and last step, and the kept step per protocol."""
@@ -176,6 +222,9 @@ def write_report(run: RunDir, recipe: Recipe, recipe_arg: str, overrides: list[s
     curves = training_curves(run, run.root / "figures" / "training_curves.png")
     if curves is not None:
         sections += ["", "## Training curves", "", f"![training curves]({curves.relative_to(run.root)})"]
+    wall = wall_time_table(run)
+    if wall:
+        sections += ["", *wall]
     if timings:
         sections += ["", "## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
         order = [stage.directory for stage in stages(recipe)]

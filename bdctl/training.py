@@ -9,6 +9,11 @@ A stage supplies three functions and gets the rest:
                                              one named by `LoopConfig.select` picks the kept
                                              export (`bdctl.selection`)
 
+A stage whose training examples are made during training (MiniLLM's rollouts) also gives
+`before_step(step, batch)`, called at the start of every step with the global batch's example
+indices, and `extra_state = (save, load)`: `save()` returns what a checkpoint must hold besides the
+engine (e.g. the rollout buffer), `load(state)` restores it on resume.
+
 A stage with a second batch per step (distill's pretraining term) also gives
 `aux_inputs(step, g) -> (inputs, count)`, the extra inputs of global micro-batch `g` of a step
 (numbered over the whole global batch, so they do not depend on the number of ranks), and its
@@ -37,7 +42,7 @@ from typing import Any
 
 from bdctl.errors import UserError
 from bdctl.rundir import PREEMPT, manifest, mark_complete, read_json, recover_dir, replace_dir
-from bdctl.selection import better, per_protocol_key
+from bdctl.selection import better, per_protocol_key, selection_protocols
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"; rerun the same command to resume
 NONFINITE_EXIT_CODE = 3
@@ -185,6 +190,8 @@ def train_loop(
     metrics,
     progress,
     aux_inputs: Callable[[int, int], tuple[dict[str, Any], int]] | None = None,
+    before_step: Callable[[int, list[int]], None] | None = None,
+    extra_state: tuple[Callable[[], dict], Callable[[dict], None]] | None = None,
 ) -> TrainState:
     """Train to `config.total_steps` (resuming from the newest checkpoint), keeping the best
     validation score's export in out/best (and, per protocol of `keep_each_protocol`, in
@@ -214,6 +221,8 @@ def train_loop(
         _, client = engine.load_checkpoint(str(checkpoints), tag=resume_from.name)
         state = TrainState(**client["train_state"])
         restore_rng(state.rng)
+        if extra_state is not None:
+            extra_state[1](client["extra_state"])
         progress.print(f"resumed from {resume_from} (step {state.step})")
         if rank == 0:
             metrics.truncate_after(state.step)
@@ -222,8 +231,9 @@ def train_loop(
     def checkpoint(reason: str) -> None:
         state.rng = capture_rng()
         tag = f"step{state.step}"
+        client = {"train_state": asdict(state), **({"extra_state": extra_state[0]()} if extra_state else {})}
         save_checkpoint(
-            engine, checkpoints, tag, {"train_state": asdict(state)}, config.keep_checkpoints, rank,
+            engine, checkpoints, tag, client, config.keep_checkpoints, rank,
             info={"fingerprint": config.fingerprint, "world_size": world, "reason": reason},
         )  # fmt: skip
         metrics.write(event="checkpoint", step=state.step, tag=tag, reason=reason)
@@ -252,6 +262,8 @@ def train_loop(
         while state.step < config.total_steps:
             epoch, index = divmod(state.step, config.steps_per_epoch)
             order = epoch_order(n_train, config.seed, epoch)
+            if before_step is not None:
+                before_step(state.step, order[index * config.batch_size : (index + 1) * config.batch_size])
             chunks = rank_share(order, index, config.batch_size, config.micro_batch_size, rank, world)
             batches = []
             for j, chunk in enumerate(chunks):
@@ -344,3 +356,14 @@ def finish(out: Path, state: TrainState, rank: int, stage: str, metrics, select:
             steps=state.step, skipped_steps=state.skipped_steps, export="export", **facts,
         )  # fmt: skip
     dist.barrier()
+
+
+def loop_config(job, config, total_steps: int, per_epoch: int) -> LoopConfig:
+    """The loop settings of a training stage (sft, distill, minillm) from its recipe section."""
+    return LoopConfig(
+        total_steps=total_steps, steps_per_epoch=per_epoch, batch_size=config.batch_size,
+        micro_batch_size=config.micro_batch_size, seed=job.recipe.seed, eval_every=config.eval_every,
+        checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
+        on_nonfinite=config.on_nonfinite, fingerprint=job.fingerprint(),
+        select=config.select, keep_each_protocol=selection_protocols(job, config)[1:],
+    )  # fmt: skip

@@ -1,4 +1,4 @@
-"""`bdctl distill`: Bellman Distill (phase 2) and the KD / SeqKD baselines."""
+"""`bdctl distill`: Bellman Distill (phase 2) and the KD, SeqKD and MiniLLM baselines."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ EXAMPLE = """[bold]Examples[/]
 
   bdctl distill recipes/smoke.yaml --method bd
   bdctl distill recipes/smoke.yaml --method kd --set stages.distill.teacher_source=live
+  bdctl distill recipes/smoke.yaml --method minillm
   bdctl distill tiny --method bd --nproc 2 --set stages.distill.p=0.5
   bdctl distill tiny --ablation bd-p1.0       (a run of stages.distill.ablations)
 """
@@ -24,6 +25,7 @@ class Method(str, Enum):
     bd = "bd"
     kd = "kd"
     seqkd = "seqkd"
+    minillm = "minillm"
 
 
 @job_command
@@ -49,7 +51,7 @@ def distill(
 ) -> None:
     """Distil the teacher into the student: Bellman Distill on the teacher data D*, or a baseline.
 
-    bd starts from the phase-1 student (runs/<name>/student_sft) and trains on the generate stage's D* and top-p cache; kd trains on the golden responses with the teacher's distribution (cache or live teacher); seqkd is SFT on D*.
+    bd starts from the phase-1 student (runs/<name>/student_sft) and trains on the generate stage's D* and top-p cache; kd trains on the golden responses with the teacher's distribution (cache or live teacher); seqkd is SFT on D*; minillm (online) trains on the student's own teacher-mixed rollouts by policy gradient.
 
     Keeps the weights with the best validation score (stages.distill.select: rouge_l or val_loss) and exports them as a Hugging Face directory: runs/<name>/distill/<method>/export.
     """
@@ -78,6 +80,7 @@ def distill(
             chosen = method.value
         overrides.append(f"stages.distill.method={chosen}")
         options = {"method": chosen, **({"ablation": ablation} if ablation else {})}
-        job = submit("distill", recipe, overrides, options, launch, force, log=say)
+        stage = "minillm" if chosen == "minillm" else "distill"  # MiniLLM is a stage of its own (online)
+        job = submit(stage, recipe, overrides, options, launch, force, log=say)
         if not launch.dry_run:
             say(f"[green]done:[/] {job.stage_dir / 'export'}")

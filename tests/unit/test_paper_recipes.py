@@ -95,3 +95,40 @@ def test_paper_numbers_and_ablations(name):
     # p = 1 needs no sets)
     masked = [p for p in [recipe.stages.distill.p, *recipe.stages.distill.ablations.p] if p < 1]
     assert recipe.stages.generate.cache_top_p >= max(masked)
+
+
+# Table 1's MiniLLM row (Dolly, SelfInst, Vicuna); the GPT-2 numbers are MiniLLM's own (Gu et al. 2023)
+MINILLM = {
+    "gpt2-1.5b-to-120m": (24.6, 13.2, 16.9), "gpt2-1.5b-to-340m": (25.4, 15.6, 17.7), "gpt2-1.5b-to-760m": (26.4, 15.9, 18.3),
+    "opt-6.7b-to-125m": (23.8, 10.2, 15.3), "opt-6.7b-to-350m": (24.3, 11.5, 17.9), "opt-6.7b-to-1.3b": (26.2, 13.7, 16.7),
+    "qwen2.5-3b-to-0.5b": (26.7, 19.1, 20.5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_every_paper_recipe_runs_minillm_with_the_papers_settings(name):
+    """METHOD.md 5b: lr 5e-6, 100 warm-up steps, AdamW (0.9, 0.95), weight decay 1e-6, validation every 100
+    steps, at most 5000 steps, 256 rollouts, 4 PPO epochs; evaluated, judged (Figure 2) and compared with Table 1."""
+    from bdctl.stages.minillm import stage_config
+
+    recipe, path = load_recipe(name, ["stages.distill.method=minillm"])  # validated as `--method minillm` loads it
+    assert f"bdctl distill {name} --method minillm" in path.read_text()
+    own = recipe.stages.distill.minillm
+    assert (own.teacher_mix, own.reward_scale, own.reward_clip, own.discount, own.ppo_clip) == (0.2, 0.5, 100.0, 0.95, 0.2)
+    assert own.length_norm and own.whiten and own.single_step
+    assert (own.num_rollouts, own.ppo_epochs, own.pt_kd_ratio, own.max_new_tokens) == (256, 4, 0.5, 256)
+    assert (own.warmup_steps, own.adam_betas) == (100, (0.9, 0.95))
+
+    class Job:  # stage_config reads the recipe only
+        pass
+
+    job = Job()
+    job.recipe = recipe
+    effective = stage_config(job)
+    assert (effective.lr, effective.weight_decay, effective.eval_every, effective.max_steps) == (5e-6, 1e-6, 100, 5000)
+    assert effective.select == "rouge_l" and effective.grad_clip == 1.0 and effective.lm_coef == 1.0
+    # BD's own settings are untouched by MiniLLM's
+    assert recipe.stages.distill.weight_decay == 0.0 and recipe.stages.distill.max_steps is None
+    assert "distill/minillm" in recipe.stages.eval.models and "distill/minillm" in recipe.stages.judge.baselines
+    scores = recipe.paper_rouge_l["distill/minillm"]
+    assert (scores["dolly"], scores["selfinst"], scores["vicuna"]) == MINILLM[name]

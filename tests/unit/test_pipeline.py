@@ -18,6 +18,10 @@ def test_stage_order_and_dependencies():
     assert order.index("teacher_sft") < order.index("generate") < order.index("distill/bd") < order.index("eval") < order.index("judge")
     assert set(plan["distill/bd"].needs) == {"generate", "student_sft"}
     assert plan["distill/kd"].command == "bdctl distill RECIPE --method kd"
+    # MiniLLM is online: the phase-1 student and the fine-tuned teacher, no D*
+    assert plan["distill/minillm"].command == "bdctl distill RECIPE --method minillm"
+    assert set(plan["distill/minillm"].needs) == {"teacher_sft", "student_sft"}
+    assert "distill/minillm" in recipe.stages.eval.models and "distill/minillm" in recipe.stages.judge.baselines
 
 
 def test_ablations_are_named_bd_runs_with_one_setting_changed():
