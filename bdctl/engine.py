@@ -221,7 +221,9 @@ def linear_schedule(total_steps: int, warmup_steps: int):
     return factor
 
 
-def make_engine(module, config: dict, total_steps: int | None = None, warmup_ratio: float = 0.0, warmup_steps: int | None = None):
+def make_engine(
+    module, config: dict, total_steps: int | None = None, warmup_ratio: float = 0.0, warmup_steps: int | None = None
+):
     """A DeepSpeed engine; the learning-rate schedule is bdctl's unless the config brings one
     (warm-up: `warmup_steps` when given, else `warmup_ratio` of the steps)."""
     import deepspeed

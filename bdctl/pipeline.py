@@ -57,7 +57,8 @@ def stage_command(stage_dir: str, recipe_path: str) -> str:
         return f"bdctl sft {recipe_path} --model {stage_dir.removesuffix('_sft')}"
     if stage_dir.startswith("distill/"):
         name = stage_dir.removeprefix("distill/")
-        return f"bdctl distill {recipe_path} " + (f"--method {name}" if name in ("bd", "kd", "seqkd", "minillm") else f"--ablation {name}")
+        method = name in ("bd", "kd", "seqkd", "minillm")
+        return f"bdctl distill {recipe_path} " + (f"--method {name}" if method else f"--ablation {name}")
     if stage_dir.startswith("score_"):
         return f"bdctl generate {recipe_path} --score {stage_dir.removeprefix('score_')}"
     if stage_dir.startswith("generate-"):  # a D* variant (stages.generate.variants)

@@ -94,7 +94,8 @@ def _check(student, teacher, prompts, seeds, mix: float, max_new_tokens: int) ->
         longest = max((len(prompt) for prompt in prompts), default=0)
         if limit is not None and longest + max_new_tokens > limit:
             raise UserError(
-                f"a prompt of {longest} tokens plus max_new_tokens {max_new_tokens} exceeds the {name}'s {limit} positions"
+                f"a prompt of {longest} tokens plus max_new_tokens {max_new_tokens} exceeds the {name}'s "
+                f"{limit} positions"
             )
 
 
@@ -180,12 +181,16 @@ def mixed_sample(
 
         if live.numel():
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((live.numel(), 1))], dim=1)
-            step_inputs = dict(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=next_position[:, None])
+            step_inputs = dict(
+                input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=next_position[:, None]
+            )
             logits_s, cache_s = _forward_logits(student, **step_inputs, past_key_values=cache_s)
             logits_t, cache_t = _forward_logits(teacher, **step_inputs, past_key_values=cache_t)
             next_position = next_position + 1
         else:  # this rank is done, others are not: take part in their collective forwards
-            Both(student, teacher)(input_ids=torch.full((1, 1), pad_id, dtype=torch.long, device=device), use_cache=False, logits_to_keep=1)
+            Both(student, teacher)(
+                input_ids=torch.full((1, 1), pad_id, dtype=torch.long, device=device), use_cache=False, logits_to_keep=1
+            )
     return _assemble(seeds, records, eos_id)
 
 

@@ -56,7 +56,14 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    from bdctl.engine import deepspeed_config, hf_deepspeed_context, init_distributed, make_engine, policy_module, quiet_libraries
+    from bdctl.engine import (
+        deepspeed_config,
+        hf_deepspeed_context,
+        init_distributed,
+        make_engine,
+        policy_module,
+        quiet_libraries,
+    )
     from bdctl.objectives.bellman import lean_terms
     from bdctl.objectives.kd import mixed_kd_loss
     from bdctl.objectives.lm import IGNORE_INDEX, lean_cross_entropy
@@ -80,12 +87,16 @@ def main() -> None:
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         )  # fmt: skip
 
-    teacher = policy_module(AutoModelForCausalLM.from_config(gpt2(args.teacher_layers, args.teacher_hidden))).eval()  # before ZeRO-3's context
+    teacher = policy_module(
+        AutoModelForCausalLM.from_config(gpt2(args.teacher_layers, args.teacher_hidden))
+    ).eval()  # before ZeRO-3's context
     for param in teacher.parameters():
         param.requires_grad_(False)
     ds_config = deepspeed_config(recipe, config, "bench", 1, 1000, args.hidden, "fp32", False)
     with_ds = hf_deepspeed_context(ds_config)  # noqa: F841  (partitioned load, as the stages do)
-    engine = make_engine(policy_module(AutoModelForCausalLM.from_config(gpt2(args.layers, args.hidden))), ds_config, 1000, 0.0)
+    engine = make_engine(
+        policy_module(AutoModelForCausalLM.from_config(gpt2(args.layers, args.hidden))), ds_config, 1000, 0.0
+    )
     device = engine.device
     teacher.to(device)
     teacher_weight = teacher.lm.get_output_embeddings().weight.detach()
@@ -95,7 +106,6 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     prompts = [rng.integers(1, args.vocab - 1, size=args.prompt).tolist() for _ in range(args.micro)]
     responses = [rng.integers(1, args.vocab - 1, size=args.response) for _ in range(args.micro)]
-    eos = args.vocab - 1
     ids = torch.tensor([p + r.tolist() for p, r in zip(prompts, responses, strict=True)])
     mask = torch.ones_like(ids)
     positions = (torch.arange(args.response) + args.prompt - 1).expand(args.micro, -1)
@@ -108,7 +118,9 @@ def main() -> None:
     # synthetic top-p sets: sizes about 6, the action inside nine times in ten (as bench_distill.py)
     width = 16
     kept = torch.from_numpy(np.minimum(rng.geometric(1 / 6, size=actions.shape), width))
-    sets = np.stack([rng.choice(args.vocab, size=width, replace=False) for _ in range(actions.numel())]).reshape(*actions.shape, width)
+    sets = np.stack([rng.choice(args.vocab, size=width, replace=False) for _ in range(actions.numel())]).reshape(
+        *actions.shape, width
+    )
     for index in np.ndindex(*actions.shape):
         action, members = int(actions[index]), sets[index]
         if rng.random() < 0.9:  # the action first in its set (distinct ids: it may already be a member)
@@ -130,7 +142,9 @@ def main() -> None:
             ce = lean_cross_entropy(hidden[:, :-1], weight, blocks[:, 1:])
             if rows is None:
                 return ce
-            return mixed_kd_loss(ce, lean_teacher_kd(hidden[:, :-1].reshape(-1, hidden.shape[-1]), weight, rows, teacher_weight), k)
+            return mixed_kd_loss(
+                ce, lean_teacher_kd(hidden[:, :-1].reshape(-1, hidden.shape[-1]), weight, rows, teacher_weight), k
+            )
 
         return engine(blocks, torch.ones_like(blocks), loss_fn=head)
 
@@ -143,7 +157,8 @@ def main() -> None:
 
     def bd(with_pt):
         def head(hidden, weight):
-            terms = lean_terms(hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1])), weight, cand_ids, cand_mask,
+            rows = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+            terms = lean_terms(rows, weight, cand_ids, cand_mask,
                                actions, valid, terminal, gamma=0.99, alpha=0.1, q_min=-10.0, chi2=True)  # fmt: skip
             return terms.loss
 
@@ -160,7 +175,14 @@ def main() -> None:
         )  # fmt: skip
         engine.train()
         collected["rollouts"] = [
-            Rollout(row=i, tokens=np.asarray(f.tokens, dtype=np.int64), log_q=f.log_q, log_p=f.log_p, log_mix=f.log_mix, eos=False)
+            Rollout(
+                row=i,
+                tokens=np.asarray(f.tokens, dtype=np.int64),
+                log_q=f.log_q,
+                log_p=f.log_p,
+                log_mix=f.log_mix,
+                eos=False,
+            )
             for i, f in enumerate(found)
         ]
 
@@ -185,7 +207,13 @@ def main() -> None:
 
         train(engine(batch["input_ids"], batch["attention_mask"], loss_fn=head) + pretrain(own.pt_kd_ratio))
 
-    configs = {"sft": sft, "bd": lambda: bd(False), "bd_pt": lambda: bd(True), "minillm rollout": rollout, "minillm update": update}
+    configs = {
+        "sft": sft,
+        "bd": lambda: bd(False),
+        "bd_pt": lambda: bd(True),
+        "minillm rollout": rollout,
+        "minillm update": update,
+    }
     for fn in configs.values():
         fn()  # warm-up (DeepSpeed's first-step set-up, the optimizer states, the allocator)
     times = {name: [] for name in configs}
@@ -198,9 +226,11 @@ def main() -> None:
             cpu[name].append(time.process_time() - started_cpu)
 
     print(
-        f"student: GPT-2 {args.layers} layers x {args.hidden} ({n_student / 1e6:.1f} M), teacher {args.teacher_layers} layers x "
-        f"{args.teacher_hidden} ({n_teacher / 1e6:.1f} M), vocabulary {args.vocab}; batch {args.micro} x ({args.prompt} prompt + {args.response} response) tokens"
+        f"student: GPT-2 {args.layers} layers x {args.hidden} ({n_student / 1e6:.1f} M), teacher "
+        f"{args.teacher_layers} layers x {args.teacher_hidden} ({n_teacher / 1e6:.1f} M), vocabulary {args.vocab}; "
+        f"batch {args.micro} x ({args.prompt} prompt + {args.response} response) tokens"
     )
+
     def summary(samples):
         seconds = {name: float(np.median(values)) for name, values in samples.items()}
         seconds["minillm step"] = seconds["minillm update"] + seconds["minillm rollout"] / args.ppo_epochs
@@ -225,12 +255,33 @@ def main() -> None:
     print(f"\nratios (a MiniLLM step = update + rollout / {args.ppo_epochs} PPO epochs)   wall    CPU")
     for name in ratios:
         print(f"{name:42s} {ratios[name]:6.2f}  {cpu_ratios[name]:6.2f}")
-    print(f"METHOD.md 5b's estimate of the update alone, 2 + 2 N_teacher / (3 N_student): {2 + 2 * n_teacher / (3 * n_student):.2f} x SFT")
+    print(
+        "METHOD.md 5b's estimate of the update alone, 2 + 2 N_teacher / (3 N_student): "
+        f"{2 + 2 * n_teacher / (3 * n_student):.2f} x SFT"
+    )
     if args.out:
-        shape = {k: getattr(args, k) for k in ("layers", "hidden", "teacher_layers", "teacher_hidden", "vocab", "prompt", "response", "micro", "ppo_epochs", "repeat", "seed")}
-        args.out.write_text(json.dumps({"shape": shape, "parameters": {"student": n_student, "teacher": n_teacher},
-                                        "seconds": seconds, "ratios": ratios, "cpu_seconds": cpu_seconds, "cpu_ratios": cpu_ratios,
-                                        "samples": {"wall": times, "cpu": cpu}}, indent=2) + "\n")  # fmt: skip
+        shape = {
+            k: getattr(args, k)
+            for k in (
+                "layers",
+                "hidden",
+                "teacher_layers",
+                "teacher_hidden",
+                "vocab",
+                "prompt",
+                "response",
+                "micro",
+                "ppo_epochs",
+                "repeat",
+                "seed",
+            )
+        }
+        result = {
+            "shape": shape, "parameters": {"student": n_student, "teacher": n_teacher}, "seconds": seconds,
+            "ratios": ratios, "cpu_seconds": cpu_seconds, "cpu_ratios": cpu_ratios,
+            "samples": {"wall": times, "cpu": cpu},
+        }  # fmt: skip
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -304,7 +304,9 @@ def _check_two_models(hs: Tensor, ws: Tensor, ht: Tensor, wt: Tensor, chunk_size
     if hs.dim() != 2 or ws.dim() != 2 or hs.shape[1] != ws.shape[1]:
         raise ValueError(f"expected student rows [N, H] and weight [V, H], got {tuple(hs.shape)} and {tuple(ws.shape)}")
     if ht.dim() != 2 or wt.dim() != 2 or ht.shape[1] != wt.shape[1]:
-        raise ValueError(f"expected teacher rows [N, H'] and weight [V, H'], got {tuple(ht.shape)} and {tuple(wt.shape)}")
+        raise ValueError(
+            f"expected teacher rows [N, H'] and weight [V, H'], got {tuple(ht.shape)} and {tuple(wt.shape)}"
+        )
     if ht.shape[0] != hs.shape[0] or wt.shape[0] != ws.shape[0]:
         raise ValueError(
             f"student ({hs.shape[0]} rows, vocabulary {ws.shape[0]}) and teacher ({ht.shape[0]} rows, "

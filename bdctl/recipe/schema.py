@@ -393,29 +393,40 @@ class MiniLLM(Section):
     length_norm: bool = Field(True, description="Divide G_t by the number of response tokens from t to the end.")
     whiten: bool = Field(True, description="Whiten the advantages over each minibatch (mean 0, std 1).")
     ppo_clip: float = Field(0.2, gt=0, lt=1, description="The ratio is clipped to [1 - ppo_clip, 1 + ppo_clip].")
-    single_step: bool = Field(True, description="Add the single-step term: the exact reverse KL at every response token.")
+    single_step: bool = Field(
+        True, description="Add the single-step term: the exact reverse KL at every response token."
+    )
     num_rollouts: int = Field(
         256, gt=0, description="Prompts answered per collection (one response each); a multiple of batch_size."
     )
     ppo_epochs: int = Field(4, ge=1, description="Passes of minibatches (batch_size rollouts each) over a collection.")
     pt_kd_ratio: float = Field(
-        0.5, ge=0, le=1, description="k of the pretraining term L_PT = (1 - k) CE + k KD with the live teacher ([P]: 0)."
+        0.5, ge=0, le=1, description="k of the pretraining term L_PT = (1 - k) CE + k KD, live teacher ([P]: 0)."
     )
-    max_new_tokens: int = Field(256, gt=0, description="Longest rollout response (after prompts of up to data.max_prompt_length).")
+    max_new_tokens: int = Field(
+        256, gt=0, description="Longest rollout response (after prompts of up to data.max_prompt_length)."
+    )
     rollout_batch_size: int = Field(16, gt=0, description="Prompts sampled together per rank during a collection.")
     zero_inference: bool = Field(
-        False, description="Partition the teacher over the ranks (ZeRO-3 inference engine) instead of a whole copy per rank."
+        False,
+        description="Partition the teacher over the ranks (ZeRO-3 inference engine) instead of a whole copy per rank.",
     )
     lr: float | None = Field(None, gt=0, description="Peak learning rate (null: stages.distill.lr); MiniLLM: 5e-6.")
-    weight_decay: float | None = Field(None, ge=0, description="AdamW weight decay (null: stages.distill.weight_decay); MiniLLM: 1e-6.")
+    weight_decay: float | None = Field(
+        None, ge=0, description="AdamW weight decay (null: stages.distill.weight_decay); MiniLLM: 1e-6."
+    )
     warmup_steps: int | None = Field(
         None, ge=0, description="Linear warm-up steps (null: stages.distill.warmup_ratio); MiniLLM: 100."
     )
     adam_betas: tuple[float, float] | None = Field(
         None, description="AdamW betas (null: the DeepSpeed config's); MiniLLM: [0.9, 0.95]."
     )
-    eval_every: int | None = Field(None, ge=0, description="Validate every N steps (null: stages.distill.eval_every); MiniLLM: 100.")
-    max_steps: int | None = Field(None, gt=0, description="Stop after N steps (null: stages.distill.max_steps); MiniLLM: 5000.")
+    eval_every: int | None = Field(
+        None, ge=0, description="Validate every N steps (null: stages.distill.eval_every); MiniLLM: 100."
+    )
+    max_steps: int | None = Field(
+        None, gt=0, description="Stop after N steps (null: stages.distill.max_steps); MiniLLM: 5000."
+    )
 
     @model_validator(mode="after")
     def _check_betas(self) -> MiniLLM:
@@ -427,7 +438,9 @@ class MiniLLM(Section):
 class DistillStage(Train):
     """Bellman Distill and the KD / SeqKD baselines (METHOD.md sections 2 to 4)."""
 
-    method: Literal["bd", "kd", "seqkd", "minillm"] = Field("bd", description="Objective (`bdctl distill --method` overrides it).")
+    method: Literal["bd", "kd", "seqkd", "minillm"] = Field(
+        "bd", description="Objective (`bdctl distill --method` overrides it)."
+    )
     teacher_source: Literal["cache", "live"] = Field("cache", description="Sparse cache or live teacher.")
     p: float = Field(0.8, gt=0, le=1, description="Top-p of the teacher candidate sets (1.0: no mask).")
     alpha: float = Field(0.1, gt=0, description="chi^2 regulariser strength.")
@@ -471,8 +484,8 @@ class DistillStage(Train):
     def _check_minillm(self) -> DistillStage:
         if self.method == "minillm" and self.minillm.num_rollouts % self.batch_size:
             raise ValueError(
-                f"minillm.num_rollouts ({self.minillm.num_rollouts}) must be a multiple of batch_size ({self.batch_size}): "
-                "a collection is cut into whole minibatches"
+                f"minillm.num_rollouts ({self.minillm.num_rollouts}) must be a multiple of batch_size "
+                f"({self.batch_size}): a collection is cut into whole minibatches"
             )
         return self
 

@@ -60,7 +60,9 @@ def stage_config(job: Job) -> DistillStage:
     """stages.distill, with MiniLLM's own optimisation settings where stages.distill.minillm sets them."""
     config = job.recipe.stages.distill
     own = config.minillm
-    update = {k: getattr(own, k) for k in ("lr", "weight_decay", "eval_every", "max_steps") if getattr(own, k) is not None}
+    update = {
+        k: getattr(own, k) for k in ("lr", "weight_decay", "eval_every", "max_steps") if getattr(own, k) is not None
+    }
     return config.model_copy(update=update)
 
 
@@ -103,14 +105,19 @@ def uses_pretrain(job: Job, config: DistillStage) -> bool:
 def describe(job: Job, config: DistillStage, pretrain: bool) -> list[str]:
     own = config.minillm
     lines = [
-        f"minillm: reverse KL by policy gradient on the student's own rollouts, teacher mixed in at a = {own.teacher_mix:g}; "
+        "minillm: reverse KL by policy gradient on the student's own rollouts, teacher mixed in at "
+        f"a = {own.teacher_mix:g}; "
         f"{own.num_rollouts} rollouts per collection, {own.ppo_epochs} passes of minibatches of {config.batch_size}",
         f"rewards (log p - log q) / {own.reward_scale:g} clipped at {own.reward_clip:g}; returns with discount "
         f"{own.discount:g}{', length-normalised' if own.length_norm else ''}{', whitened' if own.whiten else ''}; "
         f"PPO clip {own.ppo_clip:g}; single-step reverse KL {'on' if own.single_step else 'off'}",
     ]
     if pretrain:
-        kd = f" = (1 - {own.pt_kd_ratio:g}) CE + {own.pt_kd_ratio:g} KD with the live teacher" if own.pt_kd_ratio else " (plain LM loss)"
+        kd = (
+            f" = (1 - {own.pt_kd_ratio:g}) CE + {own.pt_kd_ratio:g} KD with the live teacher"
+            if own.pt_kd_ratio
+            else " (plain LM loss)"
+        )
         lines.append(f"pretraining term on: + {config.lm_coef:g} x L_PT on data.pretrain blocks{kd}")
     else:
         lines.append("pretraining term off")
@@ -127,7 +134,13 @@ def describe(job: Job, config: DistillStage, pretrain: bool) -> list[str]:
 
 
 def teacher_fit_error(
-    student_params: int, teacher_params: int, world: int, zero_stage: int, precision: str, zero_inference: bool, gpu_gib: float
+    student_params: int,
+    teacher_params: int,
+    world: int,
+    zero_stage: int,
+    precision: str,
+    zero_inference: bool,
+    gpu_gib: float,
 ) -> str | None:
     """One line when the model states alone (student training states per GPU, plus the teacher: a whole
     copy, or its 1/world share with zero_inference) exceed a GPU's memory; None when they fit."""
@@ -138,15 +151,21 @@ def teacher_fit_error(
     teacher = whole / world if zero_inference else whole
     if student + teacher <= gpu_gib:
         return None
-    where = f"partitioned over {world} ranks ({teacher:.1f} GiB each)" if zero_inference else f"a whole copy per GPU ({whole:.1f} GiB)"
+    where = (
+        f"partitioned over {world} ranks ({teacher:.1f} GiB each)"
+        if zero_inference
+        else f"a whole copy per GPU ({whole:.1f} GiB)"
+    )
     hint = (
         "use more GPUs or a ZeRO config that offloads"
         if zero_inference
-        else f"set stages.distill.minillm.zero_inference: true to partition it ({whole / world:.1f} GiB each on {world} ranks)"
+        else "set stages.distill.minillm.zero_inference: true to partition it "
+        f"({whole / world:.1f} GiB each on {world} ranks)"
     )
     return (
-        f"distill --method minillm: the teacher ({teacher_params / 1e6:,.0f} M parameters, {where}) does not fit beside the "
-        f"student ({student_params / 1e6:,.0f} M parameters, {student:.1f} GiB of ZeRO-{zero_stage} training states per GPU) "
+        f"distill --method minillm: the teacher ({teacher_params / 1e6:,.0f} M parameters, {where}) does not fit "
+        f"beside the student ({student_params / 1e6:,.0f} M parameters, {student:.1f} GiB of ZeRO-{zero_stage} "
+        "training states per GPU) "
         f"on a {gpu_gib:.1f} GiB GPU; {hint}"
     )
 
@@ -172,7 +191,9 @@ def check_teacher_fits(job: Job, student, teacher) -> None:
     from deepspeed.accelerator import get_accelerator
 
     gpu_gib = get_accelerator().total_memory(0) / 2**30
-    zero_stage = int(json.loads(config_path(job.recipe.deepspeed.config).read_text()).get("zero_optimization", {}).get("stage", 0))
+    zero_stage = int(
+        json.loads(config_path(job.recipe.deepspeed.config).read_text()).get("zero_optimization", {}).get("stage", 0)
+    )
     error = teacher_fit_error(
         _parameters(student, job.recipe), _parameters(teacher, job.recipe), job.world_size, zero_stage,
         resolve_precision(job.recipe), settings(job).zero_inference, gpu_gib,
@@ -210,7 +231,8 @@ def prepare(job: Job, log=print) -> None:
         limit = max_positions(source)
         if limit is not None and longest + own.max_new_tokens > limit:
             raise UserError(
-                f"stages.distill.minillm.max_new_tokens ({own.max_new_tokens}) after prompts of up to data.max_prompt_length "
+                f"stages.distill.minillm.max_new_tokens ({own.max_new_tokens}) after prompts of up to "
+                "data.max_prompt_length "
                 f"({longest}) exceeds the {role}'s {limit} positions: set it to at most {limit - longest}"
             )
     check_rouge_selection(job, config, "distill", max_positions(student))
@@ -242,12 +264,22 @@ def deepspeed_config_for(job: Job, config: DistillStage, world: int, total_steps
     from bdctl.models import hidden_size
 
     ds_config = deepspeed_config(
-        job.recipe, config, job.stage_name, world, total_steps, hidden_size(source), resolve_precision(job.recipe), on_gpu()
+        job.recipe,
+        config,
+        job.stage_name,
+        world,
+        total_steps,
+        hidden_size(source),
+        resolve_precision(job.recipe),
+        on_gpu(),
     )
     betas = settings(job).adam_betas
     if betas is not None:
         if "optimizer" not in ds_config:
-            raise UserError(f"stages.distill.minillm.adam_betas: the DeepSpeed config {job.recipe.deepspeed.config} has no optimizer")
+            raise UserError(
+                f"stages.distill.minillm.adam_betas: the DeepSpeed config {job.recipe.deepspeed.config} "
+                "has no optimizer"
+            )
         ds_config["optimizer"].setdefault("params", {})["betas"] = list(betas)
     return ds_config
 
@@ -329,7 +361,8 @@ def collate_rollouts(rollouts: list[Rollout], advantages: list[np.ndarray], own:
         adv[i, :n] = torch.from_numpy(a)
     return {
         "input_ids": input_ids, "attention_mask": attention_mask, "positions": positions, "actions": actions,
-        "valid": valid, "old_log_q": frames["log_q"], "weights": importance_weights(frames["log_q"], frames["log_mix"], valid),
+        "valid": valid, "old_log_q": frames["log_q"],
+        "weights": importance_weights(frames["log_q"], frames["log_mix"], valid),
         "advantages": adv,
     }  # fmt: skip
 
@@ -404,12 +437,16 @@ def run(job: Job, rank: int, world: int) -> None:
     device = torch.device(get_accelerator().current_device_name())
     teacher_source = resolve_weights(job, recipe.stages.generate.model, "teacher")
     if own.zero_inference:
-        teacher_config = deepspeed_config(recipe, config, job.stage_name, world, 1, hidden_size(teacher_source), precision, on_gpu())
+        teacher_config = deepspeed_config(
+            recipe, config, job.stage_name, world, 1, hidden_size(teacher_source), precision, on_gpu()
+        )
         zero = teacher_config.setdefault("zero_optimization", {})
         zero["stage"] = 3
         zero.pop("offload_optimizer", None)  # no optimizer; offload_param (weights on CPU / NVMe) is kept
         keep = hf_deepspeed_context(teacher_config)  # noqa: F841  (partitioned load)
-        teacher_engine = make_inference_engine(policy_module(load_model(teacher_source, tokenizer, recipe.seed)), teacher_config)
+        teacher_engine = make_inference_engine(
+            policy_module(load_model(teacher_source, tokenizer, recipe.seed)), teacher_config
+        )
         del keep
         teacher_module, teacher_call = teacher_engine.module, teacher_engine
         # The chunked two-model terms read the teacher's output embedding in the student's backward, when a
@@ -421,7 +458,9 @@ def run(job: Job, rank: int, world: int) -> None:
             teacher_weight = head.detach().clone()
     else:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-        teacher_module = policy_module(load_model(teacher_source, tokenizer, recipe.seed)).to(device=device, dtype=dtype).eval()
+        teacher_module = (
+            policy_module(load_model(teacher_source, tokenizer, recipe.seed)).to(device=device, dtype=dtype).eval()
+        )
         for param in teacher_module.parameters():
             param.requires_grad_(False)
         teacher_call = teacher_module
@@ -455,10 +494,15 @@ def run(job: Job, rank: int, world: int) -> None:
                 return mixed_sample(
                     student, teacher_module, [prompts[chosen[i]] for i in batch],
                     [rollout_seed(recipe.seed, step, rows[chosen[i]]["id"]) for i in batch],
-                    mix=own.teacher_mix, eos_id=eos_id, pad_id=pad_id, max_new_tokens=own.max_new_tokens, all_done=all_done,
+                    mix=own.teacher_mix, eos_id=eos_id, pad_id=pad_id, max_new_tokens=own.max_new_tokens,
+                    all_done=all_done,
                 )  # fmt: skip
 
-            found = sample_batch() if lockstep is None else lockstep.round(own.max_new_tokens, sample_batch if batch else None)
+            found = (
+                sample_batch()
+                if lockstep is None
+                else lockstep.round(own.max_new_tokens, sample_batch if batch else None)
+            )
             for i, result in zip(batch or [], found, strict=True):
                 mine.append((i, Rollout(
                     row=chosen[i], tokens=np.asarray(result.tokens, dtype=np.int64), log_q=result.log_q,
@@ -471,7 +515,9 @@ def run(job: Job, rank: int, world: int) -> None:
         buffer[:] = [collected[i] for i in range(len(chosen))]
         seconds = time.perf_counter() - started
         lengths = [len(r.tokens) for r in buffer]
-        r_all = np.concatenate([(r.log_p - r.log_q) / own.reward_scale for r in buffer]).clip(-own.reward_clip, own.reward_clip)
+        r_all = np.concatenate([(r.log_p - r.log_q) / own.reward_scale for r in buffer]).clip(
+            -own.reward_clip, own.reward_clip
+        )
         w_all = np.exp(np.concatenate([r.log_q - r.log_mix for r in buffer]))
         metrics.write(  # step: the first step trained on it (a resume replays the record with that step)
             event="rollout", step=step + 1, collection=step // steps.per_collection, rollouts=len(buffer),
@@ -522,10 +568,15 @@ def run(job: Job, rank: int, world: int) -> None:
             h_rows = at_response(hidden)
             log_q = lean_log_probs(h_rows, weight, batch["actions"][valid])
             terms = policy_loss(
-                log_q[None], batch["old_log_q"][valid][None], batch["weights"][valid][None], batch["advantages"][valid][None],
+                log_q[None], batch["old_log_q"][valid][None], batch["weights"][valid][None],
+                batch["advantages"][valid][None],
                 flat, clip=own.ppo_clip,
             )  # fmt: skip
-            logs = {"pg_loss": terms.loss.item(), "mean_ratio": terms.mean_ratio.item(), "clip_fraction": terms.clip_fraction.item()}
+            logs = {
+                "pg_loss": terms.loss.item(),
+                "mean_ratio": terms.mean_ratio.item(),
+                "clip_fraction": terms.clip_fraction.item(),
+            }
             total = terms.loss
             if t_rows is not None:
                 single = lean_reverse_kl(h_rows, weight, t_rows, teacher_weight.to(device))
@@ -545,7 +596,9 @@ def run(job: Job, rank: int, world: int) -> None:
             ce = lean_cross_entropy(hidden[:, :-1], weight, ids[:, 1:])
             if pt_rows is None:
                 return ce
-            kd = lean_teacher_kd(hidden[:, :-1].reshape(-1, hidden.shape[-1]), weight, pt_rows, teacher_weight.to(device))
+            kd = lean_teacher_kd(
+                hidden[:, :-1].reshape(-1, hidden.shape[-1]), weight, pt_rows, teacher_weight.to(device)
+            )
             return mixed_kd_loss(ce, kd, k)
 
         return value, logs, engine(ids, mask, loss_fn=pt_head)

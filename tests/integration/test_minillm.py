@@ -106,7 +106,11 @@ def test_sigkill_in_a_collection_then_rerun_resumes_exactly(one_rank, prepared, 
     """Killed after the checkpoint of step 1, in the middle of the first collection: the rerun resumes
     on the checkpointed rollouts, collects the second collection again, and repeats every later step."""
     recipe = copy_of(prepared, tmp_path)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
     process = subprocess.Popen(
         [sys.executable, "-m", "bdctl", "distill", recipe, "--method", "minillm"], cwd=tmp_path, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -129,13 +133,18 @@ def test_sigkill_in_a_collection_then_rerun_resumes_exactly(one_rank, prepared, 
     first = min(s for s in by_step(resumed, "train") if s > 1)
     for step in range(first, STEPS + 1):
         for key in KEYS:
-            assert by_step(resumed, "train")[step][key] == pytest.approx(by_step(reference, "train")[step][key], rel=1e-6, abs=1e-8), (step, key)
+            assert by_step(resumed, "train")[step][key] == pytest.approx(
+                by_step(reference, "train")[step][key], rel=1e-6, abs=1e-8
+            ), (step, key)
     assert by_step(resumed, "rollout")[3]["digest"] == by_step(reference, "rollout")[3]["digest"]
     evals, reference_evals = by_step(resumed, "eval"), by_step(reference, "eval")
-    assert sorted(evals) == [0, 2, 4] and all(evals[s]["rouge_l"] == pytest.approx(reference_evals[s]["rouge_l"], abs=1e-6) for s in (2, 4))
-    assert json.loads((tmp_path / "runs/smoke/distill/minillm/MANIFEST.json").read_text())["best_step"] == json.loads(
-        (one_rank[0] / "runs/smoke/distill/minillm/MANIFEST.json").read_text()
-    )["best_step"]
+    assert sorted(evals) == [0, 2, 4] and all(
+        evals[s]["rouge_l"] == pytest.approx(reference_evals[s]["rouge_l"], abs=1e-6) for s in (2, 4)
+    )
+    assert (
+        json.loads((tmp_path / "runs/smoke/distill/minillm/MANIFEST.json").read_text())["best_step"]
+        == json.loads((one_rank[0] / "runs/smoke/distill/minillm/MANIFEST.json").read_text())["best_step"]
+    )
 
 
 def test_two_ranks_collect_the_same_rollouts_and_losses(one_rank, prepared, tmp_path):
@@ -145,7 +154,9 @@ def test_two_ranks_collect_the_same_rollouts_and_losses(one_rank, prepared, tmp_
     two, one = records_of(tmp_path), one_rank[2]
     assert two[0]["world_size"] == 2
     # the same prompts, seeds and sampling batches: the same responses on 1 and 2 ranks
-    assert {s: r["digest"] for s, r in by_step(two, "rollout").items()} == {s: r["digest"] for s, r in by_step(one, "rollout").items()}
+    assert {s: r["digest"] for s, r in by_step(two, "rollout").items()} == {
+        s: r["digest"] for s, r in by_step(one, "rollout").items()
+    }
     for step, record in by_step(two, "train").items():
         for key in KEYS:
             assert record[key] == pytest.approx(by_step(one, "train")[step][key], rel=1e-4, abs=1e-6), (step, key)
@@ -160,13 +171,23 @@ def submit_error(recipe, *overrides) -> str:
     from bdctl.launch import LaunchOptions
 
     with pytest.raises(UserError) as caught:
-        submit("minillm", recipe, ["stages.distill.method=minillm", *overrides], {"method": "minillm"}, LaunchOptions(), log=lambda m: None)
+        submit(
+            "minillm",
+            recipe,
+            ["stages.distill.method=minillm", *overrides],
+            {"method": "minillm"},
+            LaunchOptions(),
+            log=lambda m: None,
+        )
     assert caught.value.exit_code == 2 and "\n" not in str(caught.value)
     return str(caught.value)
 
 
+@pytest.mark.slow  # runs `bdctl distill` in a subprocess
 def test_bad_settings_are_one_line(tmp_path, monkeypatch):
-    result = run_cli("distill", "smoke", "--method", "minillm", "--set", "stages.distill.minillm.num_rollouts=20", cwd=tmp_path)
+    result = run_cli(
+        "distill", "smoke", "--method", "minillm", "--set", "stages.distill.minillm.num_rollouts=20", cwd=tmp_path
+    )
     assert_user_error(result, "minillm.num_rollouts (20) must be a multiple of batch_size (16)")
     monkeypatch.chdir(tmp_path)
     assert "stages.distill.minillm.ppo_epochs: input should be greater than or equal to 1, got 0" in submit_error(
@@ -175,7 +196,9 @@ def test_bad_settings_are_one_line(tmp_path, monkeypatch):
     assert "stages.distill.minillm.teacher_mix: input should be less than 1, got 1" in submit_error(
         "smoke", "stages.distill.minillm.teacher_mix=1"
     )
-    assert "teacher_mix: input should be greater than or equal to 0" in submit_error("smoke", "stages.distill.minillm.teacher_mix=-0.1")
+    assert "teacher_mix: input should be greater than or equal to 0" in submit_error(
+        "smoke", "stages.distill.minillm.teacher_mix=-0.1"
+    )
     recipe = str(write_recipe(tmp_path / "smoke.yaml"))
     assert f"run it first: bdctl sft {recipe} --model student" in submit_error(recipe)
     assert not (tmp_path / "runs/smoke/distill").exists()

@@ -82,7 +82,9 @@ def test_token_scores_rewards_and_weights_match_loops():
             raw = (log_p[i, t].item() - log_q[i, t].item()) / 0.5
             hit_clip |= raw < -100
             assert r[i, t].item() == pytest.approx(min(100.0, max(-100.0, raw)), rel=1e-12)
-            assert w[i, t].item() == pytest.approx(math.exp(log_q[i, t].item()) / math.exp(log_mix[i, t].item()), rel=1e-12)
+            assert w[i, t].item() == pytest.approx(
+                math.exp(log_q[i, t].item()) / math.exp(log_mix[i, t].item()), rel=1e-12
+            )
     assert hit_clip
 
 
@@ -186,8 +188,8 @@ def test_policy_loss_value_and_gradient_match_loop():
     terms = policy_loss(log_q, old, w, adv, valid, clip=0.2)
     want = policy_loop(log_q, old, w, adv, valid, 0.2)
     assert terms.loss.item() == pytest.approx(want.item(), rel=1e-12)
-    got_grad, = torch.autograd.grad(terms.loss, log_q)
-    want_grad, = torch.autograd.grad(want, log_q)
+    (got_grad,) = torch.autograd.grad(terms.loss, log_q)
+    (want_grad,) = torch.autograd.grad(want, log_q)
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-12)
     assert 0 < terms.clip_fraction.item() < 1  # both branches are exercised
     assert torch.all(got_grad[~valid] == 0)
@@ -265,7 +267,11 @@ def teacher_kd_loop(zs, zt):
 
 
 @pytest.mark.parametrize("chunk", [97, 1000, 4096])
-@pytest.mark.parametrize("lean, loop", [(lean_reverse_kl, reverse_kl_loop), (lean_teacher_kd, teacher_kd_loop)], ids=["reverse_kl", "teacher_kd"])
+@pytest.mark.parametrize(
+    "lean, loop",
+    [(lean_reverse_kl, reverse_kl_loop), (lean_teacher_kd, teacher_kd_loop)],
+    ids=["reverse_kl", "teacher_kd"],
+)
 def test_two_model_terms_match_loops_on_all_architectures(states, lean, loop, chunk):
     hs0, ws0 = states["student"]
     ht, wt = states["teacher"]
@@ -294,7 +300,9 @@ def test_two_model_terms_against_dense_forms_on_all_rows(states):
     for lean, want in dense.items():
         got = lean(hs, ws, ht, wt, chunk_size=300)
         assert got.item() == pytest.approx(want.item(), rel=1e-10)
-        for g, w in zip(torch.autograd.grad(got, (hs, ws)), torch.autograd.grad(want, (hs, ws), retain_graph=True), strict=True):
+        for g, w in zip(
+            torch.autograd.grad(got, (hs, ws)), torch.autograd.grad(want, (hs, ws), retain_graph=True), strict=True
+        ):
             torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
 
 
@@ -328,7 +336,9 @@ def test_the_whole_loss_matches_a_loop_reference_on_full_logits():
     zs = torch.randn(B, T, V, generator=gen, dtype=F64).requires_grad_()
     zt = torch.randn(B, T, V, generator=gen, dtype=F64)
     actions = torch.randint(0, V, (B, T), generator=gen)
-    old = torch.log_softmax(zs.detach() + 0.3 * torch.randn(B, T, V, generator=gen, dtype=F64), -1).gather(-1, actions[..., None])[..., 0]
+    old = torch.log_softmax(zs.detach() + 0.3 * torch.randn(B, T, V, generator=gen, dtype=F64), -1).gather(
+        -1, actions[..., None]
+    )[..., 0]
     w = torch.exp(torch.randn(B, T, generator=gen, dtype=F64) * 0.1)
     r = rewards(torch.log_softmax(zt, -1).gather(-1, actions[..., None])[..., 0], old, valid, scale=0.5, clip=100.0)
     adv = advantages(r, valid, discount=0.95, length_norm=True, whitened=True)
@@ -341,7 +351,7 @@ def test_the_whole_loss_matches_a_loop_reference_on_full_logits():
     ref_adv = whiten_loop(returns_loop(r, valid, 0.95, True), valid)
     reference = policy_loop(log_q, old, w, ref_adv, valid, 0.2) + reverse_kl_loop(flat_s, flat_t)
     assert total.item() == pytest.approx(reference.item(), rel=1e-12)
-    got, = torch.autograd.grad(total, zs, retain_graph=True)  # the two share log_q's graph
+    (got,) = torch.autograd.grad(total, zs, retain_graph=True)  # the two share log_q's graph
     torch.testing.assert_close(got, torch.autograd.grad(reference, zs)[0], rtol=1e-10, atol=1e-12)
 
 

@@ -68,7 +68,9 @@ def test_a_row_is_the_same_alone_or_in_a_batch_and_mix_zero_is_the_plain_sampler
     seeds = [rollout_seed(7, 0, i) for i in range(len(PROMPTS))]
     batch = mixed_sample(student, teacher, PROMPTS, seeds, mix=0.2, eos_id=EOS, pad_id=PAD, max_new_tokens=10)
     for i in range(len(PROMPTS)):
-        alone = mixed_sample(student, teacher, [PROMPTS[i]], [seeds[i]], mix=0.2, eos_id=EOS, pad_id=PAD, max_new_tokens=10)[0]
+        alone = mixed_sample(
+            student, teacher, [PROMPTS[i]], [seeds[i]], mix=0.2, eos_id=EOS, pad_id=PAD, max_new_tokens=10
+        )[0]
         assert alone.tokens == batch[i].tokens
         np.testing.assert_allclose(alone.log_q, batch[i].log_q, rtol=1e-9)
     # a = 0 samples the student alone: the evaluation sampler's tokens for the same seeds
@@ -102,9 +104,18 @@ def test_collated_rollouts_line_up_with_the_training_forward():
     student, teacher = _models("gpt2")
     own = MiniLLM()
     seeds = [rollout_seed(7, 4, i) for i in range(len(PROMPTS))]  # rows of different lengths (see above)
-    found = mixed_sample(student, teacher, PROMPTS, seeds, mix=own.teacher_mix, eos_id=EOS, pad_id=PAD, max_new_tokens=12)
+    found = mixed_sample(
+        student, teacher, PROMPTS, seeds, mix=own.teacher_mix, eos_id=EOS, pad_id=PAD, max_new_tokens=12
+    )
     rollouts = [
-        Rollout(row=i, tokens=np.asarray(f.tokens, dtype=np.int64), log_q=f.log_q, log_p=f.log_p, log_mix=f.log_mix, eos=f.finish_reason == "eos")
+        Rollout(
+            row=i,
+            tokens=np.asarray(f.tokens, dtype=np.int64),
+            log_q=f.log_q,
+            log_p=f.log_p,
+            log_mix=f.log_mix,
+            eos=f.finish_reason == "eos",
+        )
         for i, f in enumerate(found)
     ]
     assert len({len(r.tokens) for r in rollouts}) > 1
@@ -120,7 +131,9 @@ def test_collated_rollouts_line_up_with_the_training_forward():
         assert valid[i].sum() == n and batch["actions"][i, :n].tolist() == r.tokens.tolist()
         np.testing.assert_allclose(batch["weights"][i, :n].numpy(), np.exp(r.log_q - r.log_mix), rtol=1e-12)
     adv = batch["advantages"][valid]
-    assert abs(adv.mean().item()) < 1e-9 and abs(adv.std(unbiased=False).item() - 1) < 1e-6  # whitened over the minibatch
+    assert (
+        abs(adv.mean().item()) < 1e-9 and abs(adv.std(unbiased=False).item() - 1) < 1e-6
+    )  # whitened over the minibatch
 
 
 def test_collections_walk_the_seeded_prompt_order():
