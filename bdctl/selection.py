@@ -155,3 +155,12 @@ def check_rouge_selection(job, config, stage: str, student_positions: int | None
             f"tokens after prompts of up to data.max_prompt_length ({longest}); the model has {student_positions} "
             f"positions: set stages.eval.max_new_tokens to at most {room}"
         )
+
+
+def selection_facts(job, config) -> dict:
+    """What the manifest records about checkpoint selection: the protocol Rouge-L sampled with."""
+    protocols = selection_protocols(job, config)
+    if not protocols:
+        return {}
+    chosen = job.recipe.stages.eval.protocol(protocols[0])
+    return {"select_protocol": chosen.model_dump(), "select_prompts": config.select_prompts}

@@ -42,7 +42,7 @@ from typing import Any
 
 from bdctl.errors import UserError
 from bdctl.rundir import PREEMPT, manifest, mark_complete, read_json, recover_dir, replace_dir
-from bdctl.selection import better, per_protocol_key
+from bdctl.selection import better, per_protocol_key, selection_protocols
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"; rerun the same command to resume
 NONFINITE_EXIT_CODE = 3
@@ -356,3 +356,14 @@ def finish(out: Path, state: TrainState, rank: int, stage: str, metrics, select:
             steps=state.step, skipped_steps=state.skipped_steps, export="export", **facts,
         )  # fmt: skip
     dist.barrier()
+
+
+def loop_config(job, config, total_steps: int, per_epoch: int) -> LoopConfig:
+    """The loop settings of a training stage (sft, distill, minillm) from its recipe section."""
+    return LoopConfig(
+        total_steps=total_steps, steps_per_epoch=per_epoch, batch_size=config.batch_size,
+        micro_batch_size=config.micro_batch_size, seed=job.recipe.seed, eval_every=config.eval_every,
+        checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
+        on_nonfinite=config.on_nonfinite, fingerprint=job.fingerprint(),
+        select=config.select, keep_each_protocol=selection_protocols(job, config)[1:],
+    )  # fmt: skip

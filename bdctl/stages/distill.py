@@ -550,10 +550,9 @@ def run(job: Job, rank: int, world: int) -> None:
         resolve_precision,
     )  # fmt: skip
     from bdctl.models import hidden_size, load_model, load_tokenizer
-    from bdctl.selection import Validator
-    from bdctl.stages.sft import loop_config, selection_facts
+    from bdctl.selection import Validator, selection_facts
     from bdctl.tracking import MetricsLog, StepProgress
-    from bdctl.training import MicroBatch, finish, train_loop
+    from bdctl.training import MicroBatch, finish, loop_config, train_loop
 
     recipe, config, out = job.recipe, stage_config(job), job.stage_dir
     setup = make_setup(job)

@@ -411,10 +411,9 @@ def run(job: Job, rank: int, world: int) -> None:
     from bdctl.objectives.minillm import lean_log_probs, lean_reverse_kl, lean_teacher_kd, policy_loss
     from bdctl.rollouts import Both, mixed_sample, rollout_seed
     from bdctl.sampling import Lockstep, length_grouped_batches
-    from bdctl.selection import Validator
-    from bdctl.stages.sft import loop_config, selection_facts
+    from bdctl.selection import Validator, selection_facts
     from bdctl.tracking import MetricsLog, StepProgress
-    from bdctl.training import MicroBatch, finish, train_loop
+    from bdctl.training import MicroBatch, finish, loop_config, train_loop
 
     recipe, config, own, out = job.recipe, stage_config(job), settings(job), job.stage_dir
 

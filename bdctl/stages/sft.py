@@ -78,9 +78,9 @@ def run(job: Job, rank: int, world: int) -> None:
     )  # fmt: skip
     from bdctl.models import hidden_size, load_model, load_tokenizer
     from bdctl.objectives.lm import lean_cross_entropy
-    from bdctl.selection import Validator
+    from bdctl.selection import Validator, selection_facts
     from bdctl.tracking import MetricsLog, StepProgress
-    from bdctl.training import MicroBatch, finish, train_loop
+    from bdctl.training import MicroBatch, finish, loop_config, train_loop
 
     recipe, config, out = job.recipe, stage_config(job), job.stage_dir
 
@@ -124,27 +124,3 @@ def run(job: Job, rank: int, world: int) -> None:
             metrics=metrics, progress=progress,
         )  # fmt: skip
     finish(out, state, rank, job.stage_name, metrics, config.select, **selection_facts(job, config))
-
-
-def selection_facts(job: Job, config) -> dict:
-    """What the manifest records about checkpoint selection: the protocol Rouge-L sampled with."""
-    from bdctl.selection import selection_protocols
-
-    protocols = selection_protocols(job, config)
-    if not protocols:
-        return {}
-    chosen = job.recipe.stages.eval.protocol(protocols[0])
-    return {"select_protocol": chosen.model_dump(), "select_prompts": config.select_prompts}
-
-
-def loop_config(job: Job, config, total_steps: int, per_epoch: int):
-    from bdctl.selection import selection_protocols
-    from bdctl.training import LoopConfig
-
-    return LoopConfig(
-        total_steps=total_steps, steps_per_epoch=per_epoch, batch_size=config.batch_size,
-        micro_batch_size=config.micro_batch_size, seed=job.recipe.seed, eval_every=config.eval_every,
-        checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
-        on_nonfinite=config.on_nonfinite, fingerprint=job.fingerprint(),
-        select=config.select, keep_each_protocol=selection_protocols(job, config)[1:],
-    )  # fmt: skip

@@ -20,6 +20,8 @@ import pytest
 
 from tests.conftest import assert_user_error, run_cli, write_recipe
 
+pytestmark = pytest.mark.slow  # every test runs `bdctl distill --method minillm` (DeepSpeed) in a subprocess
+
 STEPS = 4
 SETTINGS = {
     "data__split__valid": 8,  # Rouge-L validation runs three times per run: keep it short
@@ -69,7 +71,6 @@ def one_rank(prepared, tmp_path_factory):
     return cwd, result, records_of(cwd)
 
 
-@pytest.mark.slow
 def test_minillm_to_completion(one_rank):
     cwd, result, records = one_rank
     assert "minillm: reverse KL by policy gradient" in result.stderr and "teacher mixed in at a = 0.2" in result.stderr
@@ -101,7 +102,6 @@ def test_minillm_to_completion(one_rank):
     assert json.loads((export / "MANIFEST.json").read_text())["step"] == best["step"]
 
 
-@pytest.mark.slow
 def test_sigkill_in_a_collection_then_rerun_resumes_exactly(one_rank, prepared, tmp_path):
     """Killed after the checkpoint of step 1, in the middle of the first collection: the rerun resumes
     on the checkpointed rollouts, collects the second collection again, and repeats every later step."""
@@ -147,7 +147,6 @@ def test_sigkill_in_a_collection_then_rerun_resumes_exactly(one_rank, prepared, 
     )
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("zero_inference", [False, True], ids=["whole_teacher", "partitioned_teacher"])
 def test_two_ranks_collect_the_same_rollouts_and_losses(one_rank, prepared, tmp_path, zero_inference):
     """2 ranks, the teacher a whole copy per rank or a ZeRO-3 inference engine partitioned over both
@@ -172,8 +171,8 @@ def test_two_ranks_collect_the_same_rollouts_and_losses(one_rank, prepared, tmp_
 
 def submit_error(recipe, *overrides) -> str:
     from bdctl.errors import UserError
-    from bdctl.launch import LaunchOptions
     from bdctl.submit import submit
+    from bdctl.launch import LaunchOptions
 
     with pytest.raises(UserError) as caught:
         submit(

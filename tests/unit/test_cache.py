@@ -158,11 +158,12 @@ def test_missing_manifest_is_refused(tmp_path):
 
 
 def test_damaged_shard_is_refused(tmp_path):
-    write_cache(tmp_path)
-    path = tmp_path / "w0001-000000.cand_probs.f16"
+    cache = tmp_path / "generate" / "cache"  # where the generate stage keeps it
+    write_cache(cache)
+    path = cache / "w0001-000000.cand_probs.f16"
     path.write_bytes(path.read_bytes()[:-2])
     with pytest.raises(UserError, match="w0001-000000 is damaged") as damaged:
-        TeacherCache(tmp_path)
+        TeacherCache(cache)
     # The hint names a command that repairs it (a plain rerun of a complete stage does nothing).
     assert str(damaged.value).endswith("make the cache again: bdctl generate RECIPE --force")
     assert remake_hint(tmp_path / "score_train" / "cache").endswith("bdctl generate RECIPE --score train --force")
