@@ -171,8 +171,8 @@ def test_two_ranks_collect_the_same_rollouts_and_losses(one_rank, prepared, tmp_
 
 def submit_error(recipe, *overrides) -> str:
     from bdctl.errors import UserError
-    from bdctl.submit import submit
     from bdctl.launch import LaunchOptions
+    from bdctl.submit import submit
 
     with pytest.raises(UserError) as caught:
         submit(
