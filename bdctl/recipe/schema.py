@@ -403,6 +403,11 @@ class MiniLLM(Section):
     pt_kd_ratio: float = Field(
         0.5, ge=0, le=1, description="k of the pretraining term L_PT = (1 - k) CE + k KD, live teacher ([P]: 0)."
     )
+    pretrain_term: bool | None = Field(
+        None,
+        description="MiniLLM's pretraining term L_PT on data.pretrain: true / false; null (default) = on when the "
+        "recipe has data.pretrain. MiniLLM's own switch: stages.distill.pretrain_term is BD's.",
+    )
     max_new_tokens: int = Field(
         256, gt=0, description="Longest rollout response (after prompts of up to data.max_prompt_length)."
     )
@@ -458,7 +463,8 @@ class DistillStage(Train):
     pretrain_term: bool | None = Field(
         None,
         description="The LM term on data.pretrain: true / false; null (default) = on for bd when data.pretrain "
-        "is set, off for the kd / seqkd baselines (MiniLLM trained them without it).",
+        "is set, off for the kd / seqkd baselines (MiniLLM trained them without it). minillm has its own switch "
+        "(stages.distill.minillm.pretrain_term).",
     )
     outside: Literal["q_min", "drop"] = Field(
         "q_min",

@@ -134,6 +134,11 @@ def make_setup(job: Job) -> Setup:
     )
 
 
+def dstar_name(stage: str) -> str:
+    """"D*" for the recipe's first D*, "D* (generate-<variant>)" for a variant of it."""
+    return "D*" if stage == "generate" else f"D* ({stage})"
+
+
 def describe(setup: Setup, job: Job) -> list[str]:
     """What the run does, in words (printed by the launching process and kept in metrics.jsonl)."""
     config = stage_config(job)
@@ -145,7 +150,7 @@ def describe(setup: Setup, job: Job) -> list[str]:
             None: "A_t = the whole vocabulary (p = 1)",
         }[setup.sets]
         form = "chunked lean form" if setup.variant == "paper" or setup.sets else "dense form (full logits)"
-        lines.append(f"bd ({setup.variant} variant, {form}) on D* ({setup.dstar}), {sets}")
+        lines.append(f"bd ({setup.variant} variant, {form}) on {dstar_name(setup.dstar)}, {sets}")
         if setup.outside == "drop":
             lines.append("outside: drop: D* actions outside A_t leave every term (METHOD.md 2.2; the paper's Eq. 17 gives them q_min)")
         if setup.anchor_coef > 0:
@@ -154,7 +159,7 @@ def describe(setup: Setup, job: Job) -> list[str]:
                 "this is not the paper's loss"
             )
     else:
-        data = "the golden training responses" if setup.method == "kd" else f"D* ({setup.dstar})"
+        data = "the golden training responses" if setup.method == "kd" else dstar_name(setup.dstar)
         teacher = {
             "cache": "teacher distribution from the sparse top-p cache, renormalised over each cached set: "
             "an approximation of exact KD",
@@ -222,7 +227,7 @@ def cache_stage_dir(job: Job, stage: str) -> Path:
 
     directory = job.run.stage(stage)
     if manifest(directory) is None:
-        what = "the teacher's scores of the golden responses" if stage == SCORE_STAGE else f"the teacher data D* ({stage})"
+        what = "the teacher's scores of the golden responses" if stage == SCORE_STAGE else f"the teacher data {dstar_name(stage)}"
         command = stage_command(stage, job.recipe_path)
         raise UserError(
             f"distill --method {job.options['method']} needs {what} ({directory} has not finished); run it first: {command}"

@@ -93,13 +93,15 @@ def plan(n_prompts: int, config: DistillStage) -> Plan:
 
 
 def uses_pretrain(job: Job, config: DistillStage) -> bool:
-    """The pretraining term: on by default when the recipe has data.pretrain (MiniLLM trains with it)."""
+    """The pretraining term: on by default when the recipe has data.pretrain (MiniLLM trains with it).
+    MiniLLM's own switch (stages.distill.minillm.pretrain_term), so that turning BD's off leaves it."""
     corpus = job.recipe.data.pretrain
-    if config.pretrain_term is None:
+    switch = config.minillm.pretrain_term
+    if switch is None:
         return corpus is not None and config.lm_coef > 0
-    if config.pretrain_term and corpus is None:
-        raise UserError("stages.distill.pretrain_term is true but the recipe has no data.pretrain corpus")
-    return bool(config.pretrain_term) and config.lm_coef > 0
+    if switch and corpus is None:
+        raise UserError("stages.distill.minillm.pretrain_term is true but the recipe has no data.pretrain corpus")
+    return switch and config.lm_coef > 0
 
 
 def describe(job: Job, config: DistillStage, pretrain: bool) -> list[str]:
