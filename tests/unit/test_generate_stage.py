@@ -184,7 +184,7 @@ def _lockstep_rank(rank: int, world: int, port: int, out: str) -> None:
     with torch.no_grad():
         first = int(model(torch.tensor([prompt])).logits[0, -1].argmax())
     forwards[0] = 0
-    config = SimpleNamespace(temperature=1.0, cache_top_p=0.8, cache_max_k=8)
+    config = SimpleNamespace(temperature=1.0, top_p=1.0, cache_top_p=0.8, cache_max_k=8)
     records = []
     # round 1: limits 3 / 7: rank 0's batch ends first; nobody stops early
     # round 2: rank 0 has no batch and idles in step with rank 1
@@ -195,7 +195,7 @@ def _lockstep_rank(rank: int, world: int, port: int, out: str) -> None:
         batch = [Item(rank, 0, 11, prompt, None, limits[rank])] if rank in limits else None
         tokenizer = SimpleNamespace(eos_token_id=eos, pad_token_id=PAD)
         if eos is not None:
-            config = SimpleNamespace(temperature=0.0, cache_top_p=0.8, cache_max_k=8)
+            config = SimpleNamespace(temperature=0.0, top_p=1.0, cache_top_p=0.8, cache_max_k=8)
         results = generate_batch(model, batch, tokenizer, config, lockstep)
         records.append({"forwards": forwards[0], "collectives": lockstep.steps, "tokens": [len(r[0]) for r in results]})
     dist.barrier()
