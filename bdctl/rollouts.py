@@ -33,7 +33,7 @@ from bdctl.errors import UserError
 from bdctl.models import config_positions
 from bdctl.objectives.lm import compute_dtype
 from bdctl.objectives.minillm import mixture_probs, token_scores
-from bdctl.sampling import FINISH_EOS, FINISH_LENGTH, _choose, _forward_logits, _row_uniforms
+from bdctl.sampling import FINISH_EOS, FINISH_LENGTH, _choose, _forward_logits, _row_uniforms, left_padded
 
 
 def rollout_seed(recipe_seed: int, step: int, prompt_id: int) -> int:
@@ -137,15 +137,7 @@ def mixed_sample(
         return []
     device = next(student.parameters()).device
     batch = len(prompts)
-    width = max(len(prompt) for prompt in prompts)
-    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((batch, width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
-        attention_mask[row, width - len(prompt) :] = 1
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp_min(0)  # left padding: real tokens from 0
-    next_position = torch.tensor([len(prompt) for prompt in prompts], device=device)
+    input_ids, attention_mask, position_ids, next_position = left_padded(prompts, pad_id, device)
     uniforms = _row_uniforms(seeds, max_new_tokens, device)
     live = torch.arange(batch, device=device)
 

@@ -476,6 +476,22 @@ def _forward_logits(model: torch.nn.Module, **inputs: Any) -> tuple[Tensor, Any]
     return out.logits[:, -1, :], out.past_key_values
 
 
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A left-padded prompt batch on `device`: input ids, attention mask, position ids and each row's
+    next position. Real tokens get positions 0, 1, ... whatever the padding in front of them;
+    padding gets 0 (it is masked out, any valid position will do)."""
+    batch, width = len(prompts), max(len(prompt) for prompt in prompts)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch, width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
+        attention_mask[row, width - len(prompt) :] = 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp_min(0)
+    next_position = torch.tensor([len(prompt) for prompt in prompts], device=device)
+    return input_ids, attention_mask, position_ids, next_position
+
+
 @torch.inference_mode()
 def sample(
     model: torch.nn.Module,
@@ -533,18 +549,7 @@ def sample(
         return []
     device = _model_device(model)
     batch = len(prompts)
-    width = max(len(prompt) for prompt in prompts)
-
-    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((batch, width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
-        attention_mask[row, width - len(prompt) :] = 1
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    # Real tokens get positions 0, 1, ... whatever the padding in front of them; padding gets 0
-    # (it is masked out, any valid position will do).
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp_min(0)
-    next_position = torch.tensor([len(prompt) for prompt in prompts], device=device)
+    input_ids, attention_mask, position_ids, next_position = left_padded(prompts, pad_id, device)
 
     uniforms = _row_uniforms(seeds, max_new_tokens, device)
     ban = _NGramBan(prompts, no_repeat_ngram_size) if no_repeat_ngram_size else None
