@@ -494,7 +494,9 @@ def open_cache(directory: str | Path) -> TeacherCache:
     return TeacherCache(directory)
 
 
-def check(cache: TeacherCache | str | Path, tokenizer_hash: str, p: float | None = None, max_k: int | None = None) -> None:
+def check(
+    cache: TeacherCache | str | Path, tokenizer_hash: str, p: float | None = None, max_k: int | None = None
+) -> None:
     """Refuse, with one line, a cache made with another tokenizer, or another ``p`` or ``max_k``
     when they are given."""
     if not isinstance(cache, TeacherCache):

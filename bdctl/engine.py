@@ -127,7 +127,14 @@ def check_batch_split(train: Train, stage: str, world_size: int) -> None:
 
 
 def deepspeed_config(
-    recipe: Recipe, train: Train, stage: str, world_size: int, total_steps: int, hidden_size: int, precision: str, gpu: bool
+    recipe: Recipe,
+    train: Train,
+    stage: str,
+    world_size: int,
+    total_steps: int,
+    hidden_size: int,
+    precision: str,
+    gpu: bool,
 ) -> dict[str, Any]:
     """The recipe's ZeRO config with every "auto" field filled in.
 

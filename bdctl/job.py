@@ -102,11 +102,11 @@ def resolve_weights(job: Job, ref: str, role: str = "student") -> ModelSpec | Pa
     if Path(ref).is_dir():
         return Path(ref)
     if stage.exists() or ref in KNOWN_STAGE_DIRS or ref.startswith("distill/"):
-        raise UserError(f"{ref}: that stage of {job.run.root} has not finished; run it first: {stage_command(ref, job.recipe_path)}")
+        raise UserError(
+            f"{ref}: that stage of {job.run.root} has not finished; run it first: {stage_command(ref, job.recipe_path)}"
+        )
     return ModelSpec(path=ref)
 
 
 def stage_module(stage: str) -> ModuleType:
     return importlib.import_module(STAGES[stage])
-
-

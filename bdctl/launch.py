@@ -47,7 +47,9 @@ class LaunchOptions:
             raise UserError(f"--master-port {self.master_port}: expected a port number from 1 to 65535")
         if not 0 <= self.node_rank < self.nnodes:
             last = self.nnodes - 1
-            raise UserError(f"--node-rank {self.node_rank}: expected a node rank from 0 to {last} (--nnodes {self.nnodes})")
+            raise UserError(
+                f"--node-rank {self.node_rank}: expected a node rank from 0 to {last} (--nnodes {self.nnodes})"
+            )
 
     def as_args(self) -> list[str]:
         """These options as command-line arguments again (for commands started on the user's behalf)."""
@@ -103,7 +105,8 @@ def slurm_environment() -> dict | None:
         "RANK": int(env["SLURM_PROCID"]),
         "WORLD_SIZE": int(env["SLURM_NTASKS"]),
         "LOCAL_RANK": int(env.get("SLURM_LOCALID", 0)),
-        "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]),
+        "MASTER_ADDR": env.get("MASTER_ADDR")
+        or first_host(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]),
         "MASTER_PORT": int(env.get("MASTER_PORT") or 29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000),
     }
 

@@ -33,9 +33,7 @@ def _rouge_scorer() -> Any:
 def rouge_l(prediction: str, references: Sequence[str]) -> float:
     """Rouge-L F-measure of ``prediction`` against its best reference, in [0, 100]."""
     if isinstance(references, str) or not references:
-        raise UserError(
-            f"rouge_l needs at least one reference (a list of strings) for prediction {prediction[:40]!r}"
-        )
+        raise UserError(f"rouge_l needs at least one reference (a list of strings) for prediction {prediction[:40]!r}")
     scorer = _rouge_scorer()
     candidate = prediction.strip()
     # rouge_score's score(target, prediction): the reference comes first.

@@ -1,7 +1,7 @@
 """The reproduction report: one Markdown page with the tables and figures a stage left behind.
 
-    runs/<name>/report.md
-    runs/<name>/figures/training_curves.png
+runs/<name>/report.md
+runs/<name>/figures/training_curves.png
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ def training_curves(run: RunDir, path: Path) -> Path | None:
         curves = {key: [(r["step"], r[key]) for r in evals if key in r] for key in keys}
         if any(curves.values()):
             twin = axes.twinx()
-            for (key, points), color in zip(curves.items(), ("tab:green", "tab:red", "tab:purple", "tab:brown"), strict=False):
+            for (key, points), color in zip(
+                curves.items(), ("tab:green", "tab:red", "tab:purple", "tab:brown"), strict=False
+            ):
                 if points:
                     label = "validation Rouge-L" + (f" ({key.split('@')[1]})" if "@" in key else "")
                     twin.plot(*zip(*points), "s--", ms=3, color=color, label=label)
@@ -162,7 +164,10 @@ def wall_time_table(run: RunDir) -> list[str]:
     if "distill/minillm" in times and "distill/bd" in times:
         mini, bd = times["distill/minillm"], times["distill/bd"]
         ratio = lambda a, b: f"{a / b:.1f}x" if b > 0 else "n/a"  # noqa: E731
-        lines += ["", f"MiniLLM / BD: {ratio(mini['to_best'], bd['to_best'])} to the best validation, {ratio(mini['total'], bd['total'])} in total."]
+        lines += [
+            "",
+            f"MiniLLM / BD: {ratio(mini['to_best'], bd['to_best'])} to the best validation, {ratio(mini['total'], bd['total'])} in total.",
+        ]
     return lines
 
 
@@ -194,12 +199,24 @@ def bd_diagnostics(run: RunDir) -> list[str]:
         ])  # fmt: skip
     if not rows:
         return []
-    headers = ["run", "outside share (first / last step)", "mean V", "mean |A_t|", "student mass on A_t", "anchor CE (last)", "kept step"]
+    headers = [
+        "run",
+        "outside share (first / last step)",
+        "mean V",
+        "mean |A_t|",
+        "student mass on A_t",
+        "anchor CE (last)",
+        "kept step",
+    ]
     return ["## Bellman Distill diagnostics", "", markdown_table(headers, rows).strip()]
 
 
 def write_report(run: RunDir, recipe: Recipe, recipe_arg: str, overrides: list[str], timings: dict[str, float]) -> Path:
-    sections = [f"# Reproduction report: {run.root.name}", "", f"Recipe: `{recipe_arg}`" + (f" with `{' '.join(overrides)}`" if overrides else "")]
+    sections = [
+        f"# Reproduction report: {run.root.name}",
+        "",
+        f"Recipe: `{recipe_arg}`" + (f" with `{' '.join(overrides)}`" if overrides else ""),
+    ]
     results = run.stage("eval") / "results.json"
     if results.is_file():
         sections += ["", *rouge_tables(json.loads(results.read_text()), recipe)]

@@ -68,7 +68,13 @@ def command_of(stage: Stage, recipe_path: Path, overrides: list[str], launcher_a
 
 
 def reproduce(
-    recipe_arg: str, overrides: list[str], launcher_args: list[str], start: str | None, only: str | None, dry_run: bool, log
+    recipe_arg: str,
+    overrides: list[str],
+    launcher_args: list[str],
+    start: str | None,
+    only: str | None,
+    dry_run: bool,
+    log,
 ) -> None:
     pipeline, run, recipe_path, recipe = plan(recipe_arg, overrides, start, only)
     timings_file = run.root / "reproduce.json"
@@ -87,7 +93,10 @@ def reproduce(
         started = time.time()
         returncode = subprocess.run(command).returncode
         if returncode != 0:
-            raise UserError(f"stage {stage.directory} failed (exit code {returncode}); rerun `bdctl reproduce` to continue", exit_code=returncode)
+            raise UserError(
+                f"stage {stage.directory} failed (exit code {returncode}); rerun `bdctl reproduce` to continue",
+                exit_code=returncode,
+            )
         timings[stage.directory] = round(time.time() - started, 1)
         write_json_atomic(timings_file, timings)
     if not dry_run and only is None:

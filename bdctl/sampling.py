@@ -260,7 +260,9 @@ class Capture:
             n = 1 + int((cum[:-1] < p).sum())
             kept[t], covered[t] = n, cum[n - 1]
             take[offsets[t] : offsets[t] + n] = True
-        return Capture(ids=self.ids[take], probs=self.probs[take], kept=kept, covered=covered.astype(self.covered.dtype))
+        return Capture(
+            ids=self.ids[take], probs=self.probs[take], kept=kept, covered=covered.astype(self.covered.dtype)
+        )
 
     def position(self, t: int) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, probs)`` of the set at position ``t``."""
@@ -476,7 +478,9 @@ def _forward_logits(model: torch.nn.Module, **inputs: Any) -> tuple[Tensor, Any]
     return out.logits[:, -1, :], out.past_key_values
 
 
-def left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def left_padded(
+    prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A left-padded prompt batch on `device`: input ids, attention mask, position ids and each row's
     next position. Real tokens get positions 0, 1, ... whatever the padding in front of them;
     padding gets 0 (it is masked out, any valid position will do)."""
@@ -580,7 +584,12 @@ def sample(
                 if banned is not scores:
                     scores, probs = banned, None
             tokens = _choose(
-                scores, uniforms[live, step], temperature=temperature, top_k=top_k, top_p=top_p, probs=probs,
+                scores,
+                uniforms[live, step],
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                probs=probs,
                 allowed=allowed,
             )
             step_rows.append(live)

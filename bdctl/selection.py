@@ -52,7 +52,9 @@ def validation_loss(engine, examples, micro_batch_size: int, pad_id: int, rank: 
     return global_mean(total, count, engine.device)
 
 
-def validation_rouge(engine, tokenizer, rows: list[dict], settings, seed: int, rank: int, world: int, protocol=None) -> float:
+def validation_rouge(
+    engine, tokenizer, rows: list[dict], settings, seed: int, rank: int, world: int, protocol=None
+) -> float:
     """Mean Rouge-L (0-100) of one sampled answer per validation row against its golden output.
 
     `settings`: the eval stage (max_new_tokens, batch_size, no_repeat_ngram_size); `protocol`: the

@@ -46,7 +46,9 @@ def wait_for_job(job: Job, job_file: Path, log, timeout: float | None = None) ->
     raise UserError(f"{job_file}: node 0 did not prepare the job within {timeout:.0f} s")
 
 
-def plan(stage: str, recipe_arg: str, overrides: list[str], options: dict[str, Any], launch_options: LaunchOptions) -> Job:
+def plan(
+    stage: str, recipe_arg: str, overrides: list[str], options: dict[str, Any], launch_options: LaunchOptions
+) -> Job:
     recipe, path = load_recipe(recipe_arg, overrides)
     run_root = str(RunDir.of(recipe).root)
     module = stage_module(stage)

@@ -252,7 +252,9 @@ def train_loop(
                 state.best_by_protocol[name] = [scores[key], state.step]
                 export_best({"step": state.step, "select": key, **scores}, f"best-{name}")
                 kept[name] = True
-        metrics.write(event="eval", step=state.step, **scores, best=improved, **({"best_per_protocol": kept} if kept else {}))
+        metrics.write(
+            event="eval", step=state.step, **scores, best=improved, **({"best_per_protocol": kept} if kept else {})
+        )
         shown = "  ".join(f"{name} {value:.4f}" for name, value in scores.items())
         progress.print(f"step {state.step}: {shown}{'  (best)' if improved else ''}")
 
@@ -299,7 +301,10 @@ def train_loop(
             state.step += 1
             keys = sorted(logs_sum)
             totals = all_sum([loss_sum, aux_sum, *[logs_sum[k] for k in keys]])
-            record = {"loss": totals[0] / global_count, **{k: v / global_count for k, v in zip(keys, totals[2:], strict=True)}}
+            record = {
+                "loss": totals[0] / global_count,
+                **{k: v / global_count for k, v in zip(keys, totals[2:], strict=True)},
+            }
             if global_aux:
                 record["method_loss"] = record["loss"]
                 record[config.aux_name] = totals[1] / global_aux

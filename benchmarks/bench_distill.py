@@ -95,7 +95,12 @@ def synthetic_batch(args, generator):
                 members[0] = response[t]
             sets.append(members)
         ids = np.concatenate(sets).astype(np.int32)
-        capture = Capture(ids=ids, probs=np.full(len(ids), 0.1, np.float32), kept=kept.astype(np.int32), covered=np.full(len(kept), 0.8, np.float32))
+        capture = Capture(
+            ids=ids,
+            probs=np.full(len(ids), 0.1, np.float32),
+            kept=kept.astype(np.int32),
+            covered=np.full(len(kept), 0.8, np.float32),
+        )
         examples.append((prompt, response.astype(np.int64), capture))
     return collate_examples(examples, pad, eos, with_sets=True)
 
@@ -107,7 +112,12 @@ def run_one(args) -> dict:
     from transformers import AutoModelForCausalLM, GPT2Config
 
     from bdctl.engine import (
-        deepspeed_config, hf_deepspeed_context, init_distributed, make_engine, make_inference_engine, policy_module,
+        deepspeed_config,
+        hf_deepspeed_context,
+        init_distributed,
+        make_engine,
+        make_inference_engine,
+        policy_module,
         quiet_libraries,
     )  # fmt: skip
     from bdctl.objectives.lm import IGNORE_INDEX, lean_cross_entropy
@@ -136,7 +146,9 @@ def run_one(args) -> dict:
     engine = make_engine(policy_module(AutoModelForCausalLM.from_config(gpt2(args.layers))), ds_config, 10, 0.0)
     teacher = None
     if args.config == "bd_live":
-        teacher = make_inference_engine(policy_module(AutoModelForCausalLM.from_config(gpt2(2 * args.layers))), ds_config)
+        teacher = make_inference_engine(
+            policy_module(AutoModelForCausalLM.from_config(gpt2(2 * args.layers))), ds_config
+        )
     batch = synthetic_batch(args, None)
     if args.config == "bd_live":  # the sets come from the teacher, not the cache
         del batch["cand_ids"], batch["cand_mask"]
@@ -150,7 +162,11 @@ def run_one(args) -> dict:
     def step():
         inputs = dict(batch)
         if args.config == "sft":
-            loss = engine(inputs["input_ids"], inputs["attention_mask"], loss_fn=lambda h, w: lean_cross_entropy(h, w, labels_full))
+            loss = engine(
+                inputs["input_ids"],
+                inputs["attention_mask"],
+                loss_fn=lambda h, w: lean_cross_entropy(h, w, labels_full),
+            )
         else:
             if teacher is not None:
                 with torch.no_grad():
@@ -160,7 +176,11 @@ def run_one(args) -> dict:
                     )  # fmt: skip
                 inputs["cand_ids"], inputs["cand_mask"] = frame_sets(valid, *found)
             dense = args.config.endswith("dense")
-            loss = engine(inputs["input_ids"], inputs["attention_mask"], loss_fn=lambda h, w: bd_terms(h, w, inputs, config, dense).loss)
+            loss = engine(
+                inputs["input_ids"],
+                inputs["attention_mask"],
+                loss_fn=lambda h, w: bd_terms(h, w, inputs, config, dense).loss,
+            )
             if args.config == "bd_pt":
                 loss = loss + engine(blocks, torch.ones_like(blocks), loss_fn=lambda h, w: pretrain_loss(h, w, blocks))
         engine.backward(loss)
@@ -198,7 +218,9 @@ def main() -> None:
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     shape = {k: getattr(args, k) for k in ("layers", "hidden", "vocab", "seq", "prompt", "micro", "k", "seed")}
-    print(f"student: GPT-2 {args.layers} layers, hidden {args.hidden}, vocabulary {args.vocab}; batch {args.micro} x {args.seq} tokens")
+    print(
+        f"student: GPT-2 {args.layers} layers, hidden {args.hidden}, vocabulary {args.vocab}; batch {args.micro} x {args.seq} tokens"
+    )
     results = {}
     for name in args.configs.split(","):
         command = [sys.executable, __file__, "--config", name, *[f"--{k}={v}" for k, v in shape.items()]]
@@ -208,7 +230,9 @@ def main() -> None:
             print(f"{name}: failed\n{done.stderr[-3000:]}")
             continue
         results[name] = json.loads(line[7:])
-        print(f"{name:15s} {results[name]['seconds']:8.2f} s  {results[name]['peak_mib']:9.1f} MiB peak above the step's start  loss {results[name]['loss']:.4g}")
+        print(
+            f"{name:15s} {results[name]['seconds']:8.2f} s  {results[name]['peak_mib']:9.1f} MiB peak above the step's start  loss {results[name]['loss']:.4g}"
+        )
 
     def ratio(a, b, key):
         return results[a][key] / results[b][key] if a in results and b in results and results[b][key] else float("nan")

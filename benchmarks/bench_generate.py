@@ -219,11 +219,15 @@ def main() -> None:
         print(f"  {label:<32}{results['tokens_per_s_wall'][name]:>12.0f}{results['tokens_per_s_cpu'][name]:>12.0f}")
     speed, over = results["speedup_vs_hf"], results["capture_overhead"]
     print(f"  {'speed-up vs HF (>= 3)':<32}{speed['wall']:>11.2f}x{speed['cpu']:>11.2f}x")
-    print(f"  {'capture time ratio (<= 1.10)':<32}{over['wall']:>11.3f}x{over['cpu']:>11.3f}x"
-          f"   (cpu median of pairs {pair_ratio:.3f}x)")
+    print(
+        f"  {'capture time ratio (<= 1.10)':<32}{over['wall']:>11.3f}x{over['cpu']:>11.3f}x"
+        f"   (cpu median of pairs {pair_ratio:.3f}x)"
+    )
     print(f"  {'cache bytes / token (<= 64)':<32}{cache['bytes_per_token']:>12.1f}   dense fp16: {2 * args.vocab}")
-    print(f"  {'top-p set size at p=%g' % args.top_p:<32}{kept.mean():>12.2f}   mean; median {np.median(kept):g}, "
-          f"p90 {np.percentile(kept, 90):g}, max {kept.max()}")
+    print(
+        f"  {'top-p set size at p=%g' % args.top_p:<32}{kept.mean():>12.2f}   mean; median {np.median(kept):g}, "
+        f"p90 {np.percentile(kept, 90):g}, max {kept.max()}"
+    )
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,11 @@ def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.Completed
     """
     assert _IN_SLOW_TEST[0], "a test that runs the CLI in a subprocess must be marked @pytest.mark.slow"
     # Drop a process group's variables that an in-process DeepSpeed test may have set.
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(PYTHONWARNINGS="ignore", NO_COLOR="1", COLUMNS="200")
     return subprocess.run(
         [sys.executable, "-m", "bdctl", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout

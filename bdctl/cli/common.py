@@ -17,7 +17,9 @@ import typer
 
 from bdctl.launch import LaunchOptions
 
-RecipeArg = Annotated[str, typer.Argument(help="Recipe file, or a recipe name from recipes/ (e.g. smoke).", show_default=False)]
+RecipeArg = Annotated[
+    str, typer.Argument(help="Recipe file, or a recipe name from recipes/ (e.g. smoke).", show_default=False)
+]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a recipe value: key.path=value (repeatable).", show_default=False),
@@ -91,7 +93,11 @@ def job_command(func: Callable) -> Callable:
 
     # Resolve the command's (string) annotations in its own module, so typer sees real types.
     hints = typing.get_type_hints(func, include_extras=True)
-    own = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in signature.parameters.values() if p.name != "launch"]
+    own = [
+        p.replace(annotation=hints.get(p.name, p.annotation))
+        for p in signature.parameters.values()
+        if p.name != "launch"
+    ]
     wrapper.__signature__ = signature.replace(parameters=own + LAUNCH_PARAMETERS, return_annotation=None)
     wrapper.__annotations__ = {p.name: p.annotation for p in own + LAUNCH_PARAMETERS}
     del wrapper.__wrapped__  # typer must read __signature__, not the wrapped function's

@@ -33,12 +33,15 @@ def distill(
     recipe: RecipeArg,
     method: Annotated[
         Method | None,
-        typer.Option("--method", "-m", help="Objective (default: the recipe's stages.distill.method, bd).", show_default=False),
+        typer.Option(
+            "--method", "-m", help="Objective (default: the recipe's stages.distill.method, bd).", show_default=False
+        ),
     ] = None,
     ablation: Annotated[
         str | None,
         typer.Option(
-            "--ablation", "-a",
+            "--ablation",
+            "-a",
             help="Run one BD ablation of stages.distill.ablations (e.g. bd-p1.0, bd-chi2-off, bd-released) "
             "into runs/<name>/distill/<ablation>.",
             show_default=False,

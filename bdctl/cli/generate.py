@@ -63,7 +63,15 @@ def generate(
         from bdctl.rundir import manifest
         from bdctl.submit import submit
 
-        job = submit("generate", recipe, set_ or [], {"score": score.value if score else None, **({"variant": variant} if variant else {})}, launch, force, log=say)
+        job = submit(
+            "generate",
+            recipe,
+            set_ or [],
+            {"score": score.value if score else None, **({"variant": variant} if variant else {})},
+            launch,
+            force,
+            log=say,
+        )
         done = None if launch.dry_run else manifest(job.stage_dir)
         if done is not None:
             sizes = ", ".join(f"{p}: {n:.1f}" for p, n in done["top_p_mean_set_size"].items())

@@ -28,7 +28,9 @@ def judge(
     backend: Annotated[
         Backend | None,
         typer.Option(
-            "--backend", "-b", show_default=False,
+            "--backend",
+            "-b",
+            show_default=False,
             help="hf: a local causal LM compares the probabilities of A, B and Tie (stages.judge.hf_model); "
             "openai: any OpenAI-compatible chat-completions endpoint. Default: stages.judge.backend.",
         ),

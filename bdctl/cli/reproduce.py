@@ -21,7 +21,9 @@ EXAMPLE = """[bold]Examples[/]
 def reproduce(
     recipe: RecipeArg,
     set_: SetOpt = None,
-    start: Annotated[str | None, typer.Option("--from", help="Start at this stage (e.g. generate, distill/bd).", show_default=False)] = None,
+    start: Annotated[
+        str | None, typer.Option("--from", help="Start at this stage (e.g. generate, distill/bd).", show_default=False)
+    ] = None,
     only: Annotated[str | None, typer.Option("--only", help="Run just this stage.", show_default=False)] = None,
     *,
     launch: LaunchOptions,

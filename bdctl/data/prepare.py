@@ -39,7 +39,10 @@ class PreparedData:
 
 def data_fingerprint(recipe: Recipe) -> str:
     """Everything that decides the data stage's output; a change means a different run directory."""
-    relevant = {"data": recipe.data.model_dump(mode="json"), "tokenizer": recipe.models.tokenizer.model_dump(mode="json")}
+    relevant = {
+        "data": recipe.data.model_dump(mode="json"),
+        "tokenizer": recipe.models.tokenizer.model_dump(mode="json"),
+    }
     if recipe.models.tokenizer.train is None and recipe.models.tokenizer.path is None:
         relevant["teacher"] = recipe.models.teacher.model_dump(mode="json")
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
@@ -98,7 +101,9 @@ def load_instructions(recipe: Recipe) -> list[dict]:
         records = [(f"synthetic {i}", row) for i, row in enumerate(rows)]
         fields = None
     else:
-        records = read_records(source.path) if source.path else read_hub(source.hub, source.hub_config, source.hub_split)
+        records = (
+            read_records(source.path) if source.path else read_hub(source.hub, source.hub_config, source.hub_split)
+        )
         fields = source.fields
     examples = []
     for index, (where, record) in enumerate(records):

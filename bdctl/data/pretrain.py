@@ -119,8 +119,14 @@ def prepare_blocks(recipe, run: RunDir, tokenizer, needed: int, log=print) -> Pr
     array.astype(_DTYPE).tofile(tmp / BLOCKS_FILE)
     mark_complete(tmp, fingerprint=fingerprint, block_size=corpus.block_size, source=where, **counts)
     replace_dir(tmp, directory)
-    cycled = " (the corpus is smaller than one pass of the run: its blocks are reused)" if counts["exhausted"] and len(array) < needed else ""
-    log(f"pretraining corpus: {len(array)} blocks of {corpus.block_size} tokens from {counts['documents']} documents of {where}{cycled}")
+    cycled = (
+        " (the corpus is smaller than one pass of the run: its blocks are reused)"
+        if counts["exhausted"] and len(array) < needed
+        else ""
+    )
+    log(
+        f"pretraining corpus: {len(array)} blocks of {corpus.block_size} tokens from {counts['documents']} documents of {where}{cycled}"
+    )
     return PretrainBlocks(directory, limit=needed)
 
 
@@ -141,7 +147,9 @@ class PretrainBlocks:
         path = self.directory / BLOCKS_FILE
         total = path.stat().st_size // (_DTYPE.itemsize * self.block_size)
         if total != info["blocks"]:
-            raise UserError(f"{path}: holds {total} blocks, its manifest says {info['blocks']}; delete {self.directory}")
+            raise UserError(
+                f"{path}: holds {total} blocks, its manifest says {info['blocks']}; delete {self.directory}"
+            )
         self._blocks = np.memmap(path, dtype=_DTYPE, mode="r", shape=(total, self.block_size))
         # A run reads only the first `limit` blocks, so a repack with more blocks changes nothing.
         self.n_blocks = total if limit is None else min(total, max(1, limit))

@@ -138,7 +138,7 @@ def _capitalise(sentence: str) -> str:
 
 
 def _and_list(items: Sequence[str]) -> str:
-    """"a, b and c" - the natural-language list used in answers."""
+    """ "a, b and c" - the natural-language list used in answers."""
     if len(items) == 1:
         return items[0]
     return ", ".join(items[:-1]) + " and " + items[-1]
@@ -295,8 +295,9 @@ def _example(instruction: str, input_: str, output: str) -> Example:
     return {"instruction": instruction, "input": input_, "output": output}
 
 
-def _inline_or_input(rng: random.Random, inline: Sequence[str], with_input: Sequence[str],
-                     data: str, **fields: str) -> tuple[str, str]:
+def _inline_or_input(
+    rng: random.Random, inline: Sequence[str], with_input: Sequence[str], data: str, **fields: str
+) -> tuple[str, str]:
     """Pick a template: inline ones get the data after a colon, the others in `input`."""
     k = rng.randrange(len(inline) + len(with_input))
     if k < len(inline):
@@ -309,22 +310,31 @@ def _arithmetic(rng: random.Random) -> Example:
     if op == "plus":
         a, b = rng.randrange(21), rng.randrange(21)
         c = a + b
-        inline = ("What is {a} plus {b}?", "Add {a} and {b}.", "What is the sum of {a} and {b}?",
-                  "If you have {a} and get {b} more, how many do you have?")
+        inline = (
+            "What is {a} plus {b}?",
+            "Add {a} and {b}.",
+            "What is the sum of {a} and {b}?",
+            "If you have {a} and get {b} more, how many do you have?",
+        )
     elif op == "minus":
         a = rng.randrange(21)
         b = rng.randrange(a + 1)  # results stay non-negative: number words only go up from zero
         c = a - b
-        inline = ("What is {a} minus {b}?", "Subtract {b} from {a}.",
-                  "Take {b} away from {a}. What is left?",
-                  "If you have {a} and lose {b}, how many are left?")
+        inline = (
+            "What is {a} minus {b}?",
+            "Subtract {b} from {a}.",
+            "Take {b} away from {a}. What is left?",
+            "If you have {a} and lose {b}, how many are left?",
+        )
     else:
         a, b = rng.randrange(11), rng.randrange(11)
         c = a * b
-        inline = ("What is {a} times {b}?", "Multiply {a} by {b}.",
-                  "What is the product of {a} and {b}?")
-    with_input = ("Work out the answer in words.", "Solve this and write the answer as a sentence.",
-                  "Compute the following.")
+        inline = ("What is {a} times {b}?", "Multiply {a} by {b}.", "What is the product of {a} and {b}?")
+    with_input = (
+        "Work out the answer in words.",
+        "Solve this and write the answer as a sentence.",
+        "Compute the following.",
+    )
     wa, wb = number_word(a), number_word(b)
     k = rng.randrange(len(inline) + len(with_input))
     if k < len(inline):
@@ -342,21 +352,23 @@ def _sorting(rng: random.Random) -> Example:
     if kind == "alphabetical":
         items = rng.sample(NOUNS, k)
         answer = sorted(items)
-        inline = ("Sort these words in alphabetical order: {data}.",
-                  "Put the following words in alphabetical order: {data}.",
-                  "Arrange these words from A to Z: {data}.")
-        with_input = ("Sort the words below alphabetically.",
-                      "Put these words in alphabetical order.")
+        inline = (
+            "Sort these words in alphabetical order: {data}.",
+            "Put the following words in alphabetical order: {data}.",
+            "Arrange these words from A to Z: {data}.",
+        )
+        with_input = ("Sort the words below alphabetically.", "Put these words in alphabetical order.")
         prefix = "In alphabetical order"
     else:
         items = [str(x) for x in rng.sample(range(1, 100), k)]
         answer = sorted(items, key=int, reverse=kind == "descending")
         direction = "smallest to largest" if kind == "ascending" else "largest to smallest"
-        inline = (f"Sort these numbers from {direction}: {{data}}.",
-                  f"Order the following numbers from {direction}: {{data}}.",
-                  f"Arrange from {direction}: {{data}}.")
-        with_input = (f"Sort the numbers below from {direction}.",
-                      f"Put these numbers in order from {direction}.")
+        inline = (
+            f"Sort these numbers from {direction}: {{data}}.",
+            f"Order the following numbers from {direction}: {{data}}.",
+            f"Arrange from {direction}: {{data}}.",
+        )
+        with_input = (f"Sort the numbers below from {direction}.", f"Put these numbers in order from {direction}.")
         prefix = _capitalise(f"from {direction}")
     instruction, input_ = _inline_or_input(rng, inline, with_input, ", ".join(items))
     return _example(instruction, input_, f"{prefix}: {', '.join(answer)}.")
@@ -366,11 +378,16 @@ def _reversing(rng: random.Random) -> Example:
     items = rng.sample(NOUNS, rng.randrange(3, 6))
     # Space- or comma-separated input: the model must not rely on punctuation to find items.
     data = (" " if rng.random() < 0.5 else ", ").join(items)
-    inline = ("Reverse the order of these words: {data}.",
-              "Write these words backwards, last one first: {data}.",
-              "What is the reverse of this list: {data}?")
-    with_input = ("List the words below in reverse order.", "Reverse this list of words.",
-                  "Write these words in the opposite order.")
+    inline = (
+        "Reverse the order of these words: {data}.",
+        "Write these words backwards, last one first: {data}.",
+        "What is the reverse of this list: {data}?",
+    )
+    with_input = (
+        "List the words below in reverse order.",
+        "Reverse this list of words.",
+        "Write these words in the opposite order.",
+    )
     instruction, input_ = _inline_or_input(rng, inline, with_input, data)
     return _example(instruction, input_, f"In reverse order: {', '.join(reversed(items))}.")
 
@@ -378,22 +395,28 @@ def _reversing(rng: random.Random) -> Example:
 def _counting(rng: random.Random) -> Example:
     if rng.random() < 0.5:
         items = rng.sample(NOUNS, rng.randrange(2, 10))
-        inline = ("How many words are in this list: {data}?", "Count the words: {data}.",
-                  "How many items are there: {data}?")
+        inline = (
+            "How many words are in this list: {data}?",
+            "Count the words: {data}.",
+            "How many items are there: {data}?",
+        )
         with_input = ("How many words are in the list below?", "Count the items in this list.")
         instruction, input_ = _inline_or_input(rng, inline, with_input, ", ".join(items))
-        return _example(instruction, input_,
-                        f"There are {number_word(len(items))} words in the list.")
+        return _example(instruction, input_, f"There are {number_word(len(items))} words in the list.")
     word = rng.choice(NOUNS)
     absent = [c for c in ALPHABET if c not in word]
     # Mostly ask about letters that occur (weighted by frequency); sometimes about one that
     # does not, so "zero" is learnt as a distinct answer.
     letter = rng.choice(absent) if rng.random() < 0.15 else rng.choice(word)
-    inline = (f"How many times does the letter {letter} appear in the word {word}?",
-              f"Count how often the letter {letter} occurs in {word}.",
-              f"In the word {word}, how many times do you see the letter {letter}?")
-    with_input = (f"How many times does the letter {letter} appear in this word?",
-                  f"Count the letter {letter} in the word below.")
+    inline = (
+        f"How many times does the letter {letter} appear in the word {word}?",
+        f"Count how often the letter {letter} occurs in {word}.",
+        f"In the word {word}, how many times do you see the letter {letter}?",
+    )
+    with_input = (
+        f"How many times does the letter {letter} appear in this word?",
+        f"Count the letter {letter} in the word below.",
+    )
     k = rng.randrange(len(inline) + len(with_input))
     if k < len(inline):
         instruction, input_ = inline[k], ""
@@ -410,8 +433,9 @@ def _counting(rng: random.Random) -> Example:
 def _phrase(rng: random.Random) -> str:
     a, n1, n2 = rng.choice(ADJECTIVES), rng.choice(NOUNS), rng.choice(NOUNS)
     # "a" only ever precedes an adjective (all consonant-initial); nouns get "the".
-    return rng.choice((f"the {a} {n1}", f"a {a} {n1}", f"the {n1} and the {n2}",
-                       f"{a} {n1} by the {n2}", f"a {a} {n1} on the {n2}"))
+    return rng.choice(
+        (f"the {a} {n1}", f"a {a} {n1}", f"the {n1} and the {n2}", f"{a} {n1} by the {n2}", f"a {a} {n1} on the {n2}")
+    )
 
 
 def _formatting(rng: random.Random) -> Example:
@@ -419,80 +443,75 @@ def _formatting(rng: random.Random) -> Example:
     if kind == "upper":
         data = _phrase(rng)
         output = data.upper()
-        inline = ("Write this phrase in capital letters: {data}.",
-                  "Convert to uppercase: {data}.")
-        with_input = ("Rewrite the phrase below in capital letters.",
-                      "Make this phrase uppercase.")
+        inline = ("Write this phrase in capital letters: {data}.", "Convert to uppercase: {data}.")
+        with_input = ("Rewrite the phrase below in capital letters.", "Make this phrase uppercase.")
     elif kind == "title":
         data = _phrase(rng)
         output = " ".join(_capitalise(w) for w in data.split())
-        inline = ("Write this phrase in title case: {data}.",
-                  "Start every word with a capital letter: {data}.")
-        with_input = ("Put the phrase below in title case.",
-                      "Rewrite this so that every word starts with a capital letter.")
+        inline = ("Write this phrase in title case: {data}.", "Start every word with a capital letter: {data}.")
+        with_input = (
+            "Put the phrase below in title case.",
+            "Rewrite this so that every word starts with a capital letter.",
+        )
     elif kind == "commas":
         items = rng.sample(NOUNS, rng.randrange(3, 6))
         data, output = " ".join(items), ", ".join(items)
-        inline = ("Join these words with commas: {data}.",
-                  "Separate these words with commas: {data}.")
+        inline = ("Join these words with commas: {data}.", "Separate these words with commas: {data}.")
         with_input = ("Put commas between the words below.", "Join this list with commas.")
     else:
         items = rng.sample(NOUNS, rng.randrange(3, 6))
         data, output = ", ".join(items), "\n".join(f"- {w}" for w in items)
-        inline = ("Make a bulleted list from these words: {data}.",
-                  "Turn this into a bullet list: {data}.")
-        with_input = ("Write the words below as a bulleted list.",
-                      "Make a bullet list of these items.")
+        inline = ("Make a bulleted list from these words: {data}.", "Turn this into a bullet list: {data}.")
+        with_input = ("Write the words below as a bulleted list.", "Make a bullet list of these items.")
     instruction, input_ = _inline_or_input(rng, inline, with_input, data)
     return _example(instruction, input_, output)
 
 
 def _facts(rng: random.Random) -> Example:
     kb = KNOWLEDGE_BASE
-    kind = rng.choice(
-        ("colour", "food", "home", "country", "famous", "job", "lives", "lives_country")
-    )
+    kind = rng.choice(("colour", "food", "home", "country", "famous", "job", "lives", "lives_country"))
     if kind in ("colour", "food", "home"):
         c = rng.choice(kb.creatures)
         if kind == "colour":
-            inline = ("What colour is a {x}?", "Tell me the colour of a {x}.",
-                      "Which colour does a {x} have?")
+            inline = ("What colour is a {x}?", "Tell me the colour of a {x}.", "Which colour does a {x} have?")
             with_input = "What colour is this creature?"
             output = f"A {c.name} is {c.colour}."
         elif kind == "food":
-            inline = ("What does a {x} eat?", "What is the favourite food of a {x}?",
-                      "Tell me what a {x} likes to eat.")
+            inline = (
+                "What does a {x} eat?",
+                "What is the favourite food of a {x}?",
+                "Tell me what a {x} likes to eat.",
+            )
             with_input = "What does this creature eat?"
             output = f"A {c.name} eats {c.food}."
         else:
-            inline = ("Where does a {x} live?", "Where can you find a {x}?",
-                      "Tell me where a {x} lives.")
+            inline = ("Where does a {x} live?", "Where can you find a {x}?", "Tell me where a {x} lives.")
             with_input = "Where does this creature live?"
             output = f"A {c.name} lives in {c.home}."
         subject = c.name
     elif kind in ("country", "famous"):
         city = rng.choice(kb.cities)
         if kind == "country":
-            inline = ("Which country is {x} in?", "In what country can you find {x}?",
-                      "Tell me the country of {x}.")
+            inline = ("Which country is {x} in?", "In what country can you find {x}?", "Tell me the country of {x}.")
             with_input = "Which country is this city in?"
             output = f"{city.name} is in {city.country}."
         else:
-            inline = ("What is {x} famous for?", "What is {x} known for?",
-                      "Tell me what the city of {x} is famous for.")
+            inline = (
+                "What is {x} famous for?",
+                "What is {x} known for?",
+                "Tell me what the city of {x} is famous for.",
+            )
             with_input = "What is this city famous for?"
             output = f"{city.name} is famous for its {city.famous_for}."
         subject = city.name
     else:
         p = rng.choice(kb.people)
         if kind == "job":
-            inline = ("What does {x} do for work?", "What is the job of {x}?",
-                      "Tell me what job {x} has.")
+            inline = ("What does {x} do for work?", "What is the job of {x}?", "Tell me what job {x} has.")
             with_input = "What is the job of this person?"
             output = f"{p.name} is a {p.job}."
         elif kind == "lives":
-            inline = ("Where does {x} live?", "Which city is {x} from?",
-                      "Tell me the city where {x} lives.")
+            inline = ("Where does {x} live?", "Which city is {x} from?", "Tell me the city where {x} lives.")
             with_input = "Which city does this person live in?"
             output = f"{p.name} lives in {p.city}."
         else:
@@ -513,25 +532,31 @@ def _letters(rng: random.Random) -> Example:
     if kind == "next":
         i = rng.randrange(25)
         letter = ALPHABET[i]
-        templates = (f"What letter comes after {letter}?",
-                     f"Which letter follows {letter} in the alphabet?",
-                     f"Name the letter that comes right after {letter}.")
+        templates = (
+            f"What letter comes after {letter}?",
+            f"Which letter follows {letter} in the alphabet?",
+            f"Name the letter that comes right after {letter}.",
+        )
         output = f"The letter after {letter} is {ALPHABET[i + 1]}."
         return _example(rng.choice(templates), "", output)
     if kind == "previous":
         i = rng.randrange(1, 26)
         letter = ALPHABET[i]
-        templates = (f"What letter comes before {letter}?",
-                     f"Which letter is just before {letter} in the alphabet?",
-                     f"Name the letter that comes right before {letter}.")
+        templates = (
+            f"What letter comes before {letter}?",
+            f"Which letter is just before {letter} in the alphabet?",
+            f"Name the letter that comes right before {letter}.",
+        )
         output = f"The letter before {letter} is {ALPHABET[i - 1]}."
         return _example(rng.choice(templates), "", output)
     if kind == "next_three":
         i = rng.randrange(23)
         letter = ALPHABET[i]
-        templates = (f"What are the three letters after {letter}?",
-                     f"Which three letters follow {letter} in the alphabet?")
-        output = f"The three letters after {letter} are {_and_list(list(ALPHABET[i + 1:i + 4]))}."
+        templates = (
+            f"What are the three letters after {letter}?",
+            f"Which three letters follow {letter} in the alphabet?",
+        )
+        output = f"The three letters after {letter} are {_and_list(list(ALPHABET[i + 1 : i + 4]))}."
         return _example(rng.choice(templates), "", output)
     word = rng.choice(NOUNS)
     if kind == "spell":
@@ -539,8 +564,7 @@ def _letters(rng: random.Random) -> Example:
         with_input = "Spell the word below one letter at a time."
         output = f"The word {word} is spelled {', '.join(word)}."
     else:
-        inline = (f"What is the first letter of {word}?",
-                  f"Which letter does the word {word} start with?")
+        inline = (f"What is the first letter of {word}?", f"Which letter does the word {word} start with?")
         with_input = "What is the first letter of this word?"
         output = f"The first letter of {word} is {word[0]}."
     k = rng.randrange(len(inline) + 1)
@@ -570,9 +594,7 @@ def _check_families(families: Sequence[str] | None) -> list[str]:
     chosen: list[str] = []
     for name in families:
         if name not in _GENERATORS:
-            raise UserError(
-                f"unknown synthetic task family {name!r}; valid names: {', '.join(FAMILIES)}"
-            )
+            raise UserError(f"unknown synthetic task family {name!r}; valid names: {', '.join(FAMILIES)}")
         if name not in chosen:
             chosen.append(name)
     if not chosen:
@@ -580,9 +602,7 @@ def _check_families(families: Sequence[str] | None) -> list[str]:
     return chosen
 
 
-def synthetic_instructions(
-    n: int, seed: int, families: Sequence[str] | None = None
-) -> list[dict[str, str]]:
+def synthetic_instructions(n: int, seed: int, families: Sequence[str] | None = None) -> list[dict[str, str]]:
     """`n` instruction examples drawn deterministically from `seed`.
 
     Each record is {"instruction", "input" ("" when none), "output", "family"}. Families are
@@ -612,8 +632,7 @@ def synthetic_instructions(
 def _creature_sentences(rng: random.Random, c: Creature) -> list[str]:
     sentences = [
         rng.choice((f"The {c.name} is a {c.colour} creature.", f"A {c.name} is {c.colour}.")),
-        rng.choice((f"A {c.name} eats {c.food}.",
-                    f"The favourite food of a {c.name} is {c.food}.")),
+        rng.choice((f"A {c.name} eats {c.food}.", f"The favourite food of a {c.name} is {c.food}.")),
         rng.choice((f"A {c.name} lives in {c.home}.", f"You can find a {c.name} in {c.home}.")),
     ]
     rng.shuffle(sentences)
@@ -622,10 +641,10 @@ def _creature_sentences(rng: random.Random, c: Creature) -> list[str]:
 
 def _city_sentences(rng: random.Random, city: City) -> list[str]:
     sentences = [
-        rng.choice((f"{city.name} is a city in {city.country}.",
-                    f"{city.name} is in {city.country}.")),
-        rng.choice((f"{city.name} is famous for its {city.famous_for}.",
-                    f"People know {city.name} for its {city.famous_for}.")),
+        rng.choice((f"{city.name} is a city in {city.country}.", f"{city.name} is in {city.country}.")),
+        rng.choice(
+            (f"{city.name} is famous for its {city.famous_for}.", f"People know {city.name} for its {city.famous_for}.")
+        ),
     ]
     residents = [p for p in KNOWLEDGE_BASE.people if p.city == city.name]
     if residents:
@@ -639,8 +658,7 @@ def _person_sentences(rng: random.Random, p: Person) -> list[str]:
     country = KNOWLEDGE_BASE.city(p.city).country
     return [
         f"{p.name} is a {p.job}.",
-        rng.choice((f"{p.name} lives in {p.city}.",
-                    f"{p.name} lives in {p.city}, which is in {country}.")),
+        rng.choice((f"{p.name} lives in {p.city}.", f"{p.name} lives in {p.city}, which is in {country}.")),
         f"{p.city} is in {country}.",
     ]
 
@@ -715,8 +733,7 @@ def _document(rng: random.Random) -> str:
         for p in rng.sample(kb.people, rng.randrange(1, 3)):
             sentences += _person_sentences(rng, p)
     else:
-        make = {"numbers": _number_sentence, "words": _word_sentence,
-                "letters": _letter_sentence}[theme]
+        make = {"numbers": _number_sentence, "words": _word_sentence, "letters": _letter_sentence}[theme]
         sentences = [make(rng) for _ in range(rng.randrange(3, 7))]
     return " ".join(sentences)
 
@@ -728,8 +745,6 @@ def synthetic_corpus(n_docs: int, seed: int) -> list[str]:
     paraphrases), so pretraining already stores what the instruction tuning later asks for.
     """
     if isinstance(n_docs, bool) or not isinstance(n_docs, int) or n_docs < 0:
-        raise UserError(
-            f"number of corpus documents must be a non-negative integer, got {n_docs!r}"
-        )
+        raise UserError(f"number of corpus documents must be a non-negative integer, got {n_docs!r}")
     rng = random.Random(seed)
     return [_document(rng) for _ in range(n_docs)]

@@ -11,9 +11,7 @@ from bdctl.recipe.schema import Template
 
 DEFAULT_TEMPLATE = Template(
     without_input=(
-        "Here is a task. Write an answer that carries it out.\n\n"
-        "### Instruction:\n{instruction}\n\n"
-        "### Response:\n"
+        "Here is a task. Write an answer that carries it out.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
     ),
     with_input=(
         "Here is a task, with some input to work on. Write an answer that carries it out.\n\n"

@@ -66,10 +66,7 @@ def _percent(fraction: float) -> float:
 def _annotation(record: WinRate) -> str:
     if math.isnan(record.win_rate):
         return f"win rate n/a ({record.unparseable} unparsed)"
-    text = (
-        f"{100 * record.win_rate:.1f}% [{100 * record.ci_low:.1f}, {100 * record.ci_high:.1f}]"
-        f"  n={record.pairs}"
-    )
+    text = f"{100 * record.win_rate:.1f}% [{100 * record.ci_low:.1f}, {100 * record.ci_high:.1f}]  n={record.pairs}"
     if record.unparseable:
         text += f", {record.unparseable} unparsed"
     # Beside the rate, how far the judge followed the answers rather than their positions.

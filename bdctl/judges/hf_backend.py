@@ -78,7 +78,9 @@ class HFJudge:
 
         directory = Path(path)
         if not (directory / "config.json").is_file():
-            raise UserError(f"judge model directory {directory} has no config.json; expected a saved transformers model")
+            raise UserError(
+                f"judge model directory {directory} has no config.json; expected a saved transformers model"
+            )
         torch_dtype: Any = dtype if dtype == "auto" else getattr(torch, dtype, None)
         if torch_dtype is None:
             raise UserError(f"judge dtype {dtype!r} is not a torch dtype (expected auto, float32, bfloat16, ...)")

@@ -87,7 +87,11 @@ class OpenAIJudge:
         for name, value in (("concurrency", concurrency), ("max_tries", max_tries), ("max_tokens", max_tokens)):
             if value < 1:
                 raise UserError(f"judge setting {name} is {value}, expected at least 1")
-        for name, number in (("timeout_s", timeout_s), ("backoff_base_s", backoff_base_s), ("backoff_max_s", backoff_max_s)):
+        for name, number in (
+            ("timeout_s", timeout_s),
+            ("backoff_base_s", backoff_base_s),
+            ("backoff_max_s", backoff_max_s),
+        ):
             if number < 0:
                 raise UserError(f"judge setting {name} is {number}, expected a number >= 0")
         self.model = model

@@ -174,8 +174,7 @@ def _no_transition_error() -> UserError:
 
 def _empty_set_error() -> UserError:
     return UserError(
-        "teacher top-p candidate set is empty at a response position; the set must keep at "
-        "least one token"
+        "teacher top-p candidate set is empty at a response position; the set must keep at least one token"
     )
 
 
@@ -365,19 +364,14 @@ def dense_terms(
     _validate(variant, gamma, alpha, q_min, top_p, eps, outside)
     if logits.dim() != 3 or teacher_mask.shape != logits.shape:
         raise ValueError(
-            f"expected logits and teacher_mask [B, T, V], got {tuple(logits.shape)} and "
-            f"{tuple(teacher_mask.shape)}"
+            f"expected logits and teacher_mask [B, T, V], got {tuple(logits.shape)} and {tuple(teacher_mask.shape)}"
         )
     if teacher_mask.dtype != torch.bool:
         raise ValueError("teacher_mask must be a bool tensor")
     _check_batch(actions, valid, terminal, logits.shape[:-1])
     if variant == "released":
-        return _released_terms(
-            logits, teacher_mask, actions, valid, gamma, alpha, q_min, chi2, top_p, eps
-        )
-    return _paper_dense_terms(
-        logits, teacher_mask, actions, valid, terminal, gamma, alpha, q_min, chi2, outside
-    )
+        return _released_terms(logits, teacher_mask, actions, valid, gamma, alpha, q_min, chi2, top_p, eps)
+    return _paper_dense_terms(logits, teacher_mask, actions, valid, terminal, gamma, alpha, q_min, chi2, outside)
 
 
 def dense_loss(
@@ -416,8 +410,19 @@ def dense_loss(
             set where a value is needed, or an action id outside the vocabulary.
     """
     return dense_terms(
-        logits, teacher_mask, actions, valid, terminal, variant=variant, gamma=gamma,
-        alpha=alpha, q_min=q_min, chi2=chi2, top_p=top_p, eps=eps, outside=outside,
+        logits,
+        teacher_mask,
+        actions,
+        valid,
+        terminal,
+        variant=variant,
+        gamma=gamma,
+        alpha=alpha,
+        q_min=q_min,
+        chi2=chi2,
+        top_p=top_p,
+        eps=eps,
+        outside=outside,
     ).loss
 
 
@@ -525,7 +530,12 @@ def lean_terms(
             q_cand_mean = torch.where(mask, q, 0.0).sum(dim=-1) / set_size
             # one more gradient-free pass over the vocabulary chunks: the student's mass on A_t
             members = _masked_logsumexp(logits[:, :slots], mask)
-            set_mass = torch.exp(members - chunked_logsumexp(rows.detach(), weight.detach(), None if bias is None else bias.detach(), chunk_size=chunk_size))
+            set_mass = torch.exp(
+                members
+                - chunked_logsumexp(
+                    rows.detach(), weight.detach(), None if bias is None else bias.detach(), chunk_size=chunk_size
+                )
+            )
 
     def scatter(x: Tensor) -> Tensor:
         """Rows back to ``[B, T]`` (zeros elsewhere), keeping the autograd graph."""
@@ -602,9 +612,21 @@ def lean_loss(
         Scalar loss, differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
     """
     return lean_terms(
-        hidden, weight, cand_ids, cand_mask, actions, valid, terminal, bias=bias,
-        variant=variant, gamma=gamma, alpha=alpha, q_min=q_min, chi2=chi2,
-        outside=outside, chunk_size=chunk_size,
+        hidden,
+        weight,
+        cand_ids,
+        cand_mask,
+        actions,
+        valid,
+        terminal,
+        bias=bias,
+        variant=variant,
+        gamma=gamma,
+        alpha=alpha,
+        q_min=q_min,
+        chi2=chi2,
+        outside=outside,
+        chunk_size=chunk_size,
     ).loss
 
 
@@ -649,7 +671,10 @@ class _ChunkedFloorReductions(torch.autograd.Function):
             logits = (hidden @ weight[start:end].T).to(dtype)
             above = logits >= floor_col
             # d/dy of the two reductions: softmax(y) * grad_lse + grad_total, routed to z or to the floor
-            dy = torch.exp(torch.where(above, logits, floor_col) - lse[:, None]) * grad_lse[:, None] + grad_total[:, None]
+            dy = (
+                torch.exp(torch.where(above, logits, floor_col) - lse[:, None]) * grad_lse[:, None]
+                + grad_total[:, None]
+            )
             grad_f += dy.masked_fill(above, 0.0).sum(dim=-1)
             dz = dy.masked_fill(~above, 0.0)
             grad_h += dz @ weight[start:end].to(dtype)
@@ -749,7 +774,12 @@ def released_lean_terms(
             mean_set_size=start_mean(members),
             num_transitions=count,
             # pi = softmax(Q) is not the student's softmax(z) where the clip bites: recompute from z
-            set_mass=start_mean(torch.exp(_masked_logsumexp(logits[:, :slots], mask) - chunked_logsumexp(rows.detach(), weight.detach(), chunk_size=chunk_size))),
+            set_mass=start_mean(
+                torch.exp(
+                    _masked_logsumexp(logits[:, :slots], mask)
+                    - chunked_logsumexp(rows.detach(), weight.detach(), chunk_size=chunk_size)
+                )
+            ),
         )
 
 

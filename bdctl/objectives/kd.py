@@ -37,8 +37,7 @@ from bdctl.objectives.lm import (
 )
 
 _NO_VALID = (
-    "batch has no valid response position: word-level KD needs at least one; "
-    "check that responses survive truncation"
+    "batch has no valid response position: word-level KD needs at least one; check that responses survive truncation"
 )
 
 
@@ -65,8 +64,7 @@ def dense_kd_loss(student_logits: Tensor, teacher_logits: Tensor, valid: Tensor)
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits "
-            f"{tuple(teacher_logits.shape)} differ"
+            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ"
         )
     index = _valid_index(valid, student_logits.shape[:-1])
     vocab = student_logits.shape[-1]
@@ -99,9 +97,7 @@ def _sparse_teacher(
         raise UserError("teacher cache holds a negative candidate probability")
     total = probs.sum(dim=-1, keepdim=True)
     if bool((total <= 0).any()):
-        raise UserError(
-            "teacher cache has a valid position with no candidate (or zero total probability)"
-        )
+        raise UserError("teacher cache has a valid position with no candidate (or zero total probability)")
     return ids, mask, probs / total
 
 
@@ -130,9 +126,7 @@ def sparse_kd_loss_dense(
     dtype = compute_dtype(student_logits.dtype)
     ids, mask, q = _sparse_teacher(cand_ids, cand_probs, cand_mask, index, dtype)
     check_token_range(ids[mask], vocab, "candidate")
-    student_logp = torch.log_softmax(
-        student_logits.reshape(-1, vocab).index_select(0, index).to(dtype), dim=-1
-    )
+    student_logp = torch.log_softmax(student_logits.reshape(-1, vocab).index_select(0, index).to(dtype), dim=-1)
     picked = student_logp.gather(1, torch.where(mask, ids, 0))
     return -torch.where(mask, q * picked, 0.0).sum(dim=-1).mean()
 

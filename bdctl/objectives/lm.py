@@ -53,8 +53,7 @@ def _check_projection(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> No
     """Shape checks for a ``hidden [N, H]`` x ``weight [V, H]`` (+ ``bias [V]``) projection."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
-            f"expected hidden [N, H] and weight [V, H], got {tuple(hidden.shape)} and "
-            f"{tuple(weight.shape)}"
+            f"expected hidden [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}"
         )
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"expected bias [{weight.shape[0]}], got {tuple(bias.shape)}")
@@ -66,10 +65,7 @@ def check_token_range(token_ids: Tensor, vocab_size: int, what: str) -> None:
         return
     low, high = int(token_ids.min()), int(token_ids.max())
     if low < 0 or high >= vocab_size:
-        raise UserError(
-            f"{what} token id out of range: found ids in [{low}, {high}], "
-            f"vocabulary size is {vocab_size}"
-        )
+        raise UserError(f"{what} token id out of range: found ids in [{low}, {high}], vocabulary size is {vocab_size}")
 
 
 def _chunk_logits(
@@ -215,9 +211,7 @@ def chunked_argmax(
     return best_idx
 
 
-def token_logits(
-    hidden: Tensor, weight: Tensor, token_ids: Tensor, bias: Tensor | None = None
-) -> Tensor:
+def token_logits(hidden: Tensor, weight: Tensor, token_ids: Tensor, bias: Tensor | None = None) -> Tensor:
     """Logits of chosen tokens: ``hidden[..., :] . weight[token_ids] + bias[token_ids]``.
 
     Args:
@@ -239,9 +233,7 @@ def token_logits(
     elif token_ids.shape[:-1] == lead:
         logits = torch.einsum("...h,...kh->...k", hidden.to(dtype), weight[token_ids].to(dtype))
     else:
-        raise ValueError(
-            f"token_ids {tuple(token_ids.shape)} do not match hidden {tuple(hidden.shape)}"
-        )
+        raise ValueError(f"token_ids {tuple(token_ids.shape)} do not match hidden {tuple(hidden.shape)}")
     if bias is not None:
         logits = logits + bias[token_ids].to(dtype)
     return logits
@@ -283,9 +275,7 @@ def candidate_logits(
     if cand_mask is None:
         cand_mask = torch.ones_like(cand_ids, dtype=torch.bool)
     elif cand_mask.shape != cand_ids.shape:
-        raise ValueError(
-            f"cand_mask {tuple(cand_mask.shape)} does not match cand_ids {tuple(cand_ids.shape)}"
-        )
+        raise ValueError(f"cand_mask {tuple(cand_mask.shape)} does not match cand_ids {tuple(cand_ids.shape)}")
     dtype = compute_dtype(hidden.dtype)
     rows, slots = cand_ids.shape
     member_ids = cand_ids[cand_mask]
@@ -316,9 +306,7 @@ def candidate_logits(
 def _flatten_scored(hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Rows of ``hidden [B, T, H]`` and ``labels [B, T]`` whose label is not ignored."""
     if hidden.shape[:-1] != labels.shape:
-        raise ValueError(
-            f"labels {tuple(labels.shape)} do not match hidden {tuple(hidden.shape)}"
-        )
+        raise ValueError(f"labels {tuple(labels.shape)} do not match hidden {tuple(hidden.shape)}")
     flat_labels = labels.reshape(-1)
     scored = flat_labels != IGNORE_INDEX
     index = scored.nonzero().squeeze(1)
@@ -363,9 +351,7 @@ def dense_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     ``labels [B, T]`` as in :func:`lean_cross_entropy` (already shifted, ``-100`` ignored).
     """
     if logits.shape[:-1] != labels.shape:
-        raise ValueError(
-            f"labels {tuple(labels.shape)} do not match logits {tuple(logits.shape)}"
-        )
+        raise ValueError(f"labels {tuple(labels.shape)} do not match logits {tuple(logits.shape)}")
     flat_logits = logits.reshape(-1, logits.shape[-1])
     flat_labels = labels.reshape(-1)
     scored = flat_labels != IGNORE_INDEX

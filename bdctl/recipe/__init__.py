@@ -147,9 +147,7 @@ def _allowed_keys(loc: list[str]) -> list[str]:
         if part.isdigit():
             continue
         annotation = model.model_fields[part].annotation
-        model = next(
-            (t for t in _flatten(annotation) if isinstance(t, type) and issubclass(t, BaseModel)), model
-        )
+        model = next((t for t in _flatten(annotation) if isinstance(t, type) and issubclass(t, BaseModel)), model)
     return list(model.model_fields)
 
 

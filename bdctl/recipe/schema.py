@@ -298,7 +298,9 @@ class GenerateStage(Section):
         "protocol). With top_p == cache_top_p every action of D* lies in its cached set A_t (METHOD.md 2.2).",
     )
     max_new_tokens: int = Field(
-        256, gt=0, description="Longest response, and at most data.max_length - prompt length; longer ones are truncated."
+        256,
+        gt=0,
+        description="Longest response, and at most data.max_length - prompt length; longer ones are truncated.",
     )
     batch_size: int = Field(
         16, gt=0, description="Sequences (prompt x sample) sampled together per batch per rank; one cache shard each."
@@ -574,7 +576,9 @@ class JudgeStage(Section):
         default_factory=lambda: ["student_sft", "distill/kd", "distill/seqkd"], description="Baselines."
     )
     eval_set: str = Field("dolly", description="Which eval set's generations to judge.")
-    protocol: str | None = Field(None, description="Which stages.eval protocol's generations to judge (null: the first).")
+    protocol: str | None = Field(
+        None, description="Which stages.eval protocol's generations to judge (null: the first)."
+    )
     seed: int = Field(10, description="Which sampling seed's generations to judge.")
 
 
@@ -636,7 +640,9 @@ class Recipe(Section):
             if run.dstar not in dstars:
                 raise ValueError(f"{where}: dstar {run.dstar!r} is not a D* of this recipe ({', '.join(dstars)})")
             if run.outside == "drop" and run.variant == "released":
-                raise ValueError(f"{where}: outside: drop applies to the paper variant (the released loss ignores actions)")
+                raise ValueError(
+                    f"{where}: outside: drop applies to the paper variant (the released loss ignores actions)"
+                )
             if run.outside == "drop" and run.teacher_source == "live" and run.p < 1:
                 raise ValueError(f"{where}: outside: drop reads A_t from the cache; use teacher_source: cache")
         return self

@@ -135,7 +135,7 @@ def make_setup(job: Job) -> Setup:
 
 
 def dstar_name(stage: str) -> str:
-    """"D*" for the recipe's first D*, "D* (generate-<variant>)" for a variant of it."""
+    """ "D*" for the recipe's first D*, "D* (generate-<variant>)" for a variant of it."""
     return "D*" if stage == "generate" else f"D* ({stage})"
 
 
@@ -152,7 +152,9 @@ def describe(setup: Setup, job: Job) -> list[str]:
         form = "chunked lean form" if setup.variant == "paper" or setup.sets else "dense form (full logits)"
         lines.append(f"bd ({setup.variant} variant, {form}) on {dstar_name(setup.dstar)}, {sets}")
         if setup.outside == "drop":
-            lines.append("outside: drop: D* actions outside A_t leave every term (METHOD.md 2.2; the paper's Eq. 17 gives them q_min)")
+            lines.append(
+                "outside: drop: D* actions outside A_t leave every term (METHOD.md 2.2; the paper's Eq. 17 gives them q_min)"
+            )
         if setup.anchor_coef > 0:
             lines.append(
                 f"{BEYOND_PAPER}: anchor + {setup.anchor_coef:g} x cross-entropy of D*'s actions over BD's transitions; "
@@ -227,7 +229,11 @@ def cache_stage_dir(job: Job, stage: str) -> Path:
 
     directory = job.run.stage(stage)
     if manifest(directory) is None:
-        what = "the teacher's scores of the golden responses" if stage == SCORE_STAGE else f"the teacher data {dstar_name(stage)}"
+        what = (
+            "the teacher's scores of the golden responses"
+            if stage == SCORE_STAGE
+            else f"the teacher data {dstar_name(stage)}"
+        )
         command = stage_command(stage, job.recipe_path)
         raise UserError(
             f"distill --method {job.options['method']} needs {what} ({directory} has not finished); run it first: {command}"
@@ -305,7 +311,12 @@ def load_train_data(job: Job, tokenizer, setup: Setup, log=None) -> tuple[TrainD
             skipped += 1
             continue
         items.append(Item(row=row, source=index, length=length))
-    stats = {"examples": len(items), "cut_at_max_length": cut, "skipped_without_transition": skipped, "cache_examples": len(cache)}
+    stats = {
+        "examples": len(items),
+        "cut_at_max_length": cut,
+        "skipped_without_transition": skipped,
+        "cache_examples": len(cache),
+    }
     with_sets = setup.sets == "cache" or setup.kd_teacher == "cache"
     data = TrainData(prompts, items, cache=cache, with_sets=with_sets, narrow_to=narrow_to)
     return data, stats
@@ -406,7 +417,9 @@ def scored_rows(x: Tensor, valid: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- loss heads
 
 
-def bd_terms(hidden: Tensor, weight: Tensor, batch: dict[str, Tensor], config: DistillStage, dense: bool = False) -> BellmanTerms:
+def bd_terms(
+    hidden: Tensor, weight: Tensor, batch: dict[str, Tensor], config: DistillStage, dense: bool = False
+) -> BellmanTerms:
     """The BD loss of a micro-batch from the student's [B, W, H] hidden states (see the module docstring)."""
     h = response_hidden(hidden, batch["positions"])
     ids, mask = batch.get("cand_ids"), batch.get("cand_mask")
@@ -414,7 +427,9 @@ def bd_terms(hidden: Tensor, weight: Tensor, batch: dict[str, Tensor], config: D
     if config.variant == "released":
         valid = released_valid(batch)
         if ids is not None and not dense:
-            return released_lean_terms(h, weight, ids, mask, batch["actions"], valid, top_p=config.p, eps=config.eps, **common)
+            return released_lean_terms(
+                h, weight, ids, mask, batch["actions"], valid, top_p=config.p, eps=config.eps, **common
+            )
         logits = h @ weight.T
         teacher_mask = candidate_mask(ids, mask, h.shape[:2], weight.shape[0]).to(logits.device)
         return dense_terms(
@@ -464,7 +479,9 @@ def ce_and_kd(hidden: Tensor, weight: Tensor, batch: dict[str, Tensor], ratio: f
     return mixed_kd_loss(ce, kd, ratio), {"ce": ce.item(), "kd": kd.item()}
 
 
-def pretrain_loss(hidden: Tensor, weight: Tensor, blocks: Tensor, ratio: float = 0.0, teacher_probs: Tensor | None = None) -> Tensor:
+def pretrain_loss(
+    hidden: Tensor, weight: Tensor, blocks: Tensor, ratio: float = 0.0, teacher_probs: Tensor | None = None
+) -> Tensor:
     """L_PT on packed blocks [B, L]: next-token cross-entropy over L - 1 positions per block,
     mixed with exact KD when the live teacher's probabilities of those positions are given."""
     h = hidden[:, :-1]
@@ -501,7 +518,11 @@ def prepare(job: Job, log=print) -> None:
             f"has not finished; run it first: bdctl sft {job.recipe_path} --model student"
         )
     student = resolve_weights(job, setup.init, "student")
-    teacher = resolve_weights(job, job.recipe.stages.generate.model, "teacher") if setup.live_teacher else job.recipe.models.teacher
+    teacher = (
+        resolve_weights(job, job.recipe.stages.generate.model, "teacher")
+        if setup.live_teacher
+        else job.recipe.models.teacher
+    )
     check_vocabularies(job.recipe, tokenizer, {"teacher": teacher, "student": student})
     limit = max_positions(student)
     check_rouge_selection(job, config, "distill", limit)
@@ -537,7 +558,14 @@ def deepspeed_preview(job: Job) -> dict:
     setup = make_setup(job)
     source = job.recipe.models.student if setup.init in ("base", "student_sft") else resolve_weights(job, setup.init)
     return deepspeed_config(
-        job.recipe, stage_config(job), job.stage_name, job.world_size, 0, hidden_size(source), resolve_precision(job.recipe), on_gpu()
+        job.recipe,
+        stage_config(job),
+        job.stage_name,
+        job.world_size,
+        0,
+        hidden_size(source),
+        resolve_precision(job.recipe),
+        on_gpu(),
     )
 
 
@@ -575,16 +603,22 @@ def run(job: Job, rank: int, world: int) -> None:
     # --- student engine, and the live teacher as an inference engine beside it
     precision = resolve_precision(recipe)
     source = resolve_weights(job, setup.init, "student")
-    ds_config = deepspeed_config(recipe, config, job.stage_name, world, total_steps, hidden_size(source), precision, on_gpu())
+    ds_config = deepspeed_config(
+        recipe, config, job.stage_name, world, total_steps, hidden_size(source), precision, on_gpu()
+    )
     with_ds = hf_deepspeed_context(ds_config)  # noqa: F841  (alive while loading: ZeRO-3 partitioned load)
-    engine = make_engine(policy_module(load_model(source, tokenizer, recipe.seed)), ds_config, total_steps, config.warmup_ratio)
+    engine = make_engine(
+        policy_module(load_model(source, tokenizer, recipe.seed)), ds_config, total_steps, config.warmup_ratio
+    )
     teacher = None
     if setup.live_teacher:
         teacher_source = resolve_weights(job, recipe.stages.generate.model, "teacher")
         teacher_config = deepspeed_config(
             recipe, config, job.stage_name, world, total_steps, hidden_size(teacher_source), precision, on_gpu()
         )
-        teacher = make_inference_engine(policy_module(load_model(teacher_source, tokenizer, recipe.seed)), teacher_config)
+        teacher = make_inference_engine(
+            policy_module(load_model(teacher_source, tokenizer, recipe.seed)), teacher_config
+        )
     device = engine.device
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     cap = recipe.stages.generate.cache_max_k
@@ -640,7 +674,9 @@ def run(job: Job, rank: int, world: int) -> None:
         mask = torch.ones_like(ids)
         pt_probs = None
         if setup.pt_kd:
-            pt_probs = teacher_forward(ids, mask, lambda h, w: teacher_probabilities(h[:, :-1].reshape(-1, h.shape[-1]), w))
+            pt_probs = teacher_forward(
+                ids, mask, lambda h, w: teacher_probabilities(h[:, :-1].reshape(-1, h.shape[-1]), w)
+            )
         aux = engine(ids, mask, loss_fn=lambda h, w: pretrain_loss(h, w, ids, config.pt_kd_ratio, pt_probs))
         return value, logs, aux
 
@@ -661,4 +697,13 @@ def run(job: Job, rank: int, world: int) -> None:
             export_best=lambda info, name: export_hf(engine, tokenizer, out / name, rank, info),
             metrics=metrics, progress=progress, aux_inputs=pretrain_inputs if blocks is not None else None,
         )  # fmt: skip
-    finish(out, state, rank, job.stage_name, metrics, config.select, notes=describe(setup, job), **selection_facts(job, config))
+    finish(
+        out,
+        state,
+        rank,
+        job.stage_name,
+        metrics,
+        config.select,
+        notes=describe(setup, job),
+        **selection_facts(job, config),
+    )

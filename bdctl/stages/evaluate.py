@@ -153,7 +153,12 @@ def prepare(job: Job, log: Callable[[str], None] = print) -> None:
 
 
 def plan_units(
-    job: Job, refs: Sequence[str], sets: Sequence[EvalSet], seeds: Sequence[int], log, protocols: Sequence[str] | None = None
+    job: Job,
+    refs: Sequence[str],
+    sets: Sequence[EvalSet],
+    seeds: Sequence[int],
+    log,
+    protocols: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Models x protocols x sets x seeds as units with their fingerprints (shared with `bdctl
     judge`, which asks for one protocol; None: every protocol of stages.eval)."""
@@ -494,7 +499,9 @@ def _generate_model_units(eval_dir, info, mine, network, tokenizer, sampling, ra
                              "finish_reason": answer.finish_reason, "tokens": answer.tokens})
                     )  # fmt: skip
                 if progress is not None:
-                    progress.update(len(batch), unit=f"{model['ref']} {unit['protocol']} {unit['set']} seed {unit['seed']}")
+                    progress.update(
+                        len(batch), unit=f"{model['ref']} {unit['protocol']} {unit['set']} seed {unit['seed']}"
+                    )
                 if stop_file is not None and stop_file.exists():
                     raise Preempted(
                         f"preempted during {model['ref']} on {unit['set']} ({unit['protocol']}, seed {unit['seed']}); "
@@ -591,10 +598,16 @@ def write_results(job: Job) -> dict[str, Any]:
             for set_info in info["sets"]:
                 per_seed, weights = {}, None
                 for unit in info["units"]:
-                    if (unit["model"], unit["protocol"], unit["set"]) == (model["name"], protocol["name"], set_info["name"]):
+                    if (unit["model"], unit["protocol"], unit["set"]) == (
+                        model["name"],
+                        protocol["name"],
+                        set_info["name"],
+                    ):
                         done = unit_done(out, unit)
                         if done is None:
-                            raise UserError(f"{unit_paths(out, unit)[0]}: missing after generation; run the command again")
+                            raise UserError(
+                                f"{unit_paths(out, unit)[0]}: missing after generation; run the command again"
+                            )
                         per_seed[str(unit["seed"])] = done["rouge_l"]
                         weights = unit["weights"]
                 mean, std = mean_std(list(per_seed.values()))

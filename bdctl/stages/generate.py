@@ -440,8 +440,6 @@ def _device():
     return torch.device(get_accelerator().current_device_name())
 
 
-
-
 def _describe(ref: str, source: ModelSpec | Path) -> str:
     if isinstance(source, Path):
         return f"{ref} ({source})" if str(source) != ref else ref

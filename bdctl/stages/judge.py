@@ -165,7 +165,13 @@ def prepare(job: Job, log: Callable[[str], None] = print) -> None:
             f"run `{command}` first, or judge without --no-generate"
         )
     job.info.update(
-        units, missing=missing, candidate=candidate, baselines=baselines, judge=judge, eval_set=spec.name, protocol=protocol
+        units,
+        missing=missing,
+        candidate=candidate,
+        baselines=baselines,
+        judge=judge,
+        eval_set=spec.name,
+        protocol=protocol,
     )
 
 
@@ -407,12 +413,22 @@ def write_results(job: Job, records: dict, identity: dict, new_verdicts: int, se
         "judge": identity,
         "position_driven_below": POSITION_DRIVEN_BELOW,
         "baselines": {
-            name: {"wins": r.wins, "ties": r.ties, "losses": r.losses, "unparseable": r.unparseable,
-                   "pairs": r.pairs, "judgments": r.judgments, "win_rate": _number(r.win_rate),
-                   "ci_low": _number(r.ci_low), "ci_high": _number(r.ci_high),
-                   "consistency": _number(r.consistency), "consistent_pairs": r.consistent,
-                   "both_orders_parsed": r.both_parsed, "first_position": _number(r.first_position),
-                   "position_driven": r.position_driven}
+            name: {
+                "wins": r.wins,
+                "ties": r.ties,
+                "losses": r.losses,
+                "unparseable": r.unparseable,
+                "pairs": r.pairs,
+                "judgments": r.judgments,
+                "win_rate": _number(r.win_rate),
+                "ci_low": _number(r.ci_low),
+                "ci_high": _number(r.ci_high),
+                "consistency": _number(r.consistency),
+                "consistent_pairs": r.consistent,
+                "both_orders_parsed": r.both_parsed,
+                "first_position": _number(r.first_position),
+                "position_driven": r.position_driven,
+            }
             for name, r in records.items()
         },  # fmt: skip
         "verdicts": {"new": new_verdicts, "seconds": round(seconds, 3)},

@@ -59,7 +59,14 @@ def deepspeed_preview(job: Job) -> dict:
     total = training_steps(counts["train"], config)[1] if counts else 0
     source = resolve_weights(job, config.init, job.options["model"])
     return deepspeed_config(
-        job.recipe, config, job.stage_name, job.world_size, total, hidden_size(source), resolve_precision(job.recipe), on_gpu()
+        job.recipe,
+        config,
+        job.stage_name,
+        job.world_size,
+        total,
+        hidden_size(source),
+        resolve_precision(job.recipe),
+        on_gpu(),
     )
 
 

@@ -47,7 +47,9 @@ def test_batches_align_the_response_frame_with_the_model():
 
     torch.manual_seed(0)
     vocab, eos, pad = 40, 0, 1
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_layer=1, n_embd=16, n_head=2, n_positions=32)).eval().double()
+    model = (
+        GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_layer=1, n_embd=16, n_head=2, n_positions=32)).eval().double()
+    )
     rng = np.random.default_rng(0)
     examples = []
     for prompt_len, length, ends in ((5, 4, True), (3, 6, False), (7, 2, True)):
@@ -58,12 +60,19 @@ def test_batches_align_the_response_frame_with_the_model():
         sets = [rng.choice(vocab, size=k, replace=False) for k in kept]
         sets[0] = np.array([response[0], *[v for v in sets[0] if v != response[0]]][: kept[0]])  # a_0 in A_0
         ids = np.concatenate(sets)
-        capture = Capture(ids=ids.astype(np.int32), probs=np.ones(len(ids), np.float32), kept=kept, covered=np.ones(length, np.float32))
+        capture = Capture(
+            ids=ids.astype(np.int32),
+            probs=np.ones(len(ids), np.float32),
+            kept=kept,
+            covered=np.ones(length, np.float32),
+        )
         examples.append((rng.integers(2, vocab, size=prompt_len).tolist(), response.astype(np.int64), capture))
     batch = collate_examples(examples, pad, eos, with_sets=True)
     config = DistillStage(gamma=0.95, alpha=0.2, q_min=-4.0)
     with torch.no_grad():
-        hidden = model.transformer(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = model.transformer(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
         lean = bd_terms(hidden, model.lm_head.weight, batch, config)
         # the reference: each example alone, logits read at position len(prompt) + t - 1
         frame = max(len(r) for _, r, _ in examples)
@@ -72,7 +81,9 @@ def test_batches_align_the_response_frame_with_the_model():
             out = model(torch.tensor([prompt + response.tolist()])).logits[0]
             logits[b, : len(response)] = out[len(prompt) - 1 : len(prompt) - 1 + len(response)]
         mask = candidate_mask(batch["cand_ids"], batch["cand_mask"], (len(examples), frame), vocab)
-        reference = dense_loss(logits, mask, batch["actions"], batch["valid"], batch["terminal"], gamma=0.95, alpha=0.2, q_min=-4.0)
+        reference = dense_loss(
+            logits, mask, batch["actions"], batch["valid"], batch["terminal"], gamma=0.95, alpha=0.2, q_min=-4.0
+        )
     assert lean.loss.item() == pytest.approx(reference.item(), rel=1e-9)
     setup = Setup("bd", "paper", 0.0, "cache", None, False, False, "student_sft")
     assert batch_count(batch, setup) == lean.num_transitions == 4 + 5 + 2  # the truncated response loses its last
@@ -109,7 +120,14 @@ def make_caches(run, recipe_seed: int) -> None:
                 for i, found in zip(chosen, samples, strict=True):
                     out.add_sample(rows[i]["id"], sample_index, found)
                 out.flush()
-    finalize(run / "generate/cache", teacher="teacher_sft", tokenizer_hash=digest, top_p=P, max_k=MAX_K, vocab_size=len(tokenizer))
+    finalize(
+        run / "generate/cache",
+        teacher="teacher_sft",
+        tokenizer_hash=digest,
+        top_p=P,
+        max_k=MAX_K,
+        vocab_size=len(tokenizer),
+    )
     mark_complete(run / "generate", stage="generate")
 
     examples = tokenize_examples(rows, tokenizer)
@@ -121,7 +139,14 @@ def make_caches(run, recipe_seed: int) -> None:
         for row, example, capture in zip(rows, examples, captures, strict=True):
             tokens = example.ids[example.prompt_len :]
             out.add(prompt_id=row["id"], sample_index=0, seed=0, tokens=tokens, finish_reason="eos", capture=capture)
-    finalize(run / "score_train/cache", teacher="teacher_sft", tokenizer_hash=digest, top_p=P, max_k=MAX_K, vocab_size=len(tokenizer))
+    finalize(
+        run / "score_train/cache",
+        teacher="teacher_sft",
+        tokenizer_hash=digest,
+        top_p=P,
+        max_k=MAX_K,
+        vocab_size=len(tokenizer),
+    )
     mark_complete(run / "score_train", stage="score_train")
 
 
@@ -271,7 +296,9 @@ def test_bd_released_variant_with_a_live_teacher_resumes_exactly(prepared, tmp_p
     evals = {e["step"]: e["rouge_l"] for e in records if e["event"] == "eval"}
     # validated every 3 steps and after the last one; the resumed run repeats both exactly
     assert sorted(evals) == sorted(reference_evals) == [0, 3, 4]
-    assert evals[3] == pytest.approx(reference_evals[3], abs=1e-6) and evals[4] == pytest.approx(reference_evals[4], abs=1e-6)
+    assert evals[3] == pytest.approx(reference_evals[3], abs=1e-6) and evals[4] == pytest.approx(
+        reference_evals[4], abs=1e-6
+    )
     done = json.loads((stage / "MANIFEST.json").read_text())
     assert done["steps"] == 4 and done["best_score"] == pytest.approx(max(reference_evals.values()), abs=1e-6)
 
@@ -311,8 +338,8 @@ def test_seqkd_on_dstar(prepared, tmp_path):
 def submit_error(recipe, method, *overrides) -> str:
     """The one-line error of a job that fails before launching (in-process: no interpreter start-up)."""
     from bdctl.errors import UserError
-    from bdctl.submit import submit
     from bdctl.launch import LaunchOptions
+    from bdctl.submit import submit
 
     with pytest.raises(UserError) as caught:
         submit("distill", recipe, list(overrides), {"method": method}, LaunchOptions(), log=lambda message: None)
@@ -325,9 +352,15 @@ def test_p_and_alpha_out_of_range(tmp_path, monkeypatch):
     result = run_cli("distill", "smoke", "--method", "bd", "--set", "stages.distill.p=1.5", cwd=tmp_path)
     assert_user_error(result, "stages.distill.p: input should be less than or equal to 1, got 1.5")
     monkeypatch.chdir(tmp_path)
-    assert "stages.distill.p: input should be greater than 0, got 0" in submit_error("smoke", "bd", "stages.distill.p=0")
-    assert "stages.distill.alpha: input should be greater than 0, got 0" in submit_error("smoke", "bd", "stages.distill.alpha=0")
-    assert "stages.distill.alpha: input should be greater than 0" in submit_error("smoke", "bd", "stages.distill.alpha=-1")
+    assert "stages.distill.p: input should be greater than 0, got 0" in submit_error(
+        "smoke", "bd", "stages.distill.p=0"
+    )
+    assert "stages.distill.alpha: input should be greater than 0, got 0" in submit_error(
+        "smoke", "bd", "stages.distill.alpha=0"
+    )
+    assert "stages.distill.alpha: input should be greater than 0" in submit_error(
+        "smoke", "bd", "stages.distill.alpha=-1"
+    )
     assert not (tmp_path / "runs").exists()
 
 
@@ -337,12 +370,17 @@ def test_missing_inputs_name_the_command_to_run(tmp_path, monkeypatch):
     result = run_cli("distill", recipe, "--method", "bd", cwd=tmp_path)
     assert_user_error(result, "starts from the phase-1 student", f"run it first: bdctl sft {recipe} --model student")
     monkeypatch.chdir(tmp_path)
-    assert f"needs the teacher data D* (runs/smoke/generate has not finished); run it first: bdctl generate {recipe}" in submit_error(recipe, "seqkd")
+    assert (
+        f"needs the teacher data D* (runs/smoke/generate has not finished); run it first: bdctl generate {recipe}"
+        in submit_error(recipe, "seqkd")
+    )
     assert f"run it first: bdctl generate {recipe} --score train" in submit_error(recipe, "kd")
     assert f"run it first: bdctl sft {recipe} --model teacher" in submit_error(
         recipe, "kd", "stages.distill.teacher_source=live"
     )  # the live teacher is the teacher SFT export
-    assert "no data.pretrain corpus" in submit_error(recipe, "seqkd", "stages.distill.pretrain_term=true", "data.pretrain=null")
+    assert "no data.pretrain corpus" in submit_error(
+        recipe, "seqkd", "stages.distill.pretrain_term=true", "data.pretrain=null"
+    )
     assert not (tmp_path / "runs/smoke/distill").exists()
 
 
@@ -403,5 +441,7 @@ def test_bd_on_the_nucleus_dstar_with_drop_anchor_and_a_best_export_per_protocol
     evaluated = run_cli("eval", recipe, "--model", "distill/bd", *study, cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     eval_dir = tmp_path / "runs/smoke/eval/generations/distill-bd"
-    weights = {p: json.loads((eval_dir / p / "dolly/seed10.done.json").read_text())["weights"] for p in ("minillm", "release")}
+    weights = {
+        p: json.loads((eval_dir / p / "dolly/seed10.done.json").read_text())["weights"] for p in ("minillm", "release")
+    }
     assert weights["minillm"].endswith("distill/bd/export") and weights["release"].endswith("distill/bd/export-release")

@@ -23,7 +23,14 @@ pytestmark = pytest.mark.slow  # every test runs `bdctl eval` / `bdctl judge` in
 
 SMOKE = str(RECIPES / "smoke.yaml")
 # Two seeds and short answers (the smoke models have 128 positions; prompts take up to ~80).
-EVAL = ["--set", "stages.eval.seeds=[10,20]", "--set", "stages.eval.max_new_tokens=16", "--set", "stages.eval.models=[teacher_sft,student_sft]"]
+EVAL = [
+    "--set",
+    "stages.eval.seeds=[10,20]",
+    "--set",
+    "stages.eval.max_new_tokens=16",
+    "--set",
+    "stages.eval.models=[teacher_sft,student_sft]",
+]
 PAIR = ["--candidate", "teacher_sft", "--baseline", "student_sft"]
 KEY_ENV = "BDCTL_TEST_JUDGE_KEY"
 
@@ -83,7 +90,9 @@ def test_eval_end_to_end_and_reuse(evaluated, tmp_path):
         for seed in (10, 20):
             records = lines(generations(root, model, seed))
             assert [r["prompt_id"] for r in records] == list(references)  # every prompt, in set order
-            assert {(r["model"], r["protocol"], r["set"], r["seed"]) for r in records} == {(model, "minillm", "dolly", seed)}
+            assert {(r["model"], r["protocol"], r["set"], r["seed"]) for r in records} == {
+                (model, "minillm", "dolly", seed)
+            }
             for r in records:  # Rouge-L exactly as METHOD.md says, max over references
                 assert r["rouge_l"] == pytest.approx(rouge_l(r["text"], references[r["prompt_id"]]))
                 assert 0 < r["tokens"] <= 16 and r["finish_reason"] in ("eos", "length")
@@ -144,7 +153,11 @@ def test_sigterm_stops_eval_with_75_and_keeps_finished_results(trained, tmp_path
     root = copy_run(trained, tmp_path)
     # Batches of 4 prompts: a check for the stop request every few hundred milliseconds.
     args = [*EVAL, "--set", "stages.eval.batch_size=4"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
     process = subprocess.Popen([sys.executable, "-m", "bdctl", "eval", SMOKE, *args], cwd=root, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     done = root / "runs/smoke/eval/generations"
@@ -196,7 +209,10 @@ def test_every_model_under_every_protocol_with_reuse_per_protocol(evaluated, tmp
     assert "protocol release" in result.stdout  # the printed tables name their protocol
     rows = list(csv.DictReader(io.StringIO((out / "table.csv").read_text())))
     assert [(r["protocol"], r["model"]) for r in rows] == [
-        ("minillm", "teacher_sft"), ("minillm", "student_sft"), ("release", "teacher_sft"), ("release", "student_sft")
+        ("minillm", "teacher_sft"),
+        ("minillm", "student_sft"),
+        ("release", "teacher_sft"),
+        ("release", "student_sft"),
     ]
     assert json.loads((out / "MANIFEST.json").read_text())["protocols"] == ["minillm", "release"]
     again = run_cli("eval", SMOKE, *EVAL, *protocols, cwd=root)
@@ -228,7 +244,11 @@ def test_eval_set_from_local_jsonl_with_several_references(trained, tmp_path):
         {"question": "Multiply ten by three.", "context": None, "answers": "Thirty."},  # one string is fine
     ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    eval_set = {"name": "qa", "path": str(data), "fields": {"instruction": "question", "input": "context", "output": "answers"}}
+    eval_set = {
+        "name": "qa",
+        "path": str(data),
+        "fields": {"instruction": "question", "input": "context", "output": "answers"},
+    }
     recipe = write_recipe(root / "r.yaml", stages__eval={"sets": [eval_set], "seeds": [10], "max_new_tokens": 16})
     ok(run_cli("eval", str(recipe), "--model", "teacher_sft", cwd=root))
     examples = lines(root / "runs/smoke/eval/sets/qa.jsonl")
@@ -305,7 +325,9 @@ def test_judge_openai_end_to_end_generating_missing_answers(trained, tmp_path, m
         assert record["unparseable"] == 0 and record["wins"] + record["ties"] + record["losses"] == 64
         # The verdicts follow the answers whatever their order: a consistent judge, not flagged.
         assert record["consistency"] == 1.0 and record["position_driven"] is False
-        assert "position-driven" not in result.stderr and "Warning" not in (root / "runs/smoke/judge/table.md").read_text()
+        assert (
+            "position-driven" not in result.stderr and "Warning" not in (root / "runs/smoke/judge/table.md").read_text()
+        )
         # The verdicts agree with the answers the eval stage saved.
         teacher = {r["prompt_id"]: r["text"] for r in lines(generations(root, "teacher_sft", 30))}
         student = {r["prompt_id"]: r["text"] for r in lines(generations(root, "student_sft", 30))}
@@ -367,7 +389,9 @@ def test_unparsed_verdicts_and_a_failed_force_leave_no_results(evaluated, tmp_pa
     asked again); a failing `--force` leaves none of the previous run's results behind."""
     root = copy_run(evaluated[0], tmp_path)
     out = root / "runs/smoke/judge"
-    results = [out / name for name in ("results.json", "table.md", "table.csv", "win_rates.png", "MANIFEST.json", "judgments")]
+    results = [
+        out / name for name in ("results.json", "table.md", "table.csv", "win_rates.png", "MANIFEST.json", "judgments")
+    ]
 
     def judge(server_url: str, *extra: str):
         return run_cli("judge", SMOKE, "--backend", "openai", *PAIR, *EVAL, "--set", f"stages.judge.base_url={server_url}",
@@ -428,7 +452,8 @@ def test_judge_before_eval_without_generating(trained, tmp_path):
     result = run_cli("judge", SMOKE, "--backend", "openai", "--no-generate", *PAIR, *EVAL,
                      "--set", "stages.judge.api_key_env=none", cwd=root)  # fmt: skip
     assert_user_error(
-        result, "generations/teacher_sft/minillm/dolly/seed10.jsonl: no current generations of teacher_sft",
+        result,
+        "generations/teacher_sft/minillm/dolly/seed10.jsonl: no current generations of teacher_sft",
         f"run `bdctl eval {SMOKE} --model teacher_sft --model student_sft --set 'stages.eval.seeds=[10,20]' "
         "--set stages.eval.max_new_tokens=16 --set 'stages.eval.models=[teacher_sft,student_sft]'` first",
     )
@@ -438,7 +463,9 @@ def test_judge_before_eval_without_generating(trained, tmp_path):
 def test_bad_model_and_judge_settings(trained, tmp_path):
     root = copy_run(trained, tmp_path)
     # 256 new tokens do not fit smoke's 128-position student
-    result = run_cli("eval", SMOKE, "--set", "stages.eval.max_new_tokens=256", "--set", "stages.eval.models=[student_sft]", cwd=root)
+    result = run_cli(
+        "eval", SMOKE, "--set", "stages.eval.max_new_tokens=256", "--set", "stages.eval.models=[student_sft]", cwd=root
+    )
     assert_user_error(result, "model student_sft has 128 positions", "stages.eval.max_new_tokens to at most")
     # the default candidate is BD, which this run has not trained
     result = run_cli("judge", SMOKE, *EVAL, cwd=root)
@@ -446,8 +473,20 @@ def test_bad_model_and_judge_settings(trained, tmp_path):
     # a judge whose context cannot hold the judge prompt
     result = run_cli("judge", SMOKE, *PAIR, *EVAL, "--set", "stages.judge.hf_model=student_sft", cwd=root)
     assert_user_error(result, "judge model student_sft reads at most 128 tokens")
-    assert_user_error(run_cli("eval", SMOKE, *EVAL, "--model", "./nowhere", cwd=root), "model ./nowhere: no such directory")
-    result = run_cli("judge", SMOKE, "--backend", "openai", *PAIR, *EVAL, "--set", "stages.judge.api_key_env=BDCTL_UNSET_KEY", cwd=root)
+    assert_user_error(
+        run_cli("eval", SMOKE, *EVAL, "--model", "./nowhere", cwd=root), "model ./nowhere: no such directory"
+    )
+    result = run_cli(
+        "judge",
+        SMOKE,
+        "--backend",
+        "openai",
+        *PAIR,
+        *EVAL,
+        "--set",
+        "stages.judge.api_key_env=BDCTL_UNSET_KEY",
+        cwd=root,
+    )
     assert_user_error(result, "environment variable BDCTL_UNSET_KEY is empty or unset")
 
 
@@ -455,9 +494,14 @@ def test_eval_set_without_references(tmp_path):
     data = tmp_path / "noref.jsonl"
     data.write_text('{"instruction": "Say hi.", "input": ""}\n')
     recipe = write_recipe(tmp_path / "r.yaml", stages__eval={"sets": [{"name": "noref", "path": str(data)}]})
-    assert_user_error(run_cli("eval", str(recipe), cwd=tmp_path), f"{data}:1: eval set 'noref' has no reference answers (no field 'output')")
+    assert_user_error(
+        run_cli("eval", str(recipe), cwd=tmp_path),
+        f"{data}:1: eval set 'noref' has no reference answers (no field 'output')",
+    )
     data.write_text('{"instruction": "Say hi.", "input": "", "output": ["", " "]}\n')
-    assert_user_error(run_cli("eval", str(recipe), cwd=tmp_path), "eval set 'noref' has an example without a reference answer")
+    assert_user_error(
+        run_cli("eval", str(recipe), cwd=tmp_path), "eval set 'noref' has an example without a reference answer"
+    )
 
 
 def test_help_shows_examples(tmp_path):

@@ -118,5 +118,7 @@ def test_a_stale_lock_is_taken_over(tmp_path):
     holder.wait()
     assert (stage / "LOCK").is_file()
     # The command gets past the lock to its own checks, and leaves no lock when it ends.
-    assert_user_error(run_cli("eval", str(recipe), cwd=tmp_path), f"{data}:1: eval set 'noref' has no reference answers")
+    assert_user_error(
+        run_cli("eval", str(recipe), cwd=tmp_path), f"{data}:1: eval set 'noref' has no reference answers"
+    )
     assert not (stage / "LOCK").exists()

@@ -98,7 +98,9 @@ def test_generate_writes_dstar_cache_and_report(reference):
 
     # every training prompt, N_SAMPLES times, in (prompt id, sample index) order, each seed its own
     assert len(dstar) == len(train) * N_SAMPLES
-    assert [(r["prompt_id"], r["sample_index"]) for r in dstar] == sorted((t["id"], j) for t in train for j in range(N_SAMPLES))
+    assert [(r["prompt_id"], r["sample_index"]) for r in dstar] == sorted(
+        (t["id"], j) for t in train for j in range(N_SAMPLES)
+    )
     assert len({r["seed"] for r in dstar}) == len(dstar)
     prompts = {t["id"]: t["prompt"] for t in train}
     for record in dstar:
@@ -158,7 +160,10 @@ def test_cache_equals_top_p_sets_of_a_fresh_teacher_forward(reference):
     run = reference.parent
     tokenizer = load_tokenizer(run / "tokenizer")
     model = AutoModelForCausalLM.from_pretrained(run / "teacher_sft/export").eval()
-    prompts = {json.loads(line)["id"]: json.loads(line)["prompt"] for line in (run / "data/train.jsonl").read_text().splitlines()}
+    prompts = {
+        json.loads(line)["id"]: json.loads(line)["prompt"]
+        for line in (run / "data/train.jsonl").read_text().splitlines()
+    }
     cache = TeacherCache(reference / "cache")
     p, k = cache.top_p, cache.max_k
     positions = ambiguous = 0
@@ -218,7 +223,14 @@ def test_two_ranks_and_a_zero3_teacher_give_the_same_dstar_and_cache(teacher_run
     """One rank, two data-parallel ranks, and a teacher partitioned over two ranks (ZeRO-3
     inference) produce the same samples and sets: the batches and the seeds do not depend on the
     ranks. Under ZeRO-3 a rank without a batch (336 prompts make 7 batches) idles in step."""
-    small = ["--set", "stages.generate.n_samples=1", "--set", "stages.generate.max_new_tokens=8", "--set", "stages.generate.batch_size=48"]
+    small = [
+        "--set",
+        "stages.generate.n_samples=1",
+        "--set",
+        "stages.generate.max_new_tokens=8",
+        "--set",
+        "stages.generate.batch_size=48",
+    ]
     stages = {}
     for name, extra in (
         ("one", []), ("two", ["--nproc", "2"]), ("zero", ["--nproc", "2", "--set", "stages.generate.zero_inference=true"])
@@ -245,7 +257,12 @@ def assert_caches_agree(a: Path, b: Path) -> None:
 
     positions = differing = 0
     for x, y in zip(TeacherCache(a / "cache"), TeacherCache(b / "cache"), strict=True):
-        assert (x.prompt_id, x.sample_index, x.seed, x.finish_reason) == (y.prompt_id, y.sample_index, y.seed, y.finish_reason)
+        assert (x.prompt_id, x.sample_index, x.seed, x.finish_reason) == (
+            y.prompt_id,
+            y.sample_index,
+            y.seed,
+            y.finish_reason,
+        )
         assert (x.tokens == y.tokens).all()
         ox, oy = x.capture.offsets(), y.capture.offsets()
         for t in range(len(x)):
@@ -260,7 +277,11 @@ def assert_caches_agree(a: Path, b: Path) -> None:
 
 
 def start(cwd: Path, *args: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
     return subprocess.Popen(
         [sys.executable, "-m", "bdctl", "generate", SMOKE, *TEACHER, *SETTINGS, *args],
         cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -349,7 +370,9 @@ def test_score_train_caches_the_golden_responses(teacher_run, tmp_path):
 
 def test_help_shows_an_example(tmp_path):
     result = run_cli("generate", "--help", cwd=tmp_path)
-    assert result.returncode == 0 and "bdctl generate recipes/smoke.yaml" in result.stdout and "--score" in result.stdout
+    assert (
+        result.returncode == 0 and "bdctl generate recipes/smoke.yaml" in result.stdout and "--score" in result.stdout
+    )
 
 
 def test_unfinished_teacher(teacher_run, tmp_path):
@@ -369,7 +392,9 @@ def test_bad_input(teacher_run, tmp_path):
     run = fresh(teacher_run, tmp_path)
     # a teacher that speaks another vocabulary
     other = train_tokenizer(["completely different text"] * 20, TokenizerTraining(vocab_size=280), tmp_path / "t")
-    build_tiny_model(TinyModel(arch="gpt2", layers=1, hidden=16, heads=2), other, seed=0).save_pretrained(tmp_path / "other")
+    build_tiny_model(TinyModel(arch="gpt2", layers=1, hidden=16, heads=2), other, seed=0).save_pretrained(
+        tmp_path / "other"
+    )
     other.save_pretrained(tmp_path / "other")
     result = generate(tmp_path, "--set", f"stages.generate.model={tmp_path / 'other'}")
     assert_user_error(result, f"teacher model {tmp_path / 'other'}: its tokenizer differs from the shared one")

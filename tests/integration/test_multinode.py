@@ -19,14 +19,25 @@ SHORT = ["--set", "stages.student_sft.max_steps=3"]
 
 
 def clean_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(PYTHONWARNINGS="ignore", NO_COLOR="1", COLUMNS="200", **extra)
     return env
 
 
 def run_both(commands_and_envs, cwd) -> list[subprocess.CompletedProcess]:
     processes = [
-        subprocess.Popen([sys.executable, "-m", "bdctl", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-m", "bdctl", *args],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for args, env in commands_and_envs
     ]
     results = []
@@ -50,14 +61,22 @@ def assert_two_rank_run(cwd, results) -> None:
 def test_two_hand_started_nodes(tmp_path):
     port = str(free_port())
     node = ["sft", SMOKE, "--model", "student", "--nnodes", "2", "--master-port", port, *SHORT]
-    results = run_both([([*node, "--node-rank", "1"], clean_env()), ([*node, "--node-rank", "0"], clean_env())], tmp_path)
+    results = run_both(
+        [([*node, "--node-rank", "1"], clean_env()), ([*node, "--node-rank", "0"], clean_env())], tmp_path
+    )
     assert "waiting for node 0 to prepare" in results[0].stderr
     assert_two_rank_run(tmp_path, results)
 
 
 def test_slurm_tasks(tmp_path):
     """What `srun --ntasks 2 bdctl sft ...` gives each task: its rank comes from SLURM's environment."""
-    slurm = dict(SLURM_STEP_ID="0", SLURM_NTASKS="2", SLURM_JOB_NODELIST="127.0.0.1", SLURM_JOB_ID="1", MASTER_PORT=str(free_port()))
+    slurm = dict(
+        SLURM_STEP_ID="0",
+        SLURM_NTASKS="2",
+        SLURM_JOB_NODELIST="127.0.0.1",
+        SLURM_JOB_ID="1",
+        MASTER_PORT=str(free_port()),
+    )
     task = ["sft", SMOKE, "--model", "student", *SHORT]
     envs = [clean_env(**slurm, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)) for r in (1, 0)]
     results = run_both([(task, envs[0]), (task, envs[1])], tmp_path)
@@ -68,11 +87,31 @@ def test_distill_on_two_hand_started_nodes(tmp_path):
     quick = ["--set", "stages.teacher_sft.max_steps=2", "--set", "stages.student_sft.max_steps=2",
              "--set", "stages.generate.n_samples=1", "--set", "stages.generate.max_new_tokens=8"]  # fmt: skip
     for command in (["sft", SMOKE, "--model", "teacher"], ["generate", SMOKE], ["sft", SMOKE, "--model", "student"]):
-        result = subprocess.run([sys.executable, "-m", "bdctl", *command, *quick], cwd=tmp_path, env=clean_env(), capture_output=True, text=True)
+        result = subprocess.run(
+            [sys.executable, "-m", "bdctl", *command, *quick],
+            cwd=tmp_path,
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
     port = str(free_port())
-    node = ["distill", SMOKE, "--method", "bd", "--nnodes", "2", "--master-port", port, *quick, "--set", "stages.distill.max_steps=2"]
-    results = run_both([([*node, "--node-rank", "1"], clean_env()), ([*node, "--node-rank", "0"], clean_env())], tmp_path)
+    node = [
+        "distill",
+        SMOKE,
+        "--method",
+        "bd",
+        "--nnodes",
+        "2",
+        "--master-port",
+        port,
+        *quick,
+        "--set",
+        "stages.distill.max_steps=2",
+    ]
+    results = run_both(
+        [([*node, "--node-rank", "1"], clean_env()), ([*node, "--node-rank", "0"], clean_env())], tmp_path
+    )
     for result in results:
         assert result.returncode == 0, result.stderr[-3000:]
     stage = tmp_path / "runs/smoke/distill/bd"

@@ -19,7 +19,11 @@ SMOKE = str(RECIPES / "smoke.yaml")
 
 
 def test_reproduce_smoke_interrupted_after_generate(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
     process = subprocess.Popen(
         [sys.executable, "-m", "bdctl", "reproduce", SMOKE], cwd=tmp_path, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -41,11 +45,21 @@ def test_reproduce_smoke_interrupted_after_generate(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "skip teacher_sft" in result.stderr and "skip generate" in result.stderr
     run = tmp_path / "runs/smoke"
-    for stage in ("student_sft", "distill/bd", "distill/bd-p0.5", "distill/kd", "distill/seqkd", "distill/minillm", "eval", "judge"):
+    for stage in (
+        "student_sft",
+        "distill/bd",
+        "distill/bd-p0.5",
+        "distill/kd",
+        "distill/seqkd",
+        "distill/minillm",
+        "eval",
+        "judge",
+    ):
         assert (run / stage / "MANIFEST.json").is_file(), stage
     report = (run / "report.md").read_text()
     assert "## Rouge-L" in report and "distill/bd" in report and "## Win rates" in report
     assert "## Ablations" in report and "| distill/bd-p0.5 | p = 0.5 |" in report
+
     # the ablation ran BD with the cached p = 0.8 sets cut to p = 0.5: smaller sets
     def set_size(stage):
         records = [json.loads(line) for line in (run / stage / "metrics.jsonl").read_text().splitlines()]

@@ -29,7 +29,11 @@ def train_losses(cwd) -> dict[int, float]:
 
 
 def start(cwd, nproc: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
     return subprocess.Popen(
         [sys.executable, "-m", "bdctl", "sft", SMOKE, "--model", "student", "--nproc", nproc, *SETTINGS],
         cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -44,7 +48,9 @@ def wait_for_step(process: subprocess.Popen, cwd, step: int, timeout: float = 30
         assert process.poll() is None, process.communicate()
         if path.exists():
             records = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
-            if any(r["event"] == "checkpoint" for r in records) and any(r.get("step", 0) >= step and r["event"] == "train" for r in records):
+            if any(r["event"] == "checkpoint" for r in records) and any(
+                r.get("step", 0) >= step and r["event"] == "train" for r in records
+            ):
                 return
         time.sleep(0.05)
     raise AssertionError("the run did not get far enough in time")
@@ -74,7 +80,10 @@ def test_sigkill_then_resume_gives_the_same_losses(nproc, reference, tmp_path):
     assert done and max(done) < STEPS
     result = run_cli("sft", SMOKE, "--model", "student", "--nproc", nproc, *SETTINGS, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resuming {tmp_path / 'runs/smoke/student_sft'}" in result.stderr or "resuming runs/smoke/student_sft" in result.stderr
+    assert (
+        f"resuming {tmp_path / 'runs/smoke/student_sft'}" in result.stderr
+        or "resuming runs/smoke/student_sft" in result.stderr
+    )
     resumed = train_losses(tmp_path)
     assert sorted(resumed) == list(range(1, STEPS + 1))
     for step in range(max(done) + 1, STEPS + 1):
@@ -95,7 +104,11 @@ def test_sigterm_checkpoints_exits_75_and_resumes(nproc, reference, tmp_path):
     # The best weights so far are kept, but as a candidate: nothing in best/ claims to be complete.
     assert (stage / "best/config.json").is_file() and (stage / "best/selected.json").is_file()
     assert not (stage / "best/MANIFEST.json").exists()
-    reasons = [json.loads((p / "MANIFEST.json").read_text())["reason"] for p in (stage / "checkpoints").iterdir() if (p / "MANIFEST.json").is_file()]
+    reasons = [
+        json.loads((p / "MANIFEST.json").read_text())["reason"]
+        for p in (stage / "checkpoints").iterdir()
+        if (p / "MANIFEST.json").is_file()
+    ]
     assert "preempted" in reasons or len(reasons) >= 1
     result = run_cli("sft", SMOKE, "--model", "student", "--nproc", nproc, *SETTINGS, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -110,23 +123,46 @@ def test_resume_refuses_another_recipe_or_world_size(reference, tmp_path):
     wait_for_step(process, tmp_path, step=6)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    changed = run_cli("sft", SMOKE, "--model", "student", *SETTINGS, "--set", "stages.student_sft.lr=1e-2", cwd=tmp_path)
+    changed = run_cli(
+        "sft", SMOKE, "--model", "student", *SETTINGS, "--set", "stages.student_sft.lr=1e-2", cwd=tmp_path
+    )
     assert_user_error(changed, "this checkpoint belongs to a different recipe or stage settings")
     two = run_cli("sft", SMOKE, "--model", "student", "--nproc", "2", *SETTINGS, cwd=tmp_path)
     assert_user_error(two, "written by 1 ranks; resume with the same number of ranks (now 2)")
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
-    blowup = ["--set", "stages.student_sft.lr=1e6", "--set", "stages.student_sft.checkpoint_every=1", "--set", "stages.student_sft.grad_clip=0"]
+    blowup = [
+        "--set",
+        "stages.student_sft.lr=1e6",
+        "--set",
+        "stages.student_sft.checkpoint_every=1",
+        "--set",
+        "stages.student_sft.grad_clip=0",
+    ]
     result = run_cli("sft", SMOKE, "--model", "student", *blowup, cwd=tmp_path)
     assert result.returncode == 3, result.stderr[-3000:]
     assert "non-finite loss at step" in result.stderr and "Traceback" not in result.stderr
     stage = tmp_path / "runs/smoke/student_sft"
     bad_step = int(result.stderr.split("non-finite loss at step ")[1].split(";")[0])
-    kept = [json.loads((p / "MANIFEST.json").read_text())["step"] for p in (stage / "checkpoints").iterdir() if (p / "MANIFEST.json").is_file()]
+    kept = [
+        json.loads((p / "MANIFEST.json").read_text())["step"]
+        for p in (stage / "checkpoints").iterdir()
+        if (p / "MANIFEST.json").is_file()
+    ]
     assert kept and max(kept) == bad_step - 1  # the checkpoint before the bad step, untouched
     assert not (tmp_path / "runs/smoke/recipe.yaml").exists()  # the run's recipe is that of a finished command
-    skipping = run_cli("sft", SMOKE, "--model", "student", "--force", *blowup, "--set", "stages.student_sft.on_nonfinite=skip", cwd=tmp_path)
+    skipping = run_cli(
+        "sft",
+        SMOKE,
+        "--model",
+        "student",
+        "--force",
+        *blowup,
+        "--set",
+        "stages.student_sft.on_nonfinite=skip",
+        cwd=tmp_path,
+    )
     assert skipping.returncode == 0, skipping.stderr[-3000:]
     assert json.loads((stage / "MANIFEST.json").read_text())["skipped_steps"] > 0
     assert "on_nonfinite: skip" in (tmp_path / "runs/smoke/recipe.yaml").read_text()
@@ -138,13 +174,19 @@ def test_a_dead_rank_brings_the_job_down(tmp_path):
 
     process = start(tmp_path, "2")
     wait_for_step(process, tmp_path, step=5)
-    workers = [p for p in psutil.Process(process.pid).children(recursive=True) if "bdctl.worker" in " ".join(p.cmdline())]
+    workers = [
+        p for p in psutil.Process(process.pid).children(recursive=True) if "bdctl.worker" in " ".join(p.cmdline())
+    ]
     victim = next(p for p in workers if p.environ().get("RANK") == "1")
     victim.kill()
     started = time.time()
     _, stderr = process.communicate(timeout=120)
     assert time.time() - started < 60
     assert process.returncode != 0
-    assert stderr.strip().splitlines()[-1].startswith(
-        "error: the job failed (exit code 137, killed by signal 9): rank 1 died first and the others were stopped"
+    assert (
+        stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "error: the job failed (exit code 137, killed by signal 9): rank 1 died first and the others were stopped"
+        )
     ), stderr[-2000:]

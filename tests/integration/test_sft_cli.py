@@ -71,7 +71,9 @@ def test_world_size_does_not_change_the_result(tmp_path):
     for nproc in ("1", "2"):
         cwd = tmp_path / nproc
         cwd.mkdir()
-        result = run_cli("sft", SMOKE, "--model", "student", "--nproc", nproc, "--set", "stages.student_sft.max_steps=3", cwd=cwd)
+        result = run_cli(
+            "sft", SMOKE, "--model", "student", "--nproc", nproc, "--set", "stages.student_sft.max_steps=3", cwd=cwd
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         losses[nproc] = [m["loss"] for m in metrics(cwd / "runs/smoke/student_sft") if m["event"] == "train"]
     assert len(losses["1"]) == 3
@@ -101,7 +103,10 @@ def test_help_shows_examples(tmp_path):
 def test_dry_run_prints_the_launcher_command(tmp_path):
     result = run_cli("sft", SMOKE, "--model", "student", "--nproc", "2", "--dry-run", cwd=tmp_path)
     assert result.returncode == 0
-    assert "-m bdctl.launch --nnodes 1 --node_rank 0 --nproc_per_node 2" in result.stderr and "-m bdctl.worker" in result.stderr
+    assert (
+        "-m bdctl.launch --nnodes 1 --node_rank 0 --nproc_per_node 2" in result.stderr
+        and "-m bdctl.worker" in result.stderr
+    )
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing
 
 
@@ -137,7 +142,9 @@ def test_vocabulary_mismatch(tmp_path):
     from bdctl.recipe.schema import TinyModel, TokenizerTraining
 
     other = train_tokenizer(["completely different text"] * 20, TokenizerTraining(vocab_size=280), tmp_path / "t")
-    build_tiny_model(TinyModel(arch="gpt2", layers=1, hidden=16, heads=2), other, seed=0).save_pretrained(tmp_path / "teacher")
+    build_tiny_model(TinyModel(arch="gpt2", layers=1, hidden=16, heads=2), other, seed=0).save_pretrained(
+        tmp_path / "teacher"
+    )
     other.save_pretrained(tmp_path / "teacher")
     path = write_recipe(tmp_path / "r.yaml", models__teacher={"path": str(tmp_path / "teacher")})
     result = run_cli("sft", str(path), "--model", "student", cwd=tmp_path)
@@ -147,4 +154,6 @@ def test_vocabulary_mismatch(tmp_path):
 
 def test_batch_that_does_not_split_over_ranks(tmp_path):
     result = run_cli("sft", SMOKE, "--model", "student", "--nproc", "3", cwd=tmp_path)
-    assert_user_error(result, "stages.student_sft.batch_size (16) is not a multiple of micro_batch_size (4) x ranks (3)")
+    assert_user_error(
+        result, "stages.student_sft.batch_size (16) is not a multiple of micro_batch_size (4) x ranks (3)"
+    )

@@ -45,7 +45,9 @@ class Recorded:
 def answers_of(body: dict[str, Any]) -> tuple[str, str]:
     """The two answers shown in a judge request, as (A, B)."""
     user = next(message["content"] for message in body["messages"] if message["role"] == "user")
-    pattern = re.escape(ANSWER_A_HEADER) + r"\n(.*)\n\n" + re.escape(ANSWER_B_HEADER) + r"\n(.*)\n\n" + re.escape(QUESTION)
+    pattern = (
+        re.escape(ANSWER_A_HEADER) + r"\n(.*)\n\n" + re.escape(ANSWER_B_HEADER) + r"\n(.*)\n\n" + re.escape(QUESTION)
+    )
     match = re.search(pattern, user, flags=re.S)
     if match is None:
         raise ValueError("request has no answer sections")

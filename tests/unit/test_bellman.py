@@ -196,8 +196,7 @@ def test_paper_variant_matches_loop_reference(case, chi2):
     terms = dense_terms(logits, mask, actions, valid, terminal, variant="paper", top_p=p, **hp)
     assert_same_loss_and_grad(terms.loss, expected["loss"], logits)
     got = terms.as_floats()
-    for key in ("mean_r", "mean_v", "chi2", "outside_share", "mean_set_size",
-                "mean_q_candidates", "num_transitions"):
+    for key in ("mean_r", "mean_v", "chi2", "outside_share", "mean_set_size", "mean_q_candidates", "num_transitions"):
         assert got[key] == pytest.approx(expected[key], rel=1e-9, abs=1e-12), key
     # The plain function returns the same scalar.
     same = dense_loss(logits, mask, actions, valid, terminal, top_p=p, **hp)
@@ -211,18 +210,14 @@ def test_released_variant_matches_loop_reference(case, chi2):
     logits, mask, actions, valid, terminal, _ = make_batch(2, p=p, scale=scale)
     hp = dict(gamma=0.9, alpha=0.1, q_min=q_min, chi2=chi2)
     expected = ref_released(logits, mask, valid, top_p=p, eps=1e-3, **hp)
-    got = dense_loss(
-        logits, mask, actions, valid, terminal, variant="released", top_p=p, eps=1e-3, **hp
-    )
+    got = dense_loss(logits, mask, actions, valid, terminal, variant="released", top_p=p, eps=1e-3, **hp)
     assert_same_loss_and_grad(got, expected, logits)
 
 
 def test_released_variant_ignores_actions_and_terminal():
     logits, mask, actions, valid, terminal, _ = make_batch(3)
     base = dense_loss(logits, mask, actions, valid, terminal, variant="released")
-    other = dense_loss(
-        logits, mask, torch.zeros_like(actions), valid, ~terminal, variant="released"
-    )
+    other = dense_loss(logits, mask, torch.zeros_like(actions), valid, ~terminal, variant="released")
     torch.testing.assert_close(base, other)
     paper = dense_loss(logits, mask, actions, valid, terminal)
     paper_other = dense_loss(logits, mask, torch.zeros_like(actions), valid, ~terminal & valid)
@@ -264,8 +259,9 @@ def test_truncated_last_transition_is_left_out():
     changed[1, 2] = (changed[1, 2] + 1) % logits.shape[-1]
     mask2 = mask.clone()
     mask2[1, 2] = True  # make sure the new action's Q differs from q_min
-    assert not torch.allclose(dense_loss(logits, mask2, changed, valid, terminal),
-                              dense_loss(logits, mask2, actions, valid, terminal))
+    assert not torch.allclose(
+        dense_loss(logits, mask2, changed, valid, terminal), dense_loss(logits, mask2, actions, valid, terminal)
+    )
 
 
 def test_hand_computed_single_transition():
@@ -412,10 +408,10 @@ def test_lean_matches_dense_with_bias_and_tiny_chunks():
     ids, cand_mask = sparse_from_mask(mask, teacher)
     for q_min in (-10.0, -2.0):
         for chunk in (1, 7, 1000):
-            dense = dense_terms(hidden @ weight.T + bias, mask, actions, valid, terminal,
-                                q_min=q_min)
-            lean = lean_terms(hidden, weight, ids, cand_mask, actions, valid, terminal,
-                              bias=bias, q_min=q_min, chunk_size=chunk)
+            dense = dense_terms(hidden @ weight.T + bias, mask, actions, valid, terminal, q_min=q_min)
+            lean = lean_terms(
+                hidden, weight, ids, cand_mask, actions, valid, terminal, bias=bias, q_min=q_min, chunk_size=chunk
+            )
             assert_same_loss_and_grad(lean.loss, dense.loss, (hidden, weight, bias))
             for key, value in dense.as_floats().items():
                 assert lean.as_floats()[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
@@ -439,14 +435,28 @@ def _tiny_models() -> dict[str, torch.nn.Module]:
             GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=vocab, n_positions=64, **special)
         ),
         "opt": OPTForCausalLM(
-            OPTConfig(num_hidden_layers=2, hidden_size=32, ffn_dim=64, num_attention_heads=2,
-                      vocab_size=vocab, max_position_embeddings=64, word_embed_proj_dim=32,
-                      **special)
+            OPTConfig(
+                num_hidden_layers=2,
+                hidden_size=32,
+                ffn_dim=64,
+                num_attention_heads=2,
+                vocab_size=vocab,
+                max_position_embeddings=64,
+                word_embed_proj_dim=32,
+                **special,
+            )
         ),
         "qwen2": Qwen2ForCausalLM(
-            Qwen2Config(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
-                        num_attention_heads=2, num_key_value_heads=1, vocab_size=vocab,
-                        max_position_embeddings=64, **special)
+            Qwen2Config(
+                num_hidden_layers=2,
+                hidden_size=32,
+                intermediate_size=64,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                vocab_size=vocab,
+                max_position_embeddings=64,
+                **special,
+            )
         ),
     }
 
@@ -495,8 +505,7 @@ def test_lean_matches_dense_on_tiny_causal_lms(model_states, arch, dtype, p, q_m
     terminal[0, T - 1] = True  # row 0 ends with EOS, row 1 truncated, row 2 EOS at 3
     terminal[2, 3] = True
     in_set = torch.where(mask, torch.rand(B, T, V, generator=gen), -1.0).argmax(-1)
-    actions = torch.where(torch.rand(B, T, generator=gen) < 0.6, in_set,
-                          torch.randint(0, V, (B, T), generator=gen))
+    actions = torch.where(torch.rand(B, T, generator=gen) < 0.6, in_set, torch.randint(0, V, (B, T), generator=gen))
 
     hidden = hidden0.clone().requires_grad_()
     weight = weight0.clone().requires_grad_()
@@ -509,11 +518,9 @@ def test_lean_matches_dense_on_tiny_causal_lms(model_states, arch, dtype, p, q_m
     if p < 1.0:
         ids, cand_mask = sparse_from_mask(mask, teacher)
         assert 1 < ids.shape[-1] < V
-        lean = lean_loss(hidden, weight, ids, cand_mask, actions, valid, terminal,
-                         chunk_size=97, **hp)
+        lean = lean_loss(hidden, weight, ids, cand_mask, actions, valid, terminal, chunk_size=97, **hp)
     else:
-        lean = lean_loss(hidden, weight, None, None, actions, valid, terminal,
-                         chunk_size=97, **hp)
+        lean = lean_loss(hidden, weight, None, None, actions, valid, terminal, chunk_size=97, **hp)
     assert_same_loss_and_grad(lean, dense, (hidden, weight), atol=1e-5, rtol=1e-5)
 
 
@@ -555,7 +562,9 @@ def test_lean_path_never_saves_vocabulary_sized_tensors():
 
 
 def random_sets(batch, frame, vocab, width, generator):
-    ids = torch.stack([torch.randperm(vocab, generator=generator)[:width] for _ in range(batch * frame)]).view(batch, frame, width)
+    ids = torch.stack([torch.randperm(vocab, generator=generator)[:width] for _ in range(batch * frame)]).view(
+        batch, frame, width
+    )
     sizes = torch.randint(1, width + 1, (batch, frame), generator=generator)
     return ids, torch.arange(width)[None, None, :] < sizes[..., None]
 
@@ -576,14 +585,18 @@ def test_released_lean_terms_equal_the_dense_released_loss(chi2, dtype):
     actions = torch.randint(0, vocab, (batch, frame), generator=g)
     actions[0, :3] = ids[0, :3, 0]  # some actions inside A_t
     settings = dict(gamma=0.9, alpha=0.3, q_min=-2.5, chi2=chi2)
-    lean = released_lean_terms(hidden, weight, ids, mask, actions, valid, top_p=0.7, eps=1e-3, chunk_size=16, **settings)
+    lean = released_lean_terms(
+        hidden, weight, ids, mask, actions, valid, top_p=0.7, eps=1e-3, chunk_size=16, **settings
+    )
     dense = dense_terms(
         hidden @ weight.T, candidate_mask(ids, mask, (batch, frame), vocab), actions, valid, torch.zeros_like(valid),
         variant="released", top_p=0.7, eps=1e-3, **settings,
     )  # fmt: skip
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     assert lean.loss.item() == pytest.approx(dense.loss.item(), rel=tol, abs=tol)
-    for a, b in zip(torch.autograd.grad(lean.loss, (hidden, weight)), torch.autograd.grad(dense.loss, (hidden, weight)), strict=True):
+    for a, b in zip(
+        torch.autograd.grad(lean.loss, (hidden, weight)), torch.autograd.grad(dense.loss, (hidden, weight)), strict=True
+    ):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
     for key in ("mean_r", "mean_v", "mean_q_candidates", "chi2", "outside_share", "mean_set_size"):
         assert float(getattr(lean, key)) == pytest.approx(float(getattr(dense, key)), rel=tol, abs=tol), key

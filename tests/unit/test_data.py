@@ -52,7 +52,11 @@ def test_jsonl_errors_name_file_and_line(tmp_path):
 
 
 def test_field_mapping_errors():
-    assert to_instruction("f:1", dolly_rows(1)[0], DOLLY) == {"instruction": "Say the number 0 twice.", "input": "number 0", "output": "0 0"}
+    assert to_instruction("f:1", dolly_rows(1)[0], DOLLY) == {
+        "instruction": "Say the number 0 twice.",
+        "input": "number 0",
+        "output": "0 0",
+    }
     with pytest.raises(UserError, match=r"^f:2: missing field 'response' \(data field output\)"):
         to_instruction("f:2", {"instruction": "a", "context": ""}, DOLLY)
     with pytest.raises(UserError, match=r"^f:3: field 'instruction' should be a string, got int"):
@@ -108,8 +112,10 @@ def test_overlong_examples_are_dropped_and_counted(tmp_path):
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe, _ = load_recipe(
         "smoke",
-        [f"data.source={{path: {tmp_path / 'd.jsonl'}, fields: {{instruction: instruction, input: context, output: response}}}}",
-         "data.split={valid: 5, test: 5, seed: 1}"],
+        [
+            f"data.source={{path: {tmp_path / 'd.jsonl'}, fields: {{instruction: instruction, input: context, output: response}}}}",
+            "data.split={valid: 5, test: 5, seed: 1}",
+        ],
     )
     prepare_data(recipe, RunDir(tmp_path / "run"), log=lambda *_: None)
     report = json.loads((tmp_path / "run/data/split.json").read_text())
@@ -135,7 +141,10 @@ def test_collate_scores_response_tokens_only():
 def test_a_global_batch_is_the_same_whatever_the_world_size(world):
     order = epoch_order(100, seed=3, epoch=1)
     assert sorted(order) == list(range(100)) and order != epoch_order(100, seed=3, epoch=2)
-    per_rank = [micro_batches(order, step=2, global_batch=16, micro=4 // world if world < 4 else 1, rank=r, world=world) for r in range(world)]
+    per_rank = [
+        micro_batches(order, step=2, global_batch=16, micro=4 // world if world < 4 else 1, rank=r, world=world)
+        for r in range(world)
+    ]
     union = sorted(i for chunks in per_rank for chunk in chunks for i in chunk)
     assert union == sorted(order[32:48])
     assert len({len(chunks) for chunks in per_rank}) == 1  # same number of micro-batches per rank

@@ -40,7 +40,10 @@ def test_linear_schedule():
 
 
 def test_batch_that_does_not_split_is_a_clear_error():
-    with pytest.raises(UserError, match=r"stages.teacher_sft.batch_size \(16\) is not a multiple of micro_batch_size \(8\) x ranks \(4\)"):
+    with pytest.raises(
+        UserError,
+        match=r"stages.teacher_sft.batch_size \(16\) is not a multiple of micro_batch_size \(8\) x ranks \(4\)",
+    ):
         smoke_config(world=4)
 
 

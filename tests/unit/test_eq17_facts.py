@@ -144,9 +144,9 @@ def test_chi2_off_is_cross_entropy_restricted_to_the_set(seed, q_min, gamma):
             position = int(mask[b, t][: actions[b, t]].sum())  # index of a_t among the members
             assert -float(restricted[position]) == pytest.approx(target, rel=1e-13, abs=1e-13)
     else:
-        assert any(
-            bool((clipped_q(logits[b, t], q_min)[mask[b, t]] == q_min).any()) for b, t in kept
-        ), "the clipped case should clip some in-set Q"
+        assert any(bool((clipped_q(logits[b, t], q_min)[mask[b, t]] == q_min).any()) for b, t in kept), (
+            "the clipped case should clip some in-set Q"
+        )
 
 
 def test_chi2_off_nothing_holds_the_mass_on_the_set():
@@ -164,6 +164,7 @@ def test_chi2_off_nothing_holds_the_mass_on_the_set():
     lifted[outside] += 8.0  # every outside token well above every in-set token
     moved = float(dense_loss(lifted, mask, actions, valid, terminal, chi2=False, q_min=-1e3))
     assert moved == pytest.approx(base, rel=1e-13, abs=1e-13)
+
     def mass_on_set(z: torch.Tensor) -> torch.Tensor:
         mass = torch.where(mask, torch.softmax(z, dim=-1), 0.0).sum(dim=-1)
         return torch.stack([mass[b, t] for b, t in kept])
@@ -204,7 +205,7 @@ def expected_bandit_loss(z: torch.Tensor, alpha: float) -> torch.Tensor:
     return total
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bandit_minimiser(alpha: float) -> tuple[torch.Tensor, float]:
     """Minimise the expected loss over the 5 free logits in float64, from the teacher's
     log-probabilities: L-BFGS, then three Newton steps to polish (L-BFGS alone stalls near a

@@ -7,8 +7,8 @@ import io
 import math
 import re
 
-from bdctl.sampling import length_grouped_batches
 from bdctl.answers import prompt_seed
+from bdctl.sampling import length_grouped_batches
 from bdctl.stages.evaluate import _share, model_dir_name
 from bdctl.tables import csv_table, markdown_table, mean_std_cell, rich_table
 
@@ -55,7 +55,9 @@ def test_prompt_seed_is_stable_and_distinct():
     assert len(seeds) == 600
     assert all(0 <= s < 2**63 for s in seeds)
     # fixed forever: changing it would silently change every saved evaluation
-    assert prompt_seed(10, 0) == int.from_bytes(__import__("hashlib").sha256(b"10/0").digest()[:8], "little") & (2**63 - 1)
+    assert prompt_seed(10, 0) == int.from_bytes(__import__("hashlib").sha256(b"10/0").digest()[:8], "little") & (
+        2**63 - 1
+    )
 
 
 def test_model_dir_names_are_safe_and_stable(tmp_path):
@@ -112,14 +114,21 @@ def test_report_puts_the_papers_numbers_beside_ours_and_lists_ablations():
         "scores": {"minillm": scores(0.0), "release": scores(5.0)},
     }  # fmt: skip
     text = "\n".join(rouge_tables(results, recipe))
-    minillm = text[text.index("## Rouge-L, protocol minillm (temperature 1, top_p 1, top_k 0)") : text.index("## Rouge-L, protocol release")]
+    minillm = text[
+        text.index("## Rouge-L, protocol minillm (temperature 1, top_p 1, top_k 0)") : text.index(
+            "## Rouge-L, protocol release"
+        )
+    ]
     release = text[text.index("## Rouge-L, protocol release (temperature 1, top_p 0.8, top_k 0)") :]
     assert "| model | dolly | dolly (paper, its protocol) |" in minillm
     assert "| teacher_sft | 40.00 ± 0.50 | 27.6 (not stated) |" in minillm
     assert "| distill/bd-chi2-off | 29.00 ± 0.50 |  |" in minillm  # no paper number for it
     assert "| teacher_sft | 45.00 ± 0.50 | 27.6 (not stated) |" in release
     ablations = minillm[minillm.index("### Ablations") :]
-    assert "| distill/bd | p = 0.8, chi2 on (alpha 0.1), paper variant, outside q_min, anchor 0, D* generate | 30.00 ± 0.50 | 24.7 (release) |" in ablations
+    assert (
+        "| distill/bd | p = 0.8, chi2 on (alpha 0.1), paper variant, outside q_min, anchor 0, D* generate | 30.00 ± 0.50 | 24.7 (release) |"
+        in ablations
+    )
     assert "| distill/bd-p1.0 | p = 1.0 | 28.00 ± 0.50 | 23.6 (release) |" in ablations
     assert "| distill/bd-chi2-off | chi2 = False | 29.00 ± 0.50 |  |" in ablations
     assert "| distill/bd-p1.0 | p = 1.0 | 33.00 ± 0.50 | 23.6 (release) |" in release[release.index("### Ablations") :]

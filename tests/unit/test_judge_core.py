@@ -358,7 +358,13 @@ def tiny_judge_dir(directory: Path, *, chat_template: bool) -> Path:
     torch.manual_seed(0)
     special = tokenizer.eos_token_id
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_layer=1, n_embd=32, n_head=2, n_positions=2048, bos_token_id=special, eos_token_id=special
+        vocab_size=len(tokenizer),
+        n_layer=1,
+        n_embd=32,
+        n_head=2,
+        n_positions=2048,
+        bos_token_id=special,
+        eos_token_id=special,
     )
     GPT2LMHeadModel(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)

@@ -27,10 +27,7 @@ from bdctl.objectives.lm import (
 
 def leaves(*shapes, dtype=torch.float64, seed=0, scale=1.0):
     gen = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(*shape, generator=gen, dtype=dtype) * scale).requires_grad_()
-        for shape in shapes
-    ]
+    return [(torch.randn(*shape, generator=gen, dtype=dtype) * scale).requires_grad_() for shape in shapes]
 
 
 def assert_same(actual, expected, wrt, atol=1e-10, rtol=1e-10):
@@ -53,15 +50,20 @@ def test_chunked_logsumexp_matches_torch(chunk, with_bias):
     wrt = (hidden, weight, bias) if with_bias else (hidden, weight)
     # A non-uniform upstream gradient checks the per-row scaling in backward.
     scale = torch.linspace(0.5, 2.0, 13, dtype=torch.float64)
-    assert_same(chunked_logsumexp(hidden, weight, b, chunk_size=chunk) * scale,
-                torch.logsumexp(logits, dim=-1) * scale, wrt)
+    assert_same(
+        chunked_logsumexp(hidden, weight, b, chunk_size=chunk) * scale, torch.logsumexp(logits, dim=-1) * scale, wrt
+    )
 
 
 def test_chunked_logsumexp_float32():
     hidden, weight = leaves((40, 16), (300, 16), dtype=torch.float32)
-    assert_same(chunked_logsumexp(hidden, weight, chunk_size=64),
-                torch.logsumexp(hidden @ weight.T, dim=-1), (hidden, weight),
-                atol=1e-5, rtol=1e-5)
+    assert_same(
+        chunked_logsumexp(hidden, weight, chunk_size=64),
+        torch.logsumexp(hidden @ weight.T, dim=-1),
+        (hidden, weight),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("chunk", [3, 64])
@@ -78,9 +80,7 @@ def test_chunked_logsumexp_with_floor_matches_clamped_reference(chunk):
 def test_chunked_logsumexp_gradcheck():
     hidden, weight, bias = leaves((4, 3), (11, 3), (11,), seed=3)
     (floor,) = leaves((4,), seed=4)
-    assert torch.autograd.gradcheck(
-        lambda h, w, b: chunked_logsumexp(h, w, b, chunk_size=4), (hidden, weight, bias)
-    )
+    assert torch.autograd.gradcheck(lambda h, w, b: chunked_logsumexp(h, w, b, chunk_size=4), (hidden, weight, bias))
     assert torch.autograd.gradcheck(
         lambda h, w, b, f: chunked_logsumexp(h, w, b, chunk_size=4, floor=f),
         (hidden, weight, bias, floor),
@@ -90,8 +90,7 @@ def test_chunked_logsumexp_gradcheck():
 def test_chunked_logsumexp_saves_only_inputs_and_result():
     hidden, weight = leaves((64, 8), (500, 8), dtype=torch.float32)
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t,
-                                                  lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
         chunked_logsumexp(hidden, weight, chunk_size=32)
     assert sorted(map(tuple, saved)) == sorted([(64, 8), (500, 8), (64,)])
 
@@ -103,11 +102,9 @@ def test_chunked_argmax_and_token_logits():
         got = chunked_argmax(hidden, weight, bias, chunk_size=chunk)
         assert torch.equal(got, logits.argmax(-1))
     ids = torch.randint(0, 37, (20,))
-    assert_same(token_logits(hidden, weight, ids, bias), logits.gather(1, ids[:, None])[:, 0],
-                (hidden, weight, bias))
+    assert_same(token_logits(hidden, weight, ids, bias), logits.gather(1, ids[:, None])[:, 0], (hidden, weight, bias))
     many = torch.randint(0, 37, (20, 6))
-    assert_same(token_logits(hidden, weight, many, bias), logits.gather(1, many),
-                (hidden, weight, bias))
+    assert_same(token_logits(hidden, weight, many, bias), logits.gather(1, many), (hidden, weight, bias))
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 1000])
@@ -130,8 +127,7 @@ def test_candidate_logits_do_not_keep_the_projection_block():
     hidden, weight = leaves((64, 4), (500, 4), dtype=torch.float32, seed=8)
     ids = torch.randint(0, 500, (64, 20), generator=torch.Generator().manual_seed(1))
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t,
-                                                  lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         candidate_logits(hidden, weight, ids, None, chunk_size=10_000)
     assert max(saved) <= 500 * 4  # at most the gathered embedding rows, never 64 x |U|
 
@@ -152,21 +148,20 @@ def lm_batch(seed=0, B=3, T=7, H=6, V=45, dtype=torch.float64):
 def test_lean_cross_entropy_matches_torch(dtype):
     hidden, weight, labels = lm_batch(dtype=dtype)
     tol = 1e-5 if dtype == torch.float32 else 1e-10
-    expected = F.cross_entropy((hidden @ weight.T).reshape(-1, weight.shape[0]),
-                               labels.reshape(-1), ignore_index=-100)
-    assert_same(lean_cross_entropy(hidden, weight, labels, chunk_size=8), expected,
-                (hidden, weight), atol=tol, rtol=tol)
-    assert_same(dense_cross_entropy(hidden @ weight.T, labels), expected, (hidden, weight),
-                atol=tol, rtol=tol)
+    expected = F.cross_entropy((hidden @ weight.T).reshape(-1, weight.shape[0]), labels.reshape(-1), ignore_index=-100)
+    assert_same(
+        lean_cross_entropy(hidden, weight, labels, chunk_size=8), expected, (hidden, weight), atol=tol, rtol=tol
+    )
+    assert_same(dense_cross_entropy(hidden @ weight.T, labels), expected, (hidden, weight), atol=tol, rtol=tol)
 
 
 def test_lean_cross_entropy_with_bias():
     hidden, weight, labels = lm_batch(seed=1)
     (bias,) = leaves((weight.shape[0],), seed=9)
-    expected = F.cross_entropy((hidden @ weight.T + bias).reshape(-1, weight.shape[0]),
-                               labels.reshape(-1), ignore_index=-100)
-    assert_same(lean_cross_entropy(hidden, weight, labels, bias, chunk_size=10), expected,
-                (hidden, weight, bias))
+    expected = F.cross_entropy(
+        (hidden @ weight.T + bias).reshape(-1, weight.shape[0]), labels.reshape(-1), ignore_index=-100
+    )
+    assert_same(lean_cross_entropy(hidden, weight, labels, bias, chunk_size=10), expected, (hidden, weight, bias))
 
 
 def test_cross_entropy_user_errors():
@@ -212,8 +207,9 @@ def kd_batch(seed=0, B=2, T=5, H=4, V=12):
 def test_dense_kd_matches_loop_reference():
     hidden, weight, teacher, valid = kd_batch()
     student = hidden @ weight.T
-    assert_same(dense_kd_loss(student, teacher, valid), kd_loop_reference(student, teacher, valid),
-                (hidden, weight, teacher))
+    assert_same(
+        dense_kd_loss(student, teacher, valid), kd_loop_reference(student, teacher, valid), (hidden, weight, teacher)
+    )
 
 
 def test_dense_kd_ignores_invalid_positions_and_is_cross_entropy_for_one_hot():
@@ -221,8 +217,7 @@ def test_dense_kd_ignores_invalid_positions_and_is_cross_entropy_for_one_hot():
     student = hidden @ weight.T
     garbage = teacher.detach().clone()
     garbage[~valid] = 1e3
-    torch.testing.assert_close(dense_kd_loss(student, garbage, valid),
-                               dense_kd_loss(student, teacher, valid))
+    torch.testing.assert_close(dense_kd_loss(student, garbage, valid), dense_kd_loss(student, teacher, valid))
     # A (numerically) one-hot teacher makes KD the cross-entropy of its arg-max.
     labels = teacher.argmax(-1)
     one_hot = F.one_hot(labels, teacher.shape[-1]).to(teacher.dtype) * 1e4
@@ -253,8 +248,7 @@ def sparse_kd_loop_reference(student_logits, ids, probs, mask, valid):
             log_zs = torch.log(sum(torch.exp(s[v]) for v in range(V)))
             members = [k for k in range(ids.shape[-1]) if mask[b, t, k]]
             total = sum(float(probs[b, t, k]) for k in members)
-            terms.append(-sum(float(probs[b, t, k]) / total * (s[ids[b, t, k]] - log_zs)
-                              for k in members))
+            terms.append(-sum(float(probs[b, t, k]) / total * (s[ids[b, t, k]] - log_zs) for k in members))
     return sum(terms) / len(terms)
 
 
@@ -262,8 +256,11 @@ def test_sparse_kd_dense_reference_matches_loop():
     hidden, weight, teacher, valid = kd_batch(seed=2)
     ids, probs, mask = sparse_cache(teacher, k=4)
     student = hidden @ weight.T
-    assert_same(sparse_kd_loss_dense(student, ids, probs, mask, valid),
-                sparse_kd_loop_reference(student, ids, probs, mask, valid), (hidden, weight))
+    assert_same(
+        sparse_kd_loss_dense(student, ids, probs, mask, valid),
+        sparse_kd_loop_reference(student, ids, probs, mask, valid),
+        (hidden, weight),
+    )
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 100])
@@ -292,16 +289,14 @@ def test_sparse_kd_with_the_whole_vocabulary_is_exact_kd():
     ids = torch.arange(V).expand_as(probs)
     mask = torch.ones_like(ids, dtype=torch.bool)
     exact = dense_kd_loss(hidden @ weight.T, teacher.detach(), valid)
-    assert_same(lean_sparse_kd_loss(hidden, weight, ids, probs, mask, valid), exact,
-                (hidden, weight))
+    assert_same(lean_sparse_kd_loss(hidden, weight, ids, probs, mask, valid), exact, (hidden, weight))
 
 
 def test_sparse_kd_renormalises_candidate_probabilities():
     hidden, weight, teacher, valid = kd_batch(seed=6)
     ids, probs, mask = sparse_cache(teacher, k=3)
     base = lean_sparse_kd_loss(hidden, weight, ids, probs, mask, valid)
-    torch.testing.assert_close(lean_sparse_kd_loss(hidden, weight, ids, probs * 3.7, mask, valid),
-                               base)
+    torch.testing.assert_close(lean_sparse_kd_loss(hidden, weight, ids, probs * 3.7, mask, valid), base)
 
 
 def test_kd_user_errors():
@@ -341,11 +336,16 @@ def test_exact_kd_and_teacher_probabilities_equal_dense_kd():
     g = torch.Generator().manual_seed(1)
     rows = torch.randn(9, 8, generator=g, dtype=torch.float64).requires_grad_()
     weight = torch.randn(37, 8, generator=g, dtype=torch.float64).requires_grad_()
-    teacher_rows, teacher_weight = torch.randn(9, 5, generator=g, dtype=torch.float64), torch.randn(37, 5, generator=g, dtype=torch.float64)
+    teacher_rows, teacher_weight = (
+        torch.randn(9, 5, generator=g, dtype=torch.float64),
+        torch.randn(37, 5, generator=g, dtype=torch.float64),
+    )
     probs = teacher_probabilities(teacher_rows, teacher_weight, chunk_size=10)
     torch.testing.assert_close(probs, torch.softmax(teacher_rows @ teacher_weight.T, dim=-1))
     lean = exact_kd_loss(rows, weight, probs, chunk_size=10)
-    dense = dense_kd_loss((rows @ weight.T)[None], (teacher_rows @ teacher_weight.T)[None], torch.ones(1, 9, dtype=torch.bool))
+    dense = dense_kd_loss(
+        (rows @ weight.T)[None], (teacher_rows @ teacher_weight.T)[None], torch.ones(1, 9, dtype=torch.bool)
+    )
     assert lean.item() == pytest.approx(dense.item(), rel=1e-12)
     for a, b in zip(torch.autograd.grad(lean, (rows, weight)), torch.autograd.grad(dense, (rows, weight)), strict=True):
         torch.testing.assert_close(a, b)

@@ -105,7 +105,8 @@ def test_slurm_tasks_are_ranks(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "nodelist,host", [("node1", "node1"), ("gpu[03-06,09]", "gpu03"), ("a[7],b[1-2]", "a7"), ("c1,c2", "c1"), ("x[010-012]", "x010")]
+    "nodelist,host",
+    [("node1", "node1"), ("gpu[03-06,09]", "gpu03"), ("a[7],b[1-2]", "a7"), ("c1,c2", "c1"), ("x[010-012]", "x010")],
 )
 def test_first_host_of_a_nodelist(nodelist, host):
     assert first_host(nodelist) == host
@@ -115,7 +116,16 @@ def test_first_host_of_a_nodelist(nodelist, host):
 def test_dry_run_through_the_cli(tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("worker-0 slots=2\nworker-1 slots=2\n")
-    result = run_cli("sft", str(RECIPES / "smoke.yaml"), "--hostfile", str(hostfile), "--set", "stages.teacher_sft.batch_size=32", "--dry-run", cwd=tmp_path)
+    result = run_cli(
+        "sft",
+        str(RECIPES / "smoke.yaml"),
+        "--hostfile",
+        str(hostfile),
+        "--set",
+        "stages.teacher_sft.batch_size=32",
+        "--dry-run",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stderr.splitlines()
     assert "-m deepspeed.launcher.runner --hostfile" in lines[0]
@@ -124,4 +134,7 @@ def test_dry_run_through_the_cli(tmp_path):
     assert config["zero_optimization"]["stage"] == 3
     assert not (tmp_path / "runs").exists()
     hostfile.write_text("worker-0 slots=2\nworker-0 slots=1\n")
-    assert_user_error(run_cli("sft", "smoke", "--hostfile", str(hostfile), "--dry-run", cwd=tmp_path), f"{hostfile}:2: host 'worker-0' is listed twice")
+    assert_user_error(
+        run_cli("sft", "smoke", "--hostfile", str(hostfile), "--dry-run", cwd=tmp_path),
+        f"{hostfile}:2: host 'worker-0' is listed twice",
+    )

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from bdctl.errors import UserError
-from bdctl.models import build_tiny_model, check_vocabularies, load_model, load_tokenizer, tokenizer_hash, train_tokenizer
+from bdctl.models import (
+    build_tiny_model,
+    check_vocabularies,
+    load_model,
+    load_tokenizer,
+    tokenizer_hash,
+    train_tokenizer,
+)
 from bdctl.recipe import load_recipe
 from bdctl.recipe.schema import TinyModel, TokenizerTraining
 

@@ -36,7 +36,11 @@ def test_paper_settings(name):
 
     data = recipe.data
     assert data.source.hub == "databricks/databricks-dolly-15k"
-    assert (data.source.fields.instruction, data.source.fields.input, data.source.fields.output) == ("instruction", "context", "response")
+    assert (data.source.fields.instruction, data.source.fields.input, data.source.fields.output) == (
+        "instruction",
+        "context",
+        "response",
+    )
     assert (data.split.valid, data.split.test) == (500, 500)
     assert (data.max_length, data.max_prompt_length) == (512, 256)
     if corpus == "openwebtext":
@@ -99,8 +103,12 @@ def test_paper_numbers_and_ablations(name):
 
 # Table 1's MiniLLM row (Dolly, SelfInst, Vicuna); the GPT-2 numbers are MiniLLM's own (Gu et al. 2023)
 MINILLM = {
-    "gpt2-1.5b-to-120m": (24.6, 13.2, 16.9), "gpt2-1.5b-to-340m": (25.4, 15.6, 17.7), "gpt2-1.5b-to-760m": (26.4, 15.9, 18.3),
-    "opt-6.7b-to-125m": (23.8, 10.2, 15.3), "opt-6.7b-to-350m": (24.3, 11.5, 17.9), "opt-6.7b-to-1.3b": (26.2, 13.7, 16.7),
+    "gpt2-1.5b-to-120m": (24.6, 13.2, 16.9),
+    "gpt2-1.5b-to-340m": (25.4, 15.6, 17.7),
+    "gpt2-1.5b-to-760m": (26.4, 15.9, 18.3),
+    "opt-6.7b-to-125m": (23.8, 10.2, 15.3),
+    "opt-6.7b-to-350m": (24.3, 11.5, 17.9),
+    "opt-6.7b-to-1.3b": (26.2, 13.7, 16.7),
     "qwen2.5-3b-to-0.5b": (26.7, 19.1, 20.5),
 }
 
@@ -114,7 +122,13 @@ def test_every_paper_recipe_runs_minillm_with_the_papers_settings(name):
     recipe, path = load_recipe(name, ["stages.distill.method=minillm"])  # validated as `--method minillm` loads it
     assert f"bdctl distill {name} --method minillm" in path.read_text()
     own = recipe.stages.distill.minillm
-    assert (own.teacher_mix, own.reward_scale, own.reward_clip, own.discount, own.ppo_clip) == (0.2, 0.5, 100.0, 0.95, 0.2)
+    assert (own.teacher_mix, own.reward_scale, own.reward_clip, own.discount, own.ppo_clip) == (
+        0.2,
+        0.5,
+        100.0,
+        0.95,
+        0.2,
+    )
     assert own.length_norm and own.whiten and own.single_step
     assert (own.num_rollouts, own.ppo_epochs, own.pt_kd_ratio, own.max_new_tokens) == (256, 4, 0.5, 256)
     assert (own.warmup_steps, own.adam_betas) == (100, (0.9, 0.95))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bdctl.models import build_tiny_model, count_parameters as built_parameters
+from bdctl.models import build_tiny_model
+from bdctl.models import count_parameters as built_parameters
 from bdctl.pipeline import count_parameters, inference_gib, model_config, stages, training_gib_per_gpu
 from bdctl.recipe import load_recipe
 from bdctl.recipe.schema import ModelSpec
@@ -15,7 +16,13 @@ def test_stage_order_and_dependencies():
     recipe, _ = load_recipe("smoke")
     plan = {s.directory: s for s in stages(recipe)}
     order = list(plan)
-    assert order.index("teacher_sft") < order.index("generate") < order.index("distill/bd") < order.index("eval") < order.index("judge")
+    assert (
+        order.index("teacher_sft")
+        < order.index("generate")
+        < order.index("distill/bd")
+        < order.index("eval")
+        < order.index("judge")
+    )
     assert set(plan["distill/bd"].needs) == {"generate", "student_sft"}
     assert plan["distill/kd"].command == "bdctl distill RECIPE --method kd"
     # MiniLLM is online: the phase-1 student and the fine-tuned teacher, no D*
@@ -27,7 +34,12 @@ def test_stage_order_and_dependencies():
 def test_ablations_are_named_bd_runs_with_one_setting_changed():
     recipe, _ = load_recipe("smoke", ["stages.distill.ablations={p: [1.0, 0.5], chi2: [false], variant: [released]}"])
     runs = recipe.stages.distill.ablations.runs()
-    assert runs == {"bd-p1.0": {"p": 1.0}, "bd-p0.5": {"p": 0.5}, "bd-chi2-off": {"chi2": False}, "bd-released": {"variant": "released"}}
+    assert runs == {
+        "bd-p1.0": {"p": 1.0},
+        "bd-p0.5": {"p": 0.5},
+        "bd-chi2-off": {"chi2": False},
+        "bd-released": {"variant": "released"},
+    }
     plan = {s.directory: s for s in stages(recipe)}
     assert plan["distill/bd-p0.5"].command == "bdctl distill RECIPE --ablation bd-p0.5"
     assert set(plan["distill/bd-chi2-off"].needs) == {"generate", "student_sft"}
@@ -92,7 +104,11 @@ def test_zero_memory_arithmetic():
     billion = 10**9
     assert training_gib_per_gpu(billion, 4, 3, "bf16") == pytest.approx(16 * billion / 4 / 2**30)
     assert training_gib_per_gpu(billion, 4, 2, "bf16") == pytest.approx((2 * billion + 14 * billion / 4) / 2**30)
-    assert training_gib_per_gpu(billion, 1, 2, "fp32") == training_gib_per_gpu(billion, 1, 3, "fp32") == pytest.approx(16 * billion / 2**30)
+    assert (
+        training_gib_per_gpu(billion, 1, 2, "fp32")
+        == training_gib_per_gpu(billion, 1, 3, "fp32")
+        == pytest.approx(16 * billion / 2**30)
+    )
     assert inference_gib(billion, "bf16") == pytest.approx(2 * billion / 2**30)
 
 
@@ -138,7 +154,9 @@ def test_reproduce_reruns_eval_and_judge_when_the_recipe_asks_for_more(tmp_path)
     mark_complete(run.stage("eval"), stage="eval", models=["teacher_sft", "student_sft"], protocols=["minillm"],
                   sets=["dolly"], seeds=[10, 20])  # fmt: skip
     assert finished(run, "eval", recipe)
-    more = load_recipe("smoke", ["stages.eval.models=[teacher_sft, student_sft, distill/bd]", "stages.eval.seeds=[10, 20]"])[0]
+    more = load_recipe(
+        "smoke", ["stages.eval.models=[teacher_sft, student_sft, distill/bd]", "stages.eval.seeds=[10, 20]"]
+    )[0]
     assert not finished(run, "eval", more)
     protocols = load_recipe(
         "smoke", ["stages.eval.models=[teacher_sft, student_sft]", "stages.eval.seeds=[10, 20]",

@@ -64,13 +64,21 @@ def test_block_size_must_be_at_least_two(tiny_tokenizer):
 def test_step_order_is_a_function_of_step_and_global_micro_batch(tiny_tokenizer, tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("\n".join(DOCS) + "\n")
-    blocks = prepare_blocks(recipe_with(PretrainCorpus(path=str(path), block_size=8)), RunDir(tmp_path / "run"), tiny_tokenizer, needed=10**6, log=lambda m: None)
+    blocks = prepare_blocks(
+        recipe_with(PretrainCorpus(path=str(path), block_size=8)),
+        RunDir(tmp_path / "run"),
+        tiny_tokenizer,
+        needed=10**6,
+        log=lambda m: None,
+    )
     n = len(blocks)
     assert n == len(stream(tiny_tokenizer, DOCS)) // 8  # the whole (small) corpus
     batch, micro = 8, 2
     for step in range(3 * n // batch):
         # ranks 1, 2 or 4: micro-batch g of a step is the same whoever trains it
-        whole = np.concatenate([blocks.micro_batch(step, g, micro, batch, seed=3).numpy() for g in range(batch // micro)])
+        whole = np.concatenate(
+            [blocks.micro_batch(step, g, micro, batch, seed=3).numpy() for g in range(batch // micro)]
+        )
         ids = blocks.indices(step * batch, batch, seed=3)
         np.testing.assert_array_equal(whole, np.stack([np.asarray(b) for b in [list(blocks)[i] for i in ids]]))
     # each pass over the stream visits every block once, in a seeded order that changes per pass
@@ -121,7 +129,13 @@ def test_synthetic_corpus_and_errors(tiny_tokenizer, tmp_path):
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("hi\n")
     with pytest.raises(UserError, match="fewer than 512 tokens"):
-        prepare_blocks(recipe_with(PretrainCorpus(path=str(tiny))), RunDir(tmp_path / "c"), tiny_tokenizer, needed=4, log=lambda m: None)
+        prepare_blocks(
+            recipe_with(PretrainCorpus(path=str(tiny))),
+            RunDir(tmp_path / "c"),
+            tiny_tokenizer,
+            needed=4,
+            log=lambda m: None,
+        )
     with pytest.raises(UserError, match="file not found"):
         prepare_blocks(
             recipe_with(PretrainCorpus(path=str(tmp_path / "gone.txt"))), RunDir(tmp_path / "d"), tiny_tokenizer, needed=4,

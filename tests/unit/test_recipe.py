@@ -53,7 +53,10 @@ def test_missing_key_and_literal_choices(tmp_path):
 def test_cross_field_rules(tmp_path):
     path = write_recipe(tmp_path / "b.yaml", stages__teacher_sft__batch_size=10)
     assert "stages.teacher_sft: batch_size (10) must be a multiple of micro_batch_size (8)" in error_of(str(path))
-    path = write_recipe(tmp_path / "c.yaml", models__teacher={"path": "gpt2", "tiny": {"arch": "gpt2", "layers": 1, "hidden": 8, "heads": 2}})
+    path = write_recipe(
+        tmp_path / "c.yaml",
+        models__teacher={"path": "gpt2", "tiny": {"arch": "gpt2", "layers": 1, "hidden": 8, "heads": 2}},
+    )
     assert "models.teacher: a model needs exactly one of path, tiny" in error_of(str(path))
     path = write_recipe(tmp_path / "d.yaml", stages__distill__p=1.5)
     assert "stages.distill.p: input should be less than or equal to 1, got 1.5" in error_of(str(path))
@@ -93,7 +96,13 @@ def _fingerprint(stage_name: str, overrides: list[str]) -> str:
 
     recipe, path = load_recipe(str(RECIPES / "smoke.yaml"), overrides)
     return Job(
-        stage="x", options={}, recipe=recipe, recipe_path=str(path), run_root="runs/x", stage_name=stage_name, world_size=1
+        stage="x",
+        options={},
+        recipe=recipe,
+        recipe_path=str(path),
+        run_root="runs/x",
+        stage_name=stage_name,
+        world_size=1,
     ).fingerprint()
 
 
@@ -116,8 +125,14 @@ def test_resume_fingerprint_covers_the_stage_and_its_inputs_only():
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("stages.distill.select_protocol=release", "stages.distill.select_protocol: 'release' is not a stages.eval protocol (minillm)"),
-        ("stages.eval.protocols=[{name: a}, {name: a, top_p: 0.8}]", "stages.eval: protocols: two protocols share a name (a, a)"),
+        (
+            "stages.distill.select_protocol=release",
+            "stages.distill.select_protocol: 'release' is not a stages.eval protocol (minillm)",
+        ),
+        (
+            "stages.eval.protocols=[{name: a}, {name: a, top_p: 0.8}]",
+            "stages.eval: protocols: two protocols share a name (a, a)",
+        ),
         ("stages.eval.protocols=[{name: a, top_p: 1.5}]", "stages.eval.protocols.0.top_p"),
         ("stages.eval.protocols=[{name: a, top_p: 0}]", "stages.eval.protocols.0.top_p"),
         ("stages.eval.protocols=[]", "protocols is empty"),
@@ -144,4 +159,6 @@ def test_sampling_protocol_and_eq17_settings_are_validated(override, expected):
 
 def test_outside_drop_with_released_or_live_sets_is_refused():
     assert "paper variant" in error_of("smoke", ["stages.distill.variant=released", "stages.distill.outside=drop"])
-    assert "teacher_source: cache" in error_of("smoke", ["stages.distill.teacher_source=live", "stages.distill.outside=drop"])
+    assert "teacher_source: cache" in error_of(
+        "smoke", ["stages.distill.teacher_source=live", "stages.distill.outside=drop"]
+    )

@@ -339,9 +339,7 @@ def test_eos_stops_a_row_and_nothing_follows(model):
     row = greedy[1].tokens
     step = next(t for t in range(2, len(row)) if row[t] not in row[:t])
     eos = row[step]
-    results = sample(
-        model, PROMPTS, [0] * 6, eos_id=eos, pad_id=PAD, max_new_tokens=16, temperature=0, capture_top_p=P
-    )
+    results = sample(model, PROMPTS, [0] * 6, eos_id=eos, pad_id=PAD, max_new_tokens=16, temperature=0, capture_top_p=P)
     assert results[1].tokens == row[: step + 1]
     assert results[1].finish_reason == FINISH_EOS
     for full, result in zip(greedy, results, strict=True):

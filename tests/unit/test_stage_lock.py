@@ -26,7 +26,9 @@ def holder(directory: Path, seconds: float = 60) -> subprocess.Popen:
         f"with stage_lock(Path({str(directory)!r})): print('held', flush=True); time.sleep({seconds})"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen([sys.executable, "-c", code, "sft", "x.yaml"], stdout=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, "sft", "x.yaml"], stdout=subprocess.PIPE, text=True, env=env
+    )
     assert process.stdout.readline().strip() == "held"
     return process
 
@@ -41,7 +43,10 @@ def test_a_second_writer_is_refused_until_the_holder_is_gone(tmp_path: Path) -> 
         with pytest.raises(UserError) as refused, stage_lock(stage):
             pass
         message = str(refused.value)
-        assert f"{stage} is in use by another command: `bdctl sft x.yaml` (pid {other.pid} on {socket.gethostname()}" in message
+        assert (
+            f"{stage} is in use by another command: `bdctl sft x.yaml` (pid {other.pid} on {socket.gethostname()}"
+            in message
+        )
         assert "one command per stage directory at a time" in message and "\n" not in message
     finally:
         other.send_signal(signal.SIGKILL)  # no chance to remove its lock
@@ -76,7 +81,9 @@ def test_a_reused_pid_does_not_hold_a_dead_holders_lock(tmp_path: Path) -> None:
 def test_a_holder_on_another_host_cannot_be_checked_and_is_respected(tmp_path: Path) -> None:
     remote = {"host": "elsewhere.invalid", "pid": 1, "started": 0.0, "command": "bdctl eval x"}
     (tmp_path / LOCK).write_text(json.dumps(remote))
-    with pytest.raises(UserError, match=rf"pid 1 on elsewhere.invalid.*delete {tmp_path / LOCK} if that process is gone"):
+    with pytest.raises(
+        UserError, match=rf"pid 1 on elsewhere.invalid.*delete {tmp_path / LOCK} if that process is gone"
+    ):
         with stage_lock(tmp_path):
             pass
     assert json.loads((tmp_path / LOCK).read_text()) == remote  # not ours to remove

@@ -50,10 +50,11 @@ def data_of(r: dict[str, str]) -> str:
 
 # --- an independent number-word parser ------------------------------------------------------
 
-_UNITS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen "
-          "fourteen fifteen sixteen seventeen eighteen nineteen").split()
-_TENS = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70,
-         "eighty": 80, "ninety": 90}
+_UNITS = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen "
+    "fourteen fifteen sixteen seventeen eighteen nineteen"
+).split()
+_TENS = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90}
 
 
 def words_to_int(text: str) -> int | None:
@@ -100,8 +101,7 @@ def test_golden_checksum() -> None:
     # Pins the exact output, so a Python upgrade or an accidental edit that silently changes
     # the data (and so invalidates cached tokenizers/checkpoints) fails loudly. If the change
     # is intended, update the digests.
-    blob = json.dumps([synthetic_instructions(300, seed=7), synthetic_corpus(100, seed=7)],
-                      sort_keys=True).encode()
+    blob = json.dumps([synthetic_instructions(300, seed=7), synthetic_corpus(100, seed=7)], sort_keys=True).encode()
     assert hashlib.sha256(blob).hexdigest() == GOLDEN_SHA256
 
 
@@ -140,8 +140,9 @@ def skeleton(r: dict[str, str]) -> str:
     answer_words = {w.lower() for w in re.findall(r"[A-Za-z]+", r["output"])}
     out = []
     for w in re.findall(r"[A-Za-z-]+|\d+|[?.,]", head):
-        variable = (w.isdigit() or len(w) == 1 and w.islower() or words_to_int(w) is not None
-                    or w.lower() in answer_words)
+        variable = (
+            w.isdigit() or len(w) == 1 and w.islower() or words_to_int(w) is not None or w.lower() in answer_words
+        )
         out.append("_" if variable else w)
     return " ".join(out) + (" +input" if r["input"] else "")
 
@@ -179,9 +180,11 @@ def test_vocabulary_is_small(records: list[dict[str, str]], corpus: list[str]) -
 
 # --- answers are correct (checked independently) ----------------------------------------------
 
-_OPS = {"plus": (lambda a, b: a + b, ("plus", "add", "sum", "more")),
-        "minus": (lambda a, b: a - b, ("minus", "subtract", "away", "lose")),
-        "times": (lambda a, b: a * b, ("times", "multiply", "product"))}
+_OPS = {
+    "plus": (lambda a, b: a + b, ("plus", "add", "sum", "more")),
+    "minus": (lambda a, b: a - b, ("minus", "subtract", "away", "lose")),
+    "times": (lambda a, b: a * b, ("times", "multiply", "product")),
+}
 
 
 def test_arithmetic_answers(records: list[dict[str, str]]) -> None:
@@ -282,12 +285,10 @@ def test_letters_answers(records: list[dict[str, str]]) -> None:
             where, asked, got = m.groups()
             assert re.search(rf"(after|before|follows) {asked}\b", p), r
             assert abc.index(got) == abc.index(asked) + (1 if where == "after" else -1), r
-        elif m := re.fullmatch(
-            r"The three letters after ([a-z]) are ([a-z]), ([a-z]) and ([a-z])\.", out
-        ):
+        elif m := re.fullmatch(r"The three letters after ([a-z]) are ([a-z]), ([a-z]) and ([a-z])\.", out):
             i = abc.index(m.group(1))
             assert re.search(rf"\b{m.group(1)}\b", p), r
-            assert "".join(m.groups()[1:]) == abc[i + 1:i + 4], r
+            assert "".join(m.groups()[1:]) == abc[i + 1 : i + 4], r
         elif m := re.fullmatch(r"The word ([a-z]+) is spelled (.+)\.", out):
             assert m.group(1) in p and m.group(2).split(", ") == list(m.group(1)), r
         elif m := re.fullmatch(r"The first letter of ([a-z]+) is ([a-z])\.", out):
@@ -312,12 +313,9 @@ _CORPUS_PATTERNS = {  # relation -> corpus sentence patterns, including paraphra
     "food": [r"A ([a-z]+) eats ([a-z]+)\.", r"The favourite food of a ([a-z]+) is ([a-z]+)\."],
     "home": [r"A ([a-z]+) lives in ([a-z ]+?)\.", r"You can find a ([a-z]+) in ([a-z ]+?)\."],
     "country": [r"([A-Z][a-z]+) is (?:a city )?in ([A-Z][a-z]+)\."],
-    "famous": [r"([A-Z][a-z]+) is famous for its ([a-z]+)\.",
-               r"People know ([A-Z][a-z]+) for its ([a-z]+)\."],
-    "job": [r"([A-Z][a-z]+) is a ([a-z]+)\.",
-            r"([A-Z][a-z]+) lives in [A-Z][a-z]+ and is a ([a-z]+)\."],
-    "lives": [r"([A-Z][a-z]+) lives in ([A-Z][a-z]+)[.,]",
-              r"([A-Z][a-z]+) lives in ([A-Z][a-z]+) and"],
+    "famous": [r"([A-Z][a-z]+) is famous for its ([a-z]+)\.", r"People know ([A-Z][a-z]+) for its ([a-z]+)\."],
+    "job": [r"([A-Z][a-z]+) is a ([a-z]+)\.", r"([A-Z][a-z]+) lives in [A-Z][a-z]+ and is a ([a-z]+)\."],
+    "lives": [r"([A-Z][a-z]+) lives in ([A-Z][a-z]+)[.,]", r"([A-Z][a-z]+) lives in ([A-Z][a-z]+) and"],
 }
 
 
@@ -330,14 +328,12 @@ def facts_from_answers(records: list[dict[str, str]]) -> dict[str, dict[str, str
     table: dict[str, dict[str, str]] = collections.defaultdict(dict)
     two_hop = []
     for r in by_family(records, "facts"):
-        if m := re.fullmatch(r"([A-Z][a-z]+) lives in ([A-Z][a-z]+), which is in ([A-Z][a-z]+)\.",
-                             r["output"]):
+        if m := re.fullmatch(r"([A-Z][a-z]+) lives in ([A-Z][a-z]+), which is in ([A-Z][a-z]+)\.", r["output"]):
             two_hop.append(m.groups())
             add_fact(table, "lives", m.group(1), m.group(2))
             add_fact(table, "country", m.group(2), m.group(3))
             continue
-        matches = [(rel, m) for rel, pat in _FACT_PATTERNS.items()
-                   if (m := re.fullmatch(pat, r["output"]))]
+        matches = [(rel, m) for rel, pat in _FACT_PATTERNS.items() if (m := re.fullmatch(pat, r["output"]))]
         assert len(matches) == 1, r
         rel, m = matches[0]
         assert m.group(1) in prompt(r), r  # the answer is about the entity asked about
@@ -392,9 +388,7 @@ def test_corpus_documents(corpus: list[str]) -> None:
 def test_corpus_arithmetic_is_correct(corpus: list[str]) -> None:
     checked = 0
     for doc in corpus:
-        statements = re.findall(
-            r"(?:^|\. )([A-Za-z-]+) (plus|minus|times) ([a-z-]+) is ([a-z -]+?)\.", doc
-        )
+        statements = re.findall(r"(?:^|\. )([A-Za-z-]+) (plus|minus|times) ([a-z-]+) is ([a-z -]+?)\.", doc)
         for a, op, b, c in statements:
             assert _OPS[op][0](words_to_int(a), words_to_int(b)) == words_to_int(c), doc
             checked += 1

@@ -48,9 +48,7 @@ class TreeMDP:
         return self.rewards.shape
 
 
-def build_tree(
-    n_actions: int, depth: int, gamma: float, rng: np.random.Generator, eos: int | None = 0
-) -> TreeMDP:
+def build_tree(n_actions: int, depth: int, gamma: float, rng: np.random.Generator, eos: int | None = 0) -> TreeMDP:
     """All non-terminal prefixes, breadth first, with random rewards of a random scale."""
     states: list[tuple[int, ...]] = [()]
     next_rows: list[list[int]] = []
@@ -138,9 +136,7 @@ def soft_max_operator(mdp: TreeMDP, support: np.ndarray, q: np.ndarray) -> np.nd
     return apply_operator(mdp, soft_max_value(support), q)
 
 
-def policy_operator(
-    mdp: TreeMDP, policy: np.ndarray, support: np.ndarray, q: np.ndarray
-) -> np.ndarray:
+def policy_operator(mdp: TreeMDP, policy: np.ndarray, support: np.ndarray, q: np.ndarray) -> np.ndarray:
     """Definition 4: ``r + gamma E_{a' ~ PROJ_p pi}[Q(s',a') - log PROJ_p pi(a'|s')]``."""
     return apply_operator(mdp, policy_value(policy, support), q)
 
