@@ -15,10 +15,8 @@ from types import ModuleType
 from typing import Any
 
 from bdctl.errors import UserError
-from bdctl.pipeline import stage_command
-from bdctl.recipe import Recipe
-from bdctl.recipe.schema import ModelSpec
-from bdctl.rundir import RunDir, manifest, write_json_atomic
+from bdctl.recipe.schema import ModelSpec, Recipe
+from bdctl.rundir import RunDir, manifest, stage_command, write_json_atomic
 
 # Stage modules: each has stage_dir(options), prepare(job, log) (launching process) and run(job, rank, world).
 # Optional resumable(job) -> str | None: what an unfinished stage directory holds that a rerun continues
