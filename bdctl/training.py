@@ -152,28 +152,6 @@ def _as_tuple(value):
     return tuple(_as_tuple(v) for v in value) if isinstance(value, list) else value
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest checkpoint whose manifest was written (a half-written one never counts)."""
-    if not root.is_dir():
-        return None
-    done = [p for p in root.iterdir() if p.is_dir() and manifest(p) is not None]
-    return max(done, key=lambda p: manifest(p)["step"], default=None)
-
-
-def check_resumable(checkpoint: Path, fingerprint: str, world: int) -> None:
-    """Refuse a checkpoint written for another recipe or another number of ranks."""
-    info = read_json(checkpoint / "MANIFEST.json")
-    if info.get("fingerprint") != fingerprint:
-        raise UserError(
-            f"{checkpoint}: this checkpoint belongs to a different recipe or stage settings; "
-            f"use --force to start over (or restore the recipe it was made with)"
-        )
-    if info.get("world_size") != world:
-        raise UserError(
-            f"{checkpoint}: written by {info.get('world_size')} ranks; resume with the same number of ranks (now {world})"
-        )
-
-
 def train_loop(
     *,
     engine,
@@ -201,7 +179,7 @@ def train_loop(
 
     from bdctl.data.batching import epoch_order
     from bdctl.data.batching import micro_batches as rank_share
-    from bdctl.engine import save_checkpoint
+    from bdctl.engine import check_resumable, latest_checkpoint, save_checkpoint
 
     device = engine.device
     checkpoints = out / "checkpoints"
@@ -286,7 +264,8 @@ def train_loop(
                 if config.on_nonfinite == "stop" and any_rank(not torch.isfinite(objective.detach()).item()):
                     raise NonFiniteLoss(
                         f"non-finite loss at step {state.step + 1}; stopped without touching the last "
-                        f"checkpoint ({latest_checkpoint(checkpoints) or 'none yet'}); set on_nonfinite: skip to skip such steps"
+                        f"checkpoint ({latest_checkpoint(checkpoints) or 'none yet'}); "
+                        "set on_nonfinite: skip to skip such steps"
                     )
                 engine.backward(objective)
                 engine.step()

@@ -18,7 +18,8 @@ from bdctl.errors import UserError
 
 def run_job(job_file: str | Path) -> None:
     from bdctl.engine import init_distributed, quiet_libraries
-    from bdctl.job import Job, stage_module
+    from bdctl.job import Job
+    from bdctl.stages import stage_module
 
     quiet_libraries()
     job = Job.load(Path(job_file))

@@ -55,11 +55,12 @@ def eval_(
     """
     with user_errors():
         from bdctl.answers import protocol_label
-        from bdctl.stages.evaluate import results_table, submit
+        from bdctl.stages.evaluate import results_table
+        from bdctl.submit import submit
         from bdctl.tables import print_table
 
         options = {"models": list(model) if model else None}
-        job = submit(recipe, set_ or [], options, launch, force, log=say)
+        job = submit("eval", recipe, set_ or [], options, launch, force, log=say)
         if not launch.dry_run and launch.is_primary:
             import json
 
