@@ -275,6 +275,8 @@ def describe_model(job: Job, ref: str) -> dict[str, Any]:
         if not job.run.tokenizer.is_dir():
             raise UserError(f"model {ref}: {source} holds no tokenizer and the run has no shared one")
         tokenizer = {"path": str(job.run.tokenizer.resolve()), "revision": None}
+    if job.recipe.data.template == "chat":  # answers end at the template's end-of-turn token (models.stop_id)
+        tokenizer["template"] = "chat"
     from bdctl.models import max_positions
 
     positions = max_positions(source)
@@ -298,7 +300,8 @@ def _precision(recipe) -> str:
 def _tokenizer(model: dict[str, Any]):
     from bdctl.models import load_tokenizer
 
-    return load_tokenizer(model["tokenizer"]["path"], model["tokenizer"]["revision"])
+    spec = model["tokenizer"]
+    return load_tokenizer(spec["path"], spec["revision"], template=spec.get("template"))
 
 
 def check_lengths(job: Job, model: dict[str, Any], sets_info: list[dict], config: EvalStage) -> None:
@@ -350,6 +353,13 @@ def load_set(job: Job, spec: EvalSet, log) -> list[dict]:
         from bdctl.data.template import render_prompt
 
         records = read_records(spec.path) if spec.path else read_hub(spec.hub, spec.hub_config, spec.hub_split)
+        template, tokenizer = job.recipe.data.template, None
+        if template == "chat":  # prompts in the run's tokenizer's own chat template, as its training data
+            from bdctl.data.prepare import prepare_data
+            from bdctl.models import load_tokenizer
+
+            prepare_data(job.recipe, job.run, log)
+            tokenizer = load_tokenizer(job.run.tokenizer, template=template)
         examples = []
         for index, (where, record) in enumerate(records):
             if spec.limit is not None and index >= spec.limit:
@@ -362,7 +372,7 @@ def load_set(job: Job, spec: EvalSet, log) -> list[dict]:
             example = to_instruction(where, record, spec.fields, references=True)
             examples.append(
                 {"id": index, "instruction": example["instruction"], "input": example["input"],
-                 "prompt": render_prompt(example["instruction"], example["input"], job.recipe.data.template),
+                 "prompt": render_prompt(example["instruction"], example["input"], template, tokenizer),
                  "references": example["output"]}
             )  # fmt: skip
             _check_references(examples[-1], where, where_set)
