@@ -301,8 +301,52 @@ def export_hf(engine, tokenizer, out_dir: Path, rank: int, info: dict | None = N
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / EXPORT_INFO, info or {})
+        write_model_card(out_dir.parent, tmp, info or {}, directory=out_dir.name)
         replace_dir(tmp, out_dir)
     dist.barrier()
+
+
+MODEL_CARD = "README.md"
+
+
+def write_model_card(
+    stage_dir: Path,
+    export_dir: Path,
+    info: dict,
+    stage_facts: dict | None = None,
+    test: dict | None = None,
+    directory: str | None = None,
+) -> None:
+    """Write (or rewrite) the model card README.md of an exported directory of `stage_dir`
+    (`bdctl.modelcard`): from the stage's job.json, the export's `info` (step and validation
+    scores), the stage's facts once it has them (notes), eval's `test` scores (protocol -> set ->
+    {mean, std, per_seed}) and the run's data split. `directory`: the name the card gives the
+    directory (export_dir may be a temporary one). Nothing is written without a job.json."""
+    import bdctl
+    from bdctl.modelcard import card_facts, render_card, set_flags
+    from bdctl.pipeline import stage_command
+    from bdctl.recipe import load_recipe
+    from bdctl.rundir import read_json, write_text_atomic
+
+    job_file = stage_dir / "job.json"
+    if not job_file.is_file():
+        return
+    job = read_json(job_file)
+    split = Path(job["run_root"]) / "data" / "split.json"
+    counts = read_json(split) if split.is_file() else None
+    try:  # the --set options: the resolved recipe against the file's (as the CLI applied --ablation)
+        recipe, _ = load_recipe(job["recipe_path"])
+        from_file = recipe.model_dump(mode="json")
+        ablation = (job.get("options") or {}).get("ablation")
+        if ablation:
+            from_file["stages"]["distill"].update(recipe.stages.distill.ablations.runs().get(ablation, {}))
+    except (UserError, OSError):
+        from_file = None  # the recipe file moved or changed beyond reading: the command without --set
+    facts = card_facts(
+        job, directory or export_dir.name, info, stage_facts, test, version=bdctl.__version__, counts=counts,
+        command=stage_command(job["stage_name"], job["recipe_path"]), flags=set_flags(job["recipe"], from_file),
+    )  # fmt: skip
+    write_text_atomic(export_dir / MODEL_CARD, render_card(facts))
 
 
 def save_checkpoint(engine, root: Path, tag: str, client_state: dict, keep: int, rank: int, info: dict) -> None:

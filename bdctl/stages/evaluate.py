@@ -254,7 +254,12 @@ def describe_model(job: Job, ref: str) -> dict[str, Any]:
     elif isinstance(source, Path):
         kind = "dir"
         source = source.resolve()
-        files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in source.iterdir() if p.is_file())
+        # README.md aside: eval rewrites the model cards of the exports it scores (update_model_cards)
+        files = sorted(
+            (p.name, p.stat().st_size, p.stat().st_mtime_ns)
+            for p in source.iterdir()
+            if p.is_file() and p.name != "README.md"
+        )
         identity = {"dir": str(source), "files": files}
     else:
         assert isinstance(source, ModelSpec) and source.path is not None
@@ -652,8 +657,37 @@ def write_results(job: Job) -> dict[str, Any]:
         for m in results["models"]
     ]
     write_text_atomic(out / "table.csv", csv_table(csv_headers, csv_rows))
+    update_model_cards(job, results)
     mark_complete(
         out, stage=STAGE, models=results["models"], protocols=[p["name"] for p in info["protocols"]],
         sets=results["sets"], seeds=results["seeds"], results="results.json",
     )  # fmt: skip
     return results
+
+
+def update_model_cards(job: Job, results: dict[str, Any]) -> None:
+    """Rewrite the model card of every stage export this command scored, with its test scores per
+    protocol (those sampled with that very directory: export/, or export-<protocol>/)."""
+    from bdctl.engine import write_model_card
+
+    for model in job.info["models"]:
+        if model["kind"] != "stage":
+            continue
+        stage = job.run.stage(model["ref"])
+        stage_facts = manifest(stage)
+        exports = [
+            stage / "export",
+            *(stage / kept["export"] for kept in (stage_facts or {}).get("best_per_protocol", {}).values()),
+        ]
+        for export in exports:
+            info = manifest(export)
+            if info is None:
+                continue
+            test = {}  # protocol -> set -> {mean, std, per_seed}: the units sampled with this directory
+            for protocol, per_model in results["scores"].items():
+                sets = {
+                    name: entry for name, entry in per_model[model["ref"]].items() if entry["weights"] == str(export)
+                }
+                if sets:
+                    test[protocol] = sets
+            write_model_card(stage, export, info, stage_facts, test)
