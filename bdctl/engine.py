@@ -322,6 +322,8 @@ def write_model_card(
     scores), the stage's facts once it has them (notes), eval's `test` scores (protocol -> set ->
     {mean, std, per_seed}) and the run's data split. `directory`: the name the card gives the
     directory (export_dir may be a temporary one). Nothing is written without a job.json."""
+    import logging
+
     import bdctl
     from bdctl.modelcard import card_facts, render_card, set_flags
     from bdctl.pipeline import stage_command
@@ -342,11 +344,17 @@ def write_model_card(
             from_file["stages"]["distill"].update(recipe.stages.distill.ablations.runs().get(ablation, {}))
     except (UserError, OSError):
         from_file = None  # the recipe file moved or changed beyond reading: the command without --set
-    facts = card_facts(
-        job, directory or export_dir.name, info, stage_facts, test, version=bdctl.__version__, counts=counts,
-        command=stage_command(job["stage_name"], job["recipe_path"]), flags=set_flags(job["recipe"], from_file),
-    )  # fmt: skip
-    write_text_atomic(export_dir / MODEL_CARD, render_card(facts))
+    try:
+        facts = card_facts(
+            job, directory or export_dir.name, info, stage_facts, test, version=bdctl.__version__, counts=counts,
+            command=stage_command(job["stage_name"], job["recipe_path"]), flags=set_flags(job["recipe"], from_file),
+        )  # fmt: skip
+        text = render_card(facts)
+    except (KeyError, TypeError, ValueError) as exc:
+        # A card is documentation: a job.json it cannot read (another bdctl version's) must not end a run.
+        logging.getLogger(__name__).warning("%s: no model card (%s: %s)", export_dir, type(exc).__name__, exc)
+        return
+    write_text_atomic(export_dir / MODEL_CARD, text)
 
 
 def save_checkpoint(engine, root: Path, tag: str, client_state: dict, keep: int, rank: int, info: dict) -> None:

@@ -79,7 +79,8 @@ class CardFacts:
 def _describe_spec(spec: dict[str, Any]) -> str:
     if spec.get("tiny"):
         tiny = spec["tiny"]
-        return f"a randomly initialised tiny {tiny['arch']} ({tiny['layers']} layer{'s' if tiny['layers'] > 1 else ''}, hidden {tiny['hidden']})"
+        layers = f"{tiny['layers']} layer{'s' if tiny['layers'] > 1 else ''}"
+        return f"a randomly initialised tiny {tiny['arch']} ({layers}, hidden {tiny['hidden']})"
     revision = f" (revision {spec['revision']})" if spec.get("revision") else ""
     return f"{spec['path']}{revision}"
 

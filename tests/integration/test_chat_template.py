@@ -10,6 +10,8 @@ YAML front matter whose numbers are its manifest's (and, after eval, results.jso
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -72,13 +74,24 @@ def chat_run(tmp_path_factory) -> Path:
     def quiet(message: str) -> None:
         pass
 
-    # In this process (one rank runs in-process): four interpreter start-ups saved.
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        submit("sft", str(recipe), [], {"model": "student"}, LaunchOptions(), log=quiet)
-        submit("generate", str(recipe), [], {"score": None}, LaunchOptions(), log=quiet)
-        submit("distill", str(recipe), ["stages.distill.method=bd"], {"method": "bd"}, LaunchOptions(), log=quiet)
-        evaluate.submit(str(recipe), [], {"models": None}, LaunchOptions(), log=quiet)
+    # In this process (one rank runs in-process): four interpreter start-ups saved. The rank's
+    # environment (engine.init_distributed) and log level are put back for the tests after this one.
+    saved = {key: os.environ.get(key) for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    level = logging.getLogger().level
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(root)
+            submit("sft", str(recipe), [], {"model": "student"}, LaunchOptions(), log=quiet)
+            submit("generate", str(recipe), [], {"score": None}, LaunchOptions(), log=quiet)
+            submit("distill", str(recipe), ["stages.distill.method=bd"], {"method": "bd"}, LaunchOptions(), log=quiet)
+            evaluate.submit(str(recipe), [], {"models": None}, LaunchOptions(), log=quiet)
+    finally:
+        logging.getLogger().setLevel(level)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return root
 
 
