@@ -10,7 +10,8 @@ judge and Rouge-L checkpoint selection share (METHOD.md section 5).
 * Each prompt is sampled with its own seed `prompt_seed(seed, prompt id)`, so an answer depends
   neither on its batch nor on the rank that samples it, and two models draw the same random
   numbers on the same prompt (a paired comparison).
-* An answer's text is the decoded response without its final EOS (a stop signal, not a word).
+* An answer's text is the decoded response without its final EOS (a stop signal, not a word); with
+  data.template: chat the stop signal is the template's end-of-turn token (`models.stop_id`).
 """
 
 from __future__ import annotations
@@ -53,10 +54,11 @@ def sample_answers(
 ) -> list[Answer]:
     """One answer per prompt, sampled in one batch under `sampling` (a protocol's temperature,
     top_p, top_k); `all_done` keeps ZeRO-3 ranks in step (`sampling.Lockstep`)."""
+    from bdctl.models import stop_id
     from bdctl.sampling import FINISH_EOS, sample
 
     results = sample(
-        model, prompts, seeds, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+        model, prompts, seeds, eos_id=stop_id(tokenizer), pad_id=tokenizer.pad_token_id,
         max_new_tokens=max_new_tokens, no_repeat_ngram_size=no_repeat_ngram_size, all_done=all_done, **sampling,
     )  # fmt: skip
     answers = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import socket
 import sys
@@ -323,6 +324,7 @@ def export_hf(engine, tokenizer, out_dir: Path, rank: int, info: dict | None = N
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / EXPORT_INFO, info or {})
+        write_model_card(out_dir.parent, tmp, info or {}, directory=out_dir.name)
         replace_dir(tmp, out_dir)
     dist.barrier()
 
@@ -348,6 +350,64 @@ def check_resumable(checkpoint: Path, fingerprint: str, world: int) -> None:
             f"{checkpoint}: written by {info.get('world_size')} ranks; "
             f"resume with the same number of ranks (now {world})"
         )
+
+
+MODEL_CARD = "README.md"
+
+
+def write_model_card(
+    stage_dir: Path,
+    export_dir: Path,
+    info: dict,
+    stage_facts: dict | None = None,
+    test: dict | None = None,
+    directory: str | None = None,
+) -> None:
+    """Write (or rewrite) the model card README.md of an exported directory of `stage_dir`
+    (`bdctl.modelcard`): from the stage's job.json, the export's `info` (step and validation
+    scores), the stage's facts once it has them (notes), eval's `test` scores (protocol -> set ->
+    {mean, std, per_seed}) and the run's data split. `directory`: the name the card gives the
+    directory (export_dir may be a temporary one). Nothing is written without a job.json."""
+    import logging
+
+    import bdctl
+    from bdctl.modelcard import CLI_SET_KEYS, card_facts, render_card, set_flags
+    from bdctl.recipe import load_recipe
+    from bdctl.rundir import read_json, stage_command, write_text_atomic
+
+    job_file = stage_dir / "job.json"
+    if not job_file.is_file():
+        return
+    job = read_json(job_file)
+    split = Path(job["run_root"]) / "data" / "split.json"
+    counts = read_json(split) if split.is_file() else None
+    if "overrides" in job:  # the command's own --set items (jobs written since bdctl records them)
+        flags = [
+            f"--set {shlex.quote(item)}"
+            for item in job["overrides"]
+            if not any(item.split("=", 1)[0] == key or item.startswith(key + ".") for key in CLI_SET_KEYS)
+        ]
+    else:  # an older job.json: the resolved recipe against the file's (as the CLI applied --ablation)
+        try:
+            recipe, _ = load_recipe(job["recipe_path"])
+            from_file = recipe.model_dump(mode="json")
+            ablation = (job.get("options") or {}).get("ablation")
+            if ablation:
+                from_file["stages"]["distill"].update(recipe.stages.distill.ablations.runs().get(ablation, {}))
+        except (UserError, OSError):
+            from_file = None  # the recipe file moved or changed beyond reading: the command without --set
+        flags = set_flags(job["recipe"], from_file)
+    try:
+        facts = card_facts(
+            job, directory or export_dir.name, info, stage_facts, test, version=bdctl.__version__, counts=counts,
+            command=stage_command(job["stage_name"], job["recipe_path"]), flags=flags,
+        )  # fmt: skip
+        text = render_card(facts)
+    except (KeyError, TypeError, ValueError) as exc:
+        # A card is documentation: a job.json it cannot read (another bdctl version's) must not end a run.
+        logging.getLogger(__name__).warning("%s: no model card (%s: %s)", export_dir, type(exc).__name__, exc)
+        return
+    write_text_atomic(export_dir / MODEL_CARD, text)
 
 
 def save_checkpoint(engine, root: Path, tag: str, client_state: dict, keep: int, rank: int, info: dict) -> None:

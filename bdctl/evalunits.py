@@ -132,7 +132,12 @@ def describe_model(job: Job, ref: str) -> dict[str, Any]:
     elif isinstance(source, Path):
         kind = "dir"
         source = source.resolve()
-        files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in source.iterdir() if p.is_file())
+        # README.md aside: eval rewrites the model cards of the exports it scores (update_model_cards)
+        files = sorted(
+            (p.name, p.stat().st_size, p.stat().st_mtime_ns)
+            for p in source.iterdir()
+            if p.is_file() and p.name != "README.md"
+        )
         identity = {"dir": str(source), "files": files}
     else:
         assert isinstance(source, ModelSpec) and source.path is not None
@@ -153,6 +158,8 @@ def describe_model(job: Job, ref: str) -> dict[str, Any]:
         if not job.run.tokenizer.is_dir():
             raise UserError(f"model {ref}: {source} holds no tokenizer and the run has no shared one")
         tokenizer = {"path": str(job.run.tokenizer.resolve()), "revision": None}
+    if job.recipe.data.template == "chat":  # answers end at the template's end-of-turn token (models.stop_id)
+        tokenizer["template"] = "chat"
     from bdctl.models import max_positions
 
     positions = max_positions(source)
@@ -176,7 +183,8 @@ def _precision(recipe) -> str:
 def _tokenizer(model: dict[str, Any]):
     from bdctl.models import load_tokenizer
 
-    return load_tokenizer(model["tokenizer"]["path"], model["tokenizer"]["revision"])
+    spec = model["tokenizer"]
+    return load_tokenizer(spec["path"], spec["revision"], template=spec.get("template"))
 
 
 def check_lengths(job: Job, model: dict[str, Any], sets_info: list[dict], config: EvalStage) -> None:
@@ -232,6 +240,13 @@ def load_set(job: Job, spec: EvalSet, log) -> list[dict]:
         else:
             assert spec.hub is not None  # the schema asks for one of split, path and hub
             records = read_hub(spec.hub, spec.hub_config, spec.hub_split)
+        template, tokenizer = job.recipe.data.template, None
+        if template == "chat":  # prompts in the run's tokenizer's own chat template, as its training data
+            from bdctl.data.prepare import prepare_data
+            from bdctl.models import load_tokenizer
+
+            prepare_data(job.recipe, job.run, log)
+            tokenizer = load_tokenizer(job.run.tokenizer, template=template)
         examples = []
         for index, (where, record) in enumerate(records):
             if spec.limit is not None and index >= spec.limit:
@@ -244,7 +259,7 @@ def load_set(job: Job, spec: EvalSet, log) -> list[dict]:
             example = to_instruction(where, record, spec.fields, references=True)
             examples.append(
                 {"id": index, "instruction": example["instruction"], "input": example["input"],
-                 "prompt": render_prompt(example["instruction"], example["input"], job.recipe.data.template),
+                 "prompt": render_prompt(example["instruction"], example["input"], template, tokenizer),
                  "references": example["output"]}
             )  # fmt: skip
             _check_references(examples[-1], where, where_set)

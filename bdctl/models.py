@@ -49,8 +49,12 @@ def train_tokenizer(texts: Iterable[str], spec: TokenizerTraining, out_dir: Path
     return tokenizer
 
 
-def load_tokenizer(path: str | Path, revision: str | None = None):
-    """A tokenizer from a local directory or hub id, with a pad token (the EOS if it has none)."""
+def load_tokenizer(path: str | Path, revision: str | None = None, template: object = None):
+    """A tokenizer from a local directory or hub id, with a pad token (the EOS if it has none).
+
+    `template` is the recipe's data.template: with "chat" the tokenizer must have a chat template
+    with an end-of-turn token, which then ends every response (`stop_id`).
+    """
     from transformers import AutoTokenizer
 
     try:
@@ -61,7 +65,51 @@ def load_tokenizer(path: str | Path, revision: str | None = None):
         raise UserError(f"{path}: the tokenizer has no end-of-sequence token")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if template == "chat":
+        setattr(tokenizer, _STOP_ATTRIBUTE, end_of_turn_id(tokenizer, str(path)))
     return tokenizer
+
+
+# Set by load_tokenizer(template="chat"): the id `stop_id` returns instead of the EOS.
+_STOP_ATTRIBUTE = "bdctl_stop_id"
+# Stands for an answer while the chat template is probed for what follows an assistant turn.
+_PROBE = "bdctl-probe-answer"
+
+
+def stop_id(tokenizer) -> int:
+    """The token that ends a response everywhere (SFT labels, D* sampling, BD's terminal
+    transitions, eval's stopping and answer text): the chat template's end-of-turn token when the
+    recipe uses data.template: chat (`load_tokenizer(..., template="chat")`), else the EOS."""
+    chosen = getattr(tokenizer, _STOP_ATTRIBUTE, None)
+    return int(chosen) if chosen is not None else int(tokenizer.eos_token_id)
+
+
+def end_of_turn_id(tokenizer, where: str) -> int:
+    """The special token the tokenizer's chat template puts right after an assistant answer
+    (ChatML's <|im_end|>, Llama 3's <|eot_id|>, Gemma's <end_of_turn>, a plain EOS), found by
+    rendering a one-turn conversation around a probe answer; leading whitespace is skipped
+    (Llama 2 writes ' </s>'). One line naming `where` when there is no template or no such token."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            f"{where}: the tokenizer has no chat template; data.template: chat uses the tokenizer's own "
+            "(give a tokenizer that has one, or drop data.template: chat)"
+        )
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False)
+    except Exception as exc:  # a Jinja template may raise anything (TemplateError, its own raise_exception)
+        raise UserError(
+            f"{where}: the tokenizer's chat template cannot render a user/assistant turn ({_first_line(exc)})"
+        ) from None
+    after = text.split(_PROBE, 1)[1].lstrip() if isinstance(text, str) and _PROBE in text else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"][:1] if after else []
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    if not ids or ids[0] not in special:
+        raise UserError(
+            f"{where}: the tokenizer's chat template puts no special end-of-turn token after an assistant answer "
+            f"(it continues with {after[:20]!r}); data.template: chat needs one to end responses"
+        )
+    return int(ids[0])
 
 
 def tokenizer_hash(tokenizer) -> str:

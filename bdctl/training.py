@@ -314,7 +314,7 @@ def finish(out: Path, state: TrainState, rank: int, stage: str, metrics, select:
     the manifest, with `facts` (e.g. the selection protocol, notes), marks the stage complete."""
     import torch.distributed as dist
 
-    from bdctl.engine import EXPORT_INFO
+    from bdctl.engine import EXPORT_INFO, write_model_card
 
     if rank == 0:
         for name in ["", *(f"-{protocol}" for protocol in state.best_by_protocol)]:
@@ -325,6 +325,8 @@ def finish(out: Path, state: TrainState, rank: int, stage: str, metrics, select:
             # Only now is the export complete: best*/ never carries a manifest, so that an
             # interrupted run's candidate cannot pass for a finished model (bdctl.engine.export_hf).
             if manifest(export) is None:
+                # The model card first, with the stage's facts: in place before the export counts as complete.
+                write_model_card(out, export, read_json(export / EXPORT_INFO), facts)
                 mark_complete(export, **read_json(export / EXPORT_INFO))
                 (export / EXPORT_INFO).unlink()
         (out / PREEMPT).unlink(missing_ok=True)

@@ -15,7 +15,8 @@ IGNORE = -100  # label of positions that are not scored (prompt tokens, padding)
 
 @dataclass(frozen=True)
 class Tokenized:
-    """One training sequence: prompt tokens, then response tokens and EOS."""
+    """One training sequence: prompt tokens, then response tokens and the stop token (EOS, or the chat
+    template's end-of-turn token: `bdctl.models.stop_id`)."""
 
     ids: list[int]
     prompt_len: int
@@ -25,8 +26,10 @@ def tokenize_examples(rows: list[dict], tokenizer) -> list[Tokenized]:
     """Prompt and response tokenised separately (generation starts from the prompt's tokens)."""
     prompts = tokenizer([r["prompt"] for r in rows])["input_ids"]
     answers = tokenizer([r["output"] for r in rows], add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    return [Tokenized(p + a + [eos], len(p)) for p, a in zip(prompts, answers, strict=True)]
+    from bdctl.models import stop_id
+
+    stop = stop_id(tokenizer)
+    return [Tokenized(p + a + [stop], len(p)) for p, a in zip(prompts, answers, strict=True)]
 
 
 def collate(examples: list[Tokenized], pad_id: int):

@@ -7,8 +7,8 @@ every later stage reads the same files:
     data/split.json                            counts, including the dropped over-long examples
     data/MANIFEST.json                         written last, with the fingerprint of what made it
 
-Over-long examples (prompt over `max_prompt_length`, or prompt + response + EOS over `max_length`
-tokens) are dropped before splitting, as MiniLLM does, and counted.
+Over-long examples (prompt over `max_prompt_length`, or prompt + response + EOS (with data.template:
+chat, the end-of-turn token) over `max_length` tokens) are dropped before splitting, as MiniLLM does, and counted.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bdctl.data.sources import read_hub, read_records, read_texts, to_instruction
-from bdctl.data.template import render_prompt
+from bdctl.data.template import CHAT, render_prompt
 from bdctl.errors import UserError
 from bdctl.models import load_tokenizer, tokenizer_hash, tokenizer_source, train_tokenizer
 from bdctl.recipe.schema import Recipe
@@ -60,8 +60,12 @@ def prepare_data(recipe: Recipe, run: RunDir, log=print) -> PreparedData:
             )
         return PreparedData(run.data, done["counts"], done["tokenizer_hash"])
 
-    examples = load_instructions(recipe)
-    tokenizer = _make_tokenizer(recipe, run, examples)
+    if recipe.data.template == CHAT:  # prompts are rendered with the tokenizer's own chat template
+        tokenizer = _make_tokenizer(recipe, run, [])
+        examples = load_instructions(recipe, tokenizer)
+    else:
+        examples = load_instructions(recipe)
+        tokenizer = _make_tokenizer(recipe, run, examples)
     kept, dropped = _drop_overlong(recipe, tokenizer, examples)
     split = recipe.data.split
     if len(kept) <= split.valid + split.test:
@@ -91,8 +95,9 @@ def prepare_data(recipe: Recipe, run: RunDir, log=print) -> PreparedData:
     return PreparedData(run.data, counts, digest)
 
 
-def load_instructions(recipe: Recipe) -> list[dict]:
-    """The recipe's instruction examples, each with a stable id and its rendered prompt."""
+def load_instructions(recipe: Recipe, tokenizer=None) -> list[dict]:
+    """The recipe's instruction examples, each with a stable id and its rendered prompt
+    (`tokenizer`: the run's, for data.template: chat)."""
     source = recipe.data.source
     if source.synthetic is not None:
         from bdctl.data.synthetic import synthetic_instructions
@@ -114,7 +119,7 @@ def load_instructions(recipe: Recipe) -> list[dict]:
                 "instruction": example["instruction"],
                 "input": example["input"],
                 "output": example["output"],
-                "prompt": render_prompt(example["instruction"], example["input"], recipe.data.template),
+                "prompt": render_prompt(example["instruction"], example["input"], recipe.data.template, tokenizer),
             }
         )
     if not examples:
@@ -141,10 +146,15 @@ def _make_tokenizer(recipe: Recipe, run: RunDir, examples: list[dict]):
     if run.tokenizer.exists():
         shutil.rmtree(run.tokenizer)  # written by an interrupted attempt, or for other settings
     source = tokenizer_source(recipe)
+    if source is None and recipe.data.template == CHAT:
+        raise UserError(
+            "data.template: chat uses the tokenizer's own chat template, and models.tokenizer.train makes a tokenizer "
+            "without one: set models.tokenizer.path to a tokenizer that has a chat template"
+        )
     if source is None:
         texts = [e["prompt"] + e["output"] for e in examples] + list(corpus_texts(recipe))
         return train_tokenizer(texts, recipe.models.tokenizer.train, run.tokenizer)
-    tokenizer = load_tokenizer(*source)
+    tokenizer = load_tokenizer(*source, template=recipe.data.template)  # chat: one line if it has no template
     tokenizer.save_pretrained(run.tokenizer)  # ranks and later stages read this copy
     return tokenizer
 

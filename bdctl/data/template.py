@@ -1,6 +1,7 @@
 """The prompt template (METHOD.md section 5): instruction, optional input, response header.
 
-Alpaca-style sections in bdctl's own wording; a recipe may replace both forms with `data.template`.
+Alpaca-style sections in bdctl's own wording; a recipe may replace both forms with `data.template`,
+or use the tokenizer's own chat template with `data.template: chat` (`render_chat_prompt`).
 """
 
 from __future__ import annotations
@@ -24,10 +25,40 @@ DEFAULT_TEMPLATE = Template(
 _FIELD = re.compile(r"\{(instruction|input)\}")
 
 
-def render_prompt(instruction: str, input: str, template: Template | None = None) -> str:
-    """The prompt x for one example; the model's answer follows it directly."""
-    template = template or DEFAULT_TEMPLATE
+CHAT = "chat"  # data.template: chat
+
+
+def render_prompt(instruction: str, input: str, template: Template | str | None = None, tokenizer=None) -> str:
+    """The prompt x for one example; the model's answer follows it directly. `tokenizer`: the
+    run's tokenizer, needed (only) by data.template: chat."""
+    if template == CHAT:
+        if tokenizer is None:
+            raise ValueError("data.template: chat renders prompts with the tokenizer; pass it")
+        return render_chat_prompt(instruction, input, tokenizer)
+    template = template if isinstance(template, Template) else DEFAULT_TEMPLATE
     values = {"instruction": instruction.strip(), "input": input.strip()}
     form = template.with_input if values["input"] else template.without_input
     # One pass of substitution, so braces inside the user's text are never re-expanded.
     return _FIELD.sub(lambda m: values[m.group(1)], form)
+
+
+def user_turn(instruction: str, input: str) -> str:
+    """The user message of data.template: chat: the instruction, then a blank line and the input
+    when there is one."""
+    instruction, input = instruction.strip(), input.strip()
+    return f"{instruction}\n\n{input}" if input else instruction
+
+
+def render_chat_prompt(instruction: str, input: str, tokenizer) -> str:
+    """The tokenizer's chat template over one user turn, with its generation prompt (the opening
+    of the assistant turn): the answer, then the template's end-of-turn token, follows directly.
+
+    Prompts are tokenised later with the tokenizer's own special tokens added, so a BOS the
+    template writes itself is left out here when the tokenizer adds one anyway (no double BOS).
+    """
+    messages = [{"role": "user", "content": user_turn(instruction, input)}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        text = text[len(bos) :]
+    return text

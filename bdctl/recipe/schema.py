@@ -179,7 +179,14 @@ class PretrainCorpus(Section):
 
 class Data(Section):
     source: InstructionSource = Field(description="The instruction data (Dolly in the paper).")
-    template: Template | None = Field(None, description="Prompt template (default: bdctl's wording).")
+    template: Template | Literal["chat"] | None = Field(
+        None,
+        description="Prompt template: null (default: bdctl's Alpaca-style wording), {with_input, without_input} "
+        "(your own wording), or chat: the tokenizer's own chat template (tokenizer.apply_chat_template), with the "
+        "instruction, a blank line and the input (when there is one) as the user turn and the answer as the assistant "
+        "turn; the template's end-of-turn token then ends every response (SFT labels, D* sampling, BD's terminal "
+        "transitions, eval). chat needs a tokenizer that has a chat template (models.tokenizer.path or the teacher's).",
+    )
     split: Split = Field(default_factory=Split, description="Train / validation / test split.")
     max_length: int = Field(512, gt=1, description="Longest prompt + response in tokens; longer are dropped.")
     max_prompt_length: int = Field(256, gt=0, description="Longest prompt in tokens; longer are dropped.")

@@ -8,8 +8,9 @@ Data.
 * bd, seqkd: D*, every response of the generate stage's cache after its prompt (data/train.jsonl, the row
   whose "id" is the cache's prompt_id). A response that does not fit `data.max_length` after its prompt is cut
   there and counts as truncated. Actions are the response tokens; a transition is terminal where its action is
-  EOS; the last transition of a truncated response is left out (METHOD.md section 1), and a response with no
-  transition left (a truncated one-token response) is skipped.
+  EOS (with data.template: chat, the template's end-of-turn token: `models.stop_id`); the last transition of a
+  truncated response is left out (METHOD.md section 1), and a response with no transition left (a truncated
+  one-token response) is skipped.
 * kd: the golden training responses; the teacher's distribution from the scoring cache
   (runs/<name>/score_train/cache: the sparse top-p approximation, renormalised over each cached set) or from
   the live teacher (exact).
@@ -245,7 +246,7 @@ def load_train_data(job: Job, tokenizer, setup: Setup, log=None) -> tuple[TrainD
     """The method's training examples (and counts of what was cut or skipped), with cache checks."""
     from bdctl.cache import check, open_cache
     from bdctl.data.prepare import read_split
-    from bdctl.models import tokenizer_hash
+    from bdctl.models import stop_id, tokenizer_hash
 
     config = stage_config(job)
     rows = read_split(job.run.data, "train")
@@ -253,7 +254,7 @@ def load_train_data(job: Job, tokenizer, setup: Setup, log=None) -> tuple[TrainD
     digest = tokenizer_hash(tokenizer)
     if setup.method == "kd":
         answers = tokenizer([r["output"] for r in rows], add_special_tokens=False)["input_ids"]
-        responses = [a + [tokenizer.eos_token_id] for a in answers]  # as SFT scores them
+        responses = [a + [stop_id(tokenizer)] for a in answers]  # as SFT scores them
         teacher = None
         sources = [-1] * len(rows)
         if setup.kd_teacher == "cache":
@@ -292,7 +293,7 @@ def load_train_data(job: Job, tokenizer, setup: Setup, log=None) -> tuple[TrainD
             )
         narrow_to = config.p  # a top-p set is a prefix of the cached larger one
     by_id = {row["id"]: i for i, row in enumerate(rows)}
-    eos = tokenizer.eos_token_id
+    eos = stop_id(tokenizer)  # EOS, or the chat template's end-of-turn token
     items, cut, skipped = [], 0, 0
     for index in range(len(cache)):
         example = cache[index]
@@ -510,7 +511,7 @@ def prepare(job: Job, log=print) -> None:
     check_batch_split(config, "distill", job.world_size)
     setup = make_setup(job)
     prepare_data(job.recipe, job.run, log)
-    tokenizer = load_tokenizer(job.run.tokenizer)
+    tokenizer = load_tokenizer(job.run.tokenizer, template=job.recipe.data.template)
 
     if setup.init == "student_sft" and manifest(job.run.stage("student_sft")) is None:
         raise UserError(
@@ -582,7 +583,7 @@ def run(job: Job, rank: int, world: int) -> None:
         policy_module,
         resolve_precision,
     )  # fmt: skip
-    from bdctl.models import hidden_size, load_model, load_tokenizer
+    from bdctl.models import hidden_size, load_model, load_tokenizer, stop_id
     from bdctl.selection import Validator, selection_facts
     from bdctl.tracking import MetricsLog, StepProgress
     from bdctl.training import MicroBatch, finish, loop_config, train_loop
@@ -591,7 +592,7 @@ def run(job: Job, rank: int, world: int) -> None:
     setup = make_setup(job)
 
     # --- data: every rank reads the same examples; the loop hands each rank its share
-    tokenizer = load_tokenizer(job.run.tokenizer)
+    tokenizer = load_tokenizer(job.run.tokenizer, template=job.recipe.data.template)
     data, stats = load_train_data(job, tokenizer, setup)
     per_epoch, total_steps = training_steps(len(data), config)
     blocks = None
@@ -620,7 +621,7 @@ def run(job: Job, rank: int, world: int) -> None:
             policy_module(load_model(teacher_source, tokenizer, recipe.seed)), teacher_config
         )
     device = engine.device
-    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    pad_id, eos_id = tokenizer.pad_token_id, stop_id(tokenizer)  # terminal transitions end at the stop token
     cap = recipe.stages.generate.cache_max_k
 
     def micro_batches(indices: list[int]) -> list[MicroBatch]:

@@ -51,7 +51,7 @@ from bdctl.errors import UserError
 from bdctl.evalunits import EVAL_STAGE, generate_units, plan_units, unit_done, unit_paths
 from bdctl.job import Job
 from bdctl.recipe.schema import EvalStage
-from bdctl.rundir import MANIFEST, PREEMPT, mark_complete, write_json_atomic, write_text_atomic
+from bdctl.rundir import MANIFEST, PREEMPT, manifest, mark_complete, write_json_atomic, write_text_atomic
 
 STAGE = EVAL_STAGE
 
@@ -201,8 +201,37 @@ def write_results(job: Job) -> dict[str, Any]:
         for m in results["models"]
     ]
     write_text_atomic(out / "table.csv", csv_table(csv_headers, csv_rows))
+    update_model_cards(job, results)
     mark_complete(
         out, stage=STAGE, models=results["models"], protocols=[p["name"] for p in info["protocols"]],
         sets=results["sets"], seeds=results["seeds"], results="results.json",
     )  # fmt: skip
     return results
+
+
+def update_model_cards(job: Job, results: dict[str, Any]) -> None:
+    """Rewrite the model card of every stage export this command scored, with its test scores per
+    protocol (those sampled with that very directory: export/, or export-<protocol>/)."""
+    from bdctl.engine import write_model_card
+
+    for model in job.info["models"]:
+        if model["kind"] != "stage":
+            continue
+        stage = job.run.stage(model["ref"])
+        stage_facts = manifest(stage)
+        exports = [
+            stage / "export",
+            *(stage / kept["export"] for kept in (stage_facts or {}).get("best_per_protocol", {}).values()),
+        ]
+        for export in exports:
+            info = manifest(export)
+            if info is None:
+                continue
+            test = {}  # protocol -> set -> {mean, std, per_seed}: the units sampled with this directory
+            for protocol, per_model in results["scores"].items():
+                sets = {
+                    name: entry for name, entry in per_model[model["ref"]].items() if entry["weights"] == str(export)
+                }
+                if sets:
+                    test[protocol] = sets
+            write_model_card(stage, export, info, stage_facts, test)

@@ -83,7 +83,7 @@ def prepare(job: Job, log=print) -> None:
         raise UserError(
             f"{source}: the teacher export is missing or incomplete (no config.json); run its stage again with --force"
         )
-    tokenizer = load_tokenizer(job.run.tokenizer)
+    tokenizer = load_tokenizer(job.run.tokenizer, template=job.recipe.data.template)
     check_vocabularies(job.recipe, tokenizer, {"teacher": source, "student": job.recipe.models.student})
     rows = read_rows(job.run.data / f"{split}.jsonl", scoring=bool(job.options.get("score")))
 
@@ -248,7 +248,7 @@ def run(job: Job, rank: int, world: int) -> None:
     config, out = stage_config(job), job.stage_dir
     cache_dir = out / "cache"
     scoring = bool(job.options.get("score"))
-    tokenizer = load_tokenizer(job.run.tokenizer)
+    tokenizer = load_tokenizer(job.run.tokenizer, template=job.recipe.data.template)
     rows = read_split(job.run.data, job.info["split"])
     items = work_items(job, rows, tokenizer)
     batches = plan_batches(items, config.batch_size, job.info["positions"])
@@ -325,13 +325,14 @@ def run(job: Job, rank: int, world: int) -> None:
 
 def generate_batch(teacher, batch: list[Item] | None, tokenizer, config: GenerateStage, lockstep) -> list[tuple]:
     """(tokens, finish reason, capture) per item; under ZeRO-3 a rank without a batch idles in step."""
+    from bdctl.models import stop_id
     from bdctl.sampling import sample
 
     max_new = max(item.limit for item in batch) if batch else 0
 
     def run(all_done=None):
         return sample(
-            teacher, [item.prompt for item in batch], [item.seed for item in batch], eos_id=tokenizer.eos_token_id,
+            teacher, [item.prompt for item in batch], [item.seed for item in batch], eos_id=stop_id(tokenizer),
             pad_id=tokenizer.pad_token_id, max_new_tokens=max_new, temperature=config.temperature,
             set_top_p=config.top_p if config.top_p < 1.0 else None,
             capture_top_p=config.cache_top_p, capture_max_k=config.cache_max_k, all_done=all_done,
@@ -539,9 +540,12 @@ def finish_stage(job: Job, stats: dict, rows: list[dict], tokenizer, metrics, se
 def write_dstar(cache, rows: list[dict], tokenizer, path: Path) -> None:
     """D* as JSON lines, in (prompt id, sample index) order, from the cache (the one source of
     truth: a resumed run writes the same file). `response` is the text without the final EOS;
-    `response_ids` are the exact tokens (EOS included when finish_reason is "eos")."""
+    `response_ids` are the exact tokens (EOS included when finish_reason is "eos"; with data.template: chat
+    the end-of-turn token, `models.stop_id`)."""
+    from bdctl.models import stop_id
+
     prompts = {row["id"]: row["prompt"] for row in rows}
-    eos = tokenizer.eos_token_id
+    eos = stop_id(tokenizer)
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w", encoding="utf-8") as handle:
         for start in range(0, len(cache), 1024):

@@ -219,7 +219,7 @@ def prepare(job: Job, log=print) -> None:
     config, own = stage_config(job), settings(job)
     check_batch_split(config, "distill", job.world_size)
     data = prepare_data(job.recipe, job.run, log)
-    tokenizer = load_tokenizer(job.run.tokenizer)
+    tokenizer = load_tokenizer(job.run.tokenizer, template=job.recipe.data.template)
     if init_ref(config) == "student_sft" and manifest(job.run.stage("student_sft")) is None:
         raise UserError(
             f"distill --method minillm starts from the phase-1 student (init: auto) and {job.run.stage('student_sft')} "
@@ -407,7 +407,7 @@ def run(job: Job, rank: int, world: int) -> None:
         policy_module,
         resolve_precision,
     )  # fmt: skip
-    from bdctl.models import hidden_size, load_model, load_tokenizer
+    from bdctl.models import hidden_size, load_model, load_tokenizer, stop_id
     from bdctl.objectives.kd import mixed_kd_loss
     from bdctl.objectives.lm import lean_cross_entropy
     from bdctl.objectives.minillm import lean_log_probs, lean_reverse_kl, lean_teacher_kd, policy_loss
@@ -420,7 +420,7 @@ def run(job: Job, rank: int, world: int) -> None:
     recipe, config, own, out = job.recipe, stage_config(job), settings(job), job.stage_dir
 
     # --- prompts: every rank reads the same training prompts
-    tokenizer = load_tokenizer(job.run.tokenizer)
+    tokenizer = load_tokenizer(job.run.tokenizer, template=job.recipe.data.template)
     rows = read_split(job.run.data, "train")
     prompts = tokenizer([row["prompt"] for row in rows])["input_ids"]
     steps = plan(len(rows), config)
@@ -474,7 +474,7 @@ def run(job: Job, rank: int, world: int) -> None:
         policy_module(load_model(source, tokenizer, recipe.seed)), ds_config, steps.total_steps, config.warmup_ratio,
         warmup_steps=own.warmup_steps,
     )  # fmt: skip
-    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    pad_id, eos_id = tokenizer.pad_token_id, stop_id(tokenizer)  # EOS, or the chat template's end-of-turn
     metrics = MetricsLog(out / "metrics.jsonl", enabled=rank == 0)
 
     # --- the collection (the rollout buffer) and the current minibatch's advantages

@@ -38,7 +38,7 @@ def prepare(job: Job, log=print) -> None:
         raise UserError(
             f"stages.{job.stage_name}.batch_size ({config.batch_size}) exceeds the {data.counts['train']} training examples"
         )
-    tokenizer = load_tokenizer(job.run.tokenizer)
+    tokenizer = load_tokenizer(job.run.tokenizer, template=job.recipe.data.template)
     sources = {r: job.recipe.models.teacher if r == "teacher" else job.recipe.models.student for r in ROLES}
     sources[role] = resolve_weights(job, config.init, role)
     check_vocabularies(job.recipe, tokenizer, sources)
@@ -92,7 +92,7 @@ def run(job: Job, rank: int, world: int) -> None:
     recipe, config, out = job.recipe, stage_config(job), job.stage_dir
 
     # --- data: every rank tokenises the same splits; the loop hands each rank its share
-    tokenizer = load_tokenizer(job.run.tokenizer)
+    tokenizer = load_tokenizer(job.run.tokenizer, template=job.recipe.data.template)
     train = tokenize_examples(read_split(job.run.data, "train"), tokenizer)
     per_epoch, total_steps = training_steps(len(train), config)
 
