@@ -55,7 +55,8 @@ class LaunchOptions:
         """These options as command-line arguments again (for commands started on the user's behalf)."""
         args = []
         for name, default in (("nproc", 1), ("nnodes", 1), ("node_rank", 0), ("master_addr", "127.0.0.1"),
-                              ("master_port", None), ("hostfile", None), ("include", None), ("exclude", None)):  # fmt: skip
+                              ("master_port", None), ("hostfile", None), ("include", None),
+                              ("exclude", None)):  # fmt: skip
             value = getattr(self, name)
             if value != default:
                 args += [f"--{name.replace('_', '-')}", str(value)]
@@ -235,9 +236,10 @@ def dry_run_text(job_file: Path, options: LaunchOptions) -> str:
         return f"in-process (1 rank): {shlex.join([sys.executable, '-m', 'bdctl.worker', str(job_file)])}"
     if options.mode == "slurm":
         env = slurm_environment()
+        worker = shlex.join([sys.executable, "-m", "bdctl.worker", str(job_file)])
         return (
             f"slurm: this task is rank {env['RANK']} of {env['WORLD_SIZE']} (local rank {env['LOCAL_RANK']}), "
-            f"master {env['MASTER_ADDR']}:{env['MASTER_PORT']}: {shlex.join([sys.executable, '-m', 'bdctl.worker', str(job_file)])}"
+            f"master {env['MASTER_ADDR']}:{env['MASTER_PORT']}: {worker}"
         )
     return shlex.join(launcher_command(job_file, options))
 

@@ -170,7 +170,8 @@ def check_resumable(checkpoint: Path, fingerprint: str, world: int) -> None:
         )
     if info.get("world_size") != world:
         raise UserError(
-            f"{checkpoint}: written by {info.get('world_size')} ranks; resume with the same number of ranks (now {world})"
+            f"{checkpoint}: written by {info.get('world_size')} ranks; resume with the same number of ranks "
+            f"(now {world})"
         )
 
 
@@ -286,7 +287,8 @@ def train_loop(
                 if config.on_nonfinite == "stop" and any_rank(not torch.isfinite(objective.detach()).item()):
                     raise NonFiniteLoss(
                         f"non-finite loss at step {state.step + 1}; stopped without touching the last "
-                        f"checkpoint ({latest_checkpoint(checkpoints) or 'none yet'}); set on_nonfinite: skip to skip such steps"
+                        f"checkpoint ({latest_checkpoint(checkpoints) or 'none yet'}); "
+                        "set on_nonfinite: skip to skip such steps"
                     )
                 engine.backward(objective)
                 engine.step()

@@ -257,6 +257,7 @@ def _build_knowledge_base(seed: int = _KB_SEED) -> KnowledgeBase:
             city_names,
             _balanced(rng, countries, len(city_names)),
             _balanced(rng, LANDMARKS, len(city_names)),
+            strict=True,
         )
     )
     creature_names = [fresh(creature) for _ in range(20)]
@@ -267,6 +268,7 @@ def _build_knowledge_base(seed: int = _KB_SEED) -> KnowledgeBase:
             _balanced(rng, COLOURS, len(creature_names)),
             _balanced(rng, FOODS, len(creature_names)),
             _balanced(rng, HOMES, len(creature_names)),
+            strict=True,
         )
     )
     person_names = [fresh(person) for _ in range(12)]
@@ -276,6 +278,7 @@ def _build_knowledge_base(seed: int = _KB_SEED) -> KnowledgeBase:
             person_names,
             _balanced(rng, JOBS, len(person_names)),
             _balanced(rng, city_names, len(person_names)),
+            strict=True,
         )
     )
     return KnowledgeBase(countries, cities, creatures, people)

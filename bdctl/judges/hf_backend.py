@@ -146,7 +146,7 @@ class HFJudge:
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
-            for index, scores in zip(batch, self._score([encoded[i] for i in batch])):
+            for index, scores in zip(batch, self._score([encoded[i] for i in batch]), strict=True):
                 best: Verdict = max(VERDICTS, key=lambda label: scores[label])
                 yield index, JudgeOutput(raw=best, verdict=best, scores=scores)
 

@@ -625,7 +625,8 @@ class Recipe(Section):
                 )
         if self.stages.judge.protocol is not None and self.stages.judge.protocol not in protocols:
             raise ValueError(
-                f"stages.judge.protocol: {self.stages.judge.protocol!r} is not a stages.eval protocol ({', '.join(protocols)})"
+                f"stages.judge.protocol: {self.stages.judge.protocol!r} is not a stages.eval protocol "
+                f"({', '.join(protocols)})"
             )
         dstars = ["generate", *(f"generate-{name}" for name in self.stages.generate.variants)]
         distill = self.stages.distill

@@ -146,19 +146,23 @@ def describe(setup: Setup, job: Job) -> list[str]:
     if setup.method == "bd":
         sets = {
             "cache": f"the teacher's top-p sets (p = {config.p:g}) from the generate cache",
-            "live": f"the live teacher's top-p sets (p = {config.p:g}, capped at {job.recipe.stages.generate.cache_max_k} tokens like the cache)",
+            "live": (
+                f"the live teacher's top-p sets (p = {config.p:g}, capped at "
+                f"{job.recipe.stages.generate.cache_max_k} tokens like the cache)"
+            ),
             None: "A_t = the whole vocabulary (p = 1)",
         }[setup.sets]
         form = "chunked lean form" if setup.variant == "paper" or setup.sets else "dense form (full logits)"
         lines.append(f"bd ({setup.variant} variant, {form}) on {dstar_name(setup.dstar)}, {sets}")
         if setup.outside == "drop":
             lines.append(
-                "outside: drop: D* actions outside A_t leave every term (METHOD.md 2.2; the paper's Eq. 17 gives them q_min)"
+                "outside: drop: D* actions outside A_t leave every term "
+                "(METHOD.md 2.2; the paper's Eq. 17 gives them q_min)"
             )
         if setup.anchor_coef > 0:
             lines.append(
-                f"{BEYOND_PAPER}: anchor + {setup.anchor_coef:g} x cross-entropy of D*'s actions over BD's transitions; "
-                "this is not the paper's loss"
+                f"{BEYOND_PAPER}: anchor + {setup.anchor_coef:g} x cross-entropy of D*'s actions over BD's "
+                "transitions; this is not the paper's loss"
             )
     else:
         data = "the golden training responses" if setup.method == "kd" else dstar_name(setup.dstar)
@@ -236,7 +240,8 @@ def cache_stage_dir(job: Job, stage: str) -> Path:
         )
         command = stage_command(stage, job.recipe_path)
         raise UserError(
-            f"distill --method {job.options['method']} needs {what} ({directory} has not finished); run it first: {command}"
+            f"distill --method {job.options['method']} needs {what} ({directory} has not finished); "
+            f"run it first: {command}"
         )
     return directory / "cache"
 
@@ -267,8 +272,9 @@ def load_train_data(job: Job, tokenizer, setup: Setup, log=None) -> tuple[TrainD
                     continue
                 if not np.array_equal(np.asarray(example.tokens), np.asarray(responses[row])):
                     raise UserError(
-                        f"cache {teacher.directory}: the scored response of prompt {example.prompt_id} is not the golden "
-                        f"response of data/train.jsonl; score it again: bdctl generate {job.recipe_path} --score train"
+                        f"cache {teacher.directory}: the scored response of prompt {example.prompt_id} is not "
+                        f"the golden response of data/train.jsonl; score it again: "
+                        f"bdctl generate {job.recipe_path} --score train"
                     )
                 sources[row] = index
             missing = sum(1 for s in sources if s < 0)
@@ -530,7 +536,8 @@ def prepare(job: Job, log=print) -> None:
     data, stats = load_train_data(job, tokenizer, setup)
     if len(data) < config.batch_size:
         raise UserError(
-            f"stages.distill.batch_size ({config.batch_size}) exceeds the {len(data)} training examples of --method {method}"
+            f"stages.distill.batch_size ({config.batch_size}) exceeds the {len(data)} training examples "
+            f"of --method {method}"
         )
     per_epoch, total_steps = training_steps(len(data), config)
     if setup.pretrain:
@@ -546,7 +553,8 @@ def prepare(job: Job, log=print) -> None:
     if stats.get("cut_at_max_length") or stats.get("skipped_without_transition"):
         log(
             f"distill: D* {stats['cache_examples']} responses: {stats['cut_at_max_length']} cut at data.max_length "
-            f"({job.recipe.data.max_length} tokens with the prompt), {stats['skipped_without_transition']} skipped (no transition)"
+            f"({job.recipe.data.max_length} tokens with the prompt), "
+            f"{stats['skipped_without_transition']} skipped (no transition)"
         )
 
 
@@ -685,8 +693,8 @@ def run(job: Job, rank: int, world: int) -> None:
     validate = Validator(job, config, engine, tokenizer, rank, world)
     metrics = MetricsLog(out / "metrics.jsonl", enabled=rank == 0)
     metrics.write(
-        event="start", total_steps=total_steps, world_size=world, train=len(data), valid=len(validate.examples), select=config.select,
-        data=stats, method=setup.method, setup=setup.__dict__, notes=describe(setup, job),
+        event="start", total_steps=total_steps, world_size=world, train=len(data), valid=len(validate.examples),
+        select=config.select, data=stats, method=setup.method, setup=setup.__dict__, notes=describe(setup, job),
     )  # fmt: skip
     with StepProgress(f"distill {setup.method}", total_steps, enabled=rank == 0) as progress:
         for line in describe(setup, job):

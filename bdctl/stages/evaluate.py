@@ -493,8 +493,8 @@ def _generate_model_units(eval_dir, info, mine, network, tokenizer, sampling, ra
                 )  # fmt: skip
                 for i, answer in zip(batch, answers, strict=True):
                     records.append(
-                        (i, {"model": model["ref"], "protocol": unit["protocol"], "set": unit["set"], "seed": unit["seed"],
-                             "prompt_id": examples[i]["id"], "text": answer.text,
+                        (i, {"model": model["ref"], "protocol": unit["protocol"], "set": unit["set"],
+                             "seed": unit["seed"], "prompt_id": examples[i]["id"], "text": answer.text,
                              "rouge_l": rouge_l(answer.text, examples[i]["references"]),
                              "finish_reason": answer.finish_reason, "tokens": answer.tokens})
                     )  # fmt: skip

@@ -548,7 +548,10 @@ def write_dstar(cache, rows: list[dict], tokenizer, path: Path) -> None:
             examples = [cache[i] for i in range(start, min(start + 1024, len(cache)))]
             bodies = [e.tokens.tolist() for e in examples]
             # The text is the answer: the final EOS is a stop signal, not part of it.
-            answers = [b[:-1] if e.finish_reason == "eos" and b[-1:] == [eos] else b for e, b in zip(examples, bodies)]
+            answers = [
+                b[:-1] if e.finish_reason == "eos" and b[-1:] == [eos] else b
+                for e, b in zip(examples, bodies, strict=True)
+            ]
             texts = tokenizer.batch_decode(answers, skip_special_tokens=False, clean_up_tokenization_spaces=False)
             for example, body, text in zip(examples, bodies, texts, strict=True):
                 record = {

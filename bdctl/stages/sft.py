@@ -36,7 +36,8 @@ def prepare(job: Job, log=print) -> None:
     data = prepare_data(job.recipe, job.run, log)
     if data.counts["train"] < config.batch_size:
         raise UserError(
-            f"stages.{job.stage_name}.batch_size ({config.batch_size}) exceeds the {data.counts['train']} training examples"
+            f"stages.{job.stage_name}.batch_size ({config.batch_size}) exceeds the {data.counts['train']} "
+            "training examples"
         )
     tokenizer = load_tokenizer(job.run.tokenizer)
     sources = {r: job.recipe.models.teacher if r == "teacher" else job.recipe.models.student for r in ROLES}

@@ -164,7 +164,7 @@ def assert_same_loss_and_grad(actual, expected, wrt, atol=1e-9, rtol=1e-9):
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
     got = torch.autograd.grad(actual, wrt, retain_graph=True)
     want = torch.autograd.grad(expected, wrt, retain_graph=True)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=atol, rtol=rtol)
 
 

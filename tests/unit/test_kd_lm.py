@@ -34,7 +34,7 @@ def assert_same(actual, expected, wrt, atol=1e-10, rtol=1e-10):
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
     got = torch.autograd.grad(actual.sum(), wrt, retain_graph=True)
     want = torch.autograd.grad(expected.sum(), wrt, retain_graph=True)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=atol, rtol=rtol)
 
 
