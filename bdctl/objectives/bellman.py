@@ -473,7 +473,11 @@ def lean_terms(
     _check_batch(actions, valid, terminal, lead)
     if (cand_ids is None) != (cand_mask is None):
         raise ValueError("give both cand_ids and cand_mask, or neither (full vocabulary)")
-    if cand_ids is not None and (cand_ids.shape[:-1] != lead or cand_mask.shape != cand_ids.shape):
+    if (
+        cand_ids is not None
+        and cand_mask is not None
+        and (cand_ids.shape[:-1] != lead or cand_mask.shape != cand_ids.shape)
+    ):
         raise ValueError(
             f"expected cand_ids and cand_mask [B, T, K] matching {tuple(lead)}, got "
             f"{tuple(cand_ids.shape)} and {tuple(cand_mask.shape)}"
@@ -493,7 +497,7 @@ def lean_terms(
     row_actions = torch.where(row_kept, row_actions, 0)
     best = chunked_argmax(rows, weight, bias, chunk_size=chunk_size)
 
-    if cand_ids is None:
+    if cand_ids is None or cand_mask is None:
         # A_t = whole vocabulary: V_t = logsumexp_a max(z_a, m + q_min) - m, chunked.
         shift = token_logits(rows, weight, best, bias)
         values = chunked_logsumexp(rows, weight, bias, chunk_size=chunk_size, floor=shift + q_min)
@@ -642,7 +646,7 @@ class _ChunkedFloorReductions(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, floor, chunk_size):  # type: ignore[override]
+    def forward(ctx, hidden, weight, floor, chunk_size):
         dtype = compute_dtype(hidden.dtype)
         lse = torch.full((hidden.shape[0],), float("-inf"), dtype=dtype, device=hidden.device)
         total = torch.zeros(hidden.shape[0], dtype=dtype, device=hidden.device)
@@ -656,7 +660,7 @@ class _ChunkedFloorReductions(torch.autograd.Function):
         return lse, total
 
     @staticmethod
-    def backward(ctx, grad_lse, grad_total):  # type: ignore[override]
+    def backward(ctx, grad_lse, grad_total):
         hidden, weight, floor, lse = ctx.saved_tensors
         dtype = lse.dtype
         grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(dtype)
@@ -787,6 +791,8 @@ def candidate_mask(cand_ids: Tensor | None, cand_mask: Tensor | None, shape, voc
     """Dense bool [B, T, V] mask of the candidate sets (all True when there are none: p = 1)."""
     if cand_ids is None:
         return torch.ones((*shape, vocab), dtype=torch.bool, device="cpu")
+    if cand_mask is None:
+        raise ValueError("give cand_mask with cand_ids")
     dense = torch.zeros((*shape, vocab + 1), dtype=torch.bool, device=cand_ids.device)
     dense.scatter_(-1, torch.where(cand_mask, cand_ids, vocab), True)  # padding slots land in a spare column
     return dense[..., :vocab]

@@ -88,7 +88,7 @@ class _ChunkedLogSumExp(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: FunctionCtx,
         hidden: Tensor,
         weight: Tensor,
@@ -105,13 +105,14 @@ class _ChunkedLogSumExp(torch.autograd.Function):
             if floor_col is not None:
                 logits = torch.maximum(logits, floor_col)
             lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
-        ctx.save_for_backward(hidden, weight, bias, floor, lse)
+        # torch's stub says Tensor only; save_for_backward documents None as allowed
+        ctx.save_for_backward(hidden, weight, bias, floor, lse)  # type: ignore[arg-type]
         ctx.chunk_size = chunk_size  # type: ignore[attr-defined]
         return lse
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad_lse: Tensor):  # type: ignore[override]
+    def backward(ctx: FunctionCtx, grad_lse: Tensor):
         hidden, weight, bias, floor, lse = ctx.saved_tensors  # type: ignore[attr-defined]
         need_h, need_w, need_b, need_f = ctx.needs_input_grad[:4]  # type: ignore[attr-defined]
         chunk_size: int = ctx.chunk_size  # type: ignore[attr-defined]
