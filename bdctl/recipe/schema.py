@@ -363,16 +363,16 @@ class Ablations(Section):
             names[f"bd-p{float(value)}"] = {"p": float(value)}
         for value in self.chi2:
             names[f"bd-chi2-{'on' if value else 'off'}"] = {"chi2": value}
-        for value in self.variant:
-            names[f"bd-{value}"] = {"variant": value}
-        for value in self.outside:
-            names[f"bd-outside-{value.replace('_', '')}"] = {"outside": value}
+        for variant in self.variant:
+            names[f"bd-{variant}"] = {"variant": variant}
+        for outside in self.outside:
+            names[f"bd-outside-{outside.replace('_', '')}"] = {"outside": outside}
         for value in self.anchor_coef:
             names[f"bd-anchor{float(value)}"] = {"anchor_coef": float(value)}
         for value in self.alpha:
             names[f"bd-alpha{float(value)}"] = {"alpha": float(value)}
-        for value in self.dstar:
-            names[f"bd-dstar-{value.removeprefix('generate-')}"] = {"dstar": value}
+        for dstar in self.dstar:
+            names[f"bd-dstar-{dstar.removeprefix('generate-')}"] = {"dstar": dstar}
         for name, changes in self.combined.items():
             names[name] = dict(changes)
         return names
