@@ -47,6 +47,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -429,10 +430,10 @@ def bd_terms(
     """The BD loss of a micro-batch from the student's [B, W, H] hidden states (see the module docstring)."""
     h = response_hidden(hidden, batch["positions"])
     ids, mask = batch.get("cand_ids"), batch.get("cand_mask")
-    common = dict(gamma=config.gamma, alpha=config.alpha, q_min=config.q_min, chi2=config.chi2)
+    common: dict[str, Any] = dict(gamma=config.gamma, alpha=config.alpha, q_min=config.q_min, chi2=config.chi2)
     if config.variant == "released":
         valid = released_valid(batch)
-        if ids is not None and not dense:
+        if ids is not None and mask is not None and not dense:
             return released_lean_terms(
                 h, weight, ids, mask, batch["actions"], valid, top_p=config.p, eps=config.eps, **common
             )
@@ -543,6 +544,7 @@ def prepare(job: Job, log=print) -> None:
     if setup.pretrain:
         from bdctl.data.pretrain import prepare_blocks
 
+        assert job.recipe.data.pretrain is not None  # make_setup: the pretraining term needs the corpus
         block_size = job.recipe.data.pretrain.block_size
         if limit is not None and block_size > limit:
             raise UserError(f"data.pretrain.block_size ({block_size}) exceeds the student's {limit} positions")
@@ -636,10 +638,12 @@ def run(job: Job, rank: int, world: int) -> None:
         return [MicroBatch(batch, batch_count(batch, setup))]
 
     def pretrain_inputs(step: int, index: int):
+        assert blocks is not None  # the loop gets this function only when there are blocks
         ids = blocks.micro_batch(step, index, config.micro_batch_size, config.batch_size, recipe.seed)
         return {"input_ids": ids}, ids.shape[0] * (ids.shape[1] - 1)
 
     def teacher_forward(input_ids, attention_mask, fn):
+        assert teacher is not None  # called only with a live teacher (setup.live_teacher)
         with torch.no_grad():
             return teacher(input_ids, attention_mask, loss_fn=fn)
 

@@ -247,10 +247,11 @@ def describe_model(job: Job, ref: str) -> dict[str, Any]:
         raise UserError(f"model {ref}: no such directory")
     source = resolve_weights(job, str(Path(ref).expanduser()) if ref.startswith("~") else ref)
     stage = job.run.stage(ref)
-    if isinstance(source, Path) and manifest(stage) is not None and source == job.run.export(ref):
+    finished = manifest(stage)
+    if isinstance(source, Path) and finished is not None and source == job.run.export(ref):
         kind = "stage"
         # A rerun of the stage rewrites its export under the same path: its finish time tells.
-        identity = {"stage": ref, "finished_at": manifest(stage).get("finished_at")}
+        identity = {"stage": ref, "finished_at": finished.get("finished_at")}
     elif isinstance(source, Path):
         kind = "dir"
         source = source.resolve()
@@ -264,8 +265,8 @@ def describe_model(job: Job, ref: str) -> dict[str, Any]:
     revision = None if isinstance(source, Path) else source.revision
     # A stage that kept a best export per protocol (select_each_protocol): protocol -> its export.
     weights = {}
-    if kind == "stage":
-        for name, kept in (manifest(stage).get("best_per_protocol") or {}).items():
+    if kind == "stage" and finished is not None:
+        for name, kept in (finished.get("best_per_protocol") or {}).items():
             if (stage / kept["export"]).is_dir():
                 weights[name] = str(stage / kept["export"])
     tokenizer = {"path": path, "revision": revision}
@@ -349,7 +350,11 @@ def load_set(job: Job, spec: EvalSet, log) -> list[dict]:
         from bdctl.data.sources import read_hub, read_records, to_instruction
         from bdctl.data.template import render_prompt
 
-        records = read_records(spec.path) if spec.path else read_hub(spec.hub, spec.hub_config, spec.hub_split)
+        if spec.path:
+            records = read_records(spec.path)
+        else:
+            assert spec.hub is not None  # EvalSet: exactly one of split, path, hub
+            records = read_hub(spec.hub, spec.hub_config, spec.hub_split)
         examples = []
         for index, (where, record) in enumerate(records):
             if spec.limit is not None and index >= spec.limit:
@@ -457,7 +462,7 @@ def generate_units(
         # One load per distinct weights (a stage may have one export per protocol).
         for weights in dict.fromkeys(u["weights"] for u in mine):
             if model["kind"] == "hub":
-                source = ModelSpec(path=model["path"], revision=model["revision"])
+                source: ModelSpec | Path = ModelSpec(path=model["path"], revision=model["revision"])
             else:
                 source = Path(weights)
             network = load_model(source, tokenizer, seed).to(device=device, dtype=dtype).eval()
@@ -520,7 +525,7 @@ def _gather(records: list, rank: int, world: int) -> list:
 
     parts: list | None = [None] * world if rank == 0 else None
     dist.gather_object(records, parts, dst=0)
-    return [record for part in parts for record in part] if rank == 0 else []
+    return [record for part in parts for record in part] if parts is not None else []
 
 
 def _write_unit(eval_dir: Path, unit: dict, records: list[dict], world: int, seconds: float) -> None:

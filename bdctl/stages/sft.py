@@ -8,9 +8,11 @@ exported as a Hugging Face directory.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from bdctl.errors import UserError
 from bdctl.job import Job, resolve_weights
-from bdctl.recipe.schema import SFTStage
+from bdctl.recipe.schema import ModelSpec, SFTStage
 
 ROLES = ("teacher", "student")
 
@@ -40,7 +42,9 @@ def prepare(job: Job, log=print) -> None:
             "training examples"
         )
     tokenizer = load_tokenizer(job.run.tokenizer)
-    sources = {r: job.recipe.models.teacher if r == "teacher" else job.recipe.models.student for r in ROLES}
+    sources: dict[str, ModelSpec | Path] = {
+        r: job.recipe.models.teacher if r == "teacher" else job.recipe.models.student for r in ROLES
+    }
     sources[role] = resolve_weights(job, config.init, role)
     check_vocabularies(job.recipe, tokenizer, sources)
     if config.select == "rouge_l":
