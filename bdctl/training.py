@@ -110,7 +110,7 @@ class PreemptionWatch:
     def __init__(self, flag_file: Path):
         self.flag_file = flag_file
         self.signalled = False
-        self._previous = {}
+        self._previous: dict[signal.Signals, Any] = {}  # the handlers to put back on exit
 
     def __enter__(self) -> PreemptionWatch:
         for sig in self.SIGNALS:
@@ -156,8 +156,8 @@ def latest_checkpoint(root: Path) -> Path | None:
     """The newest checkpoint whose manifest was written (a half-written one never counts)."""
     if not root.is_dir():
         return None
-    done = [p for p in root.iterdir() if p.is_dir() and manifest(p) is not None]
-    return max(done, key=lambda p: manifest(p)["step"], default=None)
+    steps = {p: info["step"] for p in root.iterdir() if p.is_dir() and (info := manifest(p)) is not None}
+    return max(steps, key=steps.__getitem__, default=None)
 
 
 def check_resumable(checkpoint: Path, fingerprint: str, world: int) -> None:
@@ -275,7 +275,8 @@ def train_loop(
                         batch.inputs["aux"], batch.aux_count = aux_inputs(state.step, rank + j * world)
                     batches.append(batch)
             global_count, global_aux = all_sum([sum(b.count for b in batches), sum(b.aux_count for b in batches)])
-            loss_sum, aux_sum, logs_sum, started = 0.0, 0.0, {}, time.perf_counter()
+            loss_sum, aux_sum, started = 0.0, 0.0, time.perf_counter()
+            logs_sum: dict[str, float] = {}
             for batch in batches:
                 value, logs, *rest = loss(batch)
                 aux = rest[0] if rest else None

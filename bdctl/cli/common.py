@@ -110,7 +110,10 @@ def job_command(func: Callable) -> Callable:
         for p in signature.parameters.values()
         if p.name != "launch"
     ]
-    wrapper.__signature__ = signature.replace(parameters=own + LAUNCH_PARAMETERS, return_annotation=None)
+    # inspect.signature honours __signature__; typeshed does not declare it on functions
+    wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=own + LAUNCH_PARAMETERS, return_annotation=None
+    )
     wrapper.__annotations__ = {p.name: p.annotation for p in own + LAUNCH_PARAMETERS}
     del wrapper.__wrapped__  # typer must read __signature__, not the wrapped function's
     return wrapper
