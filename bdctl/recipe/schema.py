@@ -452,7 +452,9 @@ class DistillStage(Train):
     p: float = Field(0.8, gt=0, le=1, description="Top-p of the teacher candidate sets (1.0: no mask).")
     alpha: float = Field(0.1, gt=0, description="chi^2 regulariser strength.")
     gamma: float = Field(0.99, gt=0, le=1, description="Discount.")
-    q_min: float = Field(-10.0, lt=0, description="Lower clip of Q (and value of actions outside A_t).")
+    q_min: float = Field(
+        -10.0, lt=0, allow_inf_nan=False, description="Lower clip of Q (and value of actions outside A_t)."
+    )
     chi2: bool = Field(True, description="Use the chi^2 regulariser phi(x) = x - x^2 / (4 alpha).")
     variant: Literal["paper", "released"] = Field("paper", description="Eq. 17 or the released code.")
     eps: float = Field(1e-6, gt=0, description="Smoothing of the released variant's projected policy.")
