@@ -263,7 +263,7 @@ def written_keys(directory: str | Path) -> set[tuple[int, int]]:
 def remake_hint(directory: Path) -> str:
     """How to repair a damaged cache: the command that made it, started over. (Deleting the bad
     shard is not enough: its stage is complete, so a plain rerun would have nothing to do.)"""
-    from bdctl.pipeline import stage_command
+    from bdctl.rundir import stage_command
 
     stage = Path(directory).parent.name
     if not stage.startswith(("generate", "score_")):  # a cache outside a run directory: D* by default

@@ -13,13 +13,14 @@ import json
 import os
 import shutil
 import socket
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bdctl.errors import UserError
 from bdctl.recipe.schema import Recipe, Train
-from bdctl.rundir import manifest, mark_complete, replace_dir, write_json_atomic
+from bdctl.rundir import manifest, mark_complete, read_json, replace_dir, write_json_atomic
 
 # What an export was chosen for (step, selection metric, scores), until its stage finishes and
 # the same facts go into its MANIFEST.json.
@@ -33,22 +34,42 @@ CONFIG_DIR = PROJECT_ROOT / "deepspeed_configs"
 
 
 def quiet_libraries() -> None:
-    """Keep library chatter off the user's terminal (ranks and the launching process alike)."""
+    """Keep library chatter off the user's terminal (ranks and the launching process alike).
+
+    Through environment variables the libraries read when they are imported, so that calling
+    this costs no import (`--dry-run` and a judge over HTTP never load torch); a library already
+    imported is told directly.
+    """
     import logging
     import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' loading bars follow it
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    if "deepspeed" in sys.modules:
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)
+    # DeepSpeed still calls collectives that torch deprecates; not actionable for a user.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+
+
+def quiet_deepspeed() -> None:
+    """Before a rank imports DeepSpeed: name the CPU accelerator on a machine without CUDA devices
+    (rather than have DeepSpeed warn that it guessed), and keep its INFO lines in the rank's log."""
+    import logging
 
     import torch
 
     if torch.cuda.device_count() == 0:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, rather than have DeepSpeed warn about it
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.utils import logger as ds_logger
-    from transformers.utils import logging as hf_logging
 
     ds_logger.setLevel(logging.WARNING)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    # DeepSpeed still calls collectives that torch deprecates; not actionable for a user.
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
 
 def free_port() -> int:
@@ -59,6 +80,7 @@ def free_port() -> int:
 
 def init_distributed() -> tuple[int, int]:
     """Join the process group set up by the launcher (or make a group of one); returns (rank, world)."""
+    quiet_deepspeed()
     if "RANK" not in os.environ:  # started in-process, without a launcher
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
@@ -303,6 +325,29 @@ def export_hf(engine, tokenizer, out_dir: Path, rank: int, info: dict | None = N
         write_json_atomic(tmp / EXPORT_INFO, info or {})
         replace_dir(tmp, out_dir)
     dist.barrier()
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest checkpoint whose manifest was written (a half-written one never counts)."""
+    if not root.is_dir():
+        return None
+    steps = {p: done["step"] for p in root.iterdir() if p.is_dir() and (done := manifest(p)) is not None}
+    return max(steps, key=steps.__getitem__, default=None)
+
+
+def check_resumable(checkpoint: Path, fingerprint: str, world: int) -> None:
+    """Refuse a checkpoint written for another recipe or another number of ranks."""
+    info = read_json(checkpoint / "MANIFEST.json")
+    if info.get("fingerprint") != fingerprint:
+        raise UserError(
+            f"{checkpoint}: this checkpoint belongs to a different recipe or stage settings; "
+            f"use --force to start over (or restore the recipe it was made with)"
+        )
+    if info.get("world_size") != world:
+        raise UserError(
+            f"{checkpoint}: written by {info.get('world_size')} ranks; "
+            f"resume with the same number of ranks (now {world})"
+        )
 
 
 def save_checkpoint(engine, root: Path, tag: str, client_state: dict, keep: int, rank: int, info: dict) -> None:

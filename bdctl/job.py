@@ -1,36 +1,21 @@
 """A job: one stage of one recipe, as the launching process planned it (`bdctl.submit`) and every
 rank reads it back from `job.json` (`bdctl.worker`): the stage, its options, the validated recipe,
 the run directory and the facts the pre-launch checks found (`info`). Also which weights a name
-refers to (`resolve_weights`) and where each stage's code lives (`STAGES`).
+refers to (`resolve_weights`). The stages themselves are registered in `bdctl.stages`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from bdctl.errors import UserError
-from bdctl.pipeline import stage_command
-from bdctl.recipe import Recipe
-from bdctl.recipe.schema import ModelSpec
-from bdctl.rundir import RunDir, manifest, write_json_atomic
+from bdctl.recipe.schema import ModelSpec, Recipe
+from bdctl.rundir import RunDir, manifest, stage_command, write_json_atomic
 
-# Stage modules: each has stage_dir(options), prepare(job, log) (launching process) and run(job, rank, world).
-# Optional resumable(job) -> str | None: what an unfinished stage directory holds that a rerun continues
-# from instead of starting over (partial output other than checkpoints, e.g. generate's cache shards).
-STAGES = {
-    "sft": "bdctl.stages.sft",
-    "generate": "bdctl.stages.generate",
-    "eval": "bdctl.stages.evaluate",
-    "judge": "bdctl.stages.judge",
-    "distill": "bdctl.stages.distill",
-    "minillm": "bdctl.stages.minillm",  # `bdctl distill --method minillm`: runs/<name>/distill/minillm
-}
 # Stage directories other stages may refer to by name (weights, caches, generations).
 KNOWN_STAGE_DIRS = ("teacher_sft", "student_sft", "generate", "eval", "judge")
 # ... and generate-<variant> for each D* variant of stages.generate.variants.
@@ -46,6 +31,7 @@ class Job:
     stage_name: str
     world_size: int
     info: dict[str, Any] = field(default_factory=dict)  # facts found by prepare(), for the ranks
+    overrides: list[str] = field(default_factory=list)  # the command's --set items (for commands a message suggests)
 
     @property
     def run(self) -> RunDir:
@@ -106,7 +92,3 @@ def resolve_weights(job: Job, ref: str, role: str = "student") -> ModelSpec | Pa
             f"{ref}: that stage of {job.run.root} has not finished; run it first: {stage_command(ref, job.recipe_path)}"
         )
     return ModelSpec(path=ref)
-
-
-def stage_module(stage: str) -> ModuleType:
-    return importlib.import_module(STAGES[stage])

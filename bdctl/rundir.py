@@ -250,3 +250,19 @@ class RunDir:
 
     def export(self, stage: str) -> Path:
         return self.stage(stage) / "export"
+
+
+def stage_command(stage_dir: str, recipe_path: str) -> str:
+    """The command that produces a stage directory (the one place for this map; `pipeline.stages`
+    writes the same commands with RECIPE)."""
+    if stage_dir.endswith("_sft"):
+        return f"bdctl sft {recipe_path} --model {stage_dir.removesuffix('_sft')}"
+    if stage_dir.startswith("distill/"):
+        name = stage_dir.removeprefix("distill/")
+        method = name in ("bd", "kd", "seqkd", "minillm")
+        return f"bdctl distill {recipe_path} " + (f"--method {name}" if method else f"--ablation {name}")
+    if stage_dir.startswith("score_"):
+        return f"bdctl generate {recipe_path} --score {stage_dir.removeprefix('score_')}"
+    if stage_dir.startswith("generate-"):  # a D* variant (stages.generate.variants)
+        return f"bdctl generate {recipe_path} --variant {stage_dir.removeprefix('generate-')}"
+    return f"bdctl {stage_dir} {recipe_path}"

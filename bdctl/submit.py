@@ -10,20 +10,21 @@ ranks, which read it back (`bdctl.worker` -> `bdctl.job.Job.load`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+from bdctl.engine import check_resumable, latest_checkpoint
 from bdctl.errors import UserError
-from bdctl.job import Job, stage_module
+from bdctl.job import Job
 from bdctl.launch import LaunchOptions, dry_run_text, launch
 from bdctl.recipe import dump_recipe, load_recipe
 from bdctl.rundir import RunDir, clear_dir, manifest, stage_lock, write_text_atomic
-from bdctl.training import check_resumable, latest_checkpoint
+from bdctl.stages import Log, Stage, stage_module
 
 
 def wait_for_job(job: Job, job_file: Path, log, timeout: float | None = None) -> None:
@@ -60,6 +61,7 @@ def plan(
         run_root=run_root,
         stage_name=module.stage_dir(options),
         world_size=launch_options.world_size,
+        overrides=list(overrides),
     )
 
 
@@ -70,9 +72,10 @@ def submit(
     options: dict[str, Any],
     launch_options: LaunchOptions,
     force: bool = False,
-    log=print,
-) -> Job:
-    """Plan, check and run one stage; returns the job (its stage directory holds the results)."""
+    log: Log = print,
+) -> Job | None:
+    """Plan, check and run one stage; returns the job (its stage directory holds the results), or
+    None on a task that a single-process stage leaves idle."""
     from bdctl.engine import quiet_libraries
 
     quiet_libraries()
@@ -84,21 +87,53 @@ def submit(
         if hasattr(module, "deepspeed_preview"):
             log(json.dumps(module.deepspeed_preview(job), indent=2))
         return job
-    if manifest(job.stage_dir) is not None and not force:
+    if not getattr(module, "REUSES_FINISHED", False) and manifest(job.stage_dir) is not None and not force:
         log(f"{job.stage_dir} is already complete; pass --force to run it again")
         return job
     if not launch_options.is_primary:  # node 0 / SLURM task 0 prepares; the others run its job
+        if hasattr(module, "run_in_process"):
+            log(f"{stage}: runs on node 0 / SLURM task 0 only; nothing to do on this task")
+            return None
         wait_for_job(job, job_file, log)
         launch(job_file, launch_options)
         return job
-    with stage_lock(job.stage_dir):  # before anything in the stage directory changes
-        _run_primary(job, module, job_file, launch_options, force, log)
+    with contextlib.ExitStack() as locks:
+        locks.enter_context(stage_lock(job.stage_dir))  # before anything in the stage directory changes
+        _run_primary(job, module, job_file, launch_options, force, log, locks)
     return job
 
 
-def _run_primary(job: Job, module: ModuleType, job_file: Path, launch_options: LaunchOptions, force: bool, log) -> None:
-    """Node 0's part of `submit`, under the stage's lock: check, resume or start over, launch."""
+def _run_primary(
+    job: Job,
+    module: Stage,
+    job_file: Path,
+    launch_options: LaunchOptions,
+    force: bool,
+    log: Log,
+    locks: contextlib.ExitStack,
+) -> None:
+    """Node 0's part of `submit`, under the stage's lock: check, get the directory ready, run."""
     module.prepare(job, log)
+    for other in module.also_locks(job) if hasattr(module, "also_locks") else []:
+        locks.enter_context(stage_lock(other))
+    begin = module.begin if hasattr(module, "begin") else _begin
+    ranks_have_work = begin(job, force, log)
+    save_job(job, job_file)
+    if hasattr(module, "run_in_process"):
+        module.run_in_process(job, log)
+    # Ranks started by other launchers (SLURM tasks, other nodes) wait for this job: start ours too.
+    elif ranks_have_work or launch_options.mode == "slurm" or launch_options.nnodes > 1:
+        shutil.rmtree(job.stage_dir / "logs", ignore_errors=True)
+        launch(job_file, launch_options)
+    else:
+        module.finish_without_ranks(job)  # type: ignore[attr-defined]  # required with a begin that can say no
+    require_finished(job)
+
+
+def _begin(job: Job, force: bool, log: Log) -> bool:
+    """The default for an all-or-nothing stage: resume from the latest checkpoint (or the partial
+    output the stage's `resumable` names), else start over. The ranks always have work."""
+    module = stage_module(job.stage)
     resume_from = None if force else latest_checkpoint(job.stage_dir / "checkpoints")
     partial = None
     if not force and resume_from is None and hasattr(module, "resumable"):
@@ -106,15 +141,11 @@ def _run_primary(job: Job, module: ModuleType, job_file: Path, launch_options: L
     if resume_from is not None:
         check_resumable(resume_from, job.fingerprint(), job.world_size)
         log(f"resuming {job.stage_dir} from {resume_from.name}")
-        shutil.rmtree(job.stage_dir / "logs", ignore_errors=True)
     elif partial is not None:
         log(f"resuming {job.stage_dir}: {partial}")
-        shutil.rmtree(job.stage_dir / "logs", ignore_errors=True)
     else:  # unfinished without a checkpoint, or --force: start over
         clear_dir(job.stage_dir)
-    save_job(job, job_file)
-    launch(job_file, launch_options)
-    require_finished(job)
+    return True
 
 
 def save_job(job: Job, job_file: Path) -> None:

@@ -152,29 +152,6 @@ def _as_tuple(value):
     return tuple(_as_tuple(v) for v in value) if isinstance(value, list) else value
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest checkpoint whose manifest was written (a half-written one never counts)."""
-    if not root.is_dir():
-        return None
-    steps = {p: info["step"] for p in root.iterdir() if p.is_dir() and (info := manifest(p)) is not None}
-    return max(steps, key=steps.__getitem__, default=None)
-
-
-def check_resumable(checkpoint: Path, fingerprint: str, world: int) -> None:
-    """Refuse a checkpoint written for another recipe or another number of ranks."""
-    info = read_json(checkpoint / "MANIFEST.json")
-    if info.get("fingerprint") != fingerprint:
-        raise UserError(
-            f"{checkpoint}: this checkpoint belongs to a different recipe or stage settings; "
-            f"use --force to start over (or restore the recipe it was made with)"
-        )
-    if info.get("world_size") != world:
-        raise UserError(
-            f"{checkpoint}: written by {info.get('world_size')} ranks; resume with the same number of ranks "
-            f"(now {world})"
-        )
-
-
 def train_loop(
     *,
     engine,
@@ -202,7 +179,7 @@ def train_loop(
 
     from bdctl.data.batching import epoch_order
     from bdctl.data.batching import micro_batches as rank_share
-    from bdctl.engine import save_checkpoint
+    from bdctl.engine import check_resumable, latest_checkpoint, save_checkpoint
 
     device = engine.device
     checkpoints = out / "checkpoints"

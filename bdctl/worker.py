@@ -18,7 +18,8 @@ from bdctl.errors import UserError
 
 def run_job(job_file: str | Path) -> None:
     from bdctl.engine import init_distributed, quiet_libraries
-    from bdctl.job import Job, stage_module
+    from bdctl.job import Job
+    from bdctl.stages import stage_module
 
     quiet_libraries()
     job = Job.load(Path(job_file))
@@ -31,6 +32,7 @@ def run_job(job_file: str | Path) -> None:
     logging.getLogger().setLevel(logging.INFO)
     try:
         stage_module(job.stage).run(job, rank, world)
+        _leave_process_group()
     except UserError as exc:
         (logs / f"error-rank{rank}.txt").write_text(f"{exc}\n")
         raise
@@ -40,6 +42,21 @@ def run_job(job_file: str | Path) -> None:
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
+
+
+def _leave_process_group() -> None:
+    """After a finished stage: wait for every rank, then tear the group down explicitly.
+
+    Left to interpreter shutdown, the group's communication threads are destroyed in no
+    particular order with the rest of the process, and a rank can abort there ("terminate called
+    without an active exception", exit 134) after its work is done, failing a finished job. On an
+    error this is skipped: the other ranks may never reach the barrier.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def main() -> int:

@@ -89,5 +89,5 @@ def distill(
         options = {"method": chosen, **({"ablation": ablation} if ablation else {})}
         stage = "minillm" if chosen == "minillm" else "distill"  # MiniLLM is a stage of its own (online)
         job = submit(stage, recipe, overrides, options, launch, force, log=say)
-        if not launch.dry_run:
+        if job is not None and not launch.dry_run:  # None: a task with nothing to do
             say(f"[green]done:[/] {job.stage_dir / 'export'}")

@@ -55,12 +55,13 @@ def eval_(
     """
     with user_errors():
         from bdctl.answers import protocol_label
-        from bdctl.stages.evaluate import results_table, submit
+        from bdctl.stages.evaluate import results_table
+        from bdctl.submit import submit
         from bdctl.tables import print_table
 
         options = {"models": list(model) if model else None}
-        job = submit(recipe, set_ or [], options, launch, force, log=say)
-        if not launch.dry_run and launch.is_primary:
+        job = submit("eval", recipe, set_ or [], options, launch, force, log=say)
+        if job is not None and not launch.dry_run and launch.is_primary:
             import json
 
             results = json.loads((job.stage_dir / "results.json").read_text())

@@ -81,7 +81,9 @@ def judge(
 
         from rich.markup import escape
 
-        from bdctl.stages.judge import position_warning, results_table, submit
+        from bdctl.launch import LaunchOptions
+        from bdctl.stages.judge import position_warning, results_table
+        from bdctl.submit import submit
         from bdctl.tables import print_table
 
         options = {
@@ -90,7 +92,7 @@ def judge(
             "baselines": list(baseline) if baseline else None,
             "generate": generate,
         }
-        job = submit(recipe, set_ or [], options, force, log=say)
+        job = submit("judge", recipe, set_ or [], options, LaunchOptions(), force, log=say)
         if job is None:  # a secondary SLURM task: task 0 judges
             return
         results = json.loads((job.stage_dir / "results.json").read_text())

@@ -50,8 +50,9 @@ def show(
         from rich.syntax import Syntax
         from rich.table import Table
 
-        from bdctl.pipeline import count_parameters, inference_gib, model_config, stages, training_gib_per_gpu
+        from bdctl.pipeline import stages
         from bdctl.recipe import dump_recipe, load_recipe
+        from bdctl.sizes import count_parameters, inference_gib, model_config, training_gib_per_gpu
 
         resolved, path = load_recipe(recipe, set_ or [])
         console = Console()

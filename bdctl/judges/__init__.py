@@ -23,6 +23,7 @@ from typing import Literal
 from bdctl.judges.base import JudgeBackend, JudgeOutput, JudgeRequest
 from bdctl.judges.cache import CachedVerdict, VerdictCache, verdict_key
 from bdctl.judges.prompt import PROMPT_VERSION, Verdict, build_messages, parse_verdict
+from bdctl.recipe.schema import PARSE_TRIES
 
 __all__ = [
     "PARSE_TRIES",
@@ -45,10 +46,6 @@ __all__ = [
 ]
 
 Order = Literal["model_first", "model_second"]
-#: Times a request is asked in all while its reply is not A, B or Tie. A sampling or overloaded
-#: endpoint often answers properly on another try; a deterministic one repeats itself, so more
-#: tries would only cost time before the reply is reported as unparsed.
-PARSE_TRIES = 3
 ORDERS: tuple[Order, Order] = ("model_first", "model_second")
 
 

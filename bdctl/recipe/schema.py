@@ -12,7 +12,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from bdctl.judges import PARSE_TRIES
+#: Times a request is asked in all while its reply is not A, B or Tie. A sampling or overloaded
+#: endpoint often answers properly on another try; a deterministic one repeats itself, so more
+#: tries would only cost time before the reply is reported as unparsed.
+#: (Defined here, the leaf every layer reads, because judge.max_unparsed's help text cites it.)
+PARSE_TRIES = 3
 
 
 class Section(BaseModel):

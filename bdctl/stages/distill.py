@@ -230,7 +230,7 @@ class TrainData:
 
 def cache_stage_dir(job: Job, stage: str) -> Path:
     """A finished stage's cache directory, or one line naming the command that makes it."""
-    from bdctl.pipeline import stage_command
+    from bdctl.rundir import stage_command
 
     directory = job.run.stage(stage)
     if manifest(directory) is None:

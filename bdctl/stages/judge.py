@@ -35,7 +35,6 @@ rates (`bdctl.judges.stats`): its 50 % is position noise, not a tie.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -47,12 +46,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bdctl.errors import UserError
+from bdctl.evalunits import (
+    EVAL_STAGE,
+    describe_model,
+    generate_units,
+    plan_units,
+    read_generations,
+    read_set,
+    unit_done,
+    unit_paths,
+)
 from bdctl.job import Job
-from bdctl.launch import LaunchOptions
 from bdctl.recipe.schema import JudgeStage
-from bdctl.rundir import MANIFEST, mark_complete, stage_lock, write_json_atomic, write_text_atomic
-from bdctl.stages import evaluate
-from bdctl.submit import plan, require_finished, save_job
+from bdctl.rundir import MANIFEST, mark_complete, write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     from bdctl.judges.hf_backend import HFJudge  # loaded lazily: it brings torch
@@ -74,38 +80,27 @@ def stage_config(job: Job) -> JudgeStage:
 # --------------------------------------------------------------------------- the launching process
 
 
-def submit(
-    recipe_arg: str,
-    overrides: list[str],
-    options: dict[str, Any],
-    force: bool = False,
-    log: Callable[[str], None] = print,
-) -> Job | None:
-    """Check, generate missing answers, judge, write results: `bdctl judge` (one process).
+# `bdctl.submit` runs the judge like any stage, with these hooks: one process on node 0 (one client
+# of the endpoint, one writer of the verdict cache), a finished judge/ runs again (cached verdicts
+# make that cheap), and what an interrupted run judged is kept.
 
-    Not `bdctl.submit.submit`: that would wipe an unfinished stage directory, and with it the
-    verdicts an interrupted run finished.
-    """
-    single = LaunchOptions()
-    job = plan(STAGE, recipe_arg, overrides, options, single)
-    if not single.is_primary:
-        # Started by srun on several tasks (e.g. inside `bdctl reproduce`): one judge is enough,
-        # and the verdict cache takes one writer.
-        log("judge: runs on SLURM task 0 only; nothing to do on this task")
-        return None
-    with contextlib.ExitStack() as locks:
-        locks.enter_context(stage_lock(job.stage_dir))  # one command at a time writes judge/
-        job.info["overrides"] = list(overrides)  # for the eval command an error may suggest
-        prepare(job, log)
-        if job.info["missing"]:
-            locks.enter_context(stage_lock(job.run.stage(evaluate.STAGE)))  # missing answers go into eval/
-        discard_results(job.stage_dir)
-        if force:
-            (job.stage_dir / VERDICTS_FILE).unlink(missing_ok=True)
-        save_job(job, job.stage_dir / "job.json")
-        run(job, 0, 1, log)
-        require_finished(job)
-    return job
+REUSES_FINISHED = True
+
+
+def run_in_process(job: Job, log: Callable[[str], None]) -> None:
+    run(job, 0, 1, log)
+
+
+def also_locks(job: Job) -> list[Path]:
+    """Missing answers are generated into eval/: hold its lock too."""
+    return [job.run.stage(EVAL_STAGE)] if job.info["missing"] else []
+
+
+def begin(job: Job, force: bool, log: Callable[[str], None]) -> bool:
+    discard_results(job.stage_dir)
+    if force:
+        (job.stage_dir / VERDICTS_FILE).unlink(missing_ok=True)
+    return True
 
 
 def discard_results(out: Path) -> None:
@@ -148,16 +143,16 @@ def prepare(job: Job, log: Callable[[str], None] = print) -> None:
 
     refs = [candidate, *baselines]
     protocol = eval_config.protocol(config.protocol).name  # judge the answers of one sampling protocol
-    units = evaluate.plan_units(job, refs, [spec], [config.seed], log, protocols=[protocol])
-    eval_dir = job.run.stage(evaluate.STAGE)
+    units = plan_units(job, refs, [spec], [config.seed], log, protocols=[protocol])
+    eval_dir = job.run.stage(EVAL_STAGE)
     if backend == "hf":
-        judge.update(_describe_hf_judge(job, config, evaluate.read_set(eval_dir, spec.name)))
-    missing = [u for u in units["units"] if evaluate.unit_done(eval_dir, u) is None]
+        judge.update(_describe_hf_judge(job, config, read_set(eval_dir, spec.name)))
+    missing = [u for u in units["units"] if unit_done(eval_dir, u) is None]
     if missing and not job.options.get("generate", True):
-        first = evaluate.unit_paths(eval_dir, missing[0])[0]
+        first = unit_paths(eval_dir, missing[0])[0]
         # The eval command that makes exactly these units: same recipe, same overrides.
         words = ["bdctl", "eval", job.recipe_path, *(w for u in missing for w in ("--model", u["ref"]))]
-        overrides = [item for item in job.info.get("overrides", []) if not item.startswith("stages.judge.")]
+        overrides = [item for item in job.overrides if not item.startswith("stages.judge.")]
         words += [w for item in overrides for w in ("--set", item)]
         if config.seed not in eval_config.seeds:
             words += ["--set", f"stages.eval.seeds=[{config.seed}]"]
@@ -201,7 +196,7 @@ def _openai_judge(config: JudgeStage):
 
 def _describe_hf_judge(job: Job, config: JudgeStage, examples: list[dict]) -> dict[str, Any]:
     """The hf judge's directory and weights identity; checks that its prompt fits its context."""
-    described = evaluate.describe_model(job, config.hf_model)
+    described = describe_model(job, config.hf_model)
     if described["kind"] == "hub":
         raise UserError(
             f"stages.judge.hf_model {config.hf_model!r}: the hf judge reads a finished stage or a local model "
@@ -298,27 +293,24 @@ class _VerdictProgress:
 
 
 def run(job: Job, rank: int, world: int, log: Callable[[str], None] = print) -> None:
-    """Rank 0 only: generate what is missing, judge every pair in both orders, write results."""
-    if rank != 0:
-        return  # the judge is one process (see the module docstring)
+    """The launching process (`run_in_process`): generate what is missing, judge every pair in
+    both orders, write results."""
     _quiet_transformers()
     from bdctl.judges import Pair, VerdictCache, judge_pairs
     from bdctl.judges.stats import win_rate
     from bdctl.tracking import StepProgress
 
     info, config, out = job.info, stage_config(job), job.stage_dir
-    eval_dir = job.run.stage(evaluate.STAGE)
-    missing = [u for u in info["units"] if evaluate.unit_done(eval_dir, u) is None]
+    eval_dir = job.run.stage(EVAL_STAGE)
+    missing = [u for u in info["units"] if unit_done(eval_dir, u) is None]
     if missing:
         log(f"judge: generating {len(missing)} missing answer set(s): {', '.join(u['ref'] for u in missing)}")
         total = sum(s["examples"] for s in info["sets"]) * len(missing)
         with StepProgress("generate", total, enabled=True) as progress:
-            evaluate.generate_units(eval_dir, info, missing, 0, 1, job.recipe.seed, progress)
+            generate_units(eval_dir, info, missing, 0, 1, job.recipe.seed, progress)
 
-    examples = evaluate.read_set(eval_dir, info["eval_set"])
-    answers = {
-        u["ref"]: {r["prompt_id"]: r["text"] for r in evaluate.read_generations(eval_dir, u)} for u in info["units"]
-    }
+    examples = read_set(eval_dir, info["eval_set"])
+    answers = {u["ref"]: {r["prompt_id"]: r["text"] for r in read_generations(eval_dir, u)} for u in info["units"]}
     names = {u["ref"]: u["model"] for u in info["units"]}
     candidate = info["candidate"]
     backend = _openai_judge(config) if info["judge"]["backend"] == "openai" else _LazyHFJudge(info["judge"], config)

@@ -147,7 +147,7 @@ def teacher_fit_error(
 ) -> str | None:
     """One line when the model states alone (student training states per GPU, plus the teacher: a whole
     copy, or its 1/world share with zero_inference) exceed a GPU's memory; None when they fit."""
-    from bdctl.pipeline import inference_gib, training_gib_per_gpu
+    from bdctl.sizes import inference_gib, training_gib_per_gpu
 
     student = training_gib_per_gpu(student_params, world, zero_stage, precision)
     whole = inference_gib(teacher_params, precision)
@@ -175,8 +175,8 @@ def teacher_fit_error(
 
 def _parameters(source, recipe) -> int:
     from bdctl.models import _read_config
-    from bdctl.pipeline import count_parameters, model_config
     from bdctl.recipe.schema import ModelSpec
+    from bdctl.sizes import count_parameters, model_config
 
     if isinstance(source, ModelSpec) and source.tiny is not None:
         return count_parameters(model_config(source, recipe))

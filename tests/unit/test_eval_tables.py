@@ -8,8 +8,9 @@ import math
 import re
 
 from bdctl.answers import prompt_seed
+from bdctl.evalunits import model_dir_name
 from bdctl.sampling import length_grouped_batches
-from bdctl.stages.evaluate import _share, model_dir_name
+from bdctl.stages.evaluate import _share
 from bdctl.tables import csv_table, markdown_table, mean_std_cell, rich_table
 
 

@@ -6,9 +6,10 @@ import pytest
 
 from bdctl.models import build_tiny_model
 from bdctl.models import count_parameters as built_parameters
-from bdctl.pipeline import count_parameters, inference_gib, model_config, stages, training_gib_per_gpu
+from bdctl.pipeline import stages
 from bdctl.recipe import load_recipe
 from bdctl.recipe.schema import ModelSpec
+from bdctl.sizes import count_parameters, inference_gib, model_config, training_gib_per_gpu
 from tests.conftest import run_cli, write_recipe
 
 
