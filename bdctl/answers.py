@@ -38,7 +38,10 @@ def prompt_seed(seed: int, prompt_id: Any) -> int:
 
 def protocol_label(protocol: dict[str, Any]) -> str:
     """ "minillm (temperature 1, top_p 1, top_k 0)": how every number of a table was sampled."""
-    return f"{protocol['name']} (temperature {protocol['temperature']:g}, top_p {protocol['top_p']:g}, top_k {protocol['top_k']})"
+    return (
+        f"{protocol['name']} (temperature {protocol['temperature']:g}, top_p {protocol['top_p']:g}, "
+        f"top_k {protocol['top_k']})"
+    )
 
 
 def sample_answers(

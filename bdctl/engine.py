@@ -333,8 +333,8 @@ def latest_checkpoint(root: Path) -> Path | None:
     """The newest checkpoint whose manifest was written (a half-written one never counts)."""
     if not root.is_dir():
         return None
-    done = [p for p in root.iterdir() if p.is_dir() and manifest(p) is not None]
-    return max(done, key=lambda p: manifest(p)["step"], default=None)
+    steps = {p: done["step"] for p in root.iterdir() if p.is_dir() and (done := manifest(p)) is not None}
+    return max(steps, key=steps.__getitem__, default=None)
 
 
 def check_resumable(checkpoint: Path, fingerprint: str, world: int) -> None:
@@ -422,10 +422,8 @@ def save_checkpoint(engine, root: Path, tag: str, client_state: dict, keep: int,
     dist.barrier()
     if rank == 0:
         mark_complete(root / tag, tag=tag, step=client_state["train_state"]["step"], **info)
-        finished = sorted(
-            (p for p in root.iterdir() if p.is_dir() and manifest(p) is not None),
-            key=lambda p: manifest(p)["step"],
-        )
+        steps = {p: done["step"] for p in root.iterdir() if p.is_dir() and (done := manifest(p)) is not None}
+        finished = sorted(steps, key=steps.__getitem__)
         for old in finished[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()

@@ -20,6 +20,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bdctl.errors import UserError, decode_utf8
 from bdctl.rundir import PREEMPT  # the flag file in a stage directory that asks its ranks to stop
@@ -55,7 +56,8 @@ class LaunchOptions:
         """These options as command-line arguments again (for commands started on the user's behalf)."""
         args = []
         for name, default in (("nproc", 1), ("nnodes", 1), ("node_rank", 0), ("master_addr", "127.0.0.1"),
-                              ("master_port", None), ("hostfile", None), ("include", None), ("exclude", None)):  # fmt: skip
+                              ("master_port", None), ("hostfile", None), ("include", None),
+                              ("exclude", None)):  # fmt: skip
             value = getattr(self, name)
             if value != default:
                 args += [f"--{name.replace('_', '-')}", str(value)]
@@ -76,7 +78,7 @@ class LaunchOptions:
     @property
     def world_size(self) -> int:
         if self.mode == "slurm":
-            return slurm_environment()["WORLD_SIZE"]
+            return _slurm_task()["WORLD_SIZE"]
         if self.mode == "hostfile":
             return sum(len(slots) for slots in hostfile_resources(self).values())
         return self.nproc * self.nnodes
@@ -85,14 +87,14 @@ class LaunchOptions:
     def is_primary(self) -> bool:
         """Whether this process prepares the data and writes the job (node 0 / SLURM task 0)."""
         if self.mode == "slurm":
-            return slurm_environment()["RANK"] == 0
+            return _slurm_task()["RANK"] == 0
         return self.node_rank == 0
 
 
 # --------------------------------------------------------------------------- SLURM
 
 
-def slurm_environment() -> dict | None:
+def slurm_environment() -> dict[str, Any] | None:
     """Rank layout of an srun task with several tasks, or None outside one.
 
     Each srun task is one rank; node 0's first host is the master. The port comes from
@@ -109,6 +111,14 @@ def slurm_environment() -> dict | None:
         or first_host(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]),
         "MASTER_PORT": int(env.get("MASTER_PORT") or 29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000),
     }
+
+
+def _slurm_task() -> dict[str, Any]:
+    """`slurm_environment()` where the launch mode is "slurm", so srun started this process."""
+    env = slurm_environment()
+    if env is None:
+        raise RuntimeError("launch mode slurm outside a multi-task srun step")
+    return env
 
 
 def first_host(nodelist: str) -> str:
@@ -148,6 +158,8 @@ def hostfile_resources(options: LaunchOptions) -> dict[str, list[int]]:
     """Hosts and slots that will run ranks, after --include / --exclude (DeepSpeed's own rules)."""
     from deepspeed.launcher.runner import parse_inclusion_exclusion
 
+    if options.hostfile is None:
+        raise ValueError("hostfile_resources needs --hostfile")
     hosts = read_hostfile(options.hostfile)
     try:
         return parse_inclusion_exclusion(hosts, options.include or "", options.exclude or "")
@@ -162,7 +174,7 @@ def launcher_command(job_file: Path, options: LaunchOptions) -> list[str]:
     """The command that starts every rank of this node (torchrun) or of all hosts (DeepSpeed)."""
     from bdctl.engine import free_port
 
-    if options.mode == "hostfile":
+    if options.mode == "hostfile" and options.hostfile is not None:  # mode "hostfile" means a hostfile
         hostfile_resources(options)  # validate before printing or running anything
         command = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", options.hostfile]
         command += ["--include", options.include] if options.include else []
@@ -191,7 +203,7 @@ def launch(job_file: Path, options: LaunchOptions) -> None:
             from bdctl.worker import run_job
 
             if options.mode == "slurm":  # this process is one of the ranks srun started
-                os.environ.update({k: str(v) for k, v in slurm_environment().items()})
+                os.environ.update({k: str(v) for k, v in _slurm_task().items()})
             run_job(job_file)
             return
         command = launcher_command(job_file, options)
@@ -234,10 +246,11 @@ def dry_run_text(job_file: Path, options: LaunchOptions) -> str:
     if options.mode == "in-process":
         return f"in-process (1 rank): {shlex.join([sys.executable, '-m', 'bdctl.worker', str(job_file)])}"
     if options.mode == "slurm":
-        env = slurm_environment()
+        env = _slurm_task()
+        worker = shlex.join([sys.executable, "-m", "bdctl.worker", str(job_file)])
         return (
             f"slurm: this task is rank {env['RANK']} of {env['WORLD_SIZE']} (local rank {env['LOCAL_RANK']}), "
-            f"master {env['MASTER_ADDR']}:{env['MASTER_PORT']}: {shlex.join([sys.executable, '-m', 'bdctl.worker', str(job_file)])}"
+            f"master {env['MASTER_ADDR']}:{env['MASTER_PORT']}: {worker}"
         )
     return shlex.join(launcher_command(job_file, options))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from bdctl.errors import UserError
@@ -128,13 +128,15 @@ def tokenizer_source(recipe: Recipe) -> tuple[str, str | None] | None:
         return None
     if spec.path is not None:
         return spec.path, None
+    # Models._check: without tokenizer.path or tokenizer.train, the teacher has a path
+    assert recipe.models.teacher.path is not None
     return recipe.models.teacher.path, recipe.models.teacher.revision
 
 
 # --------------------------------------------------------------------------- vocabulary check
 
 
-def check_vocabularies(recipe: Recipe, tokenizer, sources: dict[str, str | ModelSpec]) -> None:
+def check_vocabularies(recipe: Recipe, tokenizer, sources: Mapping[str, str | Path | ModelSpec]) -> None:
     """Stop before any compute unless every model speaks the shared tokenizer's vocabulary.
 
     `sources` maps a role ("teacher", "student") to the weights it will use: a ModelSpec, or a
@@ -231,6 +233,8 @@ def load_model(source: str | Path | ModelSpec, tokenizer, seed: int):
         model = build_tiny_model(source.tiny, tokenizer, seed)
     else:
         path, revision = _path_of(source)
+        if path is None:
+            raise ValueError("a ModelSpec without a path is tiny: build_tiny_model builds it")
         try:
             model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=torch.float32)
         except (OSError, ValueError) as exc:
@@ -250,6 +254,8 @@ def _read_config(source: str | Path | ModelSpec):
     from transformers import AutoConfig
 
     path, revision = _path_of(source)
+    if path is None:
+        raise ValueError("a ModelSpec without a path is tiny: model_config gives its config")
     try:
         return AutoConfig.from_pretrained(path, revision=revision)
     except (OSError, ValueError) as exc:

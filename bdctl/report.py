@@ -45,7 +45,7 @@ def training_curves(run: RunDir, path: Path) -> Path | None:
         train = [(r["step"], r["loss"]) for r in records if r.get("event") == "train"]
         evals = [r for r in records if r.get("event") == "eval"]
         if train:
-            axes.plot(*zip(*train), lw=1, label="train loss")
+            axes.plot(*zip(*train, strict=True), lw=1, label="train loss")
         if evals:
             axes.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", ms=3, label="validation loss")
         # one Rouge-L curve per protocol where the stage validated under several, else the one it selected by
@@ -58,7 +58,7 @@ def training_curves(run: RunDir, path: Path) -> Path | None:
             ):
                 if points:
                     label = "validation Rouge-L" + (f" ({key.split('@')[1]})" if "@" in key else "")
-                    twin.plot(*zip(*points), "s--", ms=3, color=color, label=label)
+                    twin.plot(*zip(*points, strict=True), "s--", ms=3, color=color, label=label)
             twin.set_ylabel("Rouge-L", color="tab:green")
             twin.legend(fontsize="x-small", loc="lower right")
         axes.set_title(str(directory.relative_to(run.root)))
@@ -102,19 +102,23 @@ def rouge_tables(results: dict, recipe: Recipe) -> list[str]:
         lines += [
             "" if lines else "", f"## Rouge-L, protocol {protocol_label(protocol)}", "",
             f"Mean ± std over seeds {seeds}, every model sampled under this protocol"
-            + ("; the paper's numbers (mean of 5 seeds) beside ours, with the protocol that produced them." if paper else "."),
+            + ("; the paper's numbers (mean of 5 seeds) beside ours, with the protocol that produced them."
+               if paper else "."),
             "", markdown_table(["model", *headers], [[m, *row(m)] for m in results["models"]]).strip(),
         ]  # fmt: skip
         ablated = [m for m in results["models"] if m in runs]
         if ablated and "distill/bd" in results["models"]:
             base = (
-                f"p = {distill.p:g}, chi2 {'on' if distill.chi2 else 'off'} (alpha {distill.alpha:g}), {distill.variant} "
-                f"variant, outside {distill.outside}, anchor {distill.anchor_coef:g}, D* {distill.dstar}"
+                f"p = {distill.p:g}, chi2 {'on' if distill.chi2 else 'off'} (alpha {distill.alpha:g}), "
+                f"{distill.variant} variant, outside {distill.outside}, anchor {distill.anchor_coef:g}, "
+                f"D* {distill.dstar}"
             )
             described = [["distill/bd", base, *row("distill/bd")]]
             described += [[m, ", ".join(f"{k} = {v}" for k, v in runs[m].items()), *row(m)] for m in ablated]
             lines += [
-                "", f"### Ablations, protocol {name} (the paper's Tables 2 and 4, and the settings of METHOD.md 2.2)", "",
+                "",
+                f"### Ablations, protocol {name} (the paper's Tables 2 and 4, and the settings of METHOD.md 2.2)",
+                "",
                 "Bellman Distill with the named settings of stages.distill changed; everything else as distill/bd. "
                 "anchor > 0 is beyond the paper.", "",
                 markdown_table(["run", "setting", *headers], described).strip(),
@@ -166,7 +170,8 @@ def wall_time_table(run: RunDir) -> list[str]:
         ratio = lambda a, b: f"{a / b:.1f}x" if b > 0 else "n/a"  # noqa: E731
         lines += [
             "",
-            f"MiniLLM / BD: {ratio(mini['to_best'], bd['to_best'])} to the best validation, {ratio(mini['total'], bd['total'])} in total.",
+            f"MiniLLM / BD: {ratio(mini['to_best'], bd['to_best'])} to the best validation, "
+            f"{ratio(mini['total'], bd['total'])} in total.",
         ]
     return lines
 

@@ -38,8 +38,8 @@ def finished(run: RunDir, directory: str, recipe: Recipe) -> bool:
         }  # fmt: skip
         return all(done.get(key) == value for key, value in asked.items())
     if directory == "judge":
-        config = recipe.stages.judge
-        return done.get("candidate") == config.candidate and done.get("baselines") == list(config.baselines)
+        judge = recipe.stages.judge
+        return done.get("candidate") == judge.candidate and done.get("baselines") == list(judge.baselines)
     return True
 
 

@@ -194,8 +194,7 @@ def teacher_sets(rows: Tensor, weight: Tensor, p: float, max_k: int, chunk_size:
         ids.append(found.ids)
         kept.append(found.kept)
     widest = max(x.shape[1] for x in ids)
-    ids = torch.cat([torch.nn.functional.pad(x, (0, widest - x.shape[1])) for x in ids])
-    return ids, torch.cat(kept)
+    return torch.cat([torch.nn.functional.pad(x, (0, widest - x.shape[1])) for x in ids]), torch.cat(kept)
 
 
 # --------------------------------------------------------------------------- results
@@ -571,14 +570,15 @@ def sample(
     for step in range(max_new_tokens):
         if live_rows:
             scores = logits.to(compute_dtype(logits.dtype))
-            probs, allowed = None, None
+            probs: Tensor | None = None
+            allowed: TopPSet | None = None
             if capture_top_p is not None or set_top_p is not None:
                 probs = torch.softmax(scores, dim=-1)
-            if capture_top_p is not None:
-                step_sets.append(top_p_set(probs, capture_top_p, capture_max_k))
-            if set_top_p is not None:
-                same = capture_top_p is not None and set_top_p == capture_top_p
-                allowed = step_sets[-1] if same else top_p_set(probs, set_top_p, capture_max_k)
+                if capture_top_p is not None:
+                    step_sets.append(top_p_set(probs, capture_top_p, capture_max_k))
+                if set_top_p is not None:
+                    same = capture_top_p is not None and set_top_p == capture_top_p
+                    allowed = step_sets[-1] if same else top_p_set(probs, set_top_p, capture_max_k)
             if ban is not None:
                 banned = ban.apply(scores, live_rows)
                 if banned is not scores:

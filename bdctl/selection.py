@@ -44,7 +44,7 @@ def validation_loss(engine, examples, micro_batch_size: int, pad_id: int, rank: 
             labels = batch["labels"]
             value = engine(
                 batch["input_ids"], batch["attention_mask"],
-                loss_fn=lambda hidden, weight: lean_cross_entropy(hidden, weight, labels),
+                loss_fn=lambda hidden, weight, labels=labels: lean_cross_entropy(hidden, weight, labels),
             )  # fmt: skip
             tokens = int((labels != IGNORE).sum()) if indices else 0
             total += value.item() * tokens
@@ -153,8 +153,9 @@ def check_rouge_selection(job, config, stage: str, student_positions: int | None
     room = student_positions - longest
     if job.recipe.stages.eval.max_new_tokens > room:
         raise UserError(
-            f"stages.{stage}.select: rouge_l samples stages.eval.max_new_tokens ({job.recipe.stages.eval.max_new_tokens}) "
-            f"tokens after prompts of up to data.max_prompt_length ({longest}); the model has {student_positions} "
+            f"stages.{stage}.select: rouge_l samples stages.eval.max_new_tokens "
+            f"({job.recipe.stages.eval.max_new_tokens}) tokens after prompts of up to data.max_prompt_length "
+            f"({longest}); the model has {student_positions} "
             f"positions: set stages.eval.max_new_tokens to at most {room}"
         )
 

@@ -24,6 +24,7 @@ def model_config(spec: ModelSpec, recipe: Recipe):
         return tiny_config(spec.tiny, _Vocabulary())
     from transformers import AutoConfig
 
+    assert spec.path is not None  # ModelSpec: exactly one of path, tiny
     try:
         return AutoConfig.from_pretrained(spec.path, revision=spec.revision, local_files_only=True)
     except (OSError, ValueError):

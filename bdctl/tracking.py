@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 
 class MetricsLog:
@@ -39,7 +42,7 @@ class StepProgress:
         self.enabled = enabled
         self.total = total
         self.description = description
-        self._progress = None
+        self._progress: Progress | None = None
 
     def __enter__(self) -> StepProgress:
         if self.enabled:

@@ -110,7 +110,7 @@ class PreemptionWatch:
     def __init__(self, flag_file: Path):
         self.flag_file = flag_file
         self.signalled = False
-        self._previous = {}
+        self._previous: dict[signal.Signals, Any] = {}  # the handlers to put back on exit
 
     def __enter__(self) -> PreemptionWatch:
         for sig in self.SIGNALS:
@@ -252,7 +252,8 @@ def train_loop(
                         batch.inputs["aux"], batch.aux_count = aux_inputs(state.step, rank + j * world)
                     batches.append(batch)
             global_count, global_aux = all_sum([sum(b.count for b in batches), sum(b.aux_count for b in batches)])
-            loss_sum, aux_sum, logs_sum, started = 0.0, 0.0, {}, time.perf_counter()
+            loss_sum, aux_sum, started = 0.0, 0.0, time.perf_counter()
+            logs_sum: dict[str, float] = {}
             for batch in batches:
                 value, logs, *rest = loss(batch)
                 aux = rest[0] if rest else None

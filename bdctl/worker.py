@@ -32,7 +32,6 @@ def run_job(job_file: str | Path) -> None:
     logging.getLogger().setLevel(logging.INFO)
     try:
         stage_module(job.stage).run(job, rank, world)
-        _leave_process_group()
     except UserError as exc:
         (logs / f"error-rank{rank}.txt").write_text(f"{exc}\n")
         raise
@@ -62,6 +61,7 @@ def _leave_process_group() -> None:
 def main() -> int:
     try:
         run_job(sys.argv[1])
+        _leave_process_group()  # a launched rank only: in-process callers may run further stages
     except UserError as exc:
         return exc.exit_code  # the launching process prints the message once
     except BaseException:

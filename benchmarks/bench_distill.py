@@ -172,7 +172,8 @@ def run_one(args) -> dict:
                 with torch.no_grad():
                     found = teacher(
                         inputs["input_ids"], inputs["attention_mask"],
-                        loss_fn=lambda h, w: teacher_sets(scored_rows(response_hidden(h, inputs["positions"]), valid), w, 0.8, args.k),
+                        loss_fn=lambda h, w: teacher_sets(
+                            scored_rows(response_hidden(h, inputs["positions"]), valid), w, 0.8, args.k),
                     )  # fmt: skip
                 inputs["cand_ids"], inputs["cand_mask"] = frame_sets(valid, *found)
             dense = args.config.endswith("dense")
@@ -219,7 +220,8 @@ def main() -> None:
         env.pop(key, None)
     shape = {k: getattr(args, k) for k in ("layers", "hidden", "vocab", "seq", "prompt", "micro", "k", "seed")}
     print(
-        f"student: GPT-2 {args.layers} layers, hidden {args.hidden}, vocabulary {args.vocab}; batch {args.micro} x {args.seq} tokens"
+        f"student: GPT-2 {args.layers} layers, hidden {args.hidden}, vocabulary {args.vocab}; "
+        f"batch {args.micro} x {args.seq} tokens"
     )
     results = {}
     for name in args.configs.split(","):
@@ -231,7 +233,8 @@ def main() -> None:
             continue
         results[name] = json.loads(line[7:])
         print(
-            f"{name:15s} {results[name]['seconds']:8.2f} s  {results[name]['peak_mib']:9.1f} MiB peak above the step's start  loss {results[name]['loss']:.4g}"
+            f"{name:15s} {results[name]['seconds']:8.2f} s  {results[name]['peak_mib']:9.1f} MiB peak above the "
+            f"step's start  loss {results[name]['loss']:.4g}"
         )
 
     def ratio(a, b, key):

@@ -130,7 +130,7 @@ def main() -> None:
         # Alternate the order so slow drift (other load on the machine) hits both variants alike.
         order = (False, True) if repeat % 2 == 0 else (True, False)
         for capture in order:
-            wall, cpu, results = timed(lambda: ours(capture))
+            wall, cpu, results = timed(lambda capture=capture: ours(capture))
             runs["sampler_with_capture" if capture else "sampler"].append((wall, cpu))
             if capture:
                 captured = results
@@ -225,7 +225,7 @@ def main() -> None:
     )
     print(f"  {'cache bytes / token (<= 64)':<32}{cache['bytes_per_token']:>12.1f}   dense fp16: {2 * args.vocab}")
     print(
-        f"  {'top-p set size at p=%g' % args.top_p:<32}{kept.mean():>12.2f}   mean; median {np.median(kept):g}, "
+        f"  {f'top-p set size at p={args.top_p:g}':<32}{kept.mean():>12.2f}   mean; median {np.median(kept):g}, "
         f"p90 {np.percentile(kept, 90):g}, max {kept.max()}"
     )
 

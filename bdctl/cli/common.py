@@ -64,14 +64,26 @@ LAUNCH_PARAMETERS = [
     inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
     for name, default, annotation in [
         ("nproc", 1, Annotated[int, typer.Option("--nproc", min=1, help="Ranks per node.", rich_help_panel=_LAUNCH)]),
-        ("nnodes", 1, Annotated[int, typer.Option("--nnodes", min=1, help="Nodes, each started by hand with its --node-rank.", rich_help_panel=_LAUNCH)]),
-        ("node_rank", 0, Annotated[int, typer.Option("--node-rank", min=0, help="This node's rank (with --nnodes).", rich_help_panel=_LAUNCH)]),
-        ("master_addr", "127.0.0.1", Annotated[str, typer.Option("--master-addr", help="Address of node 0.", rich_help_panel=_LAUNCH)]),
-        ("master_port", None, Annotated[int | None, typer.Option("--master-port", help="Port on node 0 (default: a free one, 29500 across nodes).", show_default=False, rich_help_panel=_LAUNCH)]),
-        ("hostfile", None, Annotated[str | None, typer.Option("--hostfile", help="DeepSpeed hostfile ('host slots=N' lines): launch over ssh with DeepSpeed's launcher.", show_default=False, rich_help_panel=_LAUNCH)]),
-        ("include", None, Annotated[str | None, typer.Option("--include", help="DeepSpeed's --include (e.g. 'host1:0,1@host2').", show_default=False, rich_help_panel=_LAUNCH)]),
-        ("exclude", None, Annotated[str | None, typer.Option("--exclude", help="DeepSpeed's --exclude.", show_default=False, rich_help_panel=_LAUNCH)]),
-        ("dry_run", False, Annotated[bool, typer.Option("--dry-run", help="Print the launcher command and the resolved DeepSpeed config, then exit.", rich_help_panel=_LAUNCH)]),
+        ("nnodes", 1, Annotated[int, typer.Option(
+            "--nnodes", min=1, help="Nodes, each started by hand with its --node-rank.", rich_help_panel=_LAUNCH)]),
+        ("node_rank", 0, Annotated[int, typer.Option(
+            "--node-rank", min=0, help="This node's rank (with --nnodes).", rich_help_panel=_LAUNCH)]),
+        ("master_addr", "127.0.0.1", Annotated[str, typer.Option(
+            "--master-addr", help="Address of node 0.", rich_help_panel=_LAUNCH)]),
+        ("master_port", None, Annotated[int | None, typer.Option(
+            "--master-port", help="Port on node 0 (default: a free one, 29500 across nodes).", show_default=False,
+            rich_help_panel=_LAUNCH)]),
+        ("hostfile", None, Annotated[str | None, typer.Option(
+            "--hostfile", help="DeepSpeed hostfile ('host slots=N' lines): launch over ssh with DeepSpeed's launcher.",
+            show_default=False, rich_help_panel=_LAUNCH)]),
+        ("include", None, Annotated[str | None, typer.Option(
+            "--include", help="DeepSpeed's --include (e.g. 'host1:0,1@host2').", show_default=False,
+            rich_help_panel=_LAUNCH)]),
+        ("exclude", None, Annotated[str | None, typer.Option(
+            "--exclude", help="DeepSpeed's --exclude.", show_default=False, rich_help_panel=_LAUNCH)]),
+        ("dry_run", False, Annotated[bool, typer.Option(
+            "--dry-run", help="Print the launcher command and the resolved DeepSpeed config, then exit.",
+            rich_help_panel=_LAUNCH)]),
     ]
 ]  # fmt: skip
 
@@ -98,7 +110,10 @@ def job_command(func: Callable) -> Callable:
         for p in signature.parameters.values()
         if p.name != "launch"
     ]
-    wrapper.__signature__ = signature.replace(parameters=own + LAUNCH_PARAMETERS, return_annotation=None)
+    # inspect.signature honours __signature__; typeshed does not declare it on functions
+    wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=own + LAUNCH_PARAMETERS, return_annotation=None
+    )
     wrapper.__annotations__ = {p.name: p.annotation for p in own + LAUNCH_PARAMETERS}
     del wrapper.__wrapped__  # typer must read __signature__, not the wrapped function's
     return wrapper

@@ -54,9 +54,13 @@ def distill(
 ) -> None:
     """Distil the teacher into the student: Bellman Distill on the teacher data D*, or a baseline.
 
-    bd starts from the phase-1 student (runs/<name>/student_sft) and trains on the generate stage's D* and top-p cache; kd trains on the golden responses with the teacher's distribution (cache or live teacher); seqkd is SFT on D*; minillm (online) trains on the student's own teacher-mixed rollouts by policy gradient.
+    bd starts from the phase-1 student (runs/<name>/student_sft) and trains on the generate stage's D*
+    and top-p cache; kd trains on the golden responses with the teacher's distribution (cache or live
+    teacher); seqkd is SFT on D*; minillm (online) trains on the student's own teacher-mixed rollouts
+    by policy gradient.
 
-    Keeps the weights with the best validation score (stages.distill.select: rouge_l or val_loss) and exports them as a Hugging Face directory: runs/<name>/distill/<method>/export.
+    Keeps the weights with the best validation score (stages.distill.select: rouge_l or val_loss) and
+    exports them as a Hugging Face directory: runs/<name>/distill/<method>/export.
     """
     with user_errors():
         from bdctl.errors import UserError
@@ -85,5 +89,5 @@ def distill(
         options = {"method": chosen, **({"ablation": ablation} if ablation else {})}
         stage = "minillm" if chosen == "minillm" else "distill"  # MiniLLM is a stage of its own (online)
         job = submit(stage, recipe, overrides, options, launch, force, log=say)
-        if not launch.dry_run:
+        if job is not None and not launch.dry_run:  # None: a task with nothing to do
             say(f"[green]done:[/] {job.stage_dir / 'export'}")

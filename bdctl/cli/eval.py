@@ -61,7 +61,7 @@ def eval_(
 
         options = {"models": list(model) if model else None}
         job = submit("eval", recipe, set_ or [], options, launch, force, log=say)
-        if not launch.dry_run and launch.is_primary:
+        if job is not None and not launch.dry_run and launch.is_primary:
             import json
 
             results = json.loads((job.stage_dir / "results.json").read_text())

@@ -72,8 +72,8 @@ def generate(
             force,
             log=say,
         )
-        done = None if launch.dry_run else manifest(job.stage_dir)
-        if done is not None:
+        done = None if launch.dry_run or job is None else manifest(job.stage_dir)
+        if job is not None and done is not None:
             sizes = ", ".join(f"{p}: {n:.1f}" for p, n in done["top_p_mean_set_size"].items())
             what = job.stage_dir / ("cache" if score else "dstar.jsonl")
             say(

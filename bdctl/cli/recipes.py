@@ -78,7 +78,8 @@ def show(
             n = count_parameters(config)
             sizes.add_row(
                 f"{role}: {spec.path or spec.tiny.arch + ' (tiny)'}", f"{n / 1e6:,.1f} M",
-                f"{training_gib_per_gpu(n, gpus, 2, precision):.2f}", f"{training_gib_per_gpu(n, gpus, 3, precision):.2f}",
+                f"{training_gib_per_gpu(n, gpus, 2, precision):.2f}",
+                f"{training_gib_per_gpu(n, gpus, 3, precision):.2f}",
                 f"{inference_gib(n, precision):.2f}",
             )  # fmt: skip
         console.print(sizes)

@@ -40,5 +40,5 @@ def sft(
         from bdctl.submit import submit
 
         job = submit("sft", recipe, set_ or [], {"model": model.value}, launch, force, log=say)
-        if not launch.dry_run:
+        if job is not None and not launch.dry_run:  # None: a task with nothing to do
             say(f"[green]done:[/] {job.stage_dir / 'export'}")

@@ -17,8 +17,10 @@ import hashlib
 import json
 import random
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bdctl.data.sources import read_hub, read_records, read_texts, to_instruction
 from bdctl.data.template import CHAT, render_prompt
@@ -99,17 +101,18 @@ def load_instructions(recipe: Recipe, tokenizer=None) -> list[dict]:
     """The recipe's instruction examples, each with a stable id and its rendered prompt
     (`tokenizer`: the run's, for data.template: chat)."""
     source = recipe.data.source
+    records: Iterable[tuple[str, dict[str, Any]]]
     if source.synthetic is not None:
         from bdctl.data.synthetic import synthetic_instructions
 
         rows = synthetic_instructions(source.synthetic.n, seed=recipe.seed, families=source.synthetic.families)
         records = [(f"synthetic {i}", row) for i, row in enumerate(rows)]
         fields = None
+    elif source.path:
+        records, fields = read_records(source.path), source.fields
     else:
-        records = (
-            read_records(source.path) if source.path else read_hub(source.hub, source.hub_config, source.hub_split)
-        )
-        fields = source.fields
+        assert source.hub is not None  # InstructionSource: exactly one of synthetic, path, hub
+        records, fields = read_hub(source.hub, source.hub_config, source.hub_split), source.fields
     examples = []
     for index, (where, record) in enumerate(records):
         example = record if fields is None else to_instruction(where, record, fields)
@@ -138,6 +141,7 @@ def corpus_texts(recipe: Recipe, limit: int | None = None):
         return iter(synthetic_corpus(corpus.synthetic.n_docs, seed=recipe.seed))
     if corpus.path is not None:
         return read_texts(corpus.path, corpus.text_field)
+    assert corpus.hub is not None  # PretrainCorpus: exactly one of synthetic, path, hub
     rows = read_hub(corpus.hub, corpus.hub_config, corpus.hub_split, streaming=True)
     return (row[corpus.text_field] for _, row in rows)
 
@@ -153,6 +157,7 @@ def _make_tokenizer(recipe: Recipe, run: RunDir, examples: list[dict]):
         )
     if source is None:
         texts = [e["prompt"] + e["output"] for e in examples] + list(corpus_texts(recipe))
+        assert recipe.models.tokenizer.train is not None  # tokenizer_source is None only when training one
         return train_tokenizer(texts, recipe.models.tokenizer.train, run.tokenizer)
     tokenizer = load_tokenizer(*source, template=recipe.data.template)  # chat: one line if it has no template
     tokenizer.save_pretrained(run.tokenizer)  # ranks and later stages read this copy

@@ -125,7 +125,8 @@ def prepare_blocks(recipe, run: RunDir, tokenizer, needed: int, log=print) -> Pr
         else ""
     )
     log(
-        f"pretraining corpus: {len(array)} blocks of {corpus.block_size} tokens from {counts['documents']} documents of {where}{cycled}"
+        f"pretraining corpus: {len(array)} blocks of {corpus.block_size} tokens "
+        f"from {counts['documents']} documents of {where}{cycled}"
     )
     return PretrainBlocks(directory, limit=needed)
 

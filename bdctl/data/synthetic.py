@@ -257,6 +257,7 @@ def _build_knowledge_base(seed: int = _KB_SEED) -> KnowledgeBase:
             city_names,
             _balanced(rng, countries, len(city_names)),
             _balanced(rng, LANDMARKS, len(city_names)),
+            strict=True,
         )
     )
     creature_names = [fresh(creature) for _ in range(20)]
@@ -267,6 +268,7 @@ def _build_knowledge_base(seed: int = _KB_SEED) -> KnowledgeBase:
             _balanced(rng, COLOURS, len(creature_names)),
             _balanced(rng, FOODS, len(creature_names)),
             _balanced(rng, HOMES, len(creature_names)),
+            strict=True,
         )
     )
     person_names = [fresh(person) for _ in range(12)]
@@ -276,6 +278,7 @@ def _build_knowledge_base(seed: int = _KB_SEED) -> KnowledgeBase:
             person_names,
             _balanced(rng, JOBS, len(person_names)),
             _balanced(rng, city_names, len(person_names)),
+            strict=True,
         )
     )
     return KnowledgeBase(countries, cities, creatures, people)
@@ -310,7 +313,7 @@ def _arithmetic(rng: random.Random) -> Example:
     if op == "plus":
         a, b = rng.randrange(21), rng.randrange(21)
         c = a + b
-        inline = (
+        inline: tuple[str, ...] = (
             "What is {a} plus {b}?",
             "Add {a} and {b}.",
             "What is the sum of {a} and {b}?",
@@ -473,7 +476,11 @@ def _facts(rng: random.Random) -> Example:
     if kind in ("colour", "food", "home"):
         c = rng.choice(kb.creatures)
         if kind == "colour":
-            inline = ("What colour is a {x}?", "Tell me the colour of a {x}.", "Which colour does a {x} have?")
+            inline: tuple[str, ...] = (
+                "What colour is a {x}?",
+                "Tell me the colour of a {x}.",
+                "Which colour does a {x} have?",
+            )
             with_input = "What colour is this creature?"
             output = f"A {c.name} is {c.colour}."
         elif kind == "food":
@@ -532,7 +539,7 @@ def _letters(rng: random.Random) -> Example:
     if kind == "next":
         i = rng.randrange(25)
         letter = ALPHABET[i]
-        templates = (
+        templates: tuple[str, ...] = (
             f"What letter comes after {letter}?",
             f"Which letter follows {letter} in the alphabet?",
             f"Name the letter that comes right after {letter}.",

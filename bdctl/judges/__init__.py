@@ -129,8 +129,8 @@ def judge_pairs(
 
     # The requests still to ask, one per distinct key.
     missing: dict[str, JudgeRequest] = {}
-    for pair, pair_keys in zip(pairs, keys):
-        for order, key in zip(ORDERS, pair_keys):
+    for pair, pair_keys in zip(pairs, keys, strict=True):
+        for order, key in zip(ORDERS, pair_keys, strict=True):
             if key not in missing and cache.get(key) is None:
                 missing[key] = pair.request(order)
 
@@ -163,9 +163,9 @@ def judge_pairs(
         missing = again
 
     results = []
-    for pair, pair_keys in zip(pairs, keys):
+    for pair, pair_keys in zip(pairs, keys, strict=True):
         judgments = []
-        for order, key in zip(ORDERS, pair_keys):
+        for order, key in zip(ORDERS, pair_keys, strict=True):
             entry = cache.get(key)
             if entry is not None:
                 judgments.append(Judgment(order, entry.verdict, entry.raw, outcome_for_model(entry.verdict, order)))

@@ -39,10 +39,10 @@ def win_rate_chart(
     for outcome, label in (("win", f"{model_name} wins"), ("tie", "tie"), ("loss", f"{model_name} loses")):
         shares = [_percent(results[name].share(outcome)) for name in names]
         axes.barh(rows, shares, left=left, color=_COLOURS[outcome], label=label, height=0.6)
-        for row, (start, share) in enumerate(zip(left, shares)):
+        for row, (start, share) in enumerate(zip(left, shares, strict=True)):
             if share >= 6:  # room for the number inside the segment
                 axes.text(start + share / 2, row, f"{share:.0f}", ha="center", va="center", fontsize=9)
-        left = [start + share for start, share in zip(left, shares)]
+        left = [start + share for start, share in zip(left, shares, strict=True)]
     for row, name in enumerate(names):
         axes.text(101, row, _annotation(results[name]), va="center", fontsize=9)
     axes.axvline(50, color="black", linewidth=0.8, linestyle=":")

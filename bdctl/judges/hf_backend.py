@@ -90,7 +90,8 @@ class HFJudge:
         except (OSError, ValueError) as exc:
             reason = " ".join(str(exc).split())[:200]
             raise UserError(f"cannot load judge model from {directory}: {reason}") from None
-        model.to(device).eval()
+        # transformers types `to` through a decorator whose signature drops the device argument
+        model.to(device).eval()  # type: ignore[arg-type]
         return cls(
             model,
             tokenizer,
@@ -146,7 +147,7 @@ class HFJudge:
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
-            for index, scores in zip(batch, self._score([encoded[i] for i in batch])):
+            for index, scores in zip(batch, self._score([encoded[i] for i in batch]), strict=True):
                 best: Verdict = max(VERDICTS, key=lambda label: scores[label])
                 yield index, JudgeOutput(raw=best, verdict=best, scores=scores)
 
@@ -188,8 +189,9 @@ def _label_token_ids(tokenizer: Any, name: str) -> dict[str, tuple[int, ...]]:
             if ids:
                 firsts.add(ids[0])
         candidates[label] = firsts
-    result = {}
-    for label, firsts in candidates.items():
+    result: dict[str, tuple[int, ...]] = {}
+    for label in VERDICTS:
+        firsts = candidates[label]
         others = set().union(*(candidates[other] for other in VERDICTS if other != label))
         own = tuple(sorted(firsts - others))
         if not own:

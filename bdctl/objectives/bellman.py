@@ -55,7 +55,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bdctl.errors import UserError
 from bdctl.objectives.lm import (
     DEFAULT_CHUNK_SIZE,
     candidate_logits,
@@ -120,25 +119,25 @@ class BellmanTerms:
 def _validate(
     variant: str, gamma: float, alpha: float, q_min: float, top_p: float, eps: float, outside: str = "q_min"
 ) -> None:
-    """User-facing hyperparameter checks (one-line `UserError`s)."""
+    """Argument checks of the loss functions (`ValueError`); the recipe schema checks a user's values."""
     if variant not in VARIANTS:
-        raise UserError(f"unknown Bellman Distill variant {variant!r}; expected one of {VARIANTS}")
+        raise ValueError(f"unknown Bellman Distill variant {variant!r}; expected one of {VARIANTS}")
     if outside not in OUTSIDE:
-        raise UserError(f"outside must be one of {OUTSIDE}, got {outside!r}")
+        raise ValueError(f"outside must be one of {OUTSIDE}, got {outside!r}")
     if variant == "released" and outside != "q_min":
         # The released arithmetic never reads the data action, so there is nothing to drop.
-        raise UserError("outside: drop applies to the paper variant only (the released loss ignores the actions)")
+        raise ValueError("outside: drop applies to the paper variant only (the released loss ignores the actions)")
     if not 0.0 <= gamma <= 1.0:
-        raise UserError(f"gamma must be in [0, 1], got {gamma!r}")
+        raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
     if not alpha > 0.0:
-        raise UserError(f"alpha must be > 0, got {alpha!r}")
+        raise ValueError(f"alpha must be > 0, got {alpha!r}")
     if not math.isfinite(q_min):
-        raise UserError(f"q_min must be a finite number, got {q_min!r}")
+        raise ValueError(f"q_min must be a finite number, got {q_min!r}")
     if not 0.0 < top_p <= 1.0:
-        raise UserError(f"top_p must be in (0, 1], got {top_p!r}")
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     if variant == "released" and not eps > 0.0:
         # eps keeps log(pit) finite outside the top-p set; eps = 0 would give 0 * log 0 = NaN.
-        raise UserError(f"eps must be > 0 for the released variant, got {eps!r}")
+        raise ValueError(f"eps must be > 0 for the released variant, got {eps!r}")
 
 
 def _check_batch(actions: Tensor, valid: Tensor, terminal: Tensor, lead: torch.Size) -> None:
@@ -165,15 +164,15 @@ def _transitions(valid: Tensor, terminal: Tensor) -> tuple[Tensor, Tensor, Tenso
     return kept, term, needs_value
 
 
-def _no_transition_error() -> UserError:
-    return UserError(
+def _no_transition_error() -> ValueError:
+    return ValueError(
         "Bellman Distill batch has no kept transition (all padding, or only truncated "
         "one-token responses): nothing to train on"
     )
 
 
-def _empty_set_error() -> UserError:
-    return UserError(
+def _empty_set_error() -> ValueError:
+    return ValueError(
         "teacher top-p candidate set is empty at a response position; the set must keep at least one token"
     )
 
@@ -406,7 +405,7 @@ def dense_loss(
             truncated last transition; METHOD.md section 2.2). Paper variant only.
 
     Raises:
-        UserError: bad hyperparameters, a batch without kept transitions, an empty candidate
+        ValueError: bad hyperparameters, a batch without kept transitions, an empty candidate
             set where a value is needed, or an action id outside the vocabulary.
     """
     return dense_terms(
@@ -435,7 +434,7 @@ def _check_no_duplicates(ids: Tensor, mask: Tensor) -> None:
     marked = torch.where(mask, ids, -1 - slot)
     ordered = marked.sort(dim=-1).values
     if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
-        raise UserError("teacher candidate set lists the same token id twice")
+        raise ValueError("teacher candidate set lists the same token id twice")
 
 
 def lean_terms(
@@ -463,7 +462,7 @@ def lean_terms(
     """
     _validate(variant, gamma, alpha, q_min, 1.0, 1.0, outside)
     if variant != "paper":
-        raise UserError(
+        raise ValueError(
             "the lean Bellman Distill path implements the paper variant only; the released "
             "variant needs full-vocabulary logits (use dense_loss)"
         )
@@ -473,7 +472,11 @@ def lean_terms(
     _check_batch(actions, valid, terminal, lead)
     if (cand_ids is None) != (cand_mask is None):
         raise ValueError("give both cand_ids and cand_mask, or neither (full vocabulary)")
-    if cand_ids is not None and (cand_ids.shape[:-1] != lead or cand_mask.shape != cand_ids.shape):
+    if (
+        cand_ids is not None
+        and cand_mask is not None
+        and (cand_ids.shape[:-1] != lead or cand_mask.shape != cand_ids.shape)
+    ):
         raise ValueError(
             f"expected cand_ids and cand_mask [B, T, K] matching {tuple(lead)}, got "
             f"{tuple(cand_ids.shape)} and {tuple(cand_mask.shape)}"
@@ -493,7 +496,7 @@ def lean_terms(
     row_actions = torch.where(row_kept, row_actions, 0)
     best = chunked_argmax(rows, weight, bias, chunk_size=chunk_size)
 
-    if cand_ids is None:
+    if cand_ids is None or cand_mask is None:
         # A_t = whole vocabulary: V_t = logsumexp_a max(z_a, m + q_min) - m, chunked.
         shift = token_logits(rows, weight, best, bias)
         values = chunked_logsumexp(rows, weight, bias, chunk_size=chunk_size, floor=shift + q_min)
@@ -642,7 +645,7 @@ class _ChunkedFloorReductions(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, floor, chunk_size):  # type: ignore[override]
+    def forward(ctx, hidden, weight, floor, chunk_size):
         dtype = compute_dtype(hidden.dtype)
         lse = torch.full((hidden.shape[0],), float("-inf"), dtype=dtype, device=hidden.device)
         total = torch.zeros(hidden.shape[0], dtype=dtype, device=hidden.device)
@@ -656,7 +659,7 @@ class _ChunkedFloorReductions(torch.autograd.Function):
         return lse, total
 
     @staticmethod
-    def backward(ctx, grad_lse, grad_total):  # type: ignore[override]
+    def backward(ctx, grad_lse, grad_total):
         hidden, weight, floor, lse = ctx.saved_tensors
         dtype = lse.dtype
         grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(dtype)
@@ -713,7 +716,7 @@ def released_lean_terms(
     vocab = weight.shape[0]
     count = int(valid[:, :-1].sum())
     if count == 0:
-        raise UserError("Bellman Distill batch has no transition (the released variant needs responses of 2+ tokens)")
+        raise ValueError("Bellman Distill batch has no transition (the released variant needs responses of 2+ tokens)")
     dtype = compute_dtype(hidden.dtype)
     index = valid.reshape(-1).nonzero().squeeze(1)
     rows = hidden.reshape(-1, width).index_select(0, index)
@@ -787,6 +790,8 @@ def candidate_mask(cand_ids: Tensor | None, cand_mask: Tensor | None, shape, voc
     """Dense bool [B, T, V] mask of the candidate sets (all True when there are none: p = 1)."""
     if cand_ids is None:
         return torch.ones((*shape, vocab), dtype=torch.bool, device="cpu")
+    if cand_mask is None:
+        raise ValueError("give cand_mask with cand_ids")
     dense = torch.zeros((*shape, vocab + 1), dtype=torch.bool, device=cand_ids.device)
     dense.scatter_(-1, torch.where(cand_mask, cand_ids, vocab), True)  # padding slots land in a spare column
     return dense[..., :vocab]

@@ -27,7 +27,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bdctl.errors import UserError
 from bdctl.objectives.lm import (
     DEFAULT_CHUNK_SIZE,
     candidate_logits,
@@ -42,12 +41,12 @@ _NO_VALID = (
 
 
 def _valid_index(valid: Tensor, lead_shape: torch.Size) -> Tensor:
-    """Flat indices of the valid positions; `UserError` if there are none."""
+    """Flat indices of the valid positions; `ValueError` if there are none."""
     if valid.shape != lead_shape:
         raise ValueError(f"valid {tuple(valid.shape)} does not match {tuple(lead_shape)}")
     index = valid.reshape(-1).nonzero().squeeze(1)
     if index.numel() == 0:
-        raise UserError(_NO_VALID)
+        raise ValueError(_NO_VALID)
     return index
 
 
@@ -94,10 +93,10 @@ def _sparse_teacher(
     probs = cand_probs.reshape(-1, slots).index_select(0, index).to(dtype)
     probs = torch.where(mask, probs, 0.0)
     if bool((probs < 0).any()):
-        raise UserError("teacher cache holds a negative candidate probability")
+        raise ValueError("teacher cache holds a negative candidate probability")
     total = probs.sum(dim=-1, keepdim=True)
     if bool((total <= 0).any()):
-        raise UserError("teacher cache has a valid position with no candidate (or zero total probability)")
+        raise ValueError("teacher cache has a valid position with no candidate (or zero total probability)")
     return ids, mask, probs / total
 
 
@@ -169,7 +168,7 @@ def mixed_kd_loss(ce_loss: Tensor, kd_loss: Tensor, kd_ratio: float) -> Tensor:
     uses 0.5. A term whose weight is 0 is skipped entirely (its value may then be anything).
     """
     if not 0.0 <= kd_ratio <= 1.0:
-        raise UserError(f"kd_ratio must be in [0, 1], got {kd_ratio!r}")
+        raise ValueError(f"kd_ratio must be in [0, 1], got {kd_ratio!r}")
     if kd_ratio == 0.0:
         return ce_loss
     if kd_ratio == 1.0:

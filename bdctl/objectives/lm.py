@@ -30,8 +30,6 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from bdctl.errors import UserError
-
 IGNORE_INDEX = -100
 """Label value that marks a position as not scored (prompt tokens, padding)."""
 
@@ -46,7 +44,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _check_chunk_size(chunk_size: int) -> None:
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise UserError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
 
 
 def _check_projection(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
@@ -60,12 +58,12 @@ def _check_projection(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> No
 
 
 def check_token_range(token_ids: Tensor, vocab_size: int, what: str) -> None:
-    """Raise `UserError` unless every id lies in ``[0, vocab_size)`` (one host sync)."""
+    """Raise `ValueError` unless every id lies in ``[0, vocab_size)`` (one host sync)."""
     if token_ids.numel() == 0:
         return
     low, high = int(token_ids.min()), int(token_ids.max())
     if low < 0 or high >= vocab_size:
-        raise UserError(f"{what} token id out of range: found ids in [{low}, {high}], vocabulary size is {vocab_size}")
+        raise ValueError(f"{what} token id out of range: found ids in [{low}, {high}], vocabulary size is {vocab_size}")
 
 
 def _chunk_logits(
@@ -88,7 +86,7 @@ class _ChunkedLogSumExp(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: FunctionCtx,
         hidden: Tensor,
         weight: Tensor,
@@ -105,13 +103,14 @@ class _ChunkedLogSumExp(torch.autograd.Function):
             if floor_col is not None:
                 logits = torch.maximum(logits, floor_col)
             lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
-        ctx.save_for_backward(hidden, weight, bias, floor, lse)
+        # torch's stub says Tensor only; save_for_backward documents None as allowed
+        ctx.save_for_backward(hidden, weight, bias, floor, lse)  # type: ignore[arg-type]
         ctx.chunk_size = chunk_size  # type: ignore[attr-defined]
         return lse
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad_lse: Tensor):  # type: ignore[override]
+    def backward(ctx: FunctionCtx, grad_lse: Tensor):
         hidden, weight, bias, floor, lse = ctx.saved_tensors  # type: ignore[attr-defined]
         need_h, need_w, need_b, need_f = ctx.needs_input_grad[:4]  # type: ignore[attr-defined]
         chunk_size: int = ctx.chunk_size  # type: ignore[attr-defined]
@@ -311,7 +310,7 @@ def _flatten_scored(hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     scored = flat_labels != IGNORE_INDEX
     index = scored.nonzero().squeeze(1)
     if index.numel() == 0:
-        raise UserError(
+        raise ValueError(
             "batch has no scored token (every label is -100): nothing to train on; "
             "check that responses survive truncation"
         )
@@ -356,7 +355,7 @@ def dense_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     flat_labels = labels.reshape(-1)
     scored = flat_labels != IGNORE_INDEX
     if not bool(scored.any()):
-        raise UserError(
+        raise ValueError(
             "batch has no scored token (every label is -100): nothing to train on; "
             "check that responses survive truncation"
         )

@@ -252,7 +252,7 @@ class _TwoModelChunked(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: FunctionCtx, hs: Tensor, ws: Tensor, ht: Tensor, wt: Tensor, kind: str, chunk_size: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx: FunctionCtx, hs: Tensor, ws: Tensor, ht: Tensor, wt: Tensor, kind: str, chunk_size: int) -> Tensor:
         dtype = compute_dtype(hs.dtype)
         lse_s = _logsumexp_rows(hs, ws, chunk_size, dtype)
         lse_t = _logsumexp_rows(ht, wt, chunk_size, dtype)
@@ -271,7 +271,7 @@ class _TwoModelChunked(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx: FunctionCtx, grad: Tensor):
         hs, ws, ht, wt, lse_s, lse_t, value = ctx.saved_tensors  # type: ignore[attr-defined]
         kind, chunk_size = ctx.kind, ctx.chunk_size  # type: ignore[attr-defined]
         need_h, need_w = ctx.needs_input_grad[:2]  # type: ignore[attr-defined]

@@ -374,16 +374,16 @@ class Ablations(Section):
             names[f"bd-p{float(value)}"] = {"p": float(value)}
         for value in self.chi2:
             names[f"bd-chi2-{'on' if value else 'off'}"] = {"chi2": value}
-        for value in self.variant:
-            names[f"bd-{value}"] = {"variant": value}
-        for value in self.outside:
-            names[f"bd-outside-{value.replace('_', '')}"] = {"outside": value}
+        for variant in self.variant:
+            names[f"bd-{variant}"] = {"variant": variant}
+        for outside in self.outside:
+            names[f"bd-outside-{outside.replace('_', '')}"] = {"outside": outside}
         for value in self.anchor_coef:
             names[f"bd-anchor{float(value)}"] = {"anchor_coef": float(value)}
         for value in self.alpha:
             names[f"bd-alpha{float(value)}"] = {"alpha": float(value)}
-        for value in self.dstar:
-            names[f"bd-dstar-{value.removeprefix('generate-')}"] = {"dstar": value}
+        for dstar in self.dstar:
+            names[f"bd-dstar-{dstar.removeprefix('generate-')}"] = {"dstar": dstar}
         for name, changes in self.combined.items():
             names[name] = dict(changes)
         return names
@@ -463,7 +463,9 @@ class DistillStage(Train):
     p: float = Field(0.8, gt=0, le=1, description="Top-p of the teacher candidate sets (1.0: no mask).")
     alpha: float = Field(0.1, gt=0, description="chi^2 regulariser strength.")
     gamma: float = Field(0.99, gt=0, le=1, description="Discount.")
-    q_min: float = Field(-10.0, lt=0, description="Lower clip of Q (and value of actions outside A_t).")
+    q_min: float = Field(
+        -10.0, lt=0, allow_inf_nan=False, description="Lower clip of Q (and value of actions outside A_t)."
+    )
     chi2: bool = Field(True, description="Use the chi^2 regulariser phi(x) = x - x^2 / (4 alpha).")
     variant: Literal["paper", "released"] = Field("paper", description="Eq. 17 or the released code.")
     eps: float = Field(1e-6, gt=0, description="Smoothing of the released variant's projected policy.")
@@ -636,7 +638,8 @@ class Recipe(Section):
                 )
         if self.stages.judge.protocol is not None and self.stages.judge.protocol not in protocols:
             raise ValueError(
-                f"stages.judge.protocol: {self.stages.judge.protocol!r} is not a stages.eval protocol ({', '.join(protocols)})"
+                f"stages.judge.protocol: {self.stages.judge.protocol!r} is not a stages.eval protocol "
+                f"({', '.join(protocols)})"
             )
         dstars = ["generate", *(f"generate-{name}" for name in self.stages.generate.variants)]
         distill = self.stages.distill

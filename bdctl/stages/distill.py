@@ -48,6 +48,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -147,19 +148,23 @@ def describe(setup: Setup, job: Job) -> list[str]:
     if setup.method == "bd":
         sets = {
             "cache": f"the teacher's top-p sets (p = {config.p:g}) from the generate cache",
-            "live": f"the live teacher's top-p sets (p = {config.p:g}, capped at {job.recipe.stages.generate.cache_max_k} tokens like the cache)",
+            "live": (
+                f"the live teacher's top-p sets (p = {config.p:g}, capped at "
+                f"{job.recipe.stages.generate.cache_max_k} tokens like the cache)"
+            ),
             None: "A_t = the whole vocabulary (p = 1)",
         }[setup.sets]
         form = "chunked lean form" if setup.variant == "paper" or setup.sets else "dense form (full logits)"
         lines.append(f"bd ({setup.variant} variant, {form}) on {dstar_name(setup.dstar)}, {sets}")
         if setup.outside == "drop":
             lines.append(
-                "outside: drop: D* actions outside A_t leave every term (METHOD.md 2.2; the paper's Eq. 17 gives them q_min)"
+                "outside: drop: D* actions outside A_t leave every term "
+                "(METHOD.md 2.2; the paper's Eq. 17 gives them q_min)"
             )
         if setup.anchor_coef > 0:
             lines.append(
-                f"{BEYOND_PAPER}: anchor + {setup.anchor_coef:g} x cross-entropy of D*'s actions over BD's transitions; "
-                "this is not the paper's loss"
+                f"{BEYOND_PAPER}: anchor + {setup.anchor_coef:g} x cross-entropy of D*'s actions over BD's "
+                "transitions; this is not the paper's loss"
             )
     else:
         data = "the golden training responses" if setup.method == "kd" else dstar_name(setup.dstar)
@@ -237,7 +242,8 @@ def cache_stage_dir(job: Job, stage: str) -> Path:
         )
         command = stage_command(stage, job.recipe_path)
         raise UserError(
-            f"distill --method {job.options['method']} needs {what} ({directory} has not finished); run it first: {command}"
+            f"distill --method {job.options['method']} needs {what} ({directory} has not finished); "
+            f"run it first: {command}"
         )
     return directory / "cache"
 
@@ -268,8 +274,9 @@ def load_train_data(job: Job, tokenizer, setup: Setup, log=None) -> tuple[TrainD
                     continue
                 if not np.array_equal(np.asarray(example.tokens), np.asarray(responses[row])):
                     raise UserError(
-                        f"cache {teacher.directory}: the scored response of prompt {example.prompt_id} is not the golden "
-                        f"response of data/train.jsonl; score it again: bdctl generate {job.recipe_path} --score train"
+                        f"cache {teacher.directory}: the scored response of prompt {example.prompt_id} is not "
+                        f"the golden response of data/train.jsonl; score it again: "
+                        f"bdctl generate {job.recipe_path} --score train"
                     )
                 sources[row] = index
             missing = sum(1 for s in sources if s < 0)
@@ -424,10 +431,10 @@ def bd_terms(
     """The BD loss of a micro-batch from the student's [B, W, H] hidden states (see the module docstring)."""
     h = response_hidden(hidden, batch["positions"])
     ids, mask = batch.get("cand_ids"), batch.get("cand_mask")
-    common = dict(gamma=config.gamma, alpha=config.alpha, q_min=config.q_min, chi2=config.chi2)
+    common: dict[str, Any] = dict(gamma=config.gamma, alpha=config.alpha, q_min=config.q_min, chi2=config.chi2)
     if config.variant == "released":
         valid = released_valid(batch)
-        if ids is not None and not dense:
+        if ids is not None and mask is not None and not dense:
             return released_lean_terms(
                 h, weight, ids, mask, batch["actions"], valid, top_p=config.p, eps=config.eps, **common
             )
@@ -531,12 +538,14 @@ def prepare(job: Job, log=print) -> None:
     data, stats = load_train_data(job, tokenizer, setup)
     if len(data) < config.batch_size:
         raise UserError(
-            f"stages.distill.batch_size ({config.batch_size}) exceeds the {len(data)} training examples of --method {method}"
+            f"stages.distill.batch_size ({config.batch_size}) exceeds the {len(data)} training examples "
+            f"of --method {method}"
         )
     per_epoch, total_steps = training_steps(len(data), config)
     if setup.pretrain:
         from bdctl.data.pretrain import prepare_blocks
 
+        assert job.recipe.data.pretrain is not None  # make_setup: the pretraining term needs the corpus
         block_size = job.recipe.data.pretrain.block_size
         if limit is not None and block_size > limit:
             raise UserError(f"data.pretrain.block_size ({block_size}) exceeds the student's {limit} positions")
@@ -547,7 +556,8 @@ def prepare(job: Job, log=print) -> None:
     if stats.get("cut_at_max_length") or stats.get("skipped_without_transition"):
         log(
             f"distill: D* {stats['cache_examples']} responses: {stats['cut_at_max_length']} cut at data.max_length "
-            f"({job.recipe.data.max_length} tokens with the prompt), {stats['skipped_without_transition']} skipped (no transition)"
+            f"({job.recipe.data.max_length} tokens with the prompt), "
+            f"{stats['skipped_without_transition']} skipped (no transition)"
         )
 
 
@@ -629,10 +639,12 @@ def run(job: Job, rank: int, world: int) -> None:
         return [MicroBatch(batch, batch_count(batch, setup))]
 
     def pretrain_inputs(step: int, index: int):
+        assert blocks is not None  # the loop gets this function only when there are blocks
         ids = blocks.micro_batch(step, index, config.micro_batch_size, config.batch_size, recipe.seed)
         return {"input_ids": ids}, ids.shape[0] * (ids.shape[1] - 1)
 
     def teacher_forward(input_ids, attention_mask, fn):
+        assert teacher is not None  # called only with a live teacher (setup.live_teacher)
         with torch.no_grad():
             return teacher(input_ids, attention_mask, loss_fn=fn)
 
@@ -686,8 +698,8 @@ def run(job: Job, rank: int, world: int) -> None:
     validate = Validator(job, config, engine, tokenizer, rank, world)
     metrics = MetricsLog(out / "metrics.jsonl", enabled=rank == 0)
     metrics.write(
-        event="start", total_steps=total_steps, world_size=world, train=len(data), valid=len(validate.examples), select=config.select,
-        data=stats, method=setup.method, setup=setup.__dict__, notes=describe(setup, job),
+        event="start", total_steps=total_steps, world_size=world, train=len(data), valid=len(validate.examples),
+        select=config.select, data=stats, method=setup.method, setup=setup.__dict__, notes=describe(setup, job),
     )  # fmt: skip
     with StepProgress(f"distill {setup.method}", total_steps, enabled=rank == 0) as progress:
         for line in describe(setup, job):

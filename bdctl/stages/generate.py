@@ -260,14 +260,14 @@ def run(job: Job, rank: int, world: int) -> None:
     done = written_keys(cache_dir)
     dist.barrier()
     mine, pending = batches[rank::world], []
-    for batch in mine:
-        present = sum((items[i].prompt_id, items[i].sample_index) in done for i in batch)
-        if 0 < present < len(batch):
+    for indices in mine:
+        present = sum((items[i].prompt_id, items[i].sample_index) in done for i in indices)
+        if 0 < present < len(indices):
             raise UserError(
                 f"cache {cache_dir}: a batch is only partly there (damaged cache); pass --force to start over"
             )
         if not present:
-            pending.append(batch)
+            pending.append(indices)
     rounds = lockstep.max(len(pending)) if lockstep else len(pending)
 
     metrics = MetricsLog(out / "metrics.jsonl", enabled=rank == 0)
@@ -315,11 +315,10 @@ def run(job: Job, rank: int, world: int) -> None:
     if rank == 0:
         finalize_cache(job, cache_dir, tokenizer, len(items))
     dist.barrier()
-    stats = None
     if rank == 0 or lockstep:
         stats = sparsity(job, teacher, tokenizer, cache_dir, items)
-    if rank == 0:
-        finish_stage(job, stats, rows, tokenizer, metrics, time.perf_counter() - started)
+        if rank == 0:
+            finish_stage(job, stats, rows, tokenizer, metrics, time.perf_counter() - started)
     dist.barrier()
 
 
@@ -329,10 +328,11 @@ def generate_batch(teacher, batch: list[Item] | None, tokenizer, config: Generat
     from bdctl.sampling import sample
 
     max_new = max(item.limit for item in batch) if batch else 0
+    todo = batch or []  # a rank without a batch only steps along (run is not called for it)
 
     def run(all_done=None):
         return sample(
-            teacher, [item.prompt for item in batch], [item.seed for item in batch], eos_id=stop_id(tokenizer),
+            teacher, [item.prompt for item in todo], [item.seed for item in todo], eos_id=stop_id(tokenizer),
             pad_id=tokenizer.pad_token_id, max_new_tokens=max_new, temperature=config.temperature,
             set_top_p=config.top_p if config.top_p < 1.0 else None,
             capture_top_p=config.cache_top_p, capture_max_k=config.cache_max_k, all_done=all_done,
@@ -362,8 +362,11 @@ def score_batch(teacher, batch: list[Item] | None, tokenizer, config: GenerateSt
         if lockstep:
             lockstep.forward_dummy()
         return []
+    responses = [item.response for item in batch if item.response is not None]
+    if len(responses) != len(batch):
+        raise ValueError("score_batch needs the golden response of every item")
     captures = score(
-        teacher, [item.prompt for item in batch], [item.response for item in batch], pad_id=tokenizer.pad_token_id,
+        teacher, [item.prompt for item in batch], responses, pad_id=tokenizer.pad_token_id,
         top_p=config.cache_top_p, max_k=config.cache_max_k, batch_size=len(batch),
     )  # fmt: skip
     return [(item.response, FINISH_EOS, capture) for item, capture in zip(batch, captures, strict=True)]
@@ -446,6 +449,7 @@ def _describe(ref: str, source: ModelSpec | Path) -> str:
         return f"{ref} ({source})" if str(source) != ref else ref
     if source.tiny is not None:
         return f"{ref} (tiny {source.tiny.arch})"
+    assert source.path is not None  # ModelSpec: exactly one of path, tiny
     return source.path if source.revision is None else f"{source.path}@{source.revision}"
 
 
@@ -552,7 +556,10 @@ def write_dstar(cache, rows: list[dict], tokenizer, path: Path) -> None:
             examples = [cache[i] for i in range(start, min(start + 1024, len(cache)))]
             bodies = [e.tokens.tolist() for e in examples]
             # The text is the answer: the final EOS is a stop signal, not part of it.
-            answers = [b[:-1] if e.finish_reason == "eos" and b[-1:] == [eos] else b for e, b in zip(examples, bodies)]
+            answers = [
+                b[:-1] if e.finish_reason == "eos" and b[-1:] == [eos] else b
+                for e, b in zip(examples, bodies, strict=True)
+            ]
             texts = tokenizer.batch_decode(answers, skip_special_tokens=False, clean_up_tokenization_spaces=False)
             for example, body, text in zip(examples, bodies, texts, strict=True):
                 record = {

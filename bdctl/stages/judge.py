@@ -43,7 +43,7 @@ import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bdctl.errors import UserError
 from bdctl.evalunits import (
@@ -59,6 +59,9 @@ from bdctl.evalunits import (
 from bdctl.job import Job
 from bdctl.recipe.schema import JudgeStage
 from bdctl.rundir import MANIFEST, mark_complete, write_json_atomic, write_text_atomic
+
+if TYPE_CHECKING:
+    from bdctl.judges.hf_backend import HFJudge  # loaded lazily: it brings torch
 
 STAGE = "judge"
 VERDICTS_FILE = "verdicts.jsonl"
@@ -239,7 +242,8 @@ class _LazyHFJudge:
     def __init__(self, info: Mapping[str, Any], config: JudgeStage):
         from bdctl.judges.prompt import PROMPT_VERSION
 
-        self.info, self.config, self._judge = info, config, None
+        self.info, self.config = info, config
+        self._judge: HFJudge | None = None
         weights = json.dumps(info["weights"], sort_keys=True)
         self.identity = {
             "backend": "hf", "model": info["path"], "weights": weights, "base_url": "",

@@ -41,6 +41,7 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -249,6 +250,7 @@ def prepare(job: Job, log=print) -> None:
     if pretrain:
         from bdctl.data.pretrain import prepare_blocks
 
+        assert job.recipe.data.pretrain is not None  # uses_pretrain: the pretraining term needs the corpus
         block_size = job.recipe.data.pretrain.block_size
         for role, source in (("student", student), ("teacher", teacher)):
             limit = max_positions(source)
@@ -511,7 +513,7 @@ def run(job: Job, rank: int, world: int) -> None:
                     log_p=result.log_p, log_mix=result.log_mix, eos=result.finish_reason == "eos",
                 )))  # fmt: skip
         engine.train()
-        gathered = [None] * world
+        gathered: list[Any] = [None] * world  # all_gather_object fills in every rank's `mine`
         dist.all_gather_object(gathered, mine)
         collected = dict(pair for part in gathered for pair in part)
         buffer[:] = [collected[i] for i in range(len(chosen))]
@@ -549,6 +551,7 @@ def run(job: Job, rank: int, world: int) -> None:
         return [MicroBatch(batch, int(batch["valid"].sum()))]
 
     def pretrain_inputs(step: int, index: int):
+        assert blocks is not None  # the loop gets this function only when there are blocks
         ids = blocks.micro_batch(step, index, config.micro_batch_size, config.batch_size, recipe.seed)
         return {"input_ids": ids}, ids.shape[0] * (ids.shape[1] - 1)
 

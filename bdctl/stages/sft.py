@@ -8,9 +8,11 @@ exported as a Hugging Face directory.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from bdctl.errors import UserError
 from bdctl.job import Job, resolve_weights
-from bdctl.recipe.schema import SFTStage
+from bdctl.recipe.schema import ModelSpec, SFTStage
 
 ROLES = ("teacher", "student")
 
@@ -36,10 +38,13 @@ def prepare(job: Job, log=print) -> None:
     data = prepare_data(job.recipe, job.run, log)
     if data.counts["train"] < config.batch_size:
         raise UserError(
-            f"stages.{job.stage_name}.batch_size ({config.batch_size}) exceeds the {data.counts['train']} training examples"
+            f"stages.{job.stage_name}.batch_size ({config.batch_size}) exceeds the {data.counts['train']} "
+            "training examples"
         )
     tokenizer = load_tokenizer(job.run.tokenizer, template=job.recipe.data.template)
-    sources = {r: job.recipe.models.teacher if r == "teacher" else job.recipe.models.student for r in ROLES}
+    sources: dict[str, ModelSpec | Path] = {
+        r: job.recipe.models.teacher if r == "teacher" else job.recipe.models.student for r in ROLES
+    }
     sources[role] = resolve_weights(job, config.init, role)
     check_vocabularies(job.recipe, tokenizer, sources)
     if config.select == "rouge_l":

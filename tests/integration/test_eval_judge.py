@@ -256,7 +256,7 @@ def test_eval_set_from_local_jsonl_with_several_references(trained, tmp_path):
     assert "### Input:\nThink of the sky." in examples[1]["prompt"]  # the recipe's template
     records = lines(generations(root, "teacher_sft", 10, "qa"))
     assert [r["prompt_id"] for r in records] == [0, 1, 2]
-    for record, example in zip(records, examples):
+    for record, example in zip(records, examples, strict=True):
         best = rouge_l(record["text"], example["references"])
         assert record["rouge_l"] == pytest.approx(best)
         assert best == max(rouge_l(record["text"], [ref]) for ref in example["references"])
@@ -313,7 +313,8 @@ def test_judge_openai_end_to_end_generating_missing_answers(trained, tmp_path, m
     root = copy_run(trained, tmp_path)
     with ChatServer(longer_answer_wins, script=[Reply(content="Answer A, probably")]) as server:
         args = [*PAIR, *EVAL, "--set", "stages.judge.seed=30", "--set", f"stages.judge.base_url={server.base_url}",
-                "--set", f"stages.judge.api_key_env={KEY_ENV}", "--set", "stages.judge.api_model=test-judge"]  # fmt: skip
+                "--set", f"stages.judge.api_key_env={KEY_ENV}",
+                "--set", "stages.judge.api_model=test-judge"]  # fmt: skip
         result = run_cli("judge", SMOKE, "--backend", "openai", *args, cwd=root)
         ok(result)
         assert "generating 2 missing" in result.stderr
@@ -356,7 +357,8 @@ def test_failing_endpoint_keeps_finished_verdicts(evaluated, tmp_path, monkeypat
         return Reply(content="A")
 
     with ChatServer(flaky) as server:
-        args = [*PAIR, *EVAL, "--set", f"stages.judge.base_url={server.base_url}", "--set", f"stages.judge.api_key_env={KEY_ENV}",
+        args = [*PAIR, *EVAL, "--set", f"stages.judge.base_url={server.base_url}",
+                "--set", f"stages.judge.api_key_env={KEY_ENV}",
                 "--set", "stages.judge.concurrency=1", "--set", "stages.judge.retries=1"]  # fmt: skip
         failed = run_cli("judge", SMOKE, "--backend", "openai", *args, cwd=root)
         assert_user_error(failed, f"judge endpoint {server.base_url} failing after 2 tries: HTTP 503")
@@ -394,8 +396,9 @@ def test_unparsed_verdicts_and_a_failed_force_leave_no_results(evaluated, tmp_pa
     ]
 
     def judge(server_url: str, *extra: str):
-        return run_cli("judge", SMOKE, "--backend", "openai", *PAIR, *EVAL, "--set", f"stages.judge.base_url={server_url}",
-                       "--set", "stages.judge.api_key_env=none", "--set", "stages.judge.retries=0", *extra, cwd=root)  # fmt: skip
+        return run_cli("judge", SMOKE, "--backend", "openai", *PAIR, *EVAL,
+                       "--set", f"stages.judge.base_url={server_url}", "--set", "stages.judge.api_key_env=none",
+                       "--set", "stages.judge.retries=0", *extra, cwd=root)  # fmt: skip
 
     with ChatServer(longer_answer_wins) as good:
         ok(judge(good.base_url))

@@ -131,7 +131,7 @@ def test_generate_writes_dstar_cache_and_report(reference):
     # the report: Figure 1 as a table and a PNG, top-p set sizes, bytes per token
     stats = json.loads((reference / "sparsity.json").read_text())
     curve = [stats["top_k_cumulative_probability"][str(k)] for k in range(1, 51)]
-    assert 0 < curve[0] and all(a <= b + 1e-6 for a, b in zip(curve, curve[1:])) and curve[-1] <= 1 + 1e-5
+    assert 0 < curve[0] and all(a <= b + 1e-6 for a, b in zip(curve, curve[1:], strict=False)) and curve[-1] <= 1 + 1e-5
     sizes = [stats["top_p_mean_set_size"][p] for p in ("0.5", "0.8", "0.9", "0.95")]
     assert 1 <= sizes[0] <= sizes[1] <= sizes[2] <= sizes[3]
     assert stats["scored_sequences"] == 64 and stats["cache"]["bytes_per_token"] == round(info["bytes_per_token"], 3)
@@ -233,7 +233,9 @@ def test_two_ranks_and_a_zero3_teacher_give_the_same_dstar_and_cache(teacher_run
     ]
     stages = {}
     for name, extra in (
-        ("one", []), ("two", ["--nproc", "2"]), ("zero", ["--nproc", "2", "--set", "stages.generate.zero_inference=true"])
+        ("one", []),
+        ("two", ["--nproc", "2"]),
+        ("zero", ["--nproc", "2", "--set", "stages.generate.zero_inference=true"]),
     ):  # fmt: skip
         cwd = tmp_path / name
         fresh(teacher_run, cwd)

@@ -14,7 +14,6 @@ import math
 import pytest
 import torch
 
-from bdctl.errors import UserError
 from bdctl.objectives.bellman import dense_loss, dense_terms, lean_loss, lean_terms
 
 # ----------------------------------------------------------------------------- helpers
@@ -164,7 +163,7 @@ def assert_same_loss_and_grad(actual, expected, wrt, atol=1e-9, rtol=1e-9):
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
     got = torch.autograd.grad(actual, wrt, retain_graph=True)
     want = torch.autograd.grad(expected, wrt, retain_graph=True)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=atol, rtol=rtol)
 
 
@@ -285,9 +284,9 @@ def test_all_padding_batch_raises():
     logits, mask, actions, valid, terminal, _ = make_batch(7)
     none = torch.zeros_like(valid)
     for variant in ("paper", "released"):
-        with pytest.raises(UserError, match="no kept transition"):
+        with pytest.raises(ValueError, match="no kept transition"):
             dense_loss(logits, mask, actions, none, terminal, variant=variant)
-    with pytest.raises(UserError, match="no kept transition"):
+    with pytest.raises(ValueError, match="no kept transition"):
         hidden = torch.randn(3, 6, 4)
         lean_loss(hidden, torch.randn(9, 4), None, None, actions, none, terminal)
 
@@ -296,7 +295,7 @@ def test_only_truncated_one_token_responses_raise():
     logits, mask, actions, valid, terminal, _ = make_batch(8)
     single = torch.zeros_like(valid)
     single[:, 0] = True
-    with pytest.raises(UserError, match="no kept transition"):
+    with pytest.raises(ValueError, match="no kept transition"):
         dense_loss(logits, mask, actions, single, torch.zeros_like(valid))
 
 
@@ -315,7 +314,7 @@ def test_only_truncated_one_token_responses_raise():
 )
 def test_bad_hyperparameters_raise(kwargs):
     logits, mask, actions, valid, terminal, _ = make_batch(9)
-    with pytest.raises(UserError):
+    with pytest.raises(ValueError):
         dense_loss(logits, mask, actions, valid, terminal, **kwargs)
 
 
@@ -323,16 +322,16 @@ def test_empty_candidate_set_and_bad_action_raise():
     logits, mask, actions, valid, terminal, teacher = make_batch(10)
     empty = mask.clone()
     empty[0, 1] = False
-    with pytest.raises(UserError, match="empty"):
+    with pytest.raises(ValueError, match="empty"):
         dense_loss(logits, empty, actions, valid, terminal)
     ids, cand_mask = sparse_from_mask(mask, teacher)
     cand_mask = cand_mask.clone()
     cand_mask[0, 1] = False
-    with pytest.raises(UserError, match="empty"):
+    with pytest.raises(ValueError, match="empty"):
         lean_loss(torch.randn(3, 6, 4), torch.randn(9, 4), ids, cand_mask, actions, valid, terminal)
     bad = actions.clone()
     bad[0, 0] = 99
-    with pytest.raises(UserError, match="out of range"):
+    with pytest.raises(ValueError, match="out of range"):
         dense_loss(logits, mask, bad, valid, terminal)
 
 
@@ -376,9 +375,9 @@ def test_outside_drop_equals_q_min_when_every_action_is_in_its_set():
 
 def test_outside_drop_is_a_paper_variant_setting():
     logits, mask, actions, valid, terminal, _ = make_batch(5)
-    with pytest.raises(UserError, match="paper variant"):
+    with pytest.raises(ValueError, match="paper variant"):
         dense_loss(logits, mask, actions, valid, terminal, variant="released", outside="drop")
-    with pytest.raises(UserError, match="outside must be one of"):
+    with pytest.raises(ValueError, match="outside must be one of"):
         dense_loss(logits, mask, actions, valid, terminal, outside="ignore")
 
 
@@ -386,11 +385,11 @@ def test_lean_rejects_released_variant_and_duplicate_candidates():
     logits, mask, actions, valid, terminal, teacher = make_batch(11)
     ids, cand_mask = sparse_from_mask(mask, teacher)
     hidden, weight = torch.randn(3, 6, 4), torch.randn(9, 4)
-    with pytest.raises(UserError, match="released"):
+    with pytest.raises(ValueError, match="released"):
         lean_loss(hidden, weight, ids, cand_mask, actions, valid, terminal, variant="released")
     dup_ids = torch.cat([ids, ids[..., :1]], dim=-1)
     dup_mask = torch.cat([cand_mask, cand_mask[..., :1]], dim=-1)
-    with pytest.raises(UserError, match="twice"):
+    with pytest.raises(ValueError, match="twice"):
         lean_loss(hidden, weight, dup_ids, dup_mask, actions, valid, terminal)
 
 

@@ -35,7 +35,7 @@ def fake_example(rng: np.random.Generator, length: int) -> tuple[np.ndarray, Cap
     ids = ids.astype(np.int32)
     probs = rng.random(int(kept.sum())).astype(np.float32) / 4
     offsets = np.concatenate([[0], np.cumsum(kept)])
-    covered = np.array([probs[a:b].sum() for a, b in zip(offsets[:-1], offsets[1:])], dtype=np.float32)
+    covered = np.array([probs[a:b].sum() for a, b in zip(offsets[:-1], offsets[1:], strict=True)], dtype=np.float32)
     return tokens, Capture(ids=ids, probs=probs, kept=kept, covered=covered)
 
 

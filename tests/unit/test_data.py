@@ -113,7 +113,8 @@ def test_overlong_examples_are_dropped_and_counted(tmp_path):
     recipe, _ = load_recipe(
         "smoke",
         [
-            f"data.source={{path: {tmp_path / 'd.jsonl'}, fields: {{instruction: instruction, input: context, output: response}}}}",
+            f"data.source={{path: {tmp_path / 'd.jsonl'}, "
+            "fields: {instruction: instruction, input: context, output: response}}",
             "data.split={valid: 5, test: 5, seed: 1}",
         ],
     )

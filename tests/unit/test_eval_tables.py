@@ -8,8 +8,8 @@ import math
 import re
 
 from bdctl.answers import prompt_seed
-from bdctl.sampling import length_grouped_batches
 from bdctl.evalunits import model_dir_name
+from bdctl.sampling import length_grouped_batches
 from bdctl.stages.evaluate import _share
 from bdctl.tables import csv_table, markdown_table, mean_std_cell, rich_table
 
@@ -127,8 +127,8 @@ def test_report_puts_the_papers_numbers_beside_ours_and_lists_ablations():
     assert "| teacher_sft | 45.00 ± 0.50 | 27.6 (not stated) |" in release
     ablations = minillm[minillm.index("### Ablations") :]
     assert (
-        "| distill/bd | p = 0.8, chi2 on (alpha 0.1), paper variant, outside q_min, anchor 0, D* generate | 30.00 ± 0.50 | 24.7 (release) |"
-        in ablations
+        "| distill/bd | p = 0.8, chi2 on (alpha 0.1), paper variant, outside q_min, anchor 0, D* generate "
+        "| 30.00 ± 0.50 | 24.7 (release) |" in ablations
     )
     assert "| distill/bd-p1.0 | p = 1.0 | 28.00 ± 0.50 | 23.6 (release) |" in ablations
     assert "| distill/bd-chi2-off | chi2 = False | 29.00 ± 0.50 |  |" in ablations

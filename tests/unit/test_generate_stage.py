@@ -153,7 +153,8 @@ def test_report_files(tmp_path):
     generator = torch.Generator().manual_seed(1)
     probs = torch.softmax(torch.randn(30, 80, generator=generator) * 3, dim=-1)
     manifest = {
-        "teacher": "t", "top_p": 0.8, "max_k": 64, "counts": {"examples": 3, "tokens": 30, "finish": {"eos": 2, "length": 1}},
+        "teacher": "t", "top_p": 0.8, "max_k": 64,
+        "counts": {"examples": 3, "tokens": 30, "finish": {"eos": 2, "length": 1}},
         "mean_set_size": 4.2, "capped_fraction": 0.0, "total_bytes": 900, "bytes_per_token": 30.0,
         "dense_fp16_bytes_per_token": 160,
     }  # fmt: skip

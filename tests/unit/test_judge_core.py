@@ -449,9 +449,12 @@ def test_chart_writes_a_png(tmp_path: Path) -> None:
     from bdctl.judges.figure import win_rate_chart
 
     records = {
-        "KD": WinRate(wins=600, ties=150, losses=250, unparseable=0, pairs=500, win_rate=0.675, ci_low=0.64, ci_high=0.71),
-        "SeqKD": WinRate(wins=550, ties=200, losses=250, unparseable=3, pairs=500, win_rate=0.65, ci_low=0.61, ci_high=0.69),
-        "MiniLLM": WinRate(wins=0, ties=0, losses=0, unparseable=4, pairs=0, win_rate=math.nan, ci_low=math.nan, ci_high=math.nan),
+        "KD": WinRate(wins=600, ties=150, losses=250, unparseable=0, pairs=500,
+                      win_rate=0.675, ci_low=0.64, ci_high=0.71),
+        "SeqKD": WinRate(wins=550, ties=200, losses=250, unparseable=3, pairs=500,
+                         win_rate=0.65, ci_low=0.61, ci_high=0.69),
+        "MiniLLM": WinRate(wins=0, ties=0, losses=0, unparseable=4, pairs=0,
+                           win_rate=math.nan, ci_low=math.nan, ci_high=math.nan),
     }  # fmt: skip
     path = win_rate_chart(records, tmp_path / "fig" / "win_rate.png", model_name="BD")
     data = path.read_bytes()
@@ -469,6 +472,7 @@ def test_importing_judges_and_metrics_is_light() -> None:
     modules = "bdctl.metrics, bdctl.judges, bdctl.judges.stats, bdctl.judges.figure, " + (
         "bdctl.judges.openai_backend, bdctl.judges.hf_backend, bdctl.judges.cache"
     )
-    code = f"import sys, {modules}; print(sorted(m for m in ('torch', 'transformers', 'httpx', 'matplotlib') if m in sys.modules))"
+    heavy = ("torch", "transformers", "httpx", "matplotlib")
+    code = f"import sys, {modules}; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert shown.strip() == "[]"

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bdctl.errors import UserError
 from bdctl.objectives.kd import (
     dense_kd_loss,
     lean_sparse_kd_loss,
@@ -34,7 +33,7 @@ def assert_same(actual, expected, wrt, atol=1e-10, rtol=1e-10):
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
     got = torch.autograd.grad(actual.sum(), wrt, retain_graph=True)
     want = torch.autograd.grad(expected.sum(), wrt, retain_graph=True)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=atol, rtol=rtol)
 
 
@@ -118,7 +117,7 @@ def test_candidate_logits_match_gather(chunk):
     expected = torch.where(mask, logits.gather(1, ids.clamp_min(0)), 0.0)
     got = candidate_logits(hidden, weight, ids, mask, bias, chunk_size=chunk)
     assert_same(got, expected, (hidden, weight, bias))
-    with pytest.raises(UserError, match="out of range"):
+    with pytest.raises(ValueError, match="out of range"):
         candidate_logits(hidden, weight, torch.full_like(ids, 60), mask, bias)
 
 
@@ -166,15 +165,15 @@ def test_lean_cross_entropy_with_bias():
 
 def test_cross_entropy_user_errors():
     hidden, weight, labels = lm_batch()
-    with pytest.raises(UserError, match="no scored token"):
+    with pytest.raises(ValueError, match="no scored token"):
         lean_cross_entropy(hidden, weight, torch.full_like(labels, -100))
-    with pytest.raises(UserError, match="no scored token"):
+    with pytest.raises(ValueError, match="no scored token"):
         dense_cross_entropy(hidden @ weight.T, torch.full_like(labels, -100))
     bad = labels.clone()
     bad[1, 1] = weight.shape[0]
-    with pytest.raises(UserError, match="out of range"):
+    with pytest.raises(ValueError, match="out of range"):
         lean_cross_entropy(hidden, weight, bad)
-    with pytest.raises(UserError, match="chunk_size"):
+    with pytest.raises(ValueError, match="chunk_size"):
         lean_cross_entropy(hidden, weight, labels, chunk_size=0)
 
 
@@ -302,16 +301,16 @@ def test_sparse_kd_renormalises_candidate_probabilities():
 def test_kd_user_errors():
     hidden, weight, teacher, valid = kd_batch()
     none = torch.zeros_like(valid)
-    with pytest.raises(UserError, match="no valid"):
+    with pytest.raises(ValueError, match="no valid"):
         dense_kd_loss(hidden @ weight.T, teacher, none)
     ids, probs, mask = sparse_cache(teacher, k=3)
-    with pytest.raises(UserError, match="no valid"):
+    with pytest.raises(ValueError, match="no valid"):
         lean_sparse_kd_loss(hidden, weight, ids, probs, mask, none)
     empty = mask.clone()
     empty[0, 0] = False
-    with pytest.raises(UserError, match="no candidate"):
+    with pytest.raises(ValueError, match="no candidate"):
         lean_sparse_kd_loss(hidden, weight, ids, probs, empty, valid)
-    with pytest.raises(UserError, match="negative"):
+    with pytest.raises(ValueError, match="negative"):
         sparse_kd_loss_dense(hidden @ weight.T, ids, -probs, mask, valid)
 
 
@@ -326,7 +325,7 @@ def test_mixed_kd_loss():
     ce_grad, kd_grad = torch.autograd.grad(mixed_kd_loss(ce, kd, 0.3), (ce, kd))
     assert (float(ce_grad), float(kd_grad)) == pytest.approx((0.7, 0.3))
     for bad in (-0.1, 1.1):
-        with pytest.raises(UserError, match="kd_ratio"):
+        with pytest.raises(ValueError, match="kd_ratio"):
             mixed_kd_loss(ce, kd, bad)
 
 

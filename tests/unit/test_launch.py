@@ -30,7 +30,8 @@ def test_one_rank_runs_in_process():
 def test_local_ranks_go_through_torchrun():
     command = launcher_command(JOB, LaunchOptions(nproc=4, master_port=1234))
     assert command[1:] == ["-m", "bdctl.launch", "--nnodes", "1", "--node_rank", "0", "--nproc_per_node", "4",
-                           "--master_addr", "127.0.0.1", "--master_port", "1234", "-m", "bdctl.worker", str(JOB)]  # fmt: skip
+                           "--master_addr", "127.0.0.1", "--master_port", "1234",
+                           "-m", "bdctl.worker", str(JOB)]  # fmt: skip
 
 
 def test_hand_started_nodes():

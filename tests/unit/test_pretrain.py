@@ -138,6 +138,6 @@ def test_synthetic_corpus_and_errors(tiny_tokenizer, tmp_path):
         )
     with pytest.raises(UserError, match="file not found"):
         prepare_blocks(
-            recipe_with(PretrainCorpus(path=str(tmp_path / "gone.txt"))), RunDir(tmp_path / "d"), tiny_tokenizer, needed=4,
-            log=lambda m: None,
+            recipe_with(PretrainCorpus(path=str(tmp_path / "gone.txt"))), RunDir(tmp_path / "d"), tiny_tokenizer,
+            needed=4, log=lambda m: None,
         )  # fmt: skip

@@ -141,6 +141,8 @@ def test_resume_fingerprint_covers_the_stage_and_its_inputs_only():
         ("stages.generate.top_p=1.2", "stages.generate.top_p"),
         ("stages.distill.outside=ignore", "stages.distill.outside"),
         ("stages.distill.anchor_coef=-1", "stages.distill.anchor_coef"),
+        # the loss functions raise ValueError (a traceback); the schema gives the user's one line
+        ("stages.distill.q_min=-.inf", "stages.distill.q_min: input should be a finite number"),
         ("stages.distill.dstar=generate-nucleus", "dstar 'generate-nucleus' is not a D* of this recipe (generate)"),
         ("stages.judge.protocol=release", "stages.judge.protocol: 'release' is not a stages.eval protocol"),
         ("stages.distill.ablations={combined: {bd-x: {outside: nope}}}", "stages.distill.ablations (bd-x): outside"),

@@ -387,10 +387,12 @@ def test_no_repeat_ngram_size(gpt2):
     banned = sample(gpt2, prompts, [0, 0], **greedy, no_repeat_ngram_size=2)
 
     def bigrams(tokens: list[int]) -> list[tuple[int, int]]:
-        return list(zip(tokens, tokens[1:]))
+        return list(zip(tokens, tokens[1:], strict=False))
 
     # Greedy decoding of a random model loops, so the ban has work to do.
-    assert any(len(set(bigrams(p + r.tokens))) < len(bigrams(p + r.tokens)) for p, r in zip(prompts, plain))
+    assert any(
+        len(set(bigrams(p + r.tokens))) < len(bigrams(p + r.tokens)) for p, r in zip(prompts, plain, strict=True)
+    )
     for prompt, result in zip(prompts, banned, strict=True):
         grams = bigrams(prompt + result.tokens)
         assert len(set(grams)) == len(grams)
