@@ -68,7 +68,6 @@ def chat_run(tmp_path_factory) -> Path:
         stages__eval__max_new_tokens=MAX_NEW,
     )
     from bdctl.launch import LaunchOptions
-    from bdctl.stages import evaluate
     from bdctl.submit import submit
 
     def quiet(message: str) -> None:
@@ -84,7 +83,7 @@ def chat_run(tmp_path_factory) -> Path:
             submit("sft", str(recipe), [], {"model": "student"}, LaunchOptions(), log=quiet)
             submit("generate", str(recipe), [], {"score": None}, LaunchOptions(), log=quiet)
             submit("distill", str(recipe), ["stages.distill.method=bd"], {"method": "bd"}, LaunchOptions(), log=quiet)
-            evaluate.submit(str(recipe), [], {"models": None}, LaunchOptions(), log=quiet)
+            submit("eval", str(recipe), [], {"models": None}, LaunchOptions(), log=quiet)
     finally:
         logging.getLogger().setLevel(level)
         for key, value in saved.items():
