@@ -12,12 +12,12 @@ distill stage's own loss heads (`bdctl.stages.distill`), then `engine.backward` 
 takes one warm-up step and then one measured optimizer step on the same batch.
 
     sft          lean_cross_entropy on the response tokens (what `bdctl sft` runs)
-    bd           BD paper variant from the cache (bellman.lean_terms), pretraining term off
+    bd           BD paper variant from the cache (bellman_lean.lean_terms), pretraining term off
     bd_pt        bd + the pretraining term: a second forward/backward on a block batch of the same shape
     bd_live      bd with the live teacher (a ZeRO-3 inference engine, 2x the student's layers) recomputing the
                  top-p sets every step, as the published code does
     bd_dense     bd from full [B, T, V] logits (bellman.dense_terms)
-    released     the released variant, chunked (bellman.released_lean_terms)
+    released     the released variant, chunked (bellman_lean.released_lean_terms)
     released_dense  the released variant from full logits
 
 Time: wall clock of the measured step (forward, backward, optimizer step). Peak memory: the process's resident

@@ -64,7 +64,7 @@ def main() -> None:
         policy_module,
         quiet_libraries,
     )
-    from bdctl.objectives.bellman import lean_terms
+    from bdctl.objectives.bellman_lean import lean_terms
     from bdctl.objectives.kd import mixed_kd_loss
     from bdctl.objectives.lm import IGNORE_INDEX, lean_cross_entropy
     from bdctl.objectives.minillm import lean_log_probs, lean_reverse_kl, lean_teacher_kd, policy_loss

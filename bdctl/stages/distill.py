@@ -21,9 +21,9 @@ Every loss is computed from the final hidden states and the output embedding ins
 (`policy_module`), so ZeRO-3 has the output embedding gathered.
 
 Loss heads, and what `MicroBatch.count` (the unit of the global mean) is:
-* bd, paper variant: `bellman.lean_terms` with the candidate sets of the cache, or of the live teacher
+* bd, paper variant: `bellman_lean.lean_terms` with the candidate sets of the cache, or of the live teacher
   (p = 1: the whole vocabulary). Count: kept transitions. Never builds [B, T, V] logits.
-* bd, released variant: `bellman.released_lean_terms`, the released code's arithmetic computed in vocabulary
+* bd, released variant: `bellman_lean.released_lean_terms`, the released code's arithmetic computed in vocabulary
   chunks (never [B, T, V]) for p < 1; `dense_loss(variant="released")` on full logits for p = 1 (there the
   projected policy is pi + eps over the whole vocabulary and its entropy needs every logit). Count: valid
   positions t < T of the micro-batch (the released code's N).
@@ -56,7 +56,8 @@ from torch import Tensor
 
 from bdctl.errors import UserError
 from bdctl.job import Job, resolve_weights
-from bdctl.objectives.bellman import BellmanTerms, candidate_mask, dense_terms, lean_terms, released_lean_terms
+from bdctl.objectives.bellman import BellmanTerms, candidate_mask, dense_terms
+from bdctl.objectives.bellman_lean import lean_terms, released_lean_terms
 from bdctl.objectives.kd import exact_kd_loss, lean_sparse_kd_loss, mixed_kd_loss, teacher_probabilities
 from bdctl.objectives.lm import IGNORE_INDEX, lean_cross_entropy
 from bdctl.recipe.schema import DistillStage

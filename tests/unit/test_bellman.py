@@ -14,7 +14,8 @@ import math
 import pytest
 import torch
 
-from bdctl.objectives.bellman import dense_loss, dense_terms, lean_loss, lean_terms
+from bdctl.objectives.bellman import dense_loss, dense_terms
+from bdctl.objectives.bellman_lean import lean_loss, lean_terms
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -571,7 +572,8 @@ def random_sets(batch, frame, vocab, width, generator):
 @pytest.mark.parametrize("chi2", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_released_lean_terms_equal_the_dense_released_loss(chi2, dtype):
-    from bdctl.objectives.bellman import candidate_mask, released_lean_terms
+    from bdctl.objectives.bellman import candidate_mask
+    from bdctl.objectives.bellman_lean import released_lean_terms
 
     g = torch.Generator().manual_seed(0)
     batch, frame, width, vocab, slots = 3, 7, 8, 61, 6
@@ -605,7 +607,7 @@ def test_released_lean_terms_equal_the_dense_released_loss(chi2, dtype):
 def test_set_mass_is_the_students_probability_on_the_set():
     """Diagnostic: mean over kept transitions of sum_{a in A_t} softmax(z_t)(a), on the dense and
     the lean path (paper variant) and for the released variant."""
-    from bdctl.objectives.bellman import released_lean_terms
+    from bdctl.objectives.bellman_lean import released_lean_terms
 
     logits, mask, actions, valid, terminal, teacher = make_batch(21, V=9, p=0.6)
     kept = valid & (terminal | torch.cat([valid[:, 1:], torch.zeros_like(valid[:, :1])], dim=1))

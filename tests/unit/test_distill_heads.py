@@ -147,7 +147,7 @@ def test_nucleus_dstar_has_no_outside_action_on_every_architecture(arch, peak):
     """D* sampled with generate.top_p == cache_top_p (issue 11, METHOD.md 2.2): the logged
     outside_share of BD on it is exactly 0, including a barely trained teacher whose capped sets
     do not reach p."""
-    from bdctl.objectives.bellman import lean_terms
+    from bdctl.objectives.bellman_lean import lean_terms
 
     teacher = build_model(arch, peak=peak)
     prompts = make_prompts([4, 7, 5, 6], seed=5)
