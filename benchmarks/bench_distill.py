@@ -76,8 +76,8 @@ def synthetic_batch(args, generator):
     """Random sequences and candidate sets, collated by the stage's own collate_examples."""
     import numpy as np
 
+    from bdctl.distill_data import collate_examples
     from bdctl.sampling import Capture
-    from bdctl.stages.distill import collate_examples
 
     rng = np.random.default_rng(args.seed)
     eos, pad = args.vocab - 1, 0

@@ -98,9 +98,9 @@ def test_chat_template_end_to_end(chat_run, monkeypatch):
     import numpy as np
 
     from bdctl.data.prepare import read_split
+    from bdctl.distill_data import collate_examples, load_train_data, make_setup
     from bdctl.job import Job
     from bdctl.models import load_tokenizer, stop_id
-    from bdctl.stages.distill import collate_examples, load_train_data, make_setup
 
     monkeypatch.chdir(chat_run)  # the jobs name the run directory relative to where they ran
     run = chat_run / "runs" / "smoke"

@@ -40,10 +40,11 @@ def test_batches_align_the_response_frame_with_the_model():
     (METHOD.md section 1), computed here one example at a time; the count is the kept transitions."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from bdctl.objectives.bellman import dense_loss
+    from bdctl.distill_data import Setup, batch_count, collate_examples
+    from bdctl.objectives.bellman import candidate_mask, dense_loss
     from bdctl.recipe.schema import DistillStage
     from bdctl.sampling import Capture
-    from bdctl.stages.distill import Setup, batch_count, bd_terms, candidate_mask, collate_examples
+    from bdctl.stages.distill import bd_terms
 
     torch.manual_seed(0)
     vocab, eos, pad = 40, 0, 1

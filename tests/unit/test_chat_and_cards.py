@@ -97,7 +97,7 @@ def test_answers_stop_at_the_end_of_turn_and_leave_it_out(chat):
 def test_collated_terminal_transitions_are_the_stop_token():
     import numpy as np
 
-    from bdctl.stages.distill import collate_examples
+    from bdctl.distill_data import collate_examples
 
     end, eos = 7, 0
     examples = [([3, 4], np.array([5, 6, end]), None), ([3], np.array([5, eos, 6]), None)]

@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("bdctl.worker",),
     ("bdctl.stages",),
     ("bdctl.training", "bdctl.selection", "bdctl.answers", "bdctl.evalunits", "bdctl.sampling", "bdctl.cache",
-     "bdctl.rollouts", "bdctl.judges", "bdctl.metrics", "bdctl.report_sparsity"),
+     "bdctl.rollouts", "bdctl.judges", "bdctl.metrics", "bdctl.report_sparsity", "bdctl.distill_data"),
     ("bdctl.engine", "bdctl.models", "bdctl.sizes", "bdctl.modelcard", "bdctl.data"),
     ("bdctl.objectives",),
 ]  # fmt: skip
