@@ -15,11 +15,16 @@ from typing import Annotated
 
 import typer
 
+from bdctl.cli.completion import complete_recipe
 from bdctl.launch import LaunchOptions
 
 RecipeArg = Annotated[
-    str, typer.Argument(help="Recipe file, or a recipe name from recipes/ (e.g. smoke).", show_default=False)
-]
+    str,
+    typer.Argument(
+        help="Recipe file, or a recipe name from recipes/ (e.g. smoke).", show_default=False,
+        autocompletion=complete_recipe,
+    ),
+]  # fmt: skip
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a recipe value: key.path=value (repeatable).", show_default=False),
