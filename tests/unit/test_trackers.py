@@ -341,6 +341,19 @@ def test_report_to_becomes_a_set_override():
 # --------------------------------------------------------------------------- end to end
 
 
+def wait_for_checkpoint_and(process: subprocess.Popen, metrics: Path, step: int, timeout: float = 600) -> None:
+    """Until metrics.jsonl records a checkpoint and training step `step`."""
+    deadline = time.time() + timeout
+    while True:
+        assert process.poll() is None, "the first run ended before it was killed"
+        assert time.time() < deadline, "the first run did not get far enough in time"
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        records = [json.loads(line) for line in lines if line.endswith("}")]
+        if any(r["event"] == "checkpoint" for r in records) and any(r.get("step", 0) >= step for r in records):
+            return
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
 def test_sft_with_three_trackers_killed_and_resumed(tmp_path, shared_run, monkeypatch):
     """`bdctl sft` reporting to all three, SIGKILLed after a checkpoint, run again: the trackers hold
@@ -363,22 +376,11 @@ def test_sft_with_three_trackers_killed_and_resumed(tmp_path, shared_run, monkey
         [sys.executable, "-m", "bdctl", "sft", str(RECIPES / "smoke.yaml"), *settings], cwd=tmp_path, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
-    deadline = time.time() + 300
-    while True:  # until the step-4 checkpoint and one more step
-        assert process.poll() is None and time.time() < deadline, process.communicate()
-        records = (
-            [json.loads(line) for line in metrics.read_text().splitlines() if line.endswith("}")]
-            if metrics.exists()
-            else []
-        )
-        if (
-            any(r["event"] == "checkpoint" for r in records)
-            and max((r.get("step", 0) for r in records), default=0) >= 5
-        ):
-            break
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.communicate()
+    try:
+        wait_for_checkpoint_and(process, metrics, step=5)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the launcher and its rank, no chance to clean up
+        process.communicate()
     result = run_cli("sft", str(RECIPES / "smoke.yaml"), *settings, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming" in result.stderr + result.stdout
