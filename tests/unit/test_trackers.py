@@ -426,3 +426,16 @@ def test_report_to_names_an_uninstalled_tracker_before_anything_runs(tmp_path, m
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match=r"mlflow is not installed; install it with: pip install 'bdctl\[mlflow\]'"):
         plan("sft", str(RECIPES / "smoke.yaml"), ["tracking.report_to=[mlflow]"], {"model": "student"}, LaunchOptions())
+
+
+def test_generate_batches_are_numbered_as_steps(tmp_path):
+    """generate's records have no step: its batches are numbered 1, 2, ... and `done` gives the final numbers."""
+    stage_dir = make_stage(tmp_path / "runs/smoke", "generate", "tracking.report_to=[tensorboard]")
+    log = MetricsLog(stage_dir / "metrics.jsonl", enabled=True)
+    log.write(event="start", mode="generate", world_size=1, sequences=6)
+    for rows in (2, 2, 2):
+        log.write(event="batch", rows=rows, tokens=10 * rows, seconds=0.5, tokens_per_s=40.0 * rows)
+    log.write(event="done", seconds=1.5, sequences=6, tokens=60, bytes_per_token=12.5)
+    scalars = tensorboard_scalars(stage_dir / "tensorboard")
+    assert scalars["batch/tokens_per_s"] == {1: 80.0, 2: 80.0, 3: 80.0}
+    assert scalars["final/tokens"] == {3: 60.0} and scalars["final/bytes_per_token"] == {3: 12.5}
