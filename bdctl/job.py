@@ -45,7 +45,7 @@ class Job:
         """What a checkpoint of this stage must agree with to be resumed: the recipe as it
         affects this stage (other stages' settings and cosmetic fields excluded) and the options."""
         recipe = self.recipe.model_dump(mode="json")
-        for key in ("description", "run_dir"):
+        for key in ("description", "run_dir", "tracking"):  # tracking: a resume may add or drop a tracker
             recipe.pop(key)
         # the recipe section of the stage: distill/bd -> distill, score_train -> generate
         section = "generate" if self.stage_name.startswith(("score_", "generate-")) else self.stage_name.split("/")[0]

@@ -25,6 +25,7 @@ from bdctl.launch import LaunchOptions, dry_run_text, launch
 from bdctl.recipe import dump_recipe, load_recipe
 from bdctl.rundir import RunDir, clear_dir, manifest, stage_lock, write_text_atomic
 from bdctl.stages import Log, Stage, stage_module
+from bdctl.trackers import check_installed
 
 
 def wait_for_job(job: Job, job_file: Path, log, timeout: float | None = None) -> None:
@@ -51,6 +52,7 @@ def plan(
     stage: str, recipe_arg: str, overrides: list[str], options: dict[str, Any], launch_options: LaunchOptions
 ) -> Job:
     recipe, path = load_recipe(recipe_arg, overrides)
+    check_installed(recipe.tracking.report_to)  # before any rank starts, not at its first step
     run_root = str(RunDir.of(recipe).root)
     module = stage_module(stage)
     return Job(

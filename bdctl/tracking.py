@@ -1,4 +1,5 @@
-"""What a person watches: a rich progress bar on rank 0 and metrics as JSON lines."""
+"""What a person watches: a rich progress bar on rank 0, metrics as JSON lines, and the experiment
+trackers the recipe names (`tracking:`, bdctl.trackers), which receive the same records."""
 
 from __future__ import annotations
 
@@ -10,14 +11,36 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from rich.progress import Progress
 
+    from bdctl.trackers import Trackers
+
 
 class MetricsLog:
-    """Appends one JSON object per event to metrics.jsonl (rank 0 only; others write nothing)."""
+    """Appends one JSON object per event to metrics.jsonl (rank 0 only; others write nothing), and
+    hands each to the stage's experiment trackers.
+
+    The trackers come from the stage's job.json beside metrics.jsonl (its recipe's `tracking:`), so
+    a stage only builds a MetricsLog. They are opened at the first record with a step (after a
+    resume's `truncate_after`), and first receive what metrics.jsonl already holds.
+    """
 
     def __init__(self, path: Path, enabled: bool):
         self.path = path
         self.enabled = enabled
         self.start = time.time()
+        self._trackers: Trackers | None = None
+        self._tracking = enabled and (path.parent / "job.json").is_file()
+
+    def records(self) -> list[dict[str, Any]]:
+        """What metrics.jsonl holds (a line cut short by a kill is left out)."""
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
 
     def truncate_after(self, step: int) -> None:
         """Forget records of steps after `step` (they are about to be replayed by a resume)."""
@@ -26,6 +49,9 @@ class MetricsLog:
         lines = self.path.read_text().splitlines()
         kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
+        if self._trackers is not None:  # reopened at the next record, from the truncated file
+            self._trackers.close(finished=False)
+            self._trackers = None
 
     def write(self, **record: Any) -> None:
         if not self.enabled:
@@ -33,6 +59,28 @@ class MetricsLog:
         record = {"time": round(time.time() - self.start, 3), **record}
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self._tracking:
+            self._track(record)
+
+    def close(self) -> None:
+        """Close the trackers' runs (a stage's final record does it; atexit does it otherwise)."""
+        if self._trackers is not None:
+            self._trackers.close(finished=False)
+            self._trackers = None
+
+    def _track(self, record: dict[str, Any]) -> None:
+        from bdctl.trackers import FINAL_EVENTS, Trackers
+
+        if self._trackers is None:
+            if record.get("step") is None and record.get("event") not in (*FINAL_EVENTS, "batch"):
+                return  # e.g. "start", written before a resume truncates: the trackers read it from the file
+            # the history includes this record
+            self._trackers = Trackers.open(self.path.parent, self.records())
+            self._tracking = self._trackers is not None
+            return
+        self._trackers.send(record)
+        if record.get("event") in ("eval", "checkpoint"):
+            self._trackers.flush()
 
 
 class StepProgress:

@@ -15,6 +15,7 @@ from bdctl.cli import generate as generate_command
 from bdctl.cli import judge as judge_command
 from bdctl.cli import recipes as recipes_command
 from bdctl.cli import reproduce as reproduce_command
+from bdctl.cli import runs as runs_command
 from bdctl.cli import sft as sft_command
 
 app = typer.Typer(
@@ -22,7 +23,7 @@ app = typer.Typer(
     help="Bellman Distill: distil a teacher LM into a student with DeepSpeed ZeRO-3, from one recipe file.",
     no_args_is_help=True,
     rich_markup_mode="rich",
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bdctl/cli/completion.py)
     pretty_exceptions_enable=False,
 )
 
@@ -33,6 +34,7 @@ app.command("eval", epilog=eval_command.EXAMPLE)(eval_command.eval_)
 app.command("judge", epilog=judge_command.EXAMPLE)(judge_command.judge)
 app.command("reproduce", epilog=reproduce_command.EXAMPLE)(reproduce_command.reproduce)
 app.add_typer(recipes_command.app, name="recipes")
+app.command("runs", epilog=runs_command.EXAMPLE)(runs_command.runs)
 
 
 def _version(value: bool) -> None:

@@ -15,11 +15,16 @@ from typing import Annotated
 
 import typer
 
+from bdctl.cli.completion import complete_recipe
 from bdctl.launch import LaunchOptions
 
 RecipeArg = Annotated[
-    str, typer.Argument(help="Recipe file, or a recipe name from recipes/ (e.g. smoke).", show_default=False)
-]
+    str,
+    typer.Argument(
+        help="Recipe file, or a recipe name from recipes/ (e.g. smoke).", show_default=False,
+        autocompletion=complete_recipe,
+    ),
+]  # fmt: skip
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a recipe value: key.path=value (repeatable).", show_default=False),
@@ -88,8 +93,33 @@ LAUNCH_PARAMETERS = [
 ]  # fmt: skip
 
 
+REPORT_TO = inspect.Parameter(
+    "report_to", inspect.Parameter.KEYWORD_ONLY, default=None,
+    annotation=Annotated[list[str] | None, typer.Option(
+        "--report-to", show_default=False, metavar="TRACKER",
+        help="Experiment trackers for this command, instead of the recipe's tracking.report_to: tensorboard, wandb, "
+        "mlflow (repeatable or comma-separated), or none.",
+    )],
+)  # fmt: skip
+
+
+def report_to_override(values: list[str]) -> str:
+    """`--report-to` as the `--set` override it stands for (so the saved recipe says what was used)."""
+    from bdctl.errors import UserError
+    from bdctl.trackers import NAMES
+
+    names = [name.strip() for value in values for name in value.split(",") if name.strip()]
+    if names == ["none"]:
+        names = []
+    for name in names:
+        if name not in NAMES:
+            raise UserError(f"--report-to: unknown tracker {name!r} (expected any of {', '.join(NAMES)}, or none)")
+    return f"tracking.report_to=[{','.join(dict.fromkeys(names))}]"
+
+
 def job_command(func: Callable) -> Callable:
     """Give a command the launcher options; they reach it as one `launch: LaunchOptions` argument.
+    `--report-to` reaches it as one more `--set` override.
 
     Inside SLURM (srun/sbatch) the ranks come from SLURM's environment instead.
     """
@@ -99,8 +129,11 @@ def job_command(func: Callable) -> Callable:
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         options = {name: kwargs.pop(name) for name in names}
+        report_to = kwargs.pop(REPORT_TO.name)
         with user_errors():  # options that do not fit together (LaunchOptions checks them)
             launch = LaunchOptions(**options)
+            if report_to:
+                kwargs["set_"] = [*(kwargs.get("set_") or []), report_to_override(report_to)]
         return func(*args, launch=launch, **kwargs)
 
     # Resolve the command's (string) annotations in its own module, so typer sees real types.
@@ -110,10 +143,11 @@ def job_command(func: Callable) -> Callable:
         for p in signature.parameters.values()
         if p.name != "launch"
     ]
+    added = [REPORT_TO, *LAUNCH_PARAMETERS]
     # inspect.signature honours __signature__; typeshed does not declare it on functions
     wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
-        parameters=own + LAUNCH_PARAMETERS, return_annotation=None
+        parameters=own + added, return_annotation=None
     )
-    wrapper.__annotations__ = {p.name: p.annotation for p in own + LAUNCH_PARAMETERS}
+    wrapper.__annotations__ = {p.name: p.annotation for p in own + added}
     del wrapper.__wrapped__  # typer must read __signature__, not the wrapped function's
     return wrapper

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from bdctl.cli.common import ForceOpt, RecipeArg, SetOpt, job_command, say, user_errors
+from bdctl.cli.completion import complete_ablation
 from bdctl.launch import LaunchOptions
 
 EXAMPLE = """[bold]Examples[/]
@@ -45,6 +46,7 @@ def distill(
             help="Run one BD ablation of stages.distill.ablations (e.g. bd-p1.0, bd-chi2-off, bd-released) "
             "into runs/<name>/distill/<ablation>.",
             show_default=False,
+            autocompletion=complete_ablation,
         ),
     ] = None,
     set_: SetOpt = None,

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from bdctl.cli.common import RecipeArg, SetOpt, job_command, say, user_errors
+from bdctl.cli.completion import complete_model_stage
 from bdctl.launch import LaunchOptions
 
 EXAMPLE = """[bold]Examples[/]
@@ -22,6 +23,7 @@ ModelOpt = Annotated[
         "--model", "-m", show_default=False,
         help="A model to evaluate (repeatable): a stage (teacher_sft, student_sft, distill/bd: its export), "
         "a local Hugging Face directory or a hub id. Default: stages.eval.models.",
+        autocompletion=complete_model_stage,
     ),
 ]  # fmt: skip
 EvalForceOpt = Annotated[

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from bdctl.cli.common import RecipeArg, SetOpt, job_command, say, user_errors
+from bdctl.cli.completion import complete_pipeline_stage
 from bdctl.launch import LaunchOptions
 
 EXAMPLE = """[bold]Examples[/]
@@ -22,9 +23,18 @@ def reproduce(
     recipe: RecipeArg,
     set_: SetOpt = None,
     start: Annotated[
-        str | None, typer.Option("--from", help="Start at this stage (e.g. generate, distill/bd).", show_default=False)
+        str | None,
+        typer.Option(
+            "--from",
+            help="Start at this stage (e.g. generate, distill/bd).",
+            show_default=False,
+            autocompletion=complete_pipeline_stage,
+        ),
     ] = None,
-    only: Annotated[str | None, typer.Option("--only", help="Run just this stage.", show_default=False)] = None,
+    only: Annotated[
+        str | None,
+        typer.Option("--only", help="Run just this stage.", show_default=False, autocompletion=complete_pipeline_stage),
+    ] = None,
     *,
     launch: LaunchOptions,
 ) -> None:

@@ -209,6 +209,53 @@ class DeepSpeed(Section):
     )
 
 
+# --------------------------------------------------------------------------- experiment trackers
+
+
+TrackerName = Literal["tensorboard", "wandb", "mlflow"]
+
+
+class TensorBoardSettings(Section):
+    log_dir: str | None = Field(
+        None,
+        description="Where event files go: <log_dir>/<recipe>/<stage>/ (default: <stage directory>/tensorboard/, so "
+        "`tensorboard --logdir runs/<name>` shows every stage).",
+    )
+
+
+class WandbSettings(Section):
+    project: str = Field("bdctl", description="W&B project the runs go to.")
+    entity: str | None = Field(None, description="W&B entity (user or team; default: your default entity).")
+    mode: Literal["online", "offline"] | None = Field(
+        None,
+        description="online or offline (run files kept in <stage directory>/wandb/, upload later with `wandb sync`); "
+        "default: WANDB_MODE, else online (needs `wandb login` or WANDB_API_KEY).",
+    )
+    tags: list[str] = Field(default_factory=list, description="Tags added to every run of this recipe.")
+
+
+class MlflowSettings(Section):
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (a server http://host:5000, file:/path or databricks); default: "
+        "MLFLOW_TRACKING_URI, else a local file store in <run directory>/mlruns.",
+    )
+    experiment: str = Field("bdctl", description="MLflow experiment the runs go to (created if missing).")
+
+
+class Tracking(Section):
+    """Experiment trackers that receive what metrics.jsonl receives (rank 0 only)."""
+
+    report_to: list[TrackerName] = Field(
+        default_factory=list,
+        description="Trackers to send metrics to: any of tensorboard, wandb, mlflow (default: none; `--report-to` on "
+        "the command line overrides it). Each run is named <recipe>/<stage>; a resumed stage continues its run.",
+    )
+    tensorboard: TensorBoardSettings = Field(default_factory=TensorBoardSettings, description="TensorBoard settings.")
+    wandb: WandbSettings = Field(default_factory=WandbSettings, description="Weights & Biases settings.")
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings, description="MLflow settings.")
+
+
 # --------------------------------------------------------------------------- stages
 
 
@@ -615,6 +662,9 @@ class Recipe(Section):
     data: Data = Field(description="Instruction data, template, split and pretraining corpus.")
     deepspeed: DeepSpeed = Field(default_factory=DeepSpeed, description="ZeRO config and precision.")
     stages: Stages = Field(default_factory=Stages, description="Per-stage hyperparameters.")
+    tracking: Tracking = Field(
+        default_factory=Tracking, description="Experiment trackers (TensorBoard, W&B, MLflow); off by default."
+    )
     paper_rouge_l: dict[str, dict[str, float]] = Field(
         default_factory=dict,
         description="The paper's Rouge-L for this pair, shown beside ours in the report: model (a stages.eval.models "
