@@ -105,4 +105,4 @@ def _refuse_stage_typo(job: Job, ref: str) -> None:
         known += [f"distill/{p.name}" for p in sorted(distill.iterdir()) if p.is_dir()]
     close = difflib.get_close_matches(ref, known, n=1, cutoff=0.75)
     if close:
-        raise UserError(f"{ref}: no stage {ref} in {job.run.root} (did you mean {close[0]}?)")
+        raise UserError(f"no stage {ref} in {job.run.root} (did you mean {close[0]}?)")

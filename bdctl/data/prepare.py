@@ -87,7 +87,7 @@ def prepare_data(recipe: Recipe, run: RunDir, log=print) -> PreparedData:
     split = recipe.data.split
     if len(kept) <= split.valid + split.test:
         raise UserError(
-            f"data: {len(kept)} usable examples (of {len(examples)}: {_dropped_text(dropped)}) "
+            f"data: {len(kept)} usable examples (of {len(examples)}; dropped {_dropped_text(dropped)}) "
             f"leave nothing to train on after {split.valid} validation and {split.test} test examples"
         )
     random.Random(split.seed).shuffle(kept)
