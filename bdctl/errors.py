@@ -59,7 +59,9 @@ def user_error_from(exc: BaseException) -> UserError | None:
         where = f"{exc.filename} -> {exc.filename2}" if exc.filename2 is not None else f"{exc.filename}"
         return UserError(f"{where}: {reason}{hint}")
     if isinstance(exc, UnicodeDecodeError):
-        return UserError(f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); save the file as UTF-8")
+        return UserError(
+            f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); save the file as UTF-8"
+        )
     name = type(exc).__name__
     if name == "SafetensorError":
         return UserError(f"damaged safetensors weights ({_first_line(exc)}); copy or export the model again")

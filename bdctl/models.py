@@ -61,7 +61,9 @@ def load_tokenizer(path: str | Path, revision: str | None = None, template: obje
     if local is not None and not local.exists():
         raise UserError(f"{path}: no such tokenizer directory")
     if local is not None and local.is_dir() and not any(local.iterdir()):
-        raise UserError(f"{path}: empty directory, no tokenizer files (expected tokenizer.json or tokenizer_config.json)")
+        raise UserError(
+            f"{path}: empty directory, no tokenizer files (expected tokenizer.json or tokenizer_config.json)"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), revision=revision)
     except (OSError, ValueError) as exc:
@@ -331,7 +333,9 @@ def check_model_dir(path: str, what: str = "") -> None:
         raise UserError(f"{what}{path}: a file, not a model directory (expected a Hugging Face model directory)")
     names = {p.name for p in local.iterdir()}
     if not names:
-        raise UserError(f"{what}{path}: empty directory (expected a Hugging Face model: config.json, weights, tokenizer)")
+        raise UserError(
+            f"{what}{path}: empty directory (expected a Hugging Face model: config.json, weights, tokenizer)"
+        )
     if "config.json" not in names:
         raise UserError(f"{what}{path}: not a Hugging Face model directory (no config.json)")
     index = local / "model.safetensors.index.json"
@@ -350,7 +354,9 @@ def check_model_dir(path: str, what: str = "") -> None:
         import zipfile
 
         if not zipfile.is_zipfile(local / "pytorch_model.bin"):  # torch.save's format; truncation breaks it
-            raise UserError(f"{local / 'pytorch_model.bin'}: damaged or truncated weights; copy or export the model again")
+            raise UserError(
+                f"{local / 'pytorch_model.bin'}: damaged or truncated weights; copy or export the model again"
+            )
     elif not names & {"pytorch_model.bin.index.json", "model.safetensors.index.json"}:
         raise UserError(f"{what}{path}: no weights (expected model.safetensors or pytorch_model.bin)")
 

@@ -11,7 +11,7 @@ import inspect
 import sys
 import typing
 from collections.abc import Callable, Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -75,7 +75,7 @@ def _flags_without_type() -> None:
     if getattr(shown, "plain_flags", False):  # patched already
         return
 
-    def display_type_rich(self: TyperOption, ctx: typer.Context) -> str | None:
+    def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
         return None if self.is_flag and not self.count else shown(self, ctx)
 
     display_type_rich.plain_flags = True  # type: ignore[attr-defined]

@@ -65,8 +65,12 @@ def world(tmp_path_factory) -> Path:
 
     # A tiny Hugging Face model directory, and damaged copies of it.
     good = root / "models/good"
-    tokenizer = train_tokenizer([f"say {w} please" for w in ("hi", "yes", "no")] * 20, TokenizerTraining(vocab_size=300), good)
-    build_tiny_model(TinyModel(arch="gpt2", layers=1, hidden=32, heads=2, max_positions=128), tokenizer, 1).save_pretrained(good)
+    tokenizer = train_tokenizer(
+        [f"say {w} please" for w in ("hi", "yes", "no")] * 20, TokenizerTraining(vocab_size=300), good
+    )
+    build_tiny_model(
+        TinyModel(arch="gpt2", layers=1, hidden=32, heads=2, max_positions=128), tokenizer, 1
+    ).save_pretrained(good)
     weights = (good / "model.safetensors").read_bytes()
     for name, damage in {
         "truncated": lambda d: (d / "model.safetensors").write_bytes(weights[: len(weights) // 2]),
@@ -106,14 +110,30 @@ def world(tmp_path_factory) -> Path:
     (r / "a_list.yaml").write_text("- name\n- seed\n")
     (r / "latin.yaml").write_bytes(b"name: latin\ndescription: caf\xe9\n")
     for name in ("truncated", "garbage", "tiny_file", "no_config", "no_weights", "empty", "a_file", "good"):
-        recipe_file(r / f"teacher_{name}.yaml", models__teacher={"path": str(root / "models" / name)}, models__tokenizer={})
-    recipe_file(r / "teacher_missing.yaml", models__teacher={"path": str(root / "models/missing")}, models__tokenizer={})
-    for name in ("empty_responses", "malformed", "missing_field", "not_string", "empty", "few", "latin", "a_dir", "missing"):
+        recipe_file(
+            r / f"teacher_{name}.yaml", models__teacher={"path": str(root / "models" / name)}, models__tokenizer={}
+        )
+    recipe_file(
+        r / "teacher_missing.yaml", models__teacher={"path": str(root / "models/missing")}, models__tokenizer={}
+    )
+    for name in (
+        "empty_responses",
+        "malformed",
+        "missing_field",
+        "not_string",
+        "empty",
+        "few",
+        "latin",
+        "a_dir",
+        "missing",
+    ):
         recipe_file(r / f"data_{name}.yaml", data__source={"path": str(data / f"{name}.jsonl")})
     recipe_file(r / "data_object.yaml", data__source={"path": str(data / "object.json")})
     recipe_file(r / "data_table.yaml", data__source={"path": str(data / "table.csv")})
     recipe_file(r / "corpus_missing.yaml", data__pretrain={"path": str(data / "corpus.txt"), "block_size": 64})
-    recipe_file(r / "eval_set_missing.yaml", stages__eval={"sets": [{"name": "mine", "path": str(data / "nope.jsonl")}]})
+    recipe_file(
+        r / "eval_set_missing.yaml", stages__eval={"sets": [{"name": "mine", "path": str(data / "nope.jsonl")}]}
+    )
     (root / "a_file").write_text("a file where a directory should be\n")
     recipe_file(r / "run_dir_under_file.yaml", run_dir=str(root / "a_file/run"))
     recipe_file(r / "run_dir_is_file.yaml", run_dir=str(root / "a_file"))
@@ -129,7 +149,7 @@ class Case:
 
 
 def _c(name, args, culprit, prepared=False) -> Case:
-    as_fn = (lambda v: v if callable(v) else (lambda w: v))  # noqa: E731
+    as_fn = lambda v: v if callable(v) else (lambda w: v)  # noqa: E731
     return Case(name, as_fn(args), as_fn(culprit), prepared)
 
 
@@ -138,68 +158,278 @@ CASES = [
     # ---- recipes and --set
     _c("recipe file missing", ["sft", "nope.yaml"], "nope.yaml: recipe file not found"),
     _c("recipe name unknown", ["sft", "nosuchrecipe"], "nosuchrecipe: no such recipe file or name"),
-    _c("recipe is a directory", lambda w: ["sft", str(w / "data")], lambda w: f"{w / 'data'}: a directory, not a recipe file"),
+    _c(
+        "recipe is a directory",
+        lambda w: ["sft", str(w / "data")],
+        lambda w: f"{w / 'data'}: a directory, not a recipe file",
+    ),
     _c("recipe not YAML", lambda w: ["sft", str(w / "recipes/broken.yaml")], "broken.yaml: line 2: not valid YAML"),
-    _c("recipe a YAML list", lambda w: ["sft", str(w / "recipes/a_list.yaml")], "a recipe is a YAML mapping of keys, got list"),
-    _c("recipe not UTF-8", lambda w: ["sft", str(w / "recipes/latin.yaml")], "latin.yaml:2: not UTF-8 text (byte 0xe9)"),
-    _c("--set unknown key", ["sft", SMOKE, "--set", "stages.teacher_sft.lrr=1"], "stages.teacher_sft.lrr: unknown key (did you mean 'lr'?"),
-    _c("--set not a number", ["sft", SMOKE, "--set", "stages.teacher_sft.lr=fast"], "stages.teacher_sft.lr: expected a number, got 'fast'"),
-    _c("--set lr=.inf", ["sft", SMOKE, "--set", "stages.teacher_sft.lr=.inf"], "stages.teacher_sft.lr: expected a finite number, got inf"),
-    _c("--set lr=.nan", ["sft", SMOKE, "--set", "stages.teacher_sft.lr=.nan"], "stages.teacher_sft.lr: expected a finite number, got nan"),
-    _c("--set negative lr", ["sft", SMOKE, "--set", "stages.teacher_sft.lr=-1"], "stages.teacher_sft.lr: input should be greater than 0"),
-    _c("--set name empty", ["sft", SMOKE, "--set", 'name=""'], "(--set name=\"\"): name: expected a non-empty string"),
+    _c(
+        "recipe a YAML list",
+        lambda w: ["sft", str(w / "recipes/a_list.yaml")],
+        "a recipe is a YAML mapping of keys, got list",
+    ),
+    _c(
+        "recipe not UTF-8", lambda w: ["sft", str(w / "recipes/latin.yaml")], "latin.yaml:2: not UTF-8 text (byte 0xe9)"
+    ),
+    _c(
+        "--set unknown key",
+        ["sft", SMOKE, "--set", "stages.teacher_sft.lrr=1"],
+        "stages.teacher_sft.lrr: unknown key (did you mean 'lr'?",
+    ),
+    _c(
+        "--set not a number",
+        ["sft", SMOKE, "--set", "stages.teacher_sft.lr=fast"],
+        "stages.teacher_sft.lr: expected a number, got 'fast'",
+    ),
+    _c(
+        "--set lr=.inf",
+        ["sft", SMOKE, "--set", "stages.teacher_sft.lr=.inf"],
+        "stages.teacher_sft.lr: expected a finite number, got inf",
+    ),
+    _c(
+        "--set lr=.nan",
+        ["sft", SMOKE, "--set", "stages.teacher_sft.lr=.nan"],
+        "stages.teacher_sft.lr: expected a finite number, got nan",
+    ),
+    _c(
+        "--set negative lr",
+        ["sft", SMOKE, "--set", "stages.teacher_sft.lr=-1"],
+        "stages.teacher_sft.lr: input should be greater than 0",
+    ),
+    _c("--set name empty", ["sft", SMOKE, "--set", 'name=""'], '(--set name=""): name: expected a non-empty string'),
     _c("--set name a path", ["sft", SMOKE, "--set", "name=a/b"], "name: expected a directory name"),
     _c("--set name ..", ["sft", SMOKE, "--set", "name=.."], "name: expected a directory name"),
-    _c("--set without =", ["sft", SMOKE, "--set", "stages.teacher_sft.lr"], "--set stages.teacher_sft.lr: expected key.path=value"),
+    _c(
+        "--set without =",
+        ["sft", SMOKE, "--set", "stages.teacher_sft.lr"],
+        "--set stages.teacher_sft.lr: expected key.path=value",
+    ),
     _c("--set seed not an integer", ["sft", SMOKE, "--set", "seed=1.5"], "seed: expected an integer, got 1.5"),
-    _c("--set prompt longer than max", ["sft", SMOKE, "--set", "data.max_prompt_length=600"], "max_prompt_length must be smaller than max_length"),
-    _c("--set heads do not divide", ["sft", SMOKE, "--set", "models.teacher.tiny.heads=3"], "heads (3) must divide hidden (64)"),
+    _c(
+        "--set prompt longer than max",
+        ["sft", SMOKE, "--set", "data.max_prompt_length=600"],
+        "max_prompt_length must be smaller than max_length",
+    ),
+    _c(
+        "--set heads do not divide",
+        ["sft", SMOKE, "--set", "models.teacher.tiny.heads=3"],
+        "heads (3) must divide hidden (64)",
+    ),
     # ---- run directories
-    _c("run_dir under a file", lambda w: ["sft", str(w / "recipes/run_dir_under_file.yaml")], lambda w: f"{w / 'a_file'} is a file, not a directory"),
-    _c("run_dir is a file", lambda w: ["sft", str(w / "recipes/run_dir_is_file.yaml")], lambda w: f"{w / 'a_file'} is a file, not a directory"),
+    _c(
+        "run_dir under a file",
+        lambda w: ["sft", str(w / "recipes/run_dir_under_file.yaml")],
+        lambda w: f"{w / 'a_file'} is a file, not a directory",
+    ),
+    _c(
+        "run_dir is a file",
+        lambda w: ["sft", str(w / "recipes/run_dir_is_file.yaml")],
+        lambda w: f"{w / 'a_file'} is a file, not a directory",
+    ),
     # ---- data
-    _c("data file missing", lambda w: ["sft", str(w / "recipes/data_missing.yaml")], lambda w: f"{w / 'data/missing.jsonl'}: file not found"),
-    _c("data file a directory", lambda w: ["sft", str(w / "recipes/data_a_dir.yaml")], lambda w: f"{w / 'data/a_dir.jsonl'}: is a directory, not a data file"),
-    _c("data malformed JSON", lambda w: ["sft", str(w / "recipes/data_malformed.yaml")], "malformed.jsonl:2: malformed JSON line"),
-    _c("data missing field", lambda w: ["sft", str(w / "recipes/data_missing_field.yaml")], "missing_field.jsonl:1: missing field 'output'"),
-    _c("data field not a string", lambda w: ["sft", str(w / "recipes/data_not_string.yaml")], "not_string.jsonl:1: field 'output' should be a string, got int"),
-    _c("data not UTF-8", lambda w: ["sft", str(w / "recipes/data_latin.yaml")], "latin.jsonl:1: not UTF-8 text (byte 0xe9)"),
+    _c(
+        "data file missing",
+        lambda w: ["sft", str(w / "recipes/data_missing.yaml")],
+        lambda w: f"{w / 'data/missing.jsonl'}: file not found",
+    ),
+    _c(
+        "data file a directory",
+        lambda w: ["sft", str(w / "recipes/data_a_dir.yaml")],
+        lambda w: f"{w / 'data/a_dir.jsonl'}: is a directory, not a data file",
+    ),
+    _c(
+        "data malformed JSON",
+        lambda w: ["sft", str(w / "recipes/data_malformed.yaml")],
+        "malformed.jsonl:2: malformed JSON line",
+    ),
+    _c(
+        "data missing field",
+        lambda w: ["sft", str(w / "recipes/data_missing_field.yaml")],
+        "missing_field.jsonl:1: missing field 'output'",
+    ),
+    _c(
+        "data field not a string",
+        lambda w: ["sft", str(w / "recipes/data_not_string.yaml")],
+        "not_string.jsonl:1: field 'output' should be a string, got int",
+    ),
+    _c(
+        "data not UTF-8",
+        lambda w: ["sft", str(w / "recipes/data_latin.yaml")],
+        "latin.jsonl:1: not UTF-8 text (byte 0xe9)",
+    ),
     _c("data empty file", lambda w: ["sft", str(w / "recipes/data_empty.yaml")], "empty.jsonl has no examples"),
-    _c("data too few examples", lambda w: ["sft", str(w / "recipes/data_few.yaml")], "data: 10 usable examples (of 10; dropped none) leave nothing to train on after 32 validation"),
-    _c("data all responses empty", lambda w: ["sft", str(w / "recipes/data_empty_responses.yaml")], "every one of the 80 examples of"),
-    _c("data .json not a list", lambda w: ["sft", str(w / "recipes/data_object.yaml")], "object.json: expected a JSON list of records, got dict"),
-    _c("data unsupported type", lambda w: ["sft", str(w / "recipes/data_table.yaml")], "table.csv: unsupported file type '.csv'"),
-    _c("pretrain corpus missing", lambda w: ["sft", str(w / "recipes/corpus_missing.yaml")], lambda w: f"{w / 'data/corpus.txt'}: file not found"),
-    _c("eval set file missing", lambda w: ["eval", str(w / "recipes/eval_set_missing.yaml"), "--model", str(w / "models/good")], "nope.jsonl: file not found"),
+    _c(
+        "data too few examples",
+        lambda w: ["sft", str(w / "recipes/data_few.yaml")],
+        "data: 10 usable examples (of 10; dropped none) leave nothing to train on after 32 validation",
+    ),
+    _c(
+        "data all responses empty",
+        lambda w: ["sft", str(w / "recipes/data_empty_responses.yaml")],
+        "every one of the 80 examples of",
+    ),
+    _c(
+        "data .json not a list",
+        lambda w: ["sft", str(w / "recipes/data_object.yaml")],
+        "object.json: expected a JSON list of records, got dict",
+    ),
+    _c(
+        "data unsupported type",
+        lambda w: ["sft", str(w / "recipes/data_table.yaml")],
+        "table.csv: unsupported file type '.csv'",
+    ),
+    _c(
+        "pretrain corpus missing",
+        lambda w: ["sft", str(w / "recipes/corpus_missing.yaml")],
+        lambda w: f"{w / 'data/corpus.txt'}: file not found",
+    ),
+    _c(
+        "eval set file missing",
+        lambda w: ["eval", str(w / "recipes/eval_set_missing.yaml"), "--model", str(w / "models/good")],
+        "nope.jsonl: file not found",
+    ),
     # ---- model directories
-    _c("teacher dir missing", lambda w: ["sft", str(w / "recipes/teacher_missing.yaml")], lambda w: f"teacher model {w / 'models/missing'}: no such model directory"),
-    _c("teacher dir empty", lambda w: ["sft", str(w / "recipes/teacher_empty.yaml")], lambda w: f"teacher model {w / 'models/empty'}: empty directory"),
-    _c("teacher dir a file", lambda w: ["sft", str(w / "recipes/teacher_a_file.yaml")], lambda w: f"teacher model {w / 'models/a_file'}: a file, not a model directory"),
-    _c("teacher dir no config", lambda w: ["sft", str(w / "recipes/teacher_no_config.yaml")], "no_config: not a Hugging Face model directory (no config.json)"),
-    _c("teacher dir no weights", lambda w: ["sft", str(w / "recipes/teacher_no_weights.yaml")], "no_weights: no weights (expected model.safetensors"),
-    _c("teacher weights truncated", lambda w: ["sft", str(w / "recipes/teacher_truncated.yaml")], lambda w: f"{w / 'models/truncated/model.safetensors'}: damaged or truncated safetensors file"),
-    _c("teacher weights garbage", lambda w: ["sft", str(w / "recipes/teacher_garbage.yaml")], lambda w: f"{w / 'models/garbage/model.safetensors'}: damaged or truncated safetensors file"),
-    _c("teacher weights 2 bytes", lambda w: ["sft", str(w / "recipes/teacher_tiny_file.yaml")], "tiny_file/model.safetensors: damaged or truncated safetensors file (2 bytes"),
-    _c("eval --model truncated weights", lambda w: ["eval", SMOKE, "--model", str(w / "models/truncated")], "truncated/model.safetensors: damaged or truncated", True),
-    _c("eval --model missing dir", lambda w: ["eval", SMOKE, "--model", "./no/such/model"], "model ./no/such/model: no such directory", True),
-    _c("eval --model stage typo", ["eval", SMOKE, "--model", "teacher_sf"], "error: no stage teacher_sf in runs/smoke (did you mean teacher_sft?)", True),
-    _c("eval --model unfinished stage", ["eval", SMOKE, "--model", "student_sft"], "student_sft: that stage of runs/smoke has not finished; run it first", True),
-    _c("generate before teacher_sft", ["generate", SMOKE], "teacher_sft: that stage of runs/smoke has not finished", True),
+    _c(
+        "teacher dir missing",
+        lambda w: ["sft", str(w / "recipes/teacher_missing.yaml")],
+        lambda w: f"teacher model {w / 'models/missing'}: no such model directory",
+    ),
+    _c(
+        "teacher dir empty",
+        lambda w: ["sft", str(w / "recipes/teacher_empty.yaml")],
+        lambda w: f"teacher model {w / 'models/empty'}: empty directory",
+    ),
+    _c(
+        "teacher dir a file",
+        lambda w: ["sft", str(w / "recipes/teacher_a_file.yaml")],
+        lambda w: f"teacher model {w / 'models/a_file'}: a file, not a model directory",
+    ),
+    _c(
+        "teacher dir no config",
+        lambda w: ["sft", str(w / "recipes/teacher_no_config.yaml")],
+        "no_config: not a Hugging Face model directory (no config.json)",
+    ),
+    _c(
+        "teacher dir no weights",
+        lambda w: ["sft", str(w / "recipes/teacher_no_weights.yaml")],
+        "no_weights: no weights (expected model.safetensors",
+    ),
+    _c(
+        "teacher weights truncated",
+        lambda w: ["sft", str(w / "recipes/teacher_truncated.yaml")],
+        lambda w: f"{w / 'models/truncated/model.safetensors'}: damaged or truncated safetensors file",
+    ),
+    _c(
+        "teacher weights garbage",
+        lambda w: ["sft", str(w / "recipes/teacher_garbage.yaml")],
+        lambda w: f"{w / 'models/garbage/model.safetensors'}: damaged or truncated safetensors file",
+    ),
+    _c(
+        "teacher weights 2 bytes",
+        lambda w: ["sft", str(w / "recipes/teacher_tiny_file.yaml")],
+        "tiny_file/model.safetensors: damaged or truncated safetensors file (2 bytes",
+    ),
+    _c(
+        "eval --model truncated weights",
+        lambda w: ["eval", SMOKE, "--model", str(w / "models/truncated")],
+        "truncated/model.safetensors: damaged or truncated",
+        True,
+    ),
+    _c(
+        "eval --model missing dir",
+        lambda w: ["eval", SMOKE, "--model", "./no/such/model"],
+        "model ./no/such/model: no such directory",
+        True,
+    ),
+    _c(
+        "eval --model stage typo",
+        ["eval", SMOKE, "--model", "teacher_sf"],
+        "error: no stage teacher_sf in runs/smoke (did you mean teacher_sft?)",
+        True,
+    ),
+    _c(
+        "eval --model unfinished stage",
+        ["eval", SMOKE, "--model", "student_sft"],
+        "student_sft: that stage of runs/smoke has not finished; run it first",
+        True,
+    ),
+    _c(
+        "generate before teacher_sft",
+        ["generate", SMOKE],
+        "teacher_sft: that stage of runs/smoke has not finished",
+        True,
+    ),
     # ---- launcher options
-    _c("--master-port out of range", ["sft", SMOKE, "--master-port", "99999"], "--master-port 99999: expected a port number from 1 to 65535"),
-    _c("--node-rank beyond --nnodes", ["sft", SMOKE, "--nnodes", "2", "--node-rank", "5"], "--node-rank 5: expected a node rank from 0 to 1 (--nnodes 2)"),
+    _c(
+        "--master-port out of range",
+        ["sft", SMOKE, "--master-port", "99999"],
+        "--master-port 99999: expected a port number from 1 to 65535",
+    ),
+    _c(
+        "--node-rank beyond --nnodes",
+        ["sft", SMOKE, "--nnodes", "2", "--node-rank", "5"],
+        "--node-rank 5: expected a node rank from 0 to 1 (--nnodes 2)",
+    ),
     _c("hostfile missing", ["sft", SMOKE, "--hostfile", "no_hostfile"], "no_hostfile: hostfile not found"),
-    _c("hostfile bad line", lambda w: ["sft", SMOKE, "--hostfile", str(w / "hosts/bad_line")], "bad_line:1: expected 'hostname slots=N'"),
-    _c("hostfile no hosts", lambda w: ["sft", SMOKE, "--hostfile", str(w / "hosts/empty")], "the hostfile lists no hosts"),
-    _c("hostfile --include unknown", lambda w: ["sft", SMOKE, "--hostfile", str(w / "hosts/ok"), "--include", "elsewhere"], "--include/--exclude: "),
-    _c("hostfile host unresolvable", lambda w: ["sft", SMOKE, "--model", "student", "--hostfile", str(w / "hosts/unresolvable")], "host 'bdctl-no-such-host.invalid' does not resolve", True),
+    _c(
+        "hostfile bad line",
+        lambda w: ["sft", SMOKE, "--hostfile", str(w / "hosts/bad_line")],
+        "bad_line:1: expected 'hostname slots=N'",
+    ),
+    _c(
+        "hostfile no hosts",
+        lambda w: ["sft", SMOKE, "--hostfile", str(w / "hosts/empty")],
+        "the hostfile lists no hosts",
+    ),
+    _c(
+        "hostfile --include unknown",
+        lambda w: ["sft", SMOKE, "--hostfile", str(w / "hosts/ok"), "--include", "elsewhere"],
+        "--include/--exclude: ",
+    ),
+    _c(
+        "hostfile host unresolvable",
+        lambda w: ["sft", SMOKE, "--model", "student", "--hostfile", str(w / "hosts/unresolvable")],
+        "host 'bdctl-no-such-host.invalid' does not resolve",
+        True,
+    ),
     # ---- judge settings and endpoints
-    _c("judge candidate is a baseline", ["judge", SMOKE, "--candidate", "student_sft", "--baseline", "student_sft"], "the candidate 'student_sft' is also a baseline"),
-    _c("judge eval_set unknown", ["judge", SMOKE, "--set", "stages.judge.eval_set=nosuch"], "stages.judge.eval_set 'nosuch' is not one of stages.eval.sets"),
+    _c(
+        "judge candidate is a baseline",
+        ["judge", SMOKE, "--candidate", "student_sft", "--baseline", "student_sft"],
+        "the candidate 'student_sft' is also a baseline",
+    ),
+    _c(
+        "judge eval_set unknown",
+        ["judge", SMOKE, "--set", "stages.judge.eval_set=nosuch"],
+        "stages.judge.eval_set 'nosuch' is not one of stages.eval.sets",
+    ),
     _c("judge max_unparsed > 1", ["judge", SMOKE, "--set", "stages.judge.max_unparsed=2"], "stages.judge.max_unparsed"),
-    _c("judge API key unset", ["judge", SMOKE, "--backend", "openai", "--set", "stages.judge.api_key_env=BDCTL_NO_SUCH_KEY"], "environment variable BDCTL_NO_SUCH_KEY is empty or unset"),
-    _c("judge base_url not a URL", ["judge", SMOKE, "--backend", "openai", "--set", "stages.judge.base_url=localhost:9", "--set", "stages.judge.api_key_env=none"], "localhost:9"),
-    _c("judge candidate typo", ["judge", SMOKE, "--candidate", "teacher_sf", "--baseline", "student_sft"], "error: no stage teacher_sf in runs/smoke (did you mean teacher_sft?)", True),
+    _c(
+        "judge API key unset",
+        ["judge", SMOKE, "--backend", "openai", "--set", "stages.judge.api_key_env=BDCTL_NO_SUCH_KEY"],
+        "environment variable BDCTL_NO_SUCH_KEY is empty or unset",
+    ),
+    _c(
+        "judge base_url not a URL",
+        [
+            "judge",
+            SMOKE,
+            "--backend",
+            "openai",
+            "--set",
+            "stages.judge.base_url=localhost:9",
+            "--set",
+            "stages.judge.api_key_env=none",
+        ],
+        "localhost:9",
+    ),
+    _c(
+        "judge candidate typo",
+        ["judge", SMOKE, "--candidate", "teacher_sf", "--baseline", "student_sft"],
+        "error: no stage teacher_sf in runs/smoke (did you mean teacher_sft?)",
+        True,
+    ),
 ]
 
 
@@ -266,7 +496,9 @@ def test_recipes_list_shows_the_good_ones_and_marks_a_broken_one(tmp_path, cli) 
     assert "broken (broken)" in result.stdout and "not valid YAML" in result.stdout
     assert str(tmp_path / "recipes/mine.yaml") in result.stdout and "gpt2-1.5b-to-120m" in result.stdout
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: 1 recipe(s) do not load: {tmp_path / 'recipes/broken.yaml'} (their errors are in the table)"]
+    assert errors == [
+        f"error: 1 recipe(s) do not load: {tmp_path / 'recipes/broken.yaml'} (their errors are in the table)"
+    ]
 
 
 def test_flags_are_shown_as_flags(cli, tmp_path) -> None:
@@ -362,8 +594,9 @@ def test_rendezvous_timeout_errors_name_the_master(tmp_path) -> None:
     job_file.parent.mkdir()
     job_file.write_text("{}")
     for node in (1, 0):
-        argv = ["--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
-                "--master_port", str(port), "--rdzv_conf", "timeout=1", "-m", "bdctl.worker", str(job_file)]  # fmt: skip
+        argv = ["--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1", "--master_addr",
+                "127.0.0.1", "--master_port", str(port), "--rdzv_conf", "timeout=1", "-m", "bdctl.worker",
+                str(job_file)]  # fmt: skip
         assert _torchrun(argv) == 2
         message = (tmp_path / "stage/logs" / LAUNCH_FAILURE).read_text().strip()
         assert len(message.splitlines()) == 1 and "--rendezvous-timeout" in message

@@ -396,12 +396,16 @@ def test_sigterm_stops_the_judge_with_75_and_keeps_its_verdicts(evaluated, tmp_p
     root = copy_run(evaluated[0], tmp_path)
     verdicts = root / "runs/smoke/judge/verdicts.jsonl"
     with ChatServer(lambda body: Reply(content="A", delay_s=0.05)) as server:
-        args = [*PAIR, *EVAL, "--set", f"stages.judge.base_url={server.base_url}", "--set", "stages.judge.api_key_env=none",
-                "--set", "stages.judge.concurrency=1"]  # fmt: skip
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-        process = subprocess.Popen([sys.executable, "-m", "bdctl", "judge", SMOKE, "--backend", "openai", *args], cwd=root,
-                                   env={**env, "NO_COLOR": "1", "COLUMNS": "200"}, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)  # fmt: skip
+        args = [*PAIR, *EVAL, "--set", f"stages.judge.base_url={server.base_url}",
+                "--set", "stages.judge.api_key_env=none", "--set", "stages.judge.concurrency=1"]  # fmt: skip
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        }
+        command = [sys.executable, "-m", "bdctl", "judge", SMOKE, "--backend", "openai", *args]
+        process = subprocess.Popen(command, cwd=root, env={**env, "NO_COLOR": "1", "COLUMNS": "200"},
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
         deadline = time.time() + 300
         while not verdicts.is_file() or len(verdicts.read_text().splitlines()) < 5:
             assert process.poll() is None, process.communicate()
@@ -411,7 +415,9 @@ def test_sigterm_stops_the_judge_with_75_and_keeps_its_verdicts(evaluated, tmp_p
         _, stderr = process.communicate(timeout=120)
         assert process.returncode == 75, stderr[-3000:]
         lines = [line for line in stderr.splitlines() if line.strip()]
-        assert lines[-1].startswith("error: judge: stopped by SIGTERM; the verdicts it finished are kept in "), lines[-3:]
+        assert lines[-1].startswith("error: judge: stopped by SIGTERM; the verdicts it finished are kept in "), lines[
+            -3:
+        ]
         assert "Traceback" not in stderr and not (root / "runs/smoke/judge/MANIFEST.json").exists()
         kept = len(verdicts.read_text().splitlines())
         assert 5 <= kept < 64
