@@ -518,7 +518,7 @@ def test_a_rank_failure_is_one_line_with_its_traceback_in_the_rank_log(world, tm
     from safetensors.torch import load_file
 
     import bdctl.engine
-    import bdctl.job
+    import bdctl.stages
     from bdctl.errors import UserError
     from bdctl.launch import LaunchOptions, _failure_message
     from bdctl.submit import plan
@@ -536,7 +536,7 @@ def test_a_rank_failure_is_one_line_with_its_traceback_in_the_rank_log(world, tm
             load_file(world / "models/truncated/model.safetensors")
 
     monkeypatch.setattr(bdctl.engine, "init_distributed", lambda: (0, 1))
-    monkeypatch.setattr(bdctl.job, "stage_module", lambda stage: Stage)
+    monkeypatch.setattr(bdctl.stages, "stage_module", lambda stage: Stage)
     with pytest.raises(UserError, match=r"^damaged safetensors weights \(") as caught:
         run_job(job_file)
     assert len(str(caught.value).splitlines()) == 1
