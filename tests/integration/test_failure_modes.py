@@ -1,5 +1,6 @@
 """Bad input through the real CLI: one error line naming the culprit, exit 2, no traceback, and
-nothing left that looks complete. Every case here fails before any rank starts (seconds each)."""
+nothing left that looks complete. Every case but the last fails before any rank starts (seconds
+each); the last fails inside two ranks. tests/integration/test_bad_inputs.py has the table of the rest."""
 
 from __future__ import annotations
 
@@ -131,12 +132,13 @@ def test_weights_that_fail_inside_the_ranks_are_one_line(tmp_path):
     """Weights whose file is whole (the launching process's header check passes) but whose header
     lies about a tensor's type: both ranks fail to load them; the command shows the first failing
     rank's line naming the directory, no traceback, and no rank's output looks complete."""
+    from bdctl.data.synthetic import synthetic_instructions
     from bdctl.models import build_tiny_model, train_tokenizer
     from bdctl.recipe.schema import TinyModel, TokenizerTraining
 
     model = tmp_path / "teacher"
-    texts = [f"say {word} please" for word in ("hi", "yes", "no")] * 20
-    tokenizer = train_tokenizer(texts, TokenizerTraining(vocab_size=300), model)
+    texts = [" ".join(row.values()) for row in synthetic_instructions(400, seed=7)]  # the smoke prompts fit
+    tokenizer = train_tokenizer(texts, TokenizerTraining(vocab_size=512), model)
     spec = TinyModel(arch="gpt2", layers=1, hidden=32, heads=2, max_positions=128)
     build_tiny_model(spec, tokenizer, 1).save_pretrained(model)
     weights = model / "model.safetensors"
