@@ -111,7 +111,6 @@ _EXPECTED = {
     "dict_type": "expected a mapping of keys",
     "model_type": "expected a mapping of keys",
     "model_attributes_type": "expected a mapping of keys",
-    "finite_number": "expected a finite number",
     "string_too_short": "expected a non-empty string",
 }
 

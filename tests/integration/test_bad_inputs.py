@@ -185,12 +185,12 @@ CASES = [
     _c(
         "--set lr=.inf",
         ["sft", SMOKE, "--set", "stages.teacher_sft.lr=.inf"],
-        "stages.teacher_sft.lr: expected a finite number, got inf",
+        "stages.teacher_sft.lr: input should be a finite number, got inf",
     ),
     _c(
         "--set lr=.nan",
         ["sft", SMOKE, "--set", "stages.teacher_sft.lr=.nan"],
-        "stages.teacher_sft.lr: expected a finite number, got nan",
+        "stages.teacher_sft.lr: input should be a finite number, got nan",
     ),
     _c(
         "--set negative lr",
