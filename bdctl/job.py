@@ -91,4 +91,18 @@ def resolve_weights(job: Job, ref: str, role: str = "student") -> ModelSpec | Pa
         raise UserError(
             f"{ref}: that stage of {job.run.root} has not finished; run it first: {stage_command(ref, job.recipe_path)}"
         )
+    _refuse_stage_typo(job, ref)
     return ModelSpec(path=ref)
+
+
+def _refuse_stage_typo(job: Job, ref: str) -> None:
+    """A reference close to a stage name ("teacher_sf") is a typo, not a hub id to look up."""
+    import difflib
+
+    known = list(KNOWN_STAGE_DIRS)
+    distill = job.run.stage("distill")
+    if distill.is_dir():
+        known += [f"distill/{p.name}" for p in sorted(distill.iterdir()) if p.is_dir()]
+    close = difflib.get_close_matches(ref, known, n=1, cutoff=0.75)
+    if close:
+        raise UserError(f"no stage {ref} in {job.run.root} (did you mean {close[0]}?)")

@@ -39,6 +39,9 @@ class LaunchOptions:
     include: str | None = None
     exclude: str | None = None
     dry_run: bool = False
+    # Seconds each node of a multi-node job waits for the others at the master before it stops
+    # with a message (torchrun's own rendezvous waits 600 s in silence).
+    rendezvous_timeout: int = 600
 
     def __post_init__(self) -> None:
         """Options that cannot work together stop here, in one line: a node rank beyond the nodes
@@ -46,6 +49,8 @@ class LaunchOptions:
         surface as a launcher traceback."""
         if self.master_port is not None and not 1 <= self.master_port <= 65535:
             raise UserError(f"--master-port {self.master_port}: expected a port number from 1 to 65535")
+        if self.rendezvous_timeout < 1:
+            raise UserError(f"--rendezvous-timeout {self.rendezvous_timeout}: expected a number of seconds >= 1")
         if not 0 <= self.node_rank < self.nnodes:
             last = self.nnodes - 1
             raise UserError(
@@ -57,7 +62,7 @@ class LaunchOptions:
         args = []
         for name, default in (("nproc", 1), ("nnodes", 1), ("node_rank", 0), ("master_addr", "127.0.0.1"),
                               ("master_port", None), ("hostfile", None), ("include", None),
-                              ("exclude", None)):  # fmt: skip
+                              ("exclude", None), ("rendezvous_timeout", 600)):  # fmt: skip
             value = getattr(self, name)
             if value != default:
                 args += [f"--{name.replace('_', '-')}", str(value)]
@@ -167,6 +172,19 @@ def hostfile_resources(options: LaunchOptions) -> dict[str, list[int]]:
         raise UserError(f"--include/--exclude: {exc}") from None
 
 
+def check_hosts_resolve(options: LaunchOptions) -> None:
+    """Every host that will run ranks has an address: otherwise DeepSpeed's launcher would end in a
+    traceback (or ssh would hang on it) after the data was prepared."""
+    import socket
+
+    for host in hostfile_resources(options):
+        try:
+            socket.getaddrinfo(host, None)
+        except (socket.gaierror, UnicodeError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise UserError(f"{options.hostfile}: host {host!r} does not resolve ({reason}); fix its name") from None
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -184,11 +202,13 @@ def launcher_command(job_file: Path, options: LaunchOptions) -> list[str]:
             command += ["--master_addr", options.master_addr]
         return [*command, "--module", "bdctl.worker", str(job_file)]
     port = options.master_port or (29500 if options.nnodes > 1 else free_port())
+    # Across nodes, the rendezvous gives up after --rendezvous-timeout (`_torchrun` says why).
+    rendezvous = ["--rdzv_conf", f"timeout={options.rendezvous_timeout}"] if options.nnodes > 1 else []
     return [
         sys.executable, "-m", "bdctl.launch",
         "--nnodes", str(options.nnodes), "--node_rank", str(options.node_rank),
         "--nproc_per_node", str(options.nproc),
-        "--master_addr", options.master_addr, "--master_port", str(port),
+        "--master_addr", options.master_addr, "--master_port", str(port), *rendezvous,
         "-m", "bdctl.worker", str(job_file),
     ]  # fmt: skip
 
@@ -196,6 +216,7 @@ def launcher_command(job_file: Path, options: LaunchOptions) -> list[str]:
 def launch(job_file: Path, options: LaunchOptions) -> None:
     """Run the job on `options.nproc` ranks; a failure raises UserError with the rank's message."""
     flag_file = job_file.parent / PREEMPT
+    (job_file.parent / "logs" / LAUNCH_FAILURE).unlink(missing_ok=True)  # an earlier command's
     if options.is_primary:
         flag_file.unlink(missing_ok=True)  # a request an earlier command got was served by it
     with forward_preemption(flag_file):
@@ -206,7 +227,16 @@ def launch(job_file: Path, options: LaunchOptions) -> None:
                 os.environ.update({k: str(v) for k, v in _slurm_task().items()})
             run_job(job_file)
             return
+        if options.mode == "hostfile":
+            check_hosts_resolve(options)
         command = launcher_command(job_file, options)
+        if options.mode == "torchrun" and options.nnodes > 1:
+            port = command[command.index("--master_port") + 1]
+            print(
+                f"node {options.node_rank} of {options.nnodes}: waiting up to {options.rendezvous_timeout} s for all "
+                f"{options.nnodes} nodes at {options.master_addr}:{port} (--rendezvous-timeout)",
+                file=sys.stderr, flush=True,
+            )  # fmt: skip
         env = dict(os.environ)
         # torchrun would set 1 thread per rank and print a banner about it; share the cores instead.
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // options.nproc)))
@@ -256,8 +286,15 @@ def dry_run_text(job_file: Path, options: LaunchOptions) -> str:
 
 
 def _failure_message(stage_dir: Path, code: int) -> str:
-    """One line on why the job failed: the first failing rank's own error when it left one."""
+    """One line on why the job failed: the launcher's own reason (a rendezvous that failed), or
+    the first failing rank's own error when it left one. It names logs/ only if it exists: a
+    launcher that failed before any rank started wrote none."""
     logs = stage_dir / "logs"
+    launcher = logs / LAUNCH_FAILURE
+    if launcher.is_file():
+        return launcher.read_text().strip().splitlines()[0]
+    if not logs.is_dir():
+        return f"the job failed (exit code {code}) before any rank wrote a log; the launcher's output is above"
     first = logs / "first-failure.json"
     if first.is_file():
         failure = json.loads(first.read_text())
@@ -275,12 +312,45 @@ def _failure_message(stage_dir: Path, code: int) -> str:
     return f"the job failed (exit code {code}); the ranks' output is above, logs in {logs}"
 
 
+# Written by `_torchrun` when the launcher itself failed (no rank ran): one line for the CLI.
+LAUNCH_FAILURE = "launch-failure.txt"
+
+
+def rendezvous_message(exc: BaseException, args) -> str:
+    """A failed rendezvous in one line: which master address and port this node waited for, and
+    what to do. `args` are torchrun's parsed arguments."""
+    address = f"{args.master_addr}:{args.master_port}"
+    timeout = dict(item.split("=", 1) for item in args.rdzv_conf.split(",") if "=" in item).get("timeout", "600")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    nnodes = args.nnodes.split(":")[-1]
+    if int(args.node_rank) == 0:
+        return (
+            f"rendezvous: node 0 waited {timeout} s at {address} for {nnodes} nodes and not all came ({first}); "
+            f"start the same command on every other node with its --node-rank and --master-addr {args.master_addr} "
+            f"--master-port {args.master_port}, or wait longer with --rendezvous-timeout"
+        )
+    return (
+        f"rendezvous: node {args.node_rank} could not reach the master at {address} within {timeout} s ({first}); "
+        f"start node 0 (--node-rank 0) with the same command and check that {address} is reachable from here, "
+        "or wait longer with --rendezvous-timeout"
+    )
+
+
 def _torchrun(argv: list[str]) -> int:
+    from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.run import parse_args, run
 
+    args = parse_args(argv)
     try:
-        run(parse_args(argv))
+        run(args)
+    except (DistError, RendezvousError) as exc:
+        # No rank started: the nodes never met. Say where this node waited, not torchrun's traceback.
+        logs = Path(argv[-1]).parent / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        (logs / LAUNCH_FAILURE).write_text(rendezvous_message(exc, args) + "\n")
+        return 2
     except ChildFailedError as exc:
         # The first rank to fail says why; torchrun then stops the others with SIGTERM.
         rank, failure = exc.get_first_failure()
@@ -293,5 +363,20 @@ def _torchrun(argv: list[str]) -> int:
     return 0
 
 
+def _quiet_rendezvous() -> None:
+    """c10d logs every failed connection attempt to the master with a C++ stack trace; the
+    launcher says what went wrong in one line instead. The level is read when torch loads, so it
+    is set for this process only: the ranks it starts get the environment as it was."""
+    previous = os.environ.get("TORCH_CPP_LOG_LEVEL")
+    os.environ["TORCH_CPP_LOG_LEVEL"] = "FATAL"
+    import torch.distributed  # noqa: F401
+
+    if previous is None:
+        del os.environ["TORCH_CPP_LOG_LEVEL"]
+    else:
+        os.environ["TORCH_CPP_LOG_LEVEL"] = previous
+
+
 if __name__ == "__main__":
+    _quiet_rendezvous()
     sys.exit(_torchrun(sys.argv[1:]))

@@ -57,6 +57,13 @@ def load_tokenizer(path: str | Path, revision: str | None = None, template: obje
     """
     from transformers import AutoTokenizer
 
+    local = _local_dir(str(path))
+    if local is not None and not local.exists():
+        raise UserError(f"{path}: no such tokenizer directory")
+    if local is not None and local.is_dir() and not any(local.iterdir()):
+        raise UserError(
+            f"{path}: empty directory, no tokenizer files (expected tokenizer.json or tokenizer_config.json)"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), revision=revision)
     except (OSError, ValueError) as exc:
@@ -151,6 +158,7 @@ def check_vocabularies(recipe: Recipe, tokenizer, sources: Mapping[str, str | Pa
         if path is None:  # a tiny spec: built on the shared tokenizer, so it matches by construction
             sizes[role] = len(tokenizer)
             continue
+        check_model_dir(path, f"{role} model ")
         theirs = load_tokenizer(path, revision)
         if tokenizer_hash(theirs) != shared:
             raise UserError(
@@ -237,7 +245,9 @@ def load_model(source: str | Path | ModelSpec, tokenizer, seed: int):
             raise ValueError("a ModelSpec without a path is tiny: build_tiny_model builds it")
         try:
             model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=torch.float32)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # OSError, ValueError, safetensors' own error for damaged weights
+            if not isinstance(exc, (OSError, ValueError)) and type(exc).__name__ != "SafetensorError":
+                raise
             raise UserError(f"{path}: cannot load the model ({_first_line(exc)})") from None
     if model.config.model_type not in SUPPORTED_MODEL_TYPES:
         raise UserError(
@@ -256,6 +266,7 @@ def _read_config(source: str | Path | ModelSpec):
     path, revision = _path_of(source)
     if path is None:
         raise ValueError("a ModelSpec without a path is tiny: model_config gives its config")
+    check_model_dir(path)
     try:
         return AutoConfig.from_pretrained(path, revision=revision)
     except (OSError, ValueError) as exc:
@@ -289,6 +300,90 @@ def max_positions(source: str | Path | ModelSpec) -> int | None:
 def count_parameters(model) -> int:
     """Parameters of a model, also when ZeRO-3 has partitioned them (ds_numel is the full size)."""
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- local model directories
+
+# A safetensors header larger than this is not a header: the file is something else.
+_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+
+
+def _local_dir(path: str) -> Path | None:
+    """The directory a model reference names, or None for a hub id ("gpt2", "org/name").
+
+    Hub ids have at most one "/" and never start with "/", "." or "~"; anything else (or a path that
+    exists) is meant as a local directory, and a missing one must say so rather than fail as a
+    malformed hub id."""
+    candidate = Path(path).expanduser()
+    if candidate.exists() or path.startswith(("/", ".", "~")) or path.count("/") > 1 or path.endswith("/"):
+        return candidate
+    return None
+
+
+def check_model_dir(path: str, what: str = "") -> None:
+    """A local model directory that cannot load stops here, in one line naming the path or file,
+    before any rank starts: missing, a file, empty, no config.json, no weights, or weights whose
+    safetensors header is damaged or whose file is truncated. Reads headers only, never weights."""
+    local = _local_dir(path)
+    if local is None:
+        return
+    if not local.exists():
+        raise UserError(f"{what}{path}: no such model directory")
+    if not local.is_dir():
+        raise UserError(f"{what}{path}: a file, not a model directory (expected a Hugging Face model directory)")
+    names = {p.name for p in local.iterdir()}
+    if not names:
+        raise UserError(
+            f"{what}{path}: empty directory (expected a Hugging Face model: config.json, weights, tokenizer)"
+        )
+    if "config.json" not in names:
+        raise UserError(f"{what}{path}: not a Hugging Face model directory (no config.json)")
+    index = local / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{index}: damaged index (expected JSON with a weight_map)") from None
+        for shard in shards:
+            if not (local / shard).is_file():
+                raise UserError(f"{local / shard}: missing (named by {index.name})")
+            check_safetensors(local / shard)
+    elif "model.safetensors" in names:
+        check_safetensors(local / "model.safetensors")
+    elif "pytorch_model.bin" in names:
+        import zipfile
+
+        if not zipfile.is_zipfile(local / "pytorch_model.bin"):  # torch.save's format; truncation breaks it
+            raise UserError(
+                f"{local / 'pytorch_model.bin'}: damaged or truncated weights; copy or export the model again"
+            )
+    elif not names & {"pytorch_model.bin.index.json", "model.safetensors.index.json"}:
+        raise UserError(f"{what}{path}: no weights (expected model.safetensors or pytorch_model.bin)")
+
+
+def check_safetensors(file: Path) -> None:
+    """The file is a whole safetensors file: an 8-byte header length, a JSON header, and exactly
+    the tensor bytes the header promises (a copy cut short, or another file renamed, fails)."""
+    size = file.stat().st_size
+
+    def damaged(detail: str) -> UserError:
+        return UserError(f"{file}: damaged or truncated safetensors file ({detail}); copy or export the model again")
+
+    with file.open("rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise damaged(f"{size} bytes, shorter than the header length")
+        length = int.from_bytes(head, "little")
+        if length > min(size - 8, _MAX_SAFETENSORS_HEADER):
+            raise damaged(f"header of {length} bytes in a file of {size}")
+        try:
+            header = json.loads(handle.read(length))
+            ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"]
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+            raise damaged("unreadable header") from None
+    expected = 8 + length + max(ends, default=0)
+    if size != expected:
+        raise damaged(f"{size} bytes where its header describes {expected}")
 
 
 def _first_line(exc: BaseException) -> str:

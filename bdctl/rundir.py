@@ -129,7 +129,7 @@ def stage_lock(directory: Path) -> Iterator[None]:
     command left nothing in them; a killed holder's file is what the stale check is for. Taking it
     again in the same process (stages run in-process by tests) is a no-op.
     """
-    directory = directory.resolve()
+    given, directory = directory, directory.resolve()
     if directory in _HELD:
         yield
         return
@@ -138,7 +138,7 @@ def stage_lock(directory: Path) -> Iterator[None]:
         if parent.exists():
             break
         created.append(parent)
-    directory.mkdir(parents=True, exist_ok=True)
+    make_writable_dir(given)
     _acquire(directory / LOCK)
     _HELD.add(directory)
     try:
@@ -151,6 +151,28 @@ def stage_lock(directory: Path) -> Iterator[None]:
                 made.rmdir()
             except OSError:  # not empty: the command wrote there
                 break
+
+
+def make_writable_dir(directory: Path) -> None:
+    """Create `directory` (and its parents) where this process can write, or stop with one line
+    naming the path at fault: a parent that is a file, or a directory without write permission."""
+    for parent in [directory, *directory.parents]:
+        if parent.is_dir():
+            break
+        if parent.exists() or parent.is_symlink():
+            raise UserError(
+                f"{directory}: cannot create this directory: {parent} is a file, not a directory "
+                "(choose another run_dir, or move the file)"
+            )
+    else:
+        parent = Path(".")
+    target = parent if not directory.is_dir() else directory
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise UserError(f"{target}: no permission to write here (needed for {directory}; choose another run_dir)")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only or full file system
+        raise UserError(f"{directory}: cannot create this directory ({exc.strerror or exc})") from None
 
 
 def _acquire(path: Path) -> None:

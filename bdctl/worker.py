@@ -1,9 +1,12 @@
 """The per-rank entry point: `python -m bdctl.worker JOB.json` (or in-process for one rank).
 
-Joins the process group, sets up per-rank logging, runs the stage. A user error on any rank is
-written to logs/error-rank<R>.txt (the launching process shows it as one line) and ends the rank
-with the error's own exit code: 2 for bad input, 3 for a non-finite loss, 75 for a preempted run
-(`bdctl.errors.UserError.exit_code`). Any other error also keeps its traceback on stderr and exits 1.
+Joins the process group, sets up per-rank logging, runs the stage. A user-facing failure on any
+rank (a UserError, or what `bdctl.errors.user_error_from` maps to one: an unreadable or unwritable
+path, damaged weights, a failed rendezvous) is written as one line to logs/error-rank<R>.txt (the
+launching process shows the first failing rank's line) and ends the rank with the error's own exit
+code: 2 for bad input, 3 for a non-finite loss, 75 for a preempted run. Its traceback goes to the
+rank's log file (logs/rank<R>.log), never to the terminal. Any other error is a bug: its traceback
+goes to the log file and to stderr, and the rank exits 1.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from bdctl.errors import UserError
+from bdctl.errors import UserError, user_error_from
 
 
 def run_job(job_file: str | Path) -> None:
@@ -26,7 +29,8 @@ def run_job(job_file: str | Path) -> None:
     rank, world = init_distributed()
     logs = job.stage_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(logs / f"rank{rank}.log")
+    log_file = logs / f"rank{rank}.log"
+    handler = logging.FileHandler(log_file)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     logging.getLogger().addHandler(handler)
     logging.getLogger().setLevel(logging.INFO)
@@ -35,7 +39,14 @@ def run_job(job_file: str | Path) -> None:
     except UserError as exc:
         (logs / f"error-rank{rank}.txt").write_text(f"{exc}\n")
         raise
-    except BaseException as exc:
+    except Exception as exc:
+        handler.flush()
+        with log_file.open("a") as log:  # the whole story stays in the rank's log
+            log.write(traceback.format_exc())
+        error = user_error_from(exc)
+        if error is not None:
+            (logs / f"error-rank{rank}.txt").write_text(f"{error}\n")
+            raise error from exc
         (logs / f"error-rank{rank}.txt").write_text(f"rank {rank}: {type(exc).__name__}: {exc}\n")
         raise
     finally:
@@ -62,11 +73,18 @@ def main() -> int:
     try:
         run_job(sys.argv[1])
         _leave_process_group()  # a launched rank only: in-process callers may run further stages
-    except UserError as exc:
-        return exc.exit_code  # the launching process prints the message once
-    except BaseException:
-        traceback.print_exc()
-        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        error = user_error_from(exc)
+        if error is None:
+            traceback.print_exc()
+            return 1
+        if not isinstance(exc, UserError) and error.__cause__ is None:
+            # Failed before its logs existed (an unwritable stage directory): the launching
+            # process finds no error file, so the line goes to the terminal here.
+            print(f"rank failed: {error}", file=sys.stderr)
+        return error.exit_code  # otherwise the launching process prints the message once
     return 0
 
 

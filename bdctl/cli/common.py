@@ -11,7 +11,7 @@ import inspect
 import sys
 import typing
 from collections.abc import Callable, Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -47,21 +47,47 @@ def say(message: str) -> None:
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn a UserError into one red line on stderr and its exit code (2 for bad input, 3 for a
-    non-finite loss, 75 for a preempted run); Ctrl-C into exit 130."""
-    from bdctl.errors import UserError
+    """Turn a user-facing failure into one red line on stderr and its exit code (2 for bad input,
+    3 for a non-finite loss, 75 for a preempted run); Ctrl-C into exit 130.
+
+    Which exceptions count (a UserError, an unreadable or unwritable path, damaged weights, a
+    failed rendezvous) is decided in one place, `bdctl.errors.user_error_from`, which the ranks
+    use too; anything else is a bug and keeps its traceback."""
+    from bdctl.errors import user_error_from
 
     try:
         yield
-    except UserError as exc:
-        from rich.markup import escape
-
-        message = str(exc).splitlines()[0] if str(exc) else "error"
-        _console().print(f"[bold red]error:[/] {escape(message)}")
-        raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise typer.Exit(130) from None
+    except Exception as exc:
+        error = user_error_from(exc)
+        if error is None:
+            raise
+        from rich.markup import escape
+
+        message = str(error).splitlines()[0] if str(error) else "error"
+        _console().print(f"[bold red]error:[/] {escape(message)}")
+        raise typer.Exit(error.exit_code) from None
+
+
+def _flags_without_type() -> None:
+    """typer 0.29's rich help prints a flag's type (`--force <bool>`) although a flag takes no
+    value (`--force true` is refused): show flags as plain flags, as click's own help does."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "plain_flags", False):  # patched already
+        return
+
+    def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
+        return None if self.is_flag and not self.count else shown(self, ctx)
+
+    display_type_rich.plain_flags = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_without_type()
 
 
 _LAUNCH = "Launcher"
@@ -78,6 +104,9 @@ LAUNCH_PARAMETERS = [
         ("master_port", None, Annotated[int | None, typer.Option(
             "--master-port", help="Port on node 0 (default: a free one, 29500 across nodes).", show_default=False,
             rich_help_panel=_LAUNCH)]),
+        ("rendezvous_timeout", 600, Annotated[int, typer.Option(
+            "--rendezvous-timeout", min=1, help="Seconds each node of a multi-node job waits for the others at "
+            "--master-addr:--master-port before it stops with a message.", rich_help_panel=_LAUNCH)]),
         ("hostfile", None, Annotated[str | None, typer.Option(
             "--hostfile", help="DeepSpeed hostfile ('host slots=N' lines): launch over ssh with DeepSpeed's launcher.",
             show_default=False, rich_help_panel=_LAUNCH)]),

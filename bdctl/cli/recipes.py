@@ -19,19 +19,34 @@ app = typer.Typer(help="List the recipes, or show one: resolved settings, stages
 
 @app.command("list", epilog=EXAMPLE)
 def list_() -> None:
-    """The recipes in ./recipes and the project's recipes/, with their one-line descriptions."""
+    """The recipes in ./recipes and the project's recipes/, with their one-line descriptions.
+
+    A recipe that does not load is listed too, marked broken with its one-line error (the others
+    stay usable); the command then exits 2.
+    """
     with user_errors():
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
 
+        from bdctl.errors import UserError
         from bdctl.recipe import load_recipe, recipe_dirs
 
         table = Table("name", "description", "file")
+        broken = []
         for directory in recipe_dirs():
             for path in sorted(directory.glob("*.yaml")):
-                recipe, _ = load_recipe(str(path))
-                table.add_row(recipe.name, recipe.description, str(path))
+                try:
+                    recipe, _ = load_recipe(str(path))
+                except UserError as exc:
+                    broken.append(path)
+                    table.add_row(f"[red]{escape(path.stem)} (broken)[/]", f"[red]{escape(str(exc))}[/]", str(path))
+                    continue
+                table.add_row(escape(recipe.name), escape(recipe.description), str(path))
         Console().print(table)
+        if broken:
+            names = ", ".join(str(path) for path in broken)
+            raise UserError(f"{len(broken)} recipe(s) do not load: {names} (their errors are in the table)")
 
 
 @app.command("show", epilog=EXAMPLE)

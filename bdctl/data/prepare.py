@@ -9,6 +9,11 @@ every later stage reads the same files:
 
 Over-long examples (prompt over `max_prompt_length`, or prompt + response + EOS (with data.template:
 chat, the end-of-turn token) over `max_length` tokens) are dropped before splitting, as MiniLLM does, and counted.
+Two more kinds are dropped and counted (beyond the paper, which does not say): examples whose response
+is empty (they teach only "stop at once"; a source where no example has a response is refused), and
+examples far longer in characters than `max_length` tokens could hold, before any tokenizer sees
+them: training a BPE on one pathological record (a long text without a space) takes time quadratic in
+its length.
 """
 
 from __future__ import annotations
@@ -25,11 +30,18 @@ from typing import Any
 from bdctl.data.sources import read_hub, read_records, read_texts, to_instruction
 from bdctl.data.template import CHAT, render_prompt
 from bdctl.errors import UserError
-from bdctl.models import load_tokenizer, tokenizer_hash, tokenizer_source, train_tokenizer
+from bdctl.models import check_model_dir, load_tokenizer, tokenizer_hash, tokenizer_source, train_tokenizer
 from bdctl.recipe.schema import Recipe
 from bdctl.rundir import RunDir, manifest, mark_complete, write_json_atomic, write_text_atomic
 
 SPLITS = ("train", "valid", "test")
+
+# An example with more characters than max_length x this cannot fit max_length tokens: byte-level
+# tokens of text average about 4 characters, and the longest in common vocabularies are a few dozen.
+MAX_CHARS_PER_TOKEN = 32
+# Pretraining documents are cut to this many characters for tokenizer training only (a prefix says
+# enough about a document's words; BPE training is quadratic in the length of a word).
+TOKENIZER_TEXT_CHARS = 8192
 
 
 @dataclass
@@ -63,16 +75,19 @@ def prepare_data(recipe: Recipe, run: RunDir, log=print) -> PreparedData:
         return PreparedData(run.data, done["counts"], done["tokenizer_hash"])
 
     if recipe.data.template == CHAT:  # prompts are rendered with the tokenizer's own chat template
-        tokenizer = _make_tokenizer(recipe, run, [])
+        tokenizer, cut = _make_tokenizer(recipe, run, [])
         examples = load_instructions(recipe, tokenizer)
+        usable, dropped = _drop_unusable(recipe, examples)
     else:
         examples = load_instructions(recipe)
-        tokenizer = _make_tokenizer(recipe, run, examples)
-    kept, dropped = _drop_overlong(recipe, tokenizer, examples)
+        usable, dropped = _drop_unusable(recipe, examples)
+        tokenizer, cut = _make_tokenizer(recipe, run, usable)
+    kept, overlong = _drop_overlong(recipe, tokenizer, usable)
+    dropped = {**overlong, **dropped}
     split = recipe.data.split
     if len(kept) <= split.valid + split.test:
         raise UserError(
-            f"data: {len(kept)} usable examples (of {len(examples)}, {sum(dropped.values())} too long) "
+            f"data: {len(kept)} usable examples (of {len(examples)}; dropped {_dropped_text(dropped)}) "
             f"leave nothing to train on after {split.valid} validation and {split.test} test examples"
         )
     random.Random(split.seed).shuffle(kept)
@@ -86,13 +101,13 @@ def prepare_data(recipe: Recipe, run: RunDir, log=print) -> PreparedData:
     for name, rows in parts.items():
         write_text_atomic(run.data / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     counts = {name: len(rows) for name, rows in parts.items()}
-    report = {"source_examples": len(examples), "dropped": dropped, **counts}
+    report = {"source_examples": len(examples), "dropped": dropped, "tokenizer_texts_cut": cut, **counts}
     write_json_atomic(run.data / "split.json", report)
     digest = tokenizer_hash(tokenizer)
     mark_complete(run.data, fingerprint=fingerprint, counts=counts, tokenizer_hash=digest)
     log(
-        f"data: {len(examples)} examples, dropped {dropped['prompt_too_long']} with long prompts and "
-        f"{dropped['too_long']} too long; train {counts['train']} / valid {counts['valid']} / test {counts['test']}"
+        f"data: {len(examples)} examples, dropped {_dropped_text(dropped)}; "
+        f"train {counts['train']} / valid {counts['valid']} / test {counts['test']}"
     )
     return PreparedData(run.data, counts, digest)
 
@@ -146,7 +161,34 @@ def corpus_texts(recipe: Recipe, limit: int | None = None):
     return (row[corpus.text_field] for _, row in rows)
 
 
+def _drop_unusable(recipe: Recipe, examples: list[dict]) -> tuple[list[dict], dict[str, int]]:
+    """Examples no tokenizer needs to see: an empty response, or text far beyond max_length."""
+    limit = recipe.data.max_length * MAX_CHARS_PER_TOKEN
+    kept, dropped = [], {"empty_output": 0, "text_too_long": 0}
+    for example in examples:
+        if not example["output"].strip():
+            dropped["empty_output"] += 1
+        elif len(example["prompt"]) + len(example["output"]) > limit:
+            dropped["text_too_long"] += 1
+        else:
+            kept.append(example)
+    if dropped["empty_output"] == len(examples):
+        source = recipe.data.source
+        raise UserError(
+            f"data: every one of the {len(examples)} examples of {source.path or source.hub} has an empty response "
+            f"(field {source.fields.output!r}): nothing to train on; check data.source.fields.output"
+        )
+    return kept, dropped
+
+
+def _dropped_text(dropped: dict[str, int]) -> str:
+    words = {"prompt_too_long": "with long prompts", "too_long": "too long", "empty_output": "with empty responses",
+             "text_too_long": f"over {MAX_CHARS_PER_TOKEN} characters per max_length token"}  # fmt: skip
+    return ", ".join(f"{count} {words[name]}" for name, count in dropped.items() if count) or "none"
+
+
 def _make_tokenizer(recipe: Recipe, run: RunDir, examples: list[dict]):
+    """The shared tokenizer, and how many texts were cut to TOKENIZER_TEXT_CHARS to train it."""
     if run.tokenizer.exists():
         shutil.rmtree(run.tokenizer)  # written by an interrupted attempt, or for other settings
     source = tokenizer_source(recipe)
@@ -158,10 +200,14 @@ def _make_tokenizer(recipe: Recipe, run: RunDir, examples: list[dict]):
     if source is None:
         texts = [e["prompt"] + e["output"] for e in examples] + list(corpus_texts(recipe))
         assert recipe.models.tokenizer.train is not None  # tokenizer_source is None only when training one
-        return train_tokenizer(texts, recipe.models.tokenizer.train, run.tokenizer)
+        cut = sum(len(text) > TOKENIZER_TEXT_CHARS for text in texts)
+        texts = [text[:TOKENIZER_TEXT_CHARS] for text in texts]
+        return train_tokenizer(texts, recipe.models.tokenizer.train, run.tokenizer), cut
+    if recipe.models.tokenizer.path is None:  # the teacher's own: say so when its directory is at fault
+        check_model_dir(source[0], "teacher model ")
     tokenizer = load_tokenizer(*source, template=recipe.data.template)  # chat: one line if it has no template
     tokenizer.save_pretrained(run.tokenizer)  # ranks and later stages read this copy
-    return tokenizer
+    return tokenizer, 0
 
 
 def _drop_overlong(recipe: Recipe, tokenizer, examples: list[dict]) -> tuple[list[dict], dict[str, int]]:

@@ -34,6 +34,8 @@ def find_recipe(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise UserError(f"{name_or_path}: a directory, not a recipe file (expected a .yaml file or a recipe name)")
     if path.suffix in (".yaml", ".yml") or "/" in name_or_path:
         raise UserError(f"{name_or_path}: recipe file not found")
     for directory in recipe_dirs():
@@ -109,6 +111,7 @@ _EXPECTED = {
     "dict_type": "expected a mapping of keys",
     "model_type": "expected a mapping of keys",
     "model_attributes_type": "expected a mapping of keys",
+    "string_too_short": "expected a non-empty string",
 }
 
 

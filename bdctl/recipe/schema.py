@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 #: Times a request is asked in all while its reply is not A, B or Tie. A sampling or overloaded
 #: endpoint often answers properly on another try; a deterministic one repeats itself, so more
@@ -20,9 +20,10 @@ PARSE_TRIES = 3
 
 
 class Section(BaseModel):
-    """Base of every recipe section: unknown keys are errors, values are checked on assignment."""
+    """Base of every recipe section: unknown keys are errors, values are checked on assignment,
+    and numbers are finite (`lr: .inf` would only surface later as a non-finite loss)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _exactly_one(section: BaseModel, names: tuple[str, ...], what: str) -> None:
@@ -654,7 +655,10 @@ class Stages(Section):
 class Recipe(Section):
     """A teacher/student pair and every stage of the pipeline."""
 
-    name: str = Field(description="Recipe name; the default run directory is runs/<name>.")
+    name: str = Field(
+        description="Recipe name; the default run directory is runs/<name>: letters, digits, '.', '_', '-'.",
+        min_length=1,
+    )
     description: str = Field("", description="One line on what this recipe reproduces.")
     seed: int = Field(1234, description="Seed of model initialisation, data order and sampling.")
     run_dir: str | None = Field(None, description="Where outputs go (default runs/<name>).")
@@ -675,6 +679,16 @@ class Recipe(Section):
         description="Which sampling protocol produced each paper_rouge_l model's numbers, shown beside them: a "
         "stages.eval protocol name, or a few words where it is not known (e.g. 'not stated').",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        """The name is a directory under runs/: not empty (the run would be runs/ itself), not a path."""
+        if not name.strip() or name.strip(".") == "" or "/" in name or "\\" in name or name != name.strip():
+            raise ValueError(
+                f"expected a directory name (letters, digits, '.', '_', '-'), got {name!r}; it names runs/<name>"
+            )
+        return name
 
     @model_validator(mode="after")
     def _check_references(self) -> Recipe:

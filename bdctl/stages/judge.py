@@ -35,11 +35,13 @@ rates (`bdctl.judges.stats`): its 50 % is position noise, not a tie.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shlex
 import shutil
+import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -59,6 +61,7 @@ from bdctl.evalunits import (
 from bdctl.job import Job
 from bdctl.recipe.schema import JudgeStage
 from bdctl.rundir import MANIFEST, mark_complete, write_json_atomic, write_text_atomic
+from bdctl.training import PREEMPTED_EXIT_CODE
 
 if TYPE_CHECKING:
     from bdctl.judges.hf_backend import HFJudge  # loaded lazily: it brings torch
@@ -88,7 +91,8 @@ REUSES_FINISHED = True
 
 
 def run_in_process(job: Job, log: Callable[[str], None]) -> None:
-    run(job, 0, 1, log)
+    with _stop_on_signal(job.stage_dir / VERDICTS_FILE):
+        run(job, 0, 1, log)
 
 
 def also_locks(job: Job) -> list[Path]:
@@ -101,6 +105,38 @@ def begin(job: Job, force: bool, log: Callable[[str], None]) -> bool:
     if force:
         (job.stage_dir / VERDICTS_FILE).unlink(missing_ok=True)
     return True
+
+
+class JudgeStopped(UserError):
+    """SIGTERM / SIGUSR1 stopped the judge; the verdicts it finished are in the cache."""
+
+    exit_code = PREEMPTED_EXIT_CODE
+
+
+@contextlib.contextmanager
+def _stop_on_signal(verdicts: Path):
+    """SIGTERM or SIGUSR1 (a scheduler's preemption) stops the judge at once with exit 75 and one
+    line, like a preempted eval: every verdict it finished is already in the append-only cache, so
+    the same command continues where it stopped. Without this the process died of the signal
+    with -15 and no word."""
+
+    def handle(signum: int, frame: object) -> None:
+        raise JudgeStopped(
+            f"judge: stopped by {signal.Signals(signum).name}; the verdicts it finished are kept in {verdicts}: "
+            "run the same command again to judge the rest"
+        )
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        try:
+            previous[sig] = signal.signal(sig, handle)
+        except ValueError:  # not the main thread (a test runner's)
+            pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def discard_results(out: Path) -> None:

@@ -385,6 +385,47 @@ def test_failing_endpoint_keeps_finished_verdicts(evaluated, tmp_path, monkeypat
     assert (out / "table.csv").read_text().splitlines()[1].endswith(",0.0,1.0,True")
 
 
+def test_sigterm_stops_the_judge_with_75_and_keeps_its_verdicts(evaluated, tmp_path):
+    """Like eval: SIGTERM is a preemption (exit 75, one line), not a death by signal (-15)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = copy_run(evaluated[0], tmp_path)
+    verdicts = root / "runs/smoke/judge/verdicts.jsonl"
+    with ChatServer(lambda body: Reply(content="A", delay_s=0.05)) as server:
+        args = [*PAIR, *EVAL, "--set", f"stages.judge.base_url={server.base_url}",
+                "--set", "stages.judge.api_key_env=none", "--set", "stages.judge.concurrency=1"]  # fmt: skip
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        }
+        command = [sys.executable, "-m", "bdctl", "judge", SMOKE, "--backend", "openai", *args]
+        process = subprocess.Popen(command, cwd=root, env={**env, "NO_COLOR": "1", "COLUMNS": "200"},
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        deadline = time.time() + 300
+        while not verdicts.is_file() or len(verdicts.read_text().splitlines()) < 5:
+            assert process.poll() is None, process.communicate()
+            assert time.time() < deadline, "no verdict in time"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 75, stderr[-3000:]
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert lines[-1].startswith("error: judge: stopped by SIGTERM; the verdicts it finished are kept in "), lines[
+            -3:
+        ]
+        assert "Traceback" not in stderr and not (root / "runs/smoke/judge/MANIFEST.json").exists()
+        kept = len(verdicts.read_text().splitlines())
+        assert 5 <= kept < 64
+        before = server.count
+        ok(run_cli("judge", SMOKE, "--backend", "openai", *args, cwd=root))
+        assert server.count - before == 64 - kept  # the rerun asks only what was not finished
+
+
 @pytest.mark.slow
 def test_unparsed_verdicts_and_a_failed_force_leave_no_results(evaluated, tmp_path):
     """A judge that answers "Maybe" fails the stage (never cached, so the repaired endpoint is

@@ -1,5 +1,6 @@
 """Bad input through the real CLI: one error line naming the culprit, exit 2, no traceback, and
-nothing left that looks complete. Every case here fails before any rank starts (seconds each)."""
+nothing left that looks complete. Every case but the last fails before any rank starts (seconds
+each); the last fails inside two ranks. tests/integration/test_bad_inputs.py has the table of the rest."""
 
 from __future__ import annotations
 
@@ -122,3 +123,33 @@ def test_a_stale_lock_is_taken_over(tmp_path):
         run_cli("eval", str(recipe), cwd=tmp_path), f"{data}:1: eval set 'noref' has no reference answers"
     )
     assert not (stage / "LOCK").exists()
+
+
+# --------------------------------------------------------------------------- failures inside ranks
+
+
+def test_weights_that_fail_inside_the_ranks_are_one_line(tmp_path):
+    """Weights whose file is whole (the launching process's header check passes) but whose header
+    lies about a tensor's type: both ranks fail to load them; the command shows the first failing
+    rank's line naming the directory, no traceback, and no rank's output looks complete."""
+    from bdctl.data.synthetic import synthetic_instructions
+    from bdctl.models import build_tiny_model, train_tokenizer
+    from bdctl.recipe.schema import TinyModel, TokenizerTraining
+
+    model = tmp_path / "teacher"
+    texts = [" ".join(row.values()) for row in synthetic_instructions(400, seed=7)]  # the smoke prompts fit
+    tokenizer = train_tokenizer(texts, TokenizerTraining(vocab_size=512), model)
+    spec = TinyModel(arch="gpt2", layers=1, hidden=32, heads=2, max_positions=128)
+    build_tiny_model(spec, tokenizer, 1).save_pretrained(model)
+    weights = model / "model.safetensors"
+    data = weights.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = data[8 : 8 + length].replace(b'"dtype":"F32"', b'"dtype":"F16"', 1)  # same size, wrong type
+    weights.write_bytes(data[:8] + header + data[8 + length :])
+    recipe = write_recipe(tmp_path / "r.yaml", models__teacher={"path": str(model)}, models__tokenizer={})
+    result = run_cli("sft", str(recipe), "--model", "teacher", "--nproc", "2", cwd=tmp_path)
+    assert_user_error(result, f"{model}: cannot load the model (Error while deserializing header")
+    assert "Traceback" not in result.stdout
+    stage = tmp_path / "runs/smoke/teacher_sft"
+    assert (stage / "logs/rank0.log").is_file() and not (stage / "MANIFEST.json").exists()
+    assert not (tmp_path / "runs/smoke/recipe.yaml").exists()

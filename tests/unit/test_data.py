@@ -120,7 +120,7 @@ def test_overlong_examples_are_dropped_and_counted(tmp_path):
     )
     prepare_data(recipe, RunDir(tmp_path / "run"), log=lambda *_: None)
     report = json.loads((tmp_path / "run/data/split.json").read_text())
-    assert report["dropped"] == {"prompt_too_long": 1, "too_long": 1}
+    assert report["dropped"] == {"prompt_too_long": 1, "too_long": 1, "empty_output": 0, "text_too_long": 0}
     assert report["train"] == 48
 
 

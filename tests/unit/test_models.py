@@ -63,7 +63,7 @@ def test_load_model_from_a_local_directory(arch, tiny_tokenizer, tmp_path):
 def test_missing_model_and_tokenizer_are_user_errors(tmp_path):
     with pytest.raises(UserError, match=rf"^{tmp_path / 'nope'}: cannot load the model"):
         load_model(tmp_path / "nope", None, seed=0)
-    with pytest.raises(UserError, match=rf"^{tmp_path / 'nope'}: cannot load a tokenizer"):
+    with pytest.raises(UserError, match=rf"^{tmp_path / 'nope'}: no such tokenizer directory"):
         load_tokenizer(tmp_path / "nope")
 
 
