@@ -450,7 +450,7 @@ def cli(monkeypatch):
         from bdctl.cli import app
 
         monkeypatch.chdir(cwd)
-        monkeypatch.setenv("COLUMNS", "200")
+        monkeypatch.setenv("COLUMNS", "400")
         monkeypatch.setattr(sys, "argv", ["bdctl", *args])  # the stage lock records it
         return runner.invoke(app, args)
 
