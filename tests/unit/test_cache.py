@@ -10,11 +10,15 @@ import pytest
 import torch
 
 from bdctl.cache import (
+    FORMAT_VERSION,
+    LOGP_SCALE,
     CacheWriter,
     TeacherCache,
     check,
+    code_probs,
     collate_candidates,
     finalize,
+    logp_codes,
     remake_hint,
     visible_shards,
     written_keys,
@@ -25,6 +29,11 @@ from bdctl.sampling import Capture, sample
 P = 0.8
 K = 16
 TOKENIZER = "0123456789abcdef"
+FORMATS = pytest.mark.parametrize("fmt", [1, 2])
+# Format 2 keeps a probability to within this relative error (its log step is 1 / LOGP_SCALE nats);
+# float16 (format 1) to within 2**-11 for probabilities >= 2**-14 (its normal range).
+LOGP_REL = float(np.expm1(0.5 / LOGP_SCALE))
+F16_REL = 2.0**-11
 
 
 def fake_example(rng: np.random.Generator, length: int) -> tuple[np.ndarray, Capture]:
@@ -39,12 +48,14 @@ def fake_example(rng: np.random.Generator, length: int) -> tuple[np.ndarray, Cap
     return tokens, Capture(ids=ids, probs=probs, kept=kept, covered=covered)
 
 
-def write_cache(directory, *, writers: int = 2, shards: int = 2, per_shard: int = 3, seed: int = 0, final: bool = True):
+def write_cache(
+    directory, *, writers: int = 2, shards: int = 2, per_shard: int = 3, seed: int = 0, final: bool = True, fmt=None
+):
     """A cache from several writers; returns {(prompt_id, sample_index): (seed, finish, tokens, capture)}."""
     rng = np.random.default_rng(seed)
     expected = {}
     for writer in range(writers):
-        with CacheWriter(directory, writer, top_p=P, max_k=K) as out:
+        with CacheWriter(directory, writer, top_p=P, max_k=K, format=fmt) as out:
             for shard in range(shards):
                 for j in range(per_shard):
                     # Prompts interleave across writers, as ranks share a strided split.
@@ -64,31 +75,41 @@ def write_cache(directory, *, writers: int = 2, shards: int = 2, per_shard: int 
     return expected
 
 
-def assert_example_equal(example, stored) -> None:
+def assert_example_equal(example, stored, fmt: int = FORMAT_VERSION) -> None:
     seed, finish, tokens, capture = stored
     assert example.seed == seed and example.finish_reason == finish
     np.testing.assert_array_equal(example.tokens, tokens)
     np.testing.assert_array_equal(example.capture.kept, capture.kept)
     np.testing.assert_array_equal(example.capture.ids, capture.ids)
-    # Probabilities and covered mass are stored as float16: exactly the float16 rounding.
-    np.testing.assert_array_equal(example.capture.probs, capture.probs.astype(np.float16))
-    np.testing.assert_array_equal(example.capture.covered, capture.covered.astype(np.float16))
     assert example.tokens.dtype == np.int32 and example.capture.ids.dtype == np.int32
-    assert example.capture.probs.dtype == np.float16
+    if fmt == 1:
+        # Probabilities and covered mass are stored as float16: exactly the float16 rounding.
+        np.testing.assert_array_equal(example.capture.probs, capture.probs.astype(np.float16))
+        np.testing.assert_array_equal(example.capture.covered, capture.covered.astype(np.float16))
+        assert example.capture.probs.dtype == np.float16
+        return
+    # Format 2: exactly the read-back of the probability's code, within LOGP_REL of it; the covered
+    # mass is the sum of the read-back probabilities.
+    np.testing.assert_array_equal(example.capture.probs, code_probs(logp_codes(capture.probs)))
+    np.testing.assert_allclose(example.capture.probs, capture.probs, rtol=LOGP_REL * 1.0001, atol=0)
+    np.testing.assert_allclose(example.capture.covered, capture.covered, rtol=LOGP_REL * 1.0001 + 1e-6, atol=0)
+    assert example.capture.probs.dtype == np.float32
 
 
-def test_round_trip_two_writers(tmp_path):
-    expected = write_cache(tmp_path / "cache")
+@FORMATS
+def test_round_trip_two_writers(tmp_path, fmt):
+    expected = write_cache(tmp_path / "cache", fmt=fmt)
     cache = TeacherCache(tmp_path / "cache")
+    assert cache.manifest["format"] == fmt
     assert len(cache) == len(expected) == 24
     keys = [(cache[i].prompt_id, cache[i].sample_index) for i in range(len(cache))]
     assert keys == sorted(expected)  # ordered by (prompt, sample) whatever wrote them
     for i in range(len(cache)):
-        assert_example_equal(cache[i], expected[keys[i]])
+        assert_example_equal(cache[i], expected[keys[i]], fmt)
     # Random access, in any order, negative indices included.
     for i in np.random.default_rng(1).permutation(len(cache)).tolist() + [-1, -len(cache)]:
         example = cache[i]
-        assert_example_equal(example, expected[(example.prompt_id, example.sample_index)])
+        assert_example_equal(example, expected[(example.prompt_id, example.sample_index)], fmt)
     with pytest.raises(IndexError):
         cache[len(cache)]
     counts = cache.manifest["counts"]
@@ -126,7 +147,7 @@ def test_round_trip_of_real_samples(tmp_path, one_thread):
         example = cache[prompt_id]
         assert example.tokens.tolist() == result.tokens and example.finish_reason == result.finish_reason
         np.testing.assert_array_equal(example.capture.ids, result.capture.ids)
-        np.testing.assert_allclose(example.capture.probs.astype(np.float32), result.capture.probs, rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(example.capture.probs, result.capture.probs, rtol=LOGP_REL * 1.0001, atol=0)
 
 
 def test_shard_without_index_is_invisible(tmp_path):
@@ -134,7 +155,7 @@ def test_shard_without_index_is_invisible(tmp_path):
     # A writer that died after its data files but before its index: remove the last index.
     assert visible_shards(tmp_path) == ["w0000-000000", "w0000-000001"]
     (tmp_path / "w0000-000001.index.json").unlink()
-    assert (tmp_path / "w0000-000001.tokens.i32").exists()
+    assert (tmp_path / "w0000-000001.tokens.u16").exists()
     assert visible_shards(tmp_path) == ["w0000-000000"]
     assert len(written_keys(tmp_path)) == len(expected) // 2
     manifest = finalize(tmp_path, teacher="t", tokenizer_hash=TOKENIZER, top_p=P, max_k=K)
@@ -157,10 +178,11 @@ def test_missing_manifest_is_refused(tmp_path):
         check(tmp_path, TOKENIZER, P)
 
 
-def test_damaged_shard_is_refused(tmp_path):
+@FORMATS
+def test_damaged_shard_is_refused(tmp_path, fmt):
     cache = tmp_path / "generate" / "cache"  # where the generate stage keeps it
-    write_cache(cache)
-    path = cache / "w0001-000000.cand_probs.f16"
+    write_cache(cache, fmt=fmt)
+    path = cache / ("w0001-000000.cand_probs.f16" if fmt == 1 else "w0001-000000.cand_logp.u8")
     path.write_bytes(path.read_bytes()[:-2])
     with pytest.raises(UserError, match="w0001-000000 is damaged") as damaged:
         TeacherCache(cache)
@@ -213,13 +235,19 @@ def test_writer_rejects_malformed_captures(tmp_path):
     assert out.flush() is None and visible_shards(tmp_path) == []
 
 
-def test_bytes_per_token(tmp_path):
-    expected = write_cache(tmp_path)
+@FORMATS
+def test_bytes_per_token(tmp_path, fmt):
+    expected = write_cache(tmp_path, fmt=fmt)
     manifest = TeacherCache(tmp_path).manifest
     tokens = sum(len(v[2]) for v in expected.values())
     entries = sum(int(v[3].kept.sum()) for v in expected.values())
-    # 4 (token) + 2 (kept) + 2 (covered) bytes per token, 4 (id) + 2 (prob) bytes per candidate.
-    assert manifest["data_bytes"] == 8 * tokens + 6 * entries
+    if fmt == 1:
+        # 4 (token) + 2 (kept) + 2 (covered) bytes per token, 4 (id) + 2 (prob) bytes per candidate.
+        assert manifest["data_bytes"] == 8 * tokens + 6 * entries
+    else:
+        # 2 (token) + 1 (kept) bytes per token, 2 (id) + 1 (log-probability) per candidate, 2 per escape.
+        escapes = sum(p.stat().st_size for p in tmp_path.glob("*.escapes.u16"))
+        assert manifest["data_bytes"] == 3 * tokens + 3 * entries + escapes
     files = [path for path in tmp_path.iterdir() if path.name != "MANIFEST.json"]
     assert manifest["total_bytes"] == sum(path.stat().st_size for path in files)
     assert manifest["bytes_per_token"] == pytest.approx(manifest["total_bytes"] / tokens)
