@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import pickle
 
@@ -44,7 +45,7 @@ def fake_example(rng: np.random.Generator, length: int) -> tuple[np.ndarray, Cap
     ids = ids.astype(np.int32)
     probs = rng.random(int(kept.sum())).astype(np.float32) / 4
     offsets = np.concatenate([[0], np.cumsum(kept)])
-    covered = np.array([probs[a:b].sum() for a, b in zip(offsets[:-1], offsets[1:])], dtype=np.float32)
+    covered = np.array([probs[a:b].sum() for a, b in zip(offsets[:-1], offsets[1:], strict=True)], dtype=np.float32)
     return tokens, Capture(ids=ids, probs=probs, kept=kept, covered=covered)
 
 
@@ -319,3 +320,112 @@ def test_empty_responses_round_trip(tmp_path):
     assert len(example) == 0 and example.seed == 3 and example.capture.ids.shape == (0,)
     batch = collate_candidates([example])
     assert batch["cand_ids"].shape == (1, 0, 1)
+
+
+# --------------------------------------------------------------------------- format 2 and format 1
+
+
+def test_logp_codes_keep_float16_precision():
+    """A probability comes back within exp(1/2048) - 1 = 4.885e-4 (float16's worst case is 2**-11 = 4.883e-4);
+    0 stays 0, 1 stays 1, and probabilities below the code range (exp(-64)) read back as exp(-64)."""
+    q = np.exp(-np.random.default_rng(0).uniform(0, 40, 100_000)).astype(np.float32)
+    back = code_probs(logp_codes(q))
+    assert back.dtype == np.float32
+    assert np.abs(back / q - 1).max() <= LOGP_REL + 2**-23  # + float32 rounding of the table
+    assert LOGP_REL < 1.0003 * F16_REL
+    assert code_probs(logp_codes(np.array([0.0, 1.0, 1e-30], np.float32))).tolist() == [
+        0.0,
+        1.0,
+        pytest.approx(np.exp(-65534 / LOGP_SCALE), rel=1e-6),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("largest", "width", "suffix"), [(65_535, 2, "u16"), (70_000, 3, "u24"), (2**31 - 1, 4, "i32")]
+)
+def test_ids_take_the_fewest_bytes(tmp_path, largest, width, suffix):
+    """Ids in 2 bytes below 65536, 3 below 2**24, else 4; kept in 1 byte when max_k <= 255, else 2;
+    sets in any order (negative log-code differences) and zero probabilities round-trip."""
+    rng = np.random.default_rng(width)
+    kept = np.array([1, 3, 300, 2, 1], np.int32)
+    ids = rng.choice(largest, size=int(kept.sum()) - 1, replace=False).astype(np.int32)
+    ids = np.concatenate([ids, [largest]]).astype(np.int32)
+    probs = rng.random(len(ids)).astype(np.float32) / 400  # unsorted
+    probs[[0, 5]] = [0.9, 0.0]
+    offsets = np.concatenate([[0], np.cumsum(kept)])
+    covered = np.add.reduceat(probs, offsets[:-1])
+    tokens = np.array([0, 7, largest, 3, 65_535])
+    capture = Capture(ids=ids, probs=probs, kept=kept, covered=covered)
+    max_k = 300
+    with CacheWriter(tmp_path, 0, top_p=P, max_k=max_k) as out:
+        out.add(prompt_id=0, sample_index=0, seed=0, tokens=tokens, finish_reason="eos", capture=capture)
+    finalize(tmp_path, teacher="t", tokenizer_hash=TOKENIZER, top_p=P, max_k=max_k)
+    index = json.loads((tmp_path / "w0000-000000.index.json").read_text())
+    assert index["format"] == 2 and index["id_bytes"] == width and index["kept_bytes"] == 2
+    assert (tmp_path / f"w0000-000000.cand_ids.{suffix}").stat().st_size == width * len(ids)
+    assert (tmp_path / f"w0000-000000.tokens.{suffix}").stat().st_size == width * len(tokens)
+    assert_example_equal(TeacherCache(tmp_path)[0], (0, "eos", tokens, capture))
+
+
+def _rewrite(source: TeacherCache, directory, fmt: int) -> TeacherCache:
+    """The examples of ``source`` written again, one shard per writer as in the fixture."""
+    by_writer: dict[int, list] = {}
+    for shard, example in zip(source._shard_of, source, strict=True):
+        by_writer.setdefault(int(source._indices[shard]["writer"]), []).append(example)
+    for writer, examples in by_writer.items():
+        with CacheWriter(directory, writer, top_p=source.top_p, max_k=source.max_k, format=fmt) as out:
+            for e in sorted(examples, key=lambda e: e.seed):
+                out.add(
+                    prompt_id=e.prompt_id, sample_index=e.sample_index, seed=e.seed, tokens=e.tokens,
+                    finish_reason=e.finish_reason, capture=e.capture,
+                )  # fmt: skip
+    finalize(directory, teacher="t", tokenizer_hash=source.tokenizer_hash, top_p=source.top_p, max_k=source.max_k)
+    return TeacherCache(directory)
+
+
+def test_a_format_1_cache_from_the_old_writer_still_reads(tmp_path):
+    """tests/fixtures/cache_v1 was written by bdctl's format-1 writer (main at df9855d). It reads; the
+    format-1 writer kept here writes the same bytes; converted to format 2 it reads back within LOGP_REL."""
+    from pathlib import Path
+
+    fixture = Path(__file__).parents[1] / "fixtures" / "cache_v1"
+    old = TeacherCache(fixture)
+    assert old.manifest["format"] == 1 and len(old) == 4 and old.manifest["counts"]["tokens"] == 12
+    _rewrite(old, tmp_path / "v1", fmt=1)
+    for path in fixture.iterdir():
+        if path.name != "MANIFEST.json":
+            assert (tmp_path / "v1" / path.name).read_bytes() == path.read_bytes(), path.name
+    new = _rewrite(old, tmp_path / "v2", fmt=2)
+    assert new.manifest["format"] == 2 and new.manifest["data_bytes"] < old.manifest["data_bytes"]
+    for a, b in zip(old, new, strict=True):
+        assert (a.prompt_id, a.seed, a.finish_reason) == (b.prompt_id, b.seed, b.finish_reason)
+        np.testing.assert_array_equal(b.tokens, a.tokens)
+        np.testing.assert_array_equal(b.capture.ids, a.capture.ids)
+        np.testing.assert_array_equal(b.capture.kept, a.capture.kept)
+        np.testing.assert_allclose(b.capture.probs, a.capture.probs.astype(np.float32), rtol=LOGP_REL * 1.0001)
+        np.testing.assert_allclose(b.capture.covered, a.capture.covered, rtol=LOGP_REL + F16_REL * 8)
+
+
+def test_writer_keeps_the_format_of_the_shards_there(tmp_path):
+    """A resumed cache stays in one format: a writer continues in the format of the shards it finds."""
+    write_cache(tmp_path, writers=1, shards=1, final=False, fmt=1)
+    assert CacheWriter(tmp_path, 1, top_p=P, max_k=K).format == 1
+    assert CacheWriter(tmp_path / "new", 0, top_p=P, max_k=K).format == FORMAT_VERSION == 2
+    with pytest.raises(ValueError, match="cache format"):
+        CacheWriter(tmp_path / "x", 0, top_p=P, max_k=K, format=3)
+
+
+def test_an_unknown_format_is_refused_in_one_line(tmp_path):
+    write_cache(tmp_path, writers=1, shards=1)
+    manifest_path = tmp_path / "MANIFEST.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "format": 3}))
+    with pytest.raises(UserError) as info:
+        TeacherCache(tmp_path)
+    message = str(info.value)
+    assert "\n" not in message and f"{manifest_path} has format 3" in message and "reads formats 1 and 2" in message
+    manifest_path.write_text(json.dumps(manifest))
+    index_path = tmp_path / "w0000-000000.index.json"
+    index_path.write_text(json.dumps({**json.loads(index_path.read_text()), "format": 9}))
+    with pytest.raises(UserError, match=f"{index_path} has format 9"):
+        TeacherCache(tmp_path)
