@@ -429,3 +429,78 @@ def test_an_unknown_format_is_refused_in_one_line(tmp_path):
     index_path.write_text(json.dumps({**json.loads(index_path.read_text()), "format": 9}))
     with pytest.raises(UserError, match=f"{index_path} has format 9"):
         TeacherCache(tmp_path)
+
+
+def _teacher_sets(rng: np.random.Generator, vocab: int, length: int) -> Capture:
+    """Sets like the sampler's: distinct ids, probabilities sorted down, each >= 1e-4 (float16's normal
+    range, where its relative rounding is at most 2**-11)."""
+    kept = rng.integers(1, 9, size=length).astype(np.int32)
+    sets = []
+    for k in kept:
+        q = np.sort(rng.dirichlet(np.full(k + 1, 0.7)))[::-1][:k]
+        sets.append(np.maximum(q, 1e-4).astype(np.float32))
+    ids = np.concatenate([rng.choice(vocab, size=k, replace=False) for k in kept]).astype(np.int32)
+    probs = np.concatenate(sets)
+    return Capture(ids=ids, probs=probs, kept=kept, covered=np.array([q.sum() for q in sets], np.float32))
+
+
+@pytest.mark.parametrize("vocab", [1000, 70_000])  # 2-byte and 3-byte ids
+def test_kd_and_bd_losses_from_format_2_match_format_1(tmp_path, vocab):
+    """KD (dense reference and lean) and BD (dense and lean) from a format-2 cache against the same cache in
+    format 1, and each against the exact float32 probabilities.
+
+    Tolerance. Format 1 keeps each probability within F16_REL of the exact one, format 2 within LOGP_REL.
+    If every probability of a set has a relative error of at most r, its renormalised KD target has one of
+    at most 2r / (1 - r), and since KD is a mean of sums of q * (-log pi) >= 0, so has the KD loss. Hence
+    |KD_2 - KD_exact| <= 2 LOGP_REL / (1 - LOGP_REL) KD_exact, the same bound as float16's
+    |KD_1 - KD_exact| <= 2 F16_REL / (1 - F16_REL) KD_exact (to 0.03 %), and between the two formats
+    r = (1 + LOGP_REL) / (1 - F16_REL) - 1. BD reads only the sets' members, so it is the same exactly.
+    """
+    from bdctl.objectives.bellman import candidate_mask, dense_loss, lean_loss
+    from bdctl.objectives.kd import lean_sparse_kd_loss, sparse_kd_loss_dense
+
+    rng = np.random.default_rng(vocab)
+    captures = [_teacher_sets(rng, vocab, int(n)) for n in (6, 3, 8)]
+    actions = [rng.integers(0, vocab, size=len(c)) for c in captures]
+    for fmt in (1, 2):
+        with CacheWriter(tmp_path / f"v{fmt}", 0, top_p=P, max_k=K, format=fmt) as out:
+            for i, (tokens, capture) in enumerate(zip(actions, captures, strict=True)):
+                out.add(prompt_id=i, sample_index=0, seed=i, tokens=tokens, finish_reason="eos", capture=capture)
+        finalize(tmp_path / f"v{fmt}", teacher="t", tokenizer_hash=TOKENIZER, top_p=P, max_k=K)
+    batches = {
+        "exact": collate_candidates(captures),
+        1: collate_candidates(list(TeacherCache(tmp_path / "v1"))),
+        2: collate_candidates(list(TeacherCache(tmp_path / "v2"))),
+    }
+    assert TeacherCache(tmp_path / "v2")._indices[0]["id_bytes"] == (2 if vocab <= 65_536 else 3)
+    torch.manual_seed(0)
+    valid = batches["exact"]["valid"]
+    hidden = torch.randn(*valid.shape, 8, dtype=torch.float64)
+    weight = torch.randn(vocab, 8, dtype=torch.float64)
+    logits = hidden @ weight.T
+    acts = torch.zeros(valid.shape, dtype=torch.long)
+    for row, a in enumerate(actions):
+        acts[row, : len(a)] = torch.from_numpy(a)
+    terminal = torch.zeros_like(valid)
+    terminal[torch.arange(3), torch.tensor([len(a) - 1 for a in actions])] = True
+
+    def kd(batch, lean: bool) -> float:
+        sets = (batch["cand_ids"], batch["cand_probs"].double(), batch["cand_mask"], valid)
+        return float(lean_sparse_kd_loss(hidden, weight, *sets) if lean else sparse_kd_loss_dense(logits, *sets))
+
+    def bd(batch, lean: bool) -> float:
+        if lean:
+            return float(lean_loss(hidden, weight, batch["cand_ids"], batch["cand_mask"], acts, valid, terminal))
+        mask = candidate_mask(batch["cand_ids"], batch["cand_mask"], valid.shape, vocab)
+        return float(dense_loss(logits, mask, acts, valid, terminal))
+
+    def bound(r: float) -> float:
+        return 2 * r / (1 - r) + 1e-9  # + float64 arithmetic
+
+    between = (1 + LOGP_REL) / (1 - F16_REL) - 1
+    for lean in (False, True):
+        exact, v1, v2 = (kd(batches[key], lean) for key in ("exact", 1, 2))
+        assert abs(v1 - exact) <= bound(F16_REL) * exact
+        assert abs(v2 - exact) <= bound(LOGP_REL) * exact
+        assert abs(v2 - v1) <= bound(between) * v1
+        assert bd(batches[2], lean) == bd(batches[1], lean) == bd(batches["exact"], lean)
