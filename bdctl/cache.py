@@ -5,6 +5,7 @@ Layout of a cache directory (format 2, what bdctl writes)::
     cache/
       w0000-000000.tokens.u16      response token ids of the shard's examples, concatenated
       w0000-000000.kept.u8         set size at each generated position (one per token)
+      w0000-000000.covered.u16     probability mass of each set, as a log-probability code (below)
       w0000-000000.cand_ids.u16    candidate token ids, all sets concatenated in position order
       w0000-000000.cand_logp.u8    their log-probabilities, quantised and delta-coded (below)
       w0000-000000.escapes.u16     the log-probability codes that do not fit in one byte
@@ -23,14 +24,14 @@ endian) below 2**24, else 4 (``.i32``); ``kept`` takes 1 byte when ``max_k <= 25
 
 Probabilities (format 2). Each probability ``q`` is stored as the integer code
 ``c = round(-ln(q) * 1024)`` (``LOGP_SCALE``), clipped to ``[0, 65534]``; ``65535`` is ``q = 0``.
-Read back as ``exp(-c / 1024)``, ``q`` keeps a relative error of at most ``exp(1/2048) - 1 =
-4.885e-4``: float16's worst-case rounding (``2**-11 = 4.883e-4``, for ``q >= 6.1e-5``; float16 is
-worse below) to within 0.03 %. A set's codes are stored as differences modulo 65536, each from the
-previous member's code (the first member's from 0) in ``cand_logp.u8``; a difference of 255 or
-more (or a negative one, which sorted sets never have) is the byte 255, and the difference itself
-is the next entry of ``escapes.u16``. Sets are sorted by decreasing probability, so the
-differences are small and most fit in the byte. The mass a set covers is not stored: it is the
-sum of the read-back probabilities (float32).
+Read back (float32) as ``exp(-c / 1024)``, ``q`` keeps a relative error of at most ``exp(1/2048) -
+1 = 4.885e-4``: float16's worst-case rounding (``2**-11 = 4.883e-4``, for ``q >= 6.1e-5``; float16
+is worse below) to within 0.03 %. A set's covered mass is one such code per token. Candidate codes
+are stored in ``cand_logp.u8`` as differences modulo 65536, each from the previous candidate's code
+in the same example (the example's first from 0); a difference of 255 or more (a negative one
+too: the first member of a set, mostly) is the byte 255, and the difference itself is the next
+entry of ``escapes.u16``. Sets are sorted by decreasing probability, so within a set the
+differences are small and most fit in the byte.
 
 Format 1 (caches made before format 2; still read, and written by ``CacheWriter(format=1)``):
 ``tokens.i32``, ``kept.u16``, ``covered.f16`` (each set's mass), ``cand_ids.i32`` and
@@ -50,9 +51,9 @@ as a whole does not exist until `finalize` has written ``MANIFEST.json`` (teache
 ``top_p``, ``max_k``, counts, bytes); `TeacherCache` refuses a directory without it.
 
 Bytes per generated token (format 2, vocabulary <= 65536, ``max_k <= 255``): 2 (token) + 1 (kept)
-+ 3 per candidate (2 id, 1 log-probability byte) + 2 per escape, plus the index; about 3.5 per
-candidate at a mean set size of 25 with top-1 probability 0.3 (benchmarks/bench_cache.py), against
-6 in format 1 and ``2 |V|`` for dense fp16 logits.
++ 2 (covered) + 3 per candidate (2 id, 1 log-probability byte) + 2 per escape, plus the index;
+about 3.5 per candidate at a mean set size of 25 with top-1 probability 0.3
+(benchmarks/bench_cache.py), against 6 in format 1 and ``2 |V|`` for dense fp16 logits.
 """
 
 from __future__ import annotations
@@ -127,6 +128,7 @@ def _v2_files(index: dict) -> dict[str, int]:
     return {
         f"tokens.{ids}": tokens * index["id_bytes"],
         f"kept.{kept}": tokens * index["kept_bytes"],
+        "covered.u16": 2 * tokens,
         f"cand_ids.{ids}": entries * index["id_bytes"],
         "cand_logp.u8": entries,
         "escapes.u16": 2 * index["n_escapes"],
@@ -161,29 +163,27 @@ def _decode_ids(data: np.ndarray, start: int, stop: int, width: int) -> np.ndarr
     return out.view("<i4").reshape(-1)
 
 
-def _encode_logp(probs: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(cand_logp bytes, escapes) of concatenated sets (module docstring)."""
+def _encode_logp(probs: np.ndarray, example_starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(cand_logp bytes, escapes) of concatenated examples' candidates (module docstring)."""
     code = logp_codes(probs).astype(np.int64)
     previous = np.zeros_like(code)
     previous[1:] = code[:-1]
-    previous[np.cumsum(kept)[:-1]] = 0  # each set starts from 0 (kept >= 1, so no set is empty)
+    previous[example_starts[example_starts < len(code)]] = 0  # each example starts from 0
     step = (code - previous) % 65536
     escaped = step >= _ESCAPE
     return np.where(escaped, _ESCAPE, step).astype(np.uint8), step[escaped].astype("<u2")
 
 
-def _decode_logp(steps: np.ndarray, escapes: np.ndarray, kept: np.ndarray) -> np.ndarray:
-    """float32 probabilities of concatenated sets from their cand_logp bytes and escapes."""
-    step = steps.astype(np.uint16)
+def _decode_logp(steps: np.ndarray, escapes: np.ndarray) -> np.ndarray:
+    """float32 probabilities of one example's candidates from its cand_logp bytes and escapes."""
+    code = steps.astype(np.int64)
     if len(escapes):
-        step[steps == _ESCAPE] = escapes
-    # Codes are running sums of the differences within each set; uint16 arithmetic wraps modulo
-    # 65536, which is exactly how the differences were taken.
-    total = np.cumsum(step, dtype=np.uint16)
-    first = np.zeros(len(kept), dtype=np.int64)
-    np.cumsum(kept[:-1], out=first[1:])
-    before = total[first] - step[first]  # the running sum before each set
-    return _CODE_PROBS[total - np.repeat(before, kept)]
+        code[steps == _ESCAPE] = escapes
+    # Codes are running sums of the differences, modulo 65536 as the differences were taken.
+    # torch's cumsum, several times faster than numpy's on these arrays (the read path's main cost).
+    code = torch.cumsum(torch.from_numpy(code), 0).numpy()
+    np.bitwise_and(code, 0xFFFF, out=code)
+    return np.take(_CODE_PROBS, code)
 
 
 def _shard_name(writer: int, number: int) -> str:
@@ -344,8 +344,8 @@ class CacheWriter:
         cand_start = np.cumsum(entry_counts) - entry_counts
         layout: dict[str, Any] = {}
         arrays: dict[str, np.ndarray]
+        covered = np.concatenate([np.zeros(0, np.float32)] + [np.asarray(p.capture.covered) for p in pending])
         if self.format == 1:
-            covered = np.concatenate([np.zeros(0, np.float32)] + [np.asarray(p.capture.covered) for p in pending])
             arrays = {
                 "tokens.i32": tokens, "kept.u16": all_kept, "covered.f16": covered, "cand_ids.i32": ids,
                 "cand_probs.f16": probs,
@@ -353,7 +353,7 @@ class CacheWriter:
             arrays = {suffix: array.astype(ARRAYS[suffix]) for suffix, array in arrays.items()}
         else:
             width = _id_bytes(max(int(tokens.max(initial=0)), int(ids.max(initial=0))))
-            steps, escapes = _encode_logp(probs, all_kept)
+            steps, escapes = _encode_logp(probs, cand_start)
             kept_bytes = 1 if self.max_k <= np.iinfo(np.uint8).max else 2
             # escape_start goes with the per-example columns: escapes before each example's first candidate
             escaped = np.concatenate([[0], np.cumsum(steps == _ESCAPE, dtype=np.int64)])
@@ -364,6 +364,7 @@ class CacheWriter:
             arrays = {
                 f"tokens.{suffix}": _encode_ids(tokens, width),
                 f"kept.{'u8' if kept_bytes == 1 else 'u16'}": all_kept.astype("<u1" if kept_bytes == 1 else "<u2"),
+                "covered.u16": logp_codes(covered).astype("<u2"),
                 f"cand_ids.{suffix}": _encode_ids(ids, width),
                 "cand_logp.u8": steps,
                 "escapes.u16": escapes,
@@ -512,8 +513,7 @@ def finalize(
         n_entries += index["n_entries"]
         data, idx = _shard_bytes(directory, index)
         data_bytes, index_bytes = data_bytes + data, index_bytes + idx
-        everything = _ShardData(directory, index).capture(0, index["n_tokens"], 0, 0)
-        kept, covered = everything.kept, everything.covered
+        kept, covered = _ShardData(directory, index).sets()
         # A set cut short by the cap: max_k members that still cover less than p.
         capped += int(((kept == max_k) & (covered.astype(np.float32) < np.float32(top_p) - 1e-3)).sum())
 
@@ -571,15 +571,17 @@ class _ShardData:
             return
         self.id_bytes = int(index["id_bytes"])
         id_dtype = {2: "<u2", 3: np.uint8, 4: "<i4"}[self.id_bytes]
-        suffixes = list(_v2_files(index))  # tokens, kept, cand_ids, cand_logp, escapes
-        dtypes = [id_dtype, "<u1" if index["kept_bytes"] == 1 else "<u2", id_dtype, np.uint8, "<u2"]
-        self.tokens, self.kept, self.ids, self.steps, self.escapes = (
-            _map(_data_path(directory, shard, suffix), dtype) for suffix, dtype in zip(suffixes, dtypes, strict=True)
+        suffixes = list(_v2_files(index))  # tokens, kept, covered, cand_ids, cand_logp, escapes
+        dtypes = [id_dtype, "<u1" if index["kept_bytes"] == 1 else "<u2", "<u2", id_dtype, np.uint8, "<u2"]
+        # Plain ndarray views of the maps: slicing a np.memmap subclass costs more than decoding a short set.
+        self.tokens, self.kept, self.covered, self.ids, self.steps, self.escapes = (
+            np.asarray(_map(_data_path(directory, shard, suffix), dtype))
+            for suffix, dtype in zip(suffixes, dtypes, strict=True)
         )
 
-    def tokens_and_capture(self, t0: int, count: int, c0: int, e0: int) -> tuple[np.ndarray, Capture]:
-        """Response tokens ``[t0, t0 + count)`` and their sets, which start at candidate ``c0`` and
-        (format 2) escape ``e0``."""
+    def tokens_and_capture(self, t0: int, count: int, c0: int, e0: int, e1: int) -> tuple[np.ndarray, Capture]:
+        """One example's response tokens ``[t0, t0 + count)`` and their sets, which start at candidate
+        ``c0`` and (format 2) use escapes ``[e0, e1)``."""
         if self.format == 1:
             arrays = self.arrays
             kept = np.asarray(arrays["kept.u16"][t0 : t0 + count])
@@ -591,17 +593,26 @@ class _ShardData:
                 covered=np.asarray(arrays["covered.f16"][t0 : t0 + count]),
             )
             return np.asarray(arrays["tokens.i32"][t0 : t0 + count]), capture
-        kept = np.asarray(self.kept[t0 : t0 + count])
+        kept = self.kept[t0 : t0 + count]
         c1 = c0 + int(kept.sum(dtype=np.int64))
-        steps = np.asarray(self.steps[c0:c1])
-        escapes = np.asarray(self.escapes[e0 : e0 + int(np.count_nonzero(steps == _ESCAPE))])
-        probs = _decode_logp(steps, escapes, kept)
-        covered = np.add.reduceat(probs, np.cumsum(kept, dtype=np.int64) - kept) if count else np.zeros(0, np.float32)
+        probs = _decode_logp(self.steps[c0:c1], self.escapes[e0:e1])
+        covered = np.take(_CODE_PROBS, self.covered[t0 : t0 + count])
         capture = Capture(ids=_decode_ids(self.ids, c0, c1, self.id_bytes), probs=probs, kept=kept, covered=covered)
         return _decode_ids(self.tokens, t0, t0 + count, self.id_bytes), capture
 
-    def capture(self, t0: int, count: int, c0: int, e0: int) -> Capture:
-        return self.tokens_and_capture(t0, count, c0, e0)[1]
+    def sets(self) -> tuple[np.ndarray, np.ndarray]:
+        """(kept, covered) of every position of the shard."""
+        if self.format == 1:
+            return np.asarray(self.arrays["kept.u16"]), np.asarray(self.arrays["covered.f16"])
+        return self.kept, np.take(_CODE_PROBS, self.covered)
+
+
+def _escape_ranges(index: dict) -> list[tuple[int, int]]:
+    """Each example's escapes ``[start, stop)`` in its shard (all empty in format 1)."""
+    if index["format"] == 1:
+        return [(0, 0)] * index["n_examples"]
+    starts = index["escape_start"]
+    return list(zip(starts, starts[1:] + [index["n_escapes"]], strict=True))
 
 
 class TeacherCache(Sequence[CacheExample]):
@@ -644,8 +655,8 @@ class TeacherCache(Sequence[CacheExample]):
         self._token_start = column("token_start", np.int64)[order]
         self._token_count = column("token_count", np.int64)[order]
         self._cand_start = column("cand_start", np.int64)[order]
-        escape_start = [np.asarray(index.get("escape_start", [0] * index["n_examples"]), np.int64) for index in indices]
-        self._escape_start = np.concatenate([np.zeros(0, np.int64)] + escape_start)[order]
+        escapes = np.array([r for index in indices for r in _escape_ranges(index)], dtype=np.int64).reshape(-1, 2)
+        self._escape_range = escapes[order]
         expected = self.manifest.get("counts", {}).get("examples")
         if expected is not None and expected != len(order):
             raise UserError(
@@ -683,7 +694,10 @@ class TeacherCache(Sequence[CacheExample]):
             raise IndexError(f"example {i} out of range for a cache of {n}")
         i = int(i) % n
         tokens, capture = self._data(int(self._shard_of[i])).tokens_and_capture(
-            int(self._token_start[i]), int(self._token_count[i]), int(self._cand_start[i]), int(self._escape_start[i])
+            int(self._token_start[i]),
+            int(self._token_count[i]),
+            int(self._cand_start[i]),
+            *self._escape_range[i].tolist(),
         )
         return CacheExample(
             prompt_id=int(self._prompt_id[i]),
