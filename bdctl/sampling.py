@@ -211,12 +211,12 @@ class Capture:
         ids: int32 ``[E]`` candidate token ids; within a set by decreasing probability, ties by
             lower id.
         probs: ``[E]`` their teacher probabilities: float32 from the sampler (the softmax's own
-            precision, so they can be compared exactly with a fresh forward); float16 when read
-            back from the cache, which halves the bytes and keeps ~3 significant digits, plenty
-            for a distillation target.
-        kept: ``[T]`` set size at each position (int32 here, uint16 in the cache);
+            precision, so they can be compared exactly with a fresh forward); read back from the
+            cache, float16 (cache format 1) or float32 decoded from a log-probability code (format
+            2), both within about 4.9e-4 relative, plenty for a distillation target.
+        kept: ``[T]`` set size at each position (int32 here, uint8 or uint16 in the cache);
             ``E = kept.sum()``.
-        covered: ``[T]`` probability mass of each set (float32 here, float16 in the cache);
+        covered: ``[T]`` probability mass of each set (float32 here; float16 or float32 from the cache);
             below ``p`` only where the cap cut the set short.
     """
 

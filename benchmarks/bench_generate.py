@@ -13,7 +13,8 @@ The teacher is a randomly initialised GPT-2 architecture (4 layers, hidden 128, 
 would be hundreds of tokens wide; a trained teacher is far more peaked. So the output embedding
 (untied) is scaled by ``--peak`` (default 20), which sharpens the distributions to top-0.8 sets
 of about 7 tokens (median; mean ~8, p90 ~17). The set size distribution is reported, because
-the cache's size follows it: about 8 + 6 * (mean set size) bytes per token, plus the index.
+the cache's size follows it: in cache format 2 (the default) about 5 + 3.5 * (mean set size) bytes
+per token, plus the index (format 1: 8 + 6 * (mean set size); benchmarks/bench_cache.py compares them).
 EOS is disabled so every response has exactly ``--max-new-tokens`` tokens in every method.
 
     python benchmarks/bench_generate.py --out benchmarks/results/generate.json

@@ -264,6 +264,33 @@ def test_bd_with_a_live_teacher_equals_bd_from_the_cache(bd_one_rank, prepared, 
 
 
 @pytest.mark.slow
+def test_bd_from_a_format_1_cache_gives_the_same_losses(bd_one_rank, prepared, tmp_path):
+    """A D* cache in format 1 (as bdctl wrote before format 2, by its format-1 writer) still distills; BD
+    reads only the sets' members, which both formats keep exactly, so the losses are the format-2 run's."""
+    from bdctl.cache import CacheWriter, TeacherCache, finalize
+
+    recipe = copy_of(prepared, tmp_path)
+    cache_dir = tmp_path / "runs/smoke/generate/cache"
+    current = TeacherCache(cache_dir)
+    assert current.manifest["format"] == 2
+    with CacheWriter(tmp_path / "v1", 0, top_p=current.top_p, max_k=current.max_k, format=1) as out:
+        for e in current:
+            out.add(
+                prompt_id=e.prompt_id, sample_index=e.sample_index, seed=e.seed, tokens=e.tokens,
+                finish_reason=e.finish_reason, capture=e.capture,
+            )  # fmt: skip
+    keep = ("teacher", "tokenizer_hash", "top_p", "max_k", "vocab_size")
+    finalize(tmp_path / "v1", **{key: current.manifest[key] for key in keep})
+    shutil.rmtree(cache_dir)
+    (tmp_path / "v1").rename(cache_dir)
+    assert TeacherCache(cache_dir).manifest["format"] == 1
+    _, _, records = distill(recipe, "bd", tmp_path)
+    one, old = trains(bd_one_rank[3]), trains(records)
+    for key in ("loss", *BD_KEYS):
+        assert [r[key] for r in old] == pytest.approx([r[key] for r in one], rel=1e-6), key
+
+
+@pytest.mark.slow
 def test_bd_released_variant_with_a_live_teacher_resumes_exactly(prepared, tmp_path):
     """The released variant with the live teacher and teacher KD in the LM term; then drop the last
     checkpoint and the finish of the 4-step run: the rerun resumes at step 2 and repeats steps 3 and
