@@ -58,3 +58,18 @@ def test_bench_peers_smoke_writes_every_comparison(tmp_path):
     for variant in ("bd_lean", "bd_dense", "kd_cache", "kd_dense"):
         assert sorted(memory["peak_mib"][variant]) == sorted(vocabs)
     assert f"bd lean / dense at {vocabs[-1]}: peak memory" in memory["ratios"]
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_mode_runs_the_real_engine(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    done = _run(["bash", "benchmarks/gpu_check.sh", "--cpu", "--out", str(out)])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["mode"] == "cpu-small" and "SMALL" in report["label"]
+    train = report["train"]
+    assert train["zero_stage"] == 3
+    for name in ("bd_step", "sft_step"):
+        assert train[name]["tokens_per_s"] > 0
+        assert train[name]["mfu"] is None  # no MFU without a GPU peak
+    assert set(report["sampling"]["tokens_per_s"]) == {"sampler", "sampler_with_capture"}
