@@ -24,7 +24,7 @@ TORCH_INDEX_URL ?=
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || \
 		$(PYTHON) -m pip install "$(TORCH)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
-	$(PYTHON) -m pip install -e ".[test,dev]"
+	$(PYTHON) -m pip install -e ".[test,dev,bench]"
 
 demo: install
 	$(PYTHON) -m bdctl reproduce recipes/tiny.yaml

@@ -48,8 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generate import build_teacher  # noqa: E402
 
 from bdctl.cache import CacheWriter, TeacherCache, collate_candidates, finalize  # noqa: E402
+from bdctl.distill_data import Item, TrainData, collate_examples  # noqa: E402
 from bdctl.sampling import Sample, length_grouped_batches, sample  # noqa: E402
-from bdctl.stages.distill import Item, TrainData, collate_examples  # noqa: E402
 
 
 def write(directory: Path, samples: list[Sample], fmt: int, args: argparse.Namespace) -> dict:
