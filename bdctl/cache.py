@@ -71,7 +71,8 @@ import torch
 
 from bdctl.errors import UserError
 from bdctl.rundir import manifest, mark_complete, read_json, write_text_atomic
-from bdctl.sampling import FINISH_EOS, FINISH_LENGTH, Capture, Sample
+from bdctl.sampling import FINISH_EOS, FINISH_LENGTH, Sample
+from bdctl.topp import Capture
 
 FORMAT_VERSION = 2  # what new caches are written as
 READABLE_FORMATS = (1, 2)

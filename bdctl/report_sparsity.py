@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from bdctl.rundir import write_json_atomic, write_text_atomic
-from bdctl.sampling import Capture
+from bdctl.topp import Capture
 
 TOP_K = 50
 P_VALUES = (0.5, 0.8, 0.9, 0.95)

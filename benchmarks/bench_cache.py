@@ -96,7 +96,8 @@ def spread(values: list[float]) -> dict[str, float]:
 
 def losses(batches: dict, vocab: int, seed: int) -> dict[str, dict[str, float]]:
     """KD and BD of a random student (hidden 32, float64) from each batch form."""
-    from bdctl.objectives.bellman import candidate_mask, dense_loss, lean_loss
+    from bdctl.objectives.bellman import candidate_mask, dense_loss
+    from bdctl.objectives.bellman_lean import lean_loss
     from bdctl.objectives.kd import lean_sparse_kd_loss, sparse_kd_loss_dense
 
     torch.manual_seed(seed)

@@ -77,7 +77,7 @@ def synthetic_batch(args, generator):
     import numpy as np
 
     from bdctl.distill_data import collate_examples
-    from bdctl.sampling import Capture
+    from bdctl.topp import Capture
 
     rng = np.random.default_rng(args.seed)
     eos, pad = args.vocab - 1, 0
@@ -123,8 +123,8 @@ def run_one(args) -> dict:
     from bdctl.objectives.lm import IGNORE_INDEX, lean_cross_entropy
     from bdctl.recipe import load_recipe
     from bdctl.recipe.schema import DistillStage
-    from bdctl.sampling import teacher_sets
     from bdctl.stages.distill import bd_terms, frame_sets, pretrain_loss, response_hidden, scored_rows
+    from bdctl.topp import teacher_sets
 
     quiet_libraries()
     init_distributed()

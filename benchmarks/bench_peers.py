@@ -271,7 +271,7 @@ def synthetic_examples(vocab: int, micro: int, seq: int, prompt: int, k: int, se
     capped at k, the action inside nine times in ten, probabilities decreasing and summing to about 0.8)."""
     import numpy as np
 
-    from bdctl.sampling import Capture
+    from bdctl.topp import Capture
 
     rng = np.random.default_rng(seed)
     eos = vocab - 1

@@ -69,7 +69,7 @@ from bdctl.objectives.kd import exact_kd_loss, lean_sparse_kd_loss, mixed_kd_los
 from bdctl.objectives.lm import IGNORE_INDEX, lean_cross_entropy
 from bdctl.recipe.schema import DistillStage
 from bdctl.rundir import manifest
-from bdctl.sampling import teacher_sets
+from bdctl.topp import teacher_sets
 
 METHODS = ("bd", "kd", "seqkd")
 BD_LOGS = ("mean_r", "mean_v", "mean_q_candidates", "chi2", "outside_share", "mean_set_size", "set_mass")

@@ -43,8 +43,8 @@ def test_batches_align_the_response_frame_with_the_model():
     from bdctl.distill_data import Setup, batch_count, collate_examples
     from bdctl.objectives.bellman import candidate_mask, dense_loss
     from bdctl.recipe.schema import DistillStage
-    from bdctl.sampling import Capture
     from bdctl.stages.distill import bd_terms
+    from bdctl.topp import Capture
 
     torch.manual_seed(0)
     vocab, eos, pad = 40, 0, 1

@@ -155,7 +155,7 @@ def test_cache_equals_top_p_sets_of_a_fresh_teacher_forward(reference):
 
     from bdctl.cache import TeacherCache
     from bdctl.models import load_tokenizer
-    from bdctl.sampling import top_p_set
+    from bdctl.topp import top_p_set
 
     run = reference.parent
     tokenizer = load_tokenizer(run / "tokenizer")

@@ -25,7 +25,8 @@ from bdctl.cache import (
     written_keys,
 )
 from bdctl.errors import UserError
-from bdctl.sampling import Capture, sample
+from bdctl.sampling import sample
+from bdctl.topp import Capture
 
 P = 0.8
 K = 16
@@ -456,7 +457,8 @@ def test_kd_and_bd_losses_from_format_2_match_format_1(tmp_path, vocab):
     |KD_1 - KD_exact| <= 2 F16_REL / (1 - F16_REL) KD_exact (to 0.03 %), and between the two formats
     r = (1 + LOGP_REL) / (1 - F16_REL) - 1. BD reads only the sets' members, so it is the same exactly.
     """
-    from bdctl.objectives.bellman import candidate_mask, dense_loss, lean_loss
+    from bdctl.objectives.bellman import candidate_mask, dense_loss
+    from bdctl.objectives.bellman_lean import lean_loss
     from bdctl.objectives.kd import lean_sparse_kd_loss, sparse_kd_loss_dense
 
     rng = np.random.default_rng(vocab)

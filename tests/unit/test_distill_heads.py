@@ -11,8 +11,9 @@ import torch
 from bdctl.distill_data import Setup, batch_count, bd_scored, collate_examples, in_cached_set
 from bdctl.objectives.bellman import dense_terms
 from bdctl.recipe.schema import DistillStage
-from bdctl.sampling import Capture, sample
+from bdctl.sampling import sample
 from bdctl.stages.distill import anchor_loss, bd_terms
+from bdctl.topp import Capture
 from tests.unit.test_bellman import ref_released
 from tests.unit.test_sampling import ARCHS, EOS, PAD, build_model, make_prompts
 

@@ -15,8 +15,9 @@ import torch
 
 from bdctl.errors import UserError
 from bdctl.report_sparsity import sparsity_stats, top_k_curve, top_p_sizes, write_report
-from bdctl.sampling import Capture, Lockstep, sample, top_p_set
+from bdctl.sampling import Lockstep, sample
 from bdctl.stages.generate import Item, _truncate, generate_batch, plan_batches, read_rows, sample_seed
+from bdctl.topp import Capture, top_p_set
 from tests.unit.test_sampling import PAD, build_model, make_prompts
 
 

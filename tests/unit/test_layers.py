@@ -19,8 +19,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("bdctl.submit", "bdctl.launch", "bdctl.pipeline", "bdctl.reproduce", "bdctl.report"),
     ("bdctl.worker",),
     ("bdctl.stages",),
-    ("bdctl.training", "bdctl.selection", "bdctl.answers", "bdctl.evalunits", "bdctl.sampling", "bdctl.cache",
-     "bdctl.rollouts", "bdctl.judges", "bdctl.metrics", "bdctl.report_sparsity", "bdctl.distill_data"),
+    ("bdctl.training", "bdctl.selection", "bdctl.answers", "bdctl.evalunits", "bdctl.sampling", "bdctl.topp",
+     "bdctl.cache", "bdctl.rollouts", "bdctl.judges", "bdctl.metrics", "bdctl.report_sparsity", "bdctl.distill_data"),
     ("bdctl.engine", "bdctl.models", "bdctl.sizes", "bdctl.modelcard", "bdctl.data"),
     ("bdctl.objectives",),
 ]  # fmt: skip

@@ -12,14 +12,8 @@ import pytest
 import torch
 
 from bdctl.errors import UserError
-from bdctl.sampling import (
-    FINISH_EOS,
-    FINISH_LENGTH,
-    length_grouped_batches,
-    sample,
-    score,
-    top_p_set,
-)
+from bdctl.sampling import FINISH_EOS, FINISH_LENGTH, length_grouped_batches, sample, score
+from bdctl.topp import top_p_set
 
 VOCAB = 300
 EOS = 1
@@ -474,8 +468,8 @@ def test_non_finite_logits_are_refused(gpt2):
 
 
 def test_teacher_sets_are_the_caches_top_p_sets():
-    from bdctl.sampling import teacher_sets, top_p_set
     from bdctl.stages.distill import frame_sets
+    from bdctl.topp import teacher_sets, top_p_set
 
     g = torch.Generator().manual_seed(2)
     rows, weight = torch.randn(11, 6, generator=g) * 3, torch.randn(50, 6, generator=g)
