@@ -1,5 +1,5 @@
 """Answers to prompts under a sampling protocol, scored with Rouge-L: the one place that eval,
-judge and Rouge-L checkpoint selection share (METHOD.md section 5).
+judge and Rouge-L checkpoint selection share (docs/method.md §8).
 
     answers = sample_answers(model, tokenizer, prompts, seeds, protocol=protocol.sampling(), ...)
     score = rouge_l(answers[0].text, references)

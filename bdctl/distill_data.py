@@ -38,7 +38,7 @@ class Setup:
     pt_kd: bool  # the LM term mixes in the live teacher's KD
     init: str
     dstar: str = "generate"  # bd, seqkd: the stage directory of the D* (and cache) trained on
-    outside: str = "q_min"  # bd: what an action outside A_t gets (METHOD.md 2.2)
+    outside: str = "q_min"  # bd: what an action outside A_t gets (docs/method.md §3.4)
     anchor_coef: float = 0.0  # bd: + anchor_coef x CE of D*'s actions (beyond the paper)
 
     @property
@@ -270,7 +270,7 @@ def collate_examples(examples, pad_id: int, eos_id: int, with_sets: bool) -> dic
 
 
 def kept_transitions(valid: Tensor, terminal: Tensor) -> Tensor:
-    """METHOD.md section 1: valid t that is terminal or has a valid successor."""
+    """docs/method.md §2: valid t that is terminal or has a valid successor."""
     valid_next = torch.zeros_like(valid)
     valid_next[:, :-1] = valid[:, 1:]
     return valid & ((terminal & valid) | valid_next)
@@ -278,7 +278,7 @@ def kept_transitions(valid: Tensor, terminal: Tensor) -> Tensor:
 
 def released_valid(batch: dict[str, Tensor]) -> Tensor:
     """The released code's `valid`: its response mask is `token != pad` with pad = EOS, so the
-    position that emits EOS is never valid (METHOD.md section 3, last paragraph)."""
+    position that emits EOS is never valid (docs/method.md §4, last paragraph)."""
     return batch["valid"] & ~batch["terminal"]
 
 

@@ -1,6 +1,6 @@
 """Text metrics: Rouge-L as the paper reports it, and the mean / spread over seeds.
 
-Rouge-L follows METHOD.md section 5 (MiniLLM's evaluation): the F-measure of ``rouge_score``'s
+Rouge-L follows docs/method.md §8 (MiniLLM's evaluation): the F-measure of ``rouge_score``'s
 ``rougeL`` with ``use_stemmer=True``, the best over the references, times 100, the prediction
 stripped of surrounding whitespace. ``rouge_score``'s default tokenizer lowercases and keeps only
 ``[a-z0-9]`` runs, so text in other scripts scores 0, exactly as in the paper's tooling.

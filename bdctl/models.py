@@ -1,6 +1,6 @@
 """Models and the shared tokenizer: load from the hub or a local directory, or build tiny ones.
 
-Teacher and student must share one vocabulary (METHOD.md section 1: the student's Q-values are
+Teacher and student must share one vocabulary (docs/method.md §2: the student's Q-values are
 read off the same token ids as the teacher's candidate sets), so `check_vocabularies` runs before
 any compute and stops with one clear line when they differ.
 """

@@ -117,7 +117,7 @@ def rouge_tables(results: dict, recipe: Recipe) -> list[str]:
             described += [[m, ", ".join(f"{k} = {v}" for k, v in runs[m].items()), *row(m)] for m in ablated]
             lines += [
                 "",
-                f"### Ablations, protocol {name} (the paper's Tables 2 and 4, and the settings of METHOD.md 2.2)",
+                f"### Ablations, protocol {name} (the paper's Tables 2 and 4, and the settings of docs/method.md §3.4)",
                 "",
                 "Bellman Distill with the named settings of stages.distill changed; everything else as distill/bd. "
                 "anchor > 0 is beyond the paper.", "",
@@ -177,7 +177,7 @@ def wall_time_table(run: RunDir) -> list[str]:
 
 
 def bd_diagnostics(run: RunDir) -> list[str]:
-    """What each BD run logged (METHOD.md 2.1's quantities): outside share, mean V and mean set
+    """What each BD run logged (docs/method.md §3.3's quantities): outside share, mean V and mean set
     size at the first and last step, and the kept step per protocol."""
     from bdctl.rundir import manifest
     from bdctl.tables import markdown_table

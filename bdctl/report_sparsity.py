@@ -50,7 +50,7 @@ def top_p_sizes(captures: Sequence[Capture], p_values: Sequence[float] = P_VALUE
     """Mean top-p set size for each p, from uncapped top-p sets of ``p >= max(p_values)``.
 
     Token j of a position is in the set of ``p`` when the tokens ranked before it hold less
-    than ``p`` (METHOD.md section 1: the token that crosses ``p`` is kept, token 0 always is).
+    than ``p`` (docs/method.md §2: the token that crosses ``p`` is kept, token 0 always is).
     """
     probs = np.concatenate([np.asarray(c.probs, dtype=np.float64) for c in captures])
     kept = np.concatenate([np.asarray(c.kept, dtype=np.int64) for c in captures])

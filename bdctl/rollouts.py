@@ -1,4 +1,4 @@
-"""MiniLLM's rollouts (METHOD.md section 5b): the student samples, the live teacher mixed in at every token.
+"""MiniLLM's rollouts (docs/method.md §6): the student samples, the live teacher mixed in at every token.
 
     found = mixed_sample(student, teacher, prompts, seeds, mix=0.2, eos_id=..., pad_id=..., max_new_tokens=256)
 

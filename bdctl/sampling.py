@@ -1,4 +1,4 @@
-"""Batched sampling with a KV cache, capturing the teacher's top-p candidate sets (METHOD.md section 1).
+"""Batched sampling with a KV cache, capturing the teacher's top-p candidate sets (docs/method.md §2).
 
 Bellman Distill is offline: the teacher samples responses once (temperature 1, no top-k, no
 top-p) and, at every generated position, bdctl records the teacher's top-p set ``A_p(s_t)``
@@ -39,7 +39,7 @@ FINISH_EOS = "eos"
 """Finish reason of a response whose last token is the end-of-sequence token."""
 
 FINISH_LENGTH = "length"
-"""Finish reason of a response cut at ``max_new_tokens`` (truncated: METHOD.md section 1)."""
+"""Finish reason of a response cut at ``max_new_tokens`` (truncated: docs/method.md §2)."""
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """What the training loop's validation measures, and so which checkpoint a stage keeps.
 
     val_loss   response-only cross-entropy on the golden validation responses (lower is better):
-               the teacher SFT and phase 1 (METHOD.md section 4).
+               the teacher SFT and phase 1 (docs/method.md §5).
     rouge_l    Rouge-L of sampled answers to the validation prompts (higher is better): phase 2,
-               "checkpoint chosen by best validation Rouge-L" (METHOD.md section 2).
+               "checkpoint chosen by best validation Rouge-L" (docs/method.md §3).
 
 Rouge-L validation samples as `bdctl eval` does, under a named protocol of stages.eval
 (`select_protocol`, default the first: temperature, top_p, top_k; and the eval stage's

@@ -256,7 +256,7 @@ def main() -> None:
     for name in ratios:
         print(f"{name:42s} {ratios[name]:6.2f}  {cpu_ratios[name]:6.2f}")
     print(
-        "METHOD.md 5b's estimate of the update alone, 2 + 2 N_teacher / (3 N_student): "
+        "docs/method.md §6's estimate of the update alone, 2 + 2 N_teacher / (3 N_student): "
         f"{2 + 2 * n_teacher / (3 * n_student):.2f} x SFT"
     )
     if args.out:

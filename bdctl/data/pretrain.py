@@ -1,4 +1,4 @@
-"""The pretraining corpus of the LM term (METHOD.md section 4), packed into fixed-length blocks.
+"""The pretraining corpus of the LM term (docs/method.md §5), packed into fixed-length blocks.
 
     blocks = prepare_blocks(recipe, run, tokenizer, needed=total_steps * batch_size)
     ids = blocks.micro_batch(step, index=g, micro=4, seed=recipe.seed)   # long [4, block_size]

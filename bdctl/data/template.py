@@ -1,4 +1,4 @@
-"""The prompt template (METHOD.md section 5): instruction, optional input, response header.
+"""The prompt template (docs/method.md §7.2): instruction, optional input, response header.
 
 Alpaca-style sections in bdctl's own wording; a recipe may replace both forms with `data.template`,
 or use the tokenizer's own chat template with `data.template: chat` (`render_chat_prompt`).

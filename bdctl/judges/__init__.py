@@ -1,7 +1,7 @@
 """Pairwise judging of a model against a baseline (the win rates of the paper's Figure 2).
 
 Every pair is judged twice, once with the model's answer shown as A and once with the answers
-swapped, which cancels a judge's preference for a position (METHOD.md section 5). For the model a
+swapped, which cancels a judge's preference for a position (docs/method.md §8). For the model a
 win counts 1, a tie 0.5 and a loss 0, and a pair's score is the mean over its two orders.
 
 A reply that is not A, B or Tie is no verdict: it is asked again (``PARSE_TRIES`` in all), never

@@ -1,6 +1,6 @@
 """The pairwise judge prompt: what the judge sees and how its answer is read back.
 
-bdctl's own wording of the protocol in METHOD.md section 5 (after the paper's Figure 4): the
+bdctl's own wording of the protocol in docs/method.md §8 (after the paper's Figure 4): the
 judge sees the instruction, the optional input and two answers, and must reply with exactly one
 of ``A``, ``B`` or ``Tie``. Every backend (HTTP or local model) renders the same messages, and
 ``PROMPT_VERSION`` is part of every cache key: change the wording, bump the version, and old

@@ -1,4 +1,4 @@
-r"""Bellman Distill loss (METHOD.md sections 2 and 3).
+r"""Bellman Distill loss (docs/method.md §3 and §4).
 
 Tensors, for a padded batch of ``B`` responses of length ``T`` over a vocabulary of ``V``:
 ``z_t`` the student logits at the state ``s_t`` that predicts response token ``y_t``;
@@ -16,8 +16,8 @@ Paper variant (``variant="paper"``, Eq. 17 with the release's Q)::
     L       = - mean_t phi(r_t) + mean_t (V_t - gamma V_{t+1})
 
 Kept transitions: valid ``t`` with ``terminal_t`` or ``valid_{t+1}``; the last transition of a
-truncated response has no known next value and is dropped. With ``outside="drop"`` (METHOD.md
-section 2.2, not the paper's default) a transition whose action lies outside ``A_t`` is dropped
+truncated response has no known next value and is dropped. With ``outside="drop"`` (docs/method.md
+§3.4, not the paper's default) a transition whose action lies outside ``A_t`` is dropped
 the same way: Eq. (15) sets ``F Q = -inf`` there, where Eq. (17) is undefined; its state's ``V``
 still serves as the previous transition's ``V_{t+1}``. Means are token-level over the
 ``N`` kept transitions of the whole batch. No stop-gradient anywhere: gradients flow through
@@ -46,7 +46,7 @@ from bdctl.objectives.lm import (
 )
 
 VARIANTS = ("paper", "released")
-OUTSIDE = ("q_min", "drop")  # what a data action outside A_t gets (METHOD.md section 2.2)
+OUTSIDE = ("q_min", "drop")  # what a data action outside A_t gets (docs/method.md §3.4)
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class BellmanTerms:
     * ``outside_share``: share of transitions whose action ``a_t`` is not in ``A_t``.
     * ``mean_set_size``: mean ``|A_t|``.
     * ``set_mass``: mean probability the student puts on ``A_t``, ``sum_{a in A_t} softmax(z_t)(a)``
-      (1 with ``p = 1``): what METHOD.md 2.1 says nothing in Eq. 17 holds in place.
+      (1 with ``p = 1``): what docs/method.md §3.3 says nothing in Eq. 17 holds in place.
     * ``num_transitions``: ``N``.
 
     For the released variant, "transitions" are the valid positions ``t < T`` (its ``N``),
@@ -272,7 +272,7 @@ def _released_terms(
     top_p: float,
     eps: float,
 ) -> BellmanTerms:
-    """METHOD.md section 3, term by term, quirks included.
+    """docs/method.md §4, term by term, quirks included.
 
     The loss ignores the actions and the terminal flags; the mean over ``a`` divides by the
     vocabulary size; the last padded position never starts a transition, and the last token
@@ -377,12 +377,12 @@ def dense_loss(
         actions: long ``[B, T]``, the response token ``y_t`` taken at that state.
         valid: bool ``[B, T]``, True where position t holds a response token.
         terminal: bool ``[B, T]``, True where ``y_t`` is the end-of-sequence token.
-        variant: ``"paper"`` (METHOD.md section 2) or ``"released"`` (section 3).
+        variant: ``"paper"`` (docs/method.md §3) or ``"released"`` (section 3).
         gamma, alpha, q_min, chi2: discount, chi^2 strength, Q clip, chi^2 on/off.
         top_p, eps: used only by the released variant (``pi * m / p + eps``).
         outside: what a transition whose action lies outside ``A_t`` gets: ``"q_min"`` (the
             paper's clipped ``Qhat = q_min``) or ``"drop"`` (left out of every term, like a
-            truncated last transition; METHOD.md section 2.2). Paper variant only.
+            truncated last transition; docs/method.md §3.4). Paper variant only.
 
     Raises:
         ValueError: bad hyperparameters, a batch without kept transitions, an empty candidate

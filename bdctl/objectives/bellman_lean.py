@@ -329,7 +329,7 @@ def released_lean_terms(
     eps: float,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> BellmanTerms:
-    """The released variant (METHOD.md section 3) from hidden states, equal to ``dense_terms(variant="released")``.
+    """The released variant (docs/method.md §4) from hidden states, equal to ``dense_terms(variant="released")``.
 
     With ``m`` the candidate mask, ``Q = max(z - max z, q_min)``, ``L = logsumexp_V Q`` and ``S = sum_A exp(Q - L)``:
     ``pit = (pi m / p + eps) / Z`` with ``Z = S / p + eps |V|``, which is ``eps / Z`` outside A_t, so every

@@ -1,4 +1,4 @@
-"""Word-level knowledge distillation (MiniLLM's KD baseline), METHOD.md section 4.
+"""Word-level knowledge distillation (MiniLLM's KD baseline), docs/method.md §5.
 
     KD = - mean_t sum_v pi*(v | s_t) log pi_theta(v | s_t)        over valid (response) positions
     L  = (1 - r) * CE + r * KD                                    r = kd_ratio

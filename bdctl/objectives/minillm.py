@@ -1,4 +1,4 @@
-r"""MiniLLM (Gu et al. 2024), the paper's fourth baseline: METHOD.md section 5b.
+r"""MiniLLM (Gu et al. 2024), the paper's fourth baseline: docs/method.md §6.
 
 MiniLLM minimises the reverse KL ``KL(q_theta || p)`` (student ``q_theta``, teacher ``p``) by a
 clipped policy gradient on responses the student samples itself, with the teacher mixed into
@@ -23,7 +23,7 @@ Loss on a minibatch of rollouts (token means over the valid positions)::
 
 The importance weight multiplies the ratio before the clip, and whitening uses the population
 variance with 1e-8 under the square root, as the MiniLLM code does (the code is what produced
-the published numbers; METHOD.md section 5b).
+the published numbers; docs/method.md §6).
 
 Lean path. ``L_single`` (:func:`lean_reverse_kl`) and the pretraining term's teacher KD
 (:func:`lean_teacher_kd`) take the final hidden states of both models at the scored positions

@@ -2,7 +2,7 @@
 
 A recipe is data, not code. Every stage of the pipeline (data, teacher SFT, generation, student
 SFT, distillation, evaluation, judging) reads its settings from here; defaults are the paper's
-(METHOD.md sections 2, 4 and 5) so a paper recipe states them explicitly only for readability.
+(docs/method.md §3, 4 and 5) so a paper recipe states them explicitly only for readability.
 Unknown keys are errors everywhere (`extra="forbid"`).
 """
 
@@ -77,7 +77,7 @@ class TokenizerTraining(Section):
 
 
 class TokenizerSpec(Section):
-    """The one vocabulary teacher and student share (METHOD.md section 1)."""
+    """The one vocabulary teacher and student share (docs/method.md §2)."""
 
     path: str | None = Field(None, description="Hub id or local directory (default: the teacher's own).")
     train: TokenizerTraining | None = Field(None, description="Train a BPE on the recipe's data instead.")
@@ -137,7 +137,7 @@ class InstructionSource(Section):
 
 
 class Template(Section):
-    """The prompt template (METHOD.md section 5); `{instruction}` and `{input}` are filled in."""
+    """The prompt template (docs/method.md §7.2); `{instruction}` and `{input}` are filled in."""
 
     with_input: str = Field(description="Template for examples that have an input.")
     without_input: str = Field(description="Template for examples without an input.")
@@ -162,7 +162,7 @@ class SyntheticCorpus(Section):
 
 
 class PretrainCorpus(Section):
-    """The pretraining corpus of the LM term (METHOD.md section 4), packed into blocks."""
+    """The pretraining corpus of the LM term (docs/method.md §5), packed into blocks."""
 
     synthetic: SyntheticCorpus | None = Field(None, description="The built-in synthetic corpus.")
     path: str | None = Field(None, description="Local .txt (one document per line) or .jsonl file.")
@@ -265,7 +265,7 @@ _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # names that become directory names
 
 class Protocol(Section):
     """A named sampling protocol: how answers are sampled for evaluation and Rouge-L selection
-    (METHOD.md section 5). Every model is evaluated under every protocol of stages.eval."""
+    (docs/method.md §8). Every model is evaluated under every protocol of stages.eval."""
 
     name: str = Field(pattern=_NAME, description="Name shown in tables and directories, e.g. minillm or release.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
@@ -343,7 +343,7 @@ class GenerateVariant(Section):
 
 
 class GenerateStage(Section):
-    """Teacher data D* and the sparse top-p teacher cache (METHOD.md sections 1 and 5)."""
+    """Teacher data D* and the sparse top-p teacher cache (docs/method.md §2 and §7.3)."""
 
     model: str = Field("teacher_sft", description="Teacher weights: a stage name (its export) or a path.")
     n_samples: int = Field(8, gt=0, description="Responses sampled per training prompt.")
@@ -354,7 +354,7 @@ class GenerateStage(Section):
         le=1,
         description="Sample D* from the teacher's top-p set, computed exactly as the cache stores it (same tie "
         "rule, crossing token kept, capped at cache_max_k) and renormalised (1.0: the whole vocabulary, the paper's "
-        "protocol). With top_p == cache_top_p every action of D* lies in its cached set A_t (METHOD.md 2.2).",
+        "protocol). With top_p == cache_top_p every action of D* lies in its cached set A_t (docs/method.md §3.4).",
     )
     max_new_tokens: int = Field(
         256,
@@ -438,7 +438,7 @@ class Ablations(Section):
 
 
 class MiniLLM(Section):
-    """MiniLLM, the paper's fourth baseline (METHOD.md section 5b): the reverse KL KL(q_theta || p) by a
+    """MiniLLM, the paper's fourth baseline (docs/method.md §6): the reverse KL KL(q_theta || p) by a
     clipped policy gradient on responses the student samples itself, the live teacher mixed into the
     sampling. Defaults are the MiniLLM code's ([C]), which produced the published numbers; where the
     MiniLLM paper ([P]) differs, the help text says so. `bdctl distill --method minillm` runs it into
@@ -502,7 +502,7 @@ class MiniLLM(Section):
 
 
 class DistillStage(Train):
-    """Bellman Distill and the KD / SeqKD baselines (METHOD.md sections 2 to 4)."""
+    """Bellman Distill and the KD / SeqKD baselines (docs/method.md §3 to 4)."""
 
     method: Literal["bd", "kd", "seqkd", "minillm"] = Field(
         "bd", description="Objective (`bdctl distill --method` overrides it)."
@@ -532,7 +532,8 @@ class DistillStage(Train):
     outside: Literal["q_min", "drop"] = Field(
         "q_min",
         description="What a D* action outside the teacher's set A_t gets: q_min (Eq. 17 with the release's clip, "
-        "the paper) or drop (the transition is left out of every term, like a truncated last one; METHOD.md 2.2).",
+        "the paper) or drop (the transition is left out of every term, like a truncated last one; "
+        "docs/method.md §3.4).",
     )
     anchor_coef: float = Field(
         0.0,

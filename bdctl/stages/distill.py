@@ -1,4 +1,4 @@
-"""`bdctl distill`: Bellman Distill (METHOD.md sections 2 and 3) and the KD / SeqKD baselines (section 4).
+"""`bdctl distill`: Bellman Distill (docs/method.md §3 and §4) and the KD / SeqKD baselines (section 4).
 
     bdctl distill RECIPE --method bd      phase 2: BD on the teacher data D* (runs/<name>/generate/cache)
     bdctl distill RECIPE --method kd      word-level KD on the golden training responses
@@ -9,7 +9,7 @@ Data.
   whose "id" is the cache's prompt_id). A response that does not fit `data.max_length` after its prompt is cut
   there and counts as truncated. Actions are the response tokens; a transition is terminal where its action is
   EOS (with data.template: chat, the template's end-of-turn token: `models.stop_id`); the last transition of a
-  truncated response is left out (METHOD.md section 1), and a response with no transition left (a truncated
+  truncated response is left out (docs/method.md §2), and a response with no transition left (a truncated
   one-token response) is skipped.
 * kd: the golden training responses; the teacher's distribution from the scoring cache
   (runs/<name>/score_train/cache: the sparse top-p approximation, renormalised over each cached set) or from
@@ -103,7 +103,7 @@ def describe(setup: Setup, job: Job) -> list[str]:
         if setup.outside == "drop":
             lines.append(
                 "outside: drop: D* actions outside A_t leave every term "
-                "(METHOD.md 2.2; the paper's Eq. 17 gives them q_min)"
+                "(docs/method.md §3.4; the paper's Eq. 17 gives them q_min)"
             )
         if setup.anchor_coef > 0:
             lines.append(
@@ -175,7 +175,7 @@ def bd_terms(
 
 
 def anchor_loss(hidden: Tensor, weight: Tensor, batch: dict[str, Tensor], scored: Tensor) -> Tensor:
-    """BEYOND THE PAPER (METHOD.md 2.2): token-mean cross-entropy of D*'s actions at BD's scored
+    """BEYOND THE PAPER (docs/method.md §3.4): token-mean cross-entropy of D*'s actions at BD's scored
     positions (the SeqKD term), from hidden states (no [B, T, V] logits)."""
     h = response_hidden(hidden, batch["positions"])
     return lean_cross_entropy(h, weight, torch.where(scored, batch["actions"], IGNORE_INDEX))

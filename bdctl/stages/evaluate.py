@@ -1,6 +1,6 @@
 """`bdctl eval`: Rouge-L of one or more models on the recipe's evaluation sets, over seeds.
 
-METHOD.md section 5: every prompt of a set is answered once per seed and sampling protocol
+docs/method.md §8: every prompt of a set is answered once per seed and sampling protocol
 (stages.eval.protocols: a name, temperature, top_p and top_k each; optionally MiniLLM's
 no_repeat_ngram_size); each answer is scored with Rouge-L against its references
 (`bdctl.metrics.rouge_l`); a model's score on a set for one seed is the mean over prompts, and

@@ -1,8 +1,8 @@
-"""`bdctl generate`: the teacher's data D* and its sparse top-p cache, in one pass (METHOD.md 1, 5).
+"""`bdctl generate`: the teacher's data D* and its sparse top-p cache, in one pass (docs/method.md §2, 5).
 
 Bellman Distill is offline. The teacher samples `n_samples` responses per training prompt
 (temperature 1, no top-k, no top-p by default; `top_p < 1` samples inside the teacher's capped
-top-p set, the very set the cache stores, METHOD.md 2.2) and, at every position it generates, bdctl records its
+top-p set, the very set the cache stores, docs/method.md §3.4) and, at every position it generates, bdctl records its
 top-p set of the raw temperature-1 distribution (ids and probabilities, at most `cache_max_k`),
 so distillation never needs the teacher again. With `--score SPLIT` the teacher reads the golden
 responses of a split instead of sampling, and writes the same cache (KD from the cache, BD on

@@ -1,4 +1,4 @@
-"""`bdctl judge`: win rates of a candidate model against baselines (METHOD.md section 5, Figure 2).
+"""`bdctl judge`: win rates of a candidate model against baselines (docs/method.md §8, Figure 2).
 
 For every prompt of one eval set, a judge sees the instruction, the optional input and the two
 models' answers (from the eval stage's generations at one seed) and answers A, B or Tie; each

@@ -1,4 +1,4 @@
-"""`bdctl distill --method minillm`: MiniLLM (METHOD.md section 5b), the paper's fourth baseline.
+"""`bdctl distill --method minillm`: MiniLLM (docs/method.md §6), the paper's fourth baseline.
 
     bdctl distill RECIPE --method minillm       -> runs/<name>/distill/minillm
 
@@ -72,7 +72,7 @@ def settings(job: Job) -> MiniLLM:
 
 
 def init_ref(config: DistillStage) -> str:
-    """MiniLLM starts from the phase-1 student (METHOD.md 5b) unless stages.distill.init names other weights."""
+    """MiniLLM starts from the phase-1 student (docs/method.md §6) unless stages.distill.init names other weights."""
     return "student_sft" if config.init == "auto" else config.init
 
 

@@ -1,4 +1,4 @@
-"""`bdctl sft`: supervised fine-tuning of the teacher or the student (METHOD.md section 4).
+"""`bdctl sft`: supervised fine-tuning of the teacher or the student (docs/method.md §5).
 
 Cross-entropy of the response given the prompt (prompt tokens are not scored), averaged over the
 response tokens of the whole global batch. Validation each epoch (and every `eval_every` steps);

@@ -37,7 +37,7 @@ DISTILL = {
 
 def test_batches_align_the_response_frame_with_the_model():
     """Through collate + the stage's BD head, the loss is dense_loss of the logits at len(x) + t - 1
-    (METHOD.md section 1), computed here one example at a time; the count is the kept transitions."""
+    (docs/method.md §2), computed here one example at a time; the count is the kept transitions."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from bdctl.distill_data import Setup, batch_count, collate_examples

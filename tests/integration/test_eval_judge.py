@@ -93,7 +93,7 @@ def test_eval_end_to_end_and_reuse(evaluated, tmp_path):
             assert {(r["model"], r["protocol"], r["set"], r["seed"]) for r in records} == {
                 (model, "minillm", "dolly", seed)
             }
-            for r in records:  # Rouge-L exactly as METHOD.md says, max over references
+            for r in records:  # Rouge-L exactly as docs/method.md §8.2 says, max over references
                 assert r["rouge_l"] == pytest.approx(rouge_l(r["text"], references[r["prompt_id"]]))
                 assert 0 < r["tokens"] <= 16 and r["finish_reason"] in ("eos", "length")
             per_seed.append(sum(r["rouge_l"] for r in records) / len(records))

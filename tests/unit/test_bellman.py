@@ -1,4 +1,4 @@
-"""Bellman Distill loss against plain loop references written from METHOD.md sections 2-3.
+"""Bellman Distill loss against plain loop references written from docs/method.md §3-3.
 
 The references below loop over batch, time and vocabulary and compute every term as the
 spec writes it; they share no code with `bdctl.objectives.bellman`. The lean path is then
@@ -21,7 +21,7 @@ from bdctl.objectives.bellman_lean import lean_loss, lean_terms
 
 
 def top_p_mask(teacher_logits: torch.Tensor, p: float) -> torch.Tensor:
-    """METHOD.md section 1: shortest prefix of the sorted teacher distribution reaching p.
+    """docs/method.md §2: shortest prefix of the sorted teacher distribution reaching p.
 
     The token that crosses p is kept and at least one token always is; p = 1 keeps all.
     """
@@ -72,7 +72,7 @@ def make_batch(seed: int, *, B=3, T=6, V=9, p=0.8, scale=3.0, dtype=torch.float6
 
 
 def ref_paper(logits, mask, actions, valid, terminal, *, gamma, alpha, q_min, chi2, outside="q_min"):
-    """METHOD.md section 2, one state at a time; outside="drop" (section 2.2) skips a transition
+    """docs/method.md §3, one state at a time; outside="drop" (section 2.2) skips a transition
     whose action is outside its set, as a truncated last transition is skipped. The share of
     outside actions is counted before that."""
     B, T, V = logits.shape
@@ -127,7 +127,7 @@ def ref_paper(logits, mask, actions, valid, terminal, *, gamma, alpha, q_min, ch
 
 
 def ref_released(logits, mask, valid, *, gamma, alpha, q_min, chi2, top_p, eps):
-    """METHOD.md section 3, one state and one vocabulary entry at a time."""
+    """docs/method.md §4, one state and one vocabulary entry at a time."""
     B, T, V = logits.shape
 
     def q_values(b, t):
@@ -339,7 +339,7 @@ def test_empty_candidate_set_and_bad_action_raise():
 @pytest.mark.parametrize("chi2", [True, False])
 @pytest.mark.parametrize("case", ["top_p_0.8", "clipped", "single_token_sets"])
 def test_outside_drop_matches_loop_reference_dense_and_lean(case, chi2):
-    """METHOD.md 2.2: with outside="drop" an out-of-set transition leaves every term and N, on the
+    """docs/method.md §3.4: with outside="drop" an out-of-set transition leaves every term and N, on the
     dense and the lean path (values, diagnostics and gradients)."""
     p, scale, q_min = CASES[case]
     logits, mask, actions, valid, terminal, teacher = make_batch(3, p=p, scale=scale)

@@ -75,7 +75,7 @@ def dense_mask(batch) -> torch.Tensor:
 
 
 def test_released_variant_never_scores_the_eos_position():
-    """METHOD.md section 3, last paragraph: the release's valid mask is token != pad with pad = EOS,
+    """docs/method.md §4, last paragraph: the release's valid mask is token != pad with pad = EOS,
     so the EOS position is not valid and the token before it is the response's last valid one."""
     batch, hidden, weight = frame_inputs(make_examples())
     config = DistillStage(variant="released", p=0.8, chi2=True)
@@ -138,7 +138,7 @@ def test_stage_paper_head_equals_dense_terms_with_outside():
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("peak", [20.0, 1.0], ids=["trained-like", "barely-trained"])
 def test_nucleus_dstar_has_no_outside_action_on_every_architecture(arch, peak):
-    """D* sampled with generate.top_p == cache_top_p (issue 11, METHOD.md 2.2): the logged
+    """D* sampled with generate.top_p == cache_top_p (issue 11, docs/method.md §3.4): the logged
     outside_share of BD on it is exactly 0, including a barely trained teacher whose capped sets
     do not reach p."""
     from bdctl.objectives.bellman_lean import lean_terms

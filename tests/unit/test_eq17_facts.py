@@ -1,4 +1,4 @@
-"""What Eq. (17) does to a student: METHOD.md sections 2.1 and 2.2, checked on tabular students.
+"""What Eq. (17) does to a student: docs/method.md §3.3 and §3.4, checked on tabular students.
 
 The object under test is bdctl's own loss (`bdctl.objectives.bellman.dense_loss` /
 `dense_terms`, paper variant); the references are plain formulas written here. Everything is
@@ -6,7 +6,7 @@ float64 and tiny (a few states, vocabularies of 5-8 tokens); students are free l
 (a tabular softmax), so every gradient below is the loss's own, not a network's.
 
 * chi^2 off: Eq. (17) is cross-entropy restricted to ``A_t`` and ignores the logits outside it.
-* chi^2 on, one terminal state, ``p = 1``: the minimiser satisfies METHOD.md 2.1's stationary
+* chi^2 on, one terminal state, ``p = 1``: the minimiser satisfies docs/method.md §3.3's stationary
   equation and is flatter than the teacher for ``alpha = 0.1``.
 * A short tabular chain trained on D*: what out-of-set data actions do to the student's mass on
   ``A_t`` with ``outside: q_min``, with ``outside: drop`` and with D* sampled inside ``A_t``.
@@ -38,7 +38,7 @@ def _one_thread():
 
 
 def top_p_set(probs: torch.Tensor, p: float) -> torch.Tensor:
-    """METHOD.md section 1: the shortest probability-sorted prefix whose mass reaches ``p``
+    """docs/method.md §2: the shortest probability-sorted prefix whose mass reaches ``p``
     (the crossing token is kept, at least one token always is), as a bool mask over the last dim."""
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     keep = (sorted_probs.cumsum(dim=-1) - sorted_probs) < p
@@ -89,7 +89,7 @@ def random_episode_batch(seed: int, *, vocab: int = 8, frame: int = 5, scale: fl
 @pytest.mark.parametrize("q_min", [Q_MIN, -1.5])  # -1.5 makes the clip bite on some in-set Q
 @pytest.mark.parametrize("seed", range(3))
 def test_chi2_off_is_cross_entropy_restricted_to_the_set(seed, q_min, gamma):
-    """METHOD.md 2.1, first bullet: with ``phi(x) = x`` the ``gamma V_{t+1}`` terms cancel
+    """docs/method.md §3.3, first bullet: with ``phi(x) = x`` the ``gamma V_{t+1}`` terms cancel
     transition by transition and, for ``a_t in A_t``, ``L_BD = -log PROJ_p pi_Q(a_t | s_t)``.
 
     Checked (a) per transition: each state's logits as a one-transition terminal batch give
@@ -150,7 +150,7 @@ def test_chi2_off_is_cross_entropy_restricted_to_the_set(seed, q_min, gamma):
 
 
 def test_chi2_off_nothing_holds_the_mass_on_the_set():
-    """METHOD.md 2.1, first bullet, last sentence: the chi^2-off loss is invariant to every logit
+    """docs/method.md §3.3, first bullet, last sentence: the chi^2-off loss is invariant to every logit
     outside ``A_t``, even one raised above the in-set logits (as long as no in-set Q reaches the
     clip), while the student's mass on ``A_t`` collapses: the loss does not see it.
 
@@ -178,7 +178,7 @@ def test_chi2_off_nothing_holds_the_mass_on_the_set():
 
 TEACHER_5 = torch.tensor([0.5, 0.2, 0.1, 0.1, 0.1], dtype=torch.float64)
 
-# METHOD.md 2.1's worked example (three decimals, so a 5e-4 rounding tolerance).
+# docs/method.md §3.3's worked example (three decimals, so a 5e-4 rounding tolerance).
 WORKED = {
     0.1: [0.222, 0.218, 0.187, 0.187, 0.187],
     0.5: [0.286, 0.237, 0.159],
@@ -236,7 +236,7 @@ def bandit_minimiser(alpha: float) -> tuple[torch.Tensor, float]:
 
 @pytest.mark.parametrize("alpha", [0.1, 0.5, 2.0, 50.0])
 def test_chi2_fixed_point_of_a_terminal_state(alpha):
-    """METHOD.md 2.1, third bullet: at one terminal state with ``p = 1`` the minimiser of
+    """docs/method.md §3.3, third bullet: at one terminal state with ``p = 1`` the minimiser of
     ``E_{a~pi*} L_BD`` satisfies ``pi_Q(a) = pi*(a) (1 + |Q(a)| / (2 alpha))`` for every
     non-arg-max ``a``, with ``Q(a) = log pi_Q(a) - max_b log pi_Q(b)``; the worked example's
     numbers for the teacher (0.5, 0.2, 0.1, 0.1, 0.1) are reproduced.
@@ -267,7 +267,7 @@ def test_chi2_fixed_point_of_a_terminal_state(alpha):
 
 
 def test_chi2_fixed_point_is_flatter_than_the_teacher_and_approaches_it_as_alpha_grows():
-    """METHOD.md 2.1, third bullet: chi^2 with alpha = 0.1 flattens the policy (entropy 1.61
+    """docs/method.md §3.3, third bullet: chi^2 with alpha = 0.1 flattens the policy (entropy 1.61
     against the teacher's 1.36); as alpha grows the fixed point approaches the teacher
     (the chi^2-off case is behaviour cloning).
 
@@ -357,7 +357,7 @@ def chain():
 
 
 def test_chain_out_of_set_actions_push_mass_out_and_drop_or_nucleus_do_not(chain):
-    """METHOD.md 2.1, second bullet, and the remedies of 2.2 (``outside: drop``; D* sampled from
+    """docs/method.md §3.3, second bullet, and the remedies of 2.2 (``outside: drop``; D* sampled from
     the teacher's nucleus), on a 4-position chain with a 6-token vocabulary and a phase-1
     student whose arg-max is outside ``A_t`` at every position (see `weak_student`). Same
     optimizer, budget and seed for all three runs.
@@ -396,7 +396,7 @@ def test_chain_out_of_set_actions_push_mass_out_and_drop_or_nucleus_do_not(chain
 
 
 def test_chain_with_the_student_arg_max_inside_the_set_q_min_does_not_push_mass_out(chain):
-    """Where METHOD.md 2.1's second bullet does NOT hold for a tabular student: every logit outside
+    """Where docs/method.md §3.3's second bullet does NOT hold for a tabular student: every logit outside
     ``A_t`` below the max has exactly zero gradient (see the chi^2-off test; with chi^2 on the loss
     still never reads those logits), so mass can leave ``A_t`` only through the in-set logits. With
     the arg-max inside ``A_t``, ``V_t = log sum_{A_t} exp(z - max z) >= 0``, and pushing it down

@@ -1,6 +1,6 @@
-"""MiniLLM's objectives (METHOD.md section 5b) against plain Python-loop references, float64.
+"""MiniLLM's objectives (docs/method.md §6) against plain Python-loop references, float64.
 
-Every reference below is written from the formulas of METHOD.md 5b, one position (or one
+Every reference below is written from the formulas of docs/method.md §6, one position (or one
 vocabulary entry) at a time, without the vectorised code's helpers.
 """
 

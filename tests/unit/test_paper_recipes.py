@@ -1,4 +1,4 @@
-"""The paper recipes encode METHOD.md section 6 and the paper's appendix B, setting by setting."""
+"""The paper recipes encode docs/method.md §9 and the paper's appendix B, setting by setting."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from bdctl.recipe import load_recipe
 from tests.conftest import RECIPES
 
-# METHOD.md section 6: family, teacher, students, p, pretraining corpus
+# docs/method.md §9: family, teacher, students, p, pretraining corpus
 PAPER = {
     "gpt2-1.5b-to-120m": ("gpt2-xl", "gpt2", 0.8, "openwebtext"),
     "gpt2-1.5b-to-340m": ("gpt2-xl", "gpt2-medium", 0.8, "openwebtext"),
@@ -71,7 +71,7 @@ def test_paper_settings(name):
     assert recipe.deepspeed.config == "zero3" and recipe.deepspeed.precision == "bf16"
 
 
-# METHOD.md section 6's headline figures (Dolly, SelfInst, Vicuna), and which ablations each paper table ran
+# docs/method.md §9's headline figures (Dolly, SelfInst, Vicuna), and which ablations each paper table ran
 HEADLINE = {
     "gpt2-1.5b-to-120m": {"distill/bd": (24.7, 13.3, 16.2), "teacher_sft": (27.6, 14.3, 16.3)},
     "opt-6.7b-to-125m": {"distill/bd": (25.1, 11.4, 14.8), "teacher_sft": (27.6, 16.4, 17.8)},
@@ -115,7 +115,7 @@ MINILLM = {
 
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_every_paper_recipe_runs_minillm_with_the_papers_settings(name):
-    """METHOD.md 5b: lr 5e-6, 100 warm-up steps, AdamW (0.9, 0.95), weight decay 1e-6, validation every 100
+    """docs/method.md §6: lr 5e-6, 100 warm-up steps, AdamW (0.9, 0.95), weight decay 1e-6, validation every 100
     steps, at most 5000 steps, 256 rollouts, 4 PPO epochs; evaluated, judged (Figure 2) and compared with Table 1."""
     from bdctl.stages.minillm import stage_config
 

@@ -61,7 +61,7 @@ def test_the_cli_runs_an_ablation_into_its_own_directory(tmp_path):
 
 
 def test_study_ablations_name_their_settings_and_their_dstar(tmp_path):
-    """METHOD.md 2.2's settings as ablations (issue 11): one run per value, plus named combinations;
+    """docs/method.md §3.4's settings as ablations (issue 11): one run per value, plus named combinations;
     a run on the nucleus D* needs that D*'s own generate stage."""
     recipe, _ = load_recipe(
         "smoke",

@@ -15,7 +15,7 @@ REFERENCE_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
 def expected(prediction: str, references: list[str]) -> float:
-    """The protocol of METHOD.md section 5, written out with rouge_score directly."""
+    """The protocol of docs/method.md §8, written out with rouge_score directly."""
     return 100 * max(REFERENCE_SCORER.score(ref, prediction.strip())["rougeL"].fmeasure for ref in references)
 
 

@@ -490,7 +490,7 @@ def test_teacher_sets_are_the_caches_top_p_sets():
 
 @pytest.mark.parametrize("peak", [20.0, 1.0], ids=["trained-like", "barely-trained"])
 def test_set_top_p_draws_every_token_inside_its_captured_set(model, peak):
-    """generate.top_p == cache_top_p (METHOD.md 2.2): each drawn token lies in the top-p set the
+    """generate.top_p == cache_top_p (docs/method.md §3.4): each drawn token lies in the top-p set the
     capture stores at its position, cap included. A barely trained teacher (peak 1: nearly uniform)
     has sets that hit the cap, where an uncapped nucleus would draw outside the cached set; the
     same draw without set_top_p does land outside, so the check can fail."""

@@ -82,7 +82,7 @@ def softmax_rows(q: np.ndarray) -> np.ndarray:
 
 
 def top_p_sets(policy: np.ndarray, p: float) -> np.ndarray:
-    """METHOD.md section 1: the shortest probability-sorted prefix reaching p, per state."""
+    """docs/method.md §2: the shortest probability-sorted prefix reaching p, per state."""
     support = np.zeros_like(policy, dtype=bool)
     for s, probs in enumerate(policy):
         order = np.argsort(-probs, kind="stable")
