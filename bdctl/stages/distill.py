@@ -65,7 +65,7 @@ from bdctl.errors import UserError
 from bdctl.job import Job, resolve_weights
 from bdctl.objectives.bellman import BellmanTerms, candidate_mask, dense_terms
 from bdctl.objectives.bellman_lean import lean_terms, released_lean_terms
-from bdctl.objectives.kd import exact_kd_loss, lean_sparse_kd_loss, mixed_kd_loss, teacher_probabilities
+from bdctl.objectives.kd import exact_kd_loss, lean_sparse_kd_and_ce, mixed_kd_loss, teacher_probabilities
 from bdctl.objectives.lm import IGNORE_INDEX, lean_cross_entropy
 from bdctl.recipe.schema import DistillStage
 from bdctl.rundir import manifest
@@ -196,13 +196,16 @@ def ce_and_kd(hidden: Tensor, weight: Tensor, batch: dict[str, Tensor], ratio: f
     """kd / seqkd: ((1 - r) CE + r KD, logs) on the response frame."""
     h = response_hidden(hidden, batch["positions"])
     valid = batch["valid"]
+    if ratio > 0 and teacher_probs is None:  # from the cache: KD and the logged CE share one vocabulary pass
+        kd, ce = lean_sparse_kd_and_ce(
+            h, weight, batch["cand_ids"], batch["cand_probs"], batch["cand_mask"], valid, batch["actions"]
+        )
+        return mixed_kd_loss(ce, kd, ratio), {"ce": ce.item(), "kd": kd.item()}
     ce = lean_cross_entropy(h, weight, torch.where(valid, batch["actions"], IGNORE_INDEX))
     if ratio == 0:
         return ce, {"ce": ce.item()}
-    if teacher_probs is not None:
-        kd = exact_kd_loss(scored_rows(h, valid), weight, teacher_probs)
-    else:
-        kd = lean_sparse_kd_loss(h, weight, batch["cand_ids"], batch["cand_probs"], batch["cand_mask"], valid)
+    assert teacher_probs is not None  # ratio > 0 without the cache's sets: the live teacher's
+    kd = exact_kd_loss(scored_rows(h, valid), weight, teacher_probs)
     return mixed_kd_loss(ce, kd, ratio), {"ce": ce.item(), "kd": kd.item()}
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from bdctl.objectives.kd import (
     dense_kd_loss,
+    lean_sparse_kd_and_ce,
     lean_sparse_kd_loss,
     mixed_kd_loss,
     sparse_kd_loss_dense,
@@ -270,6 +271,38 @@ def test_lean_sparse_kd_matches_dense_reference(chunk):
     expected = sparse_kd_loss_dense(hidden @ weight.T + bias, ids, probs, mask, valid)
     got = lean_sparse_kd_loss(hidden, weight, ids, probs, mask, valid, bias, chunk_size=chunk)
     assert_same(got, expected, (hidden, weight, bias))
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 100])
+def test_kd_and_ce_in_one_pass_equal_the_plain_references(chunk):
+    """The fused pass (kd / seqkd from the cache) against plain references: the dense sparse KD and
+    torch's cross-entropy on the valid positions, values and gradients (bias included)."""
+    hidden, weight, teacher, valid = kd_batch(seed=8, V=30)
+    (bias,) = leaves((30,), seed=9)
+    ids, probs, mask = sparse_cache(teacher, k=5, seed=3)
+    actions = torch.randint(0, 30, valid.shape, generator=torch.Generator().manual_seed(4))
+    logits = hidden @ weight.T + bias
+    kd_expected = sparse_kd_loss_dense(logits, ids, probs, mask, valid)
+    ce_expected = F.cross_entropy(logits[valid], actions[valid])
+    kd, ce = lean_sparse_kd_and_ce(hidden, weight, ids, probs, mask, valid, actions, bias, chunk_size=chunk)
+    assert_same(kd, kd_expected, (hidden, weight, bias))
+    assert_same(ce, ce_expected, (hidden, weight, bias))
+    # a mix of the two (what the loss heads take) has the mix's gradient too
+    assert_same(0.3 * ce + 0.7 * kd, 0.3 * ce_expected + 0.7 * kd_expected, (hidden, weight, bias))
+
+
+def test_kd_and_ce_in_one_pass_ignore_invalid_positions_and_check_actions():
+    hidden, weight, teacher, valid = kd_batch(seed=10)
+    ids, probs, mask = sparse_cache(teacher, k=3)
+    actions = torch.randint(0, weight.shape[0], valid.shape, generator=torch.Generator().manual_seed(1))
+    kd, ce = lean_sparse_kd_and_ce(hidden, weight, ids, probs, mask, valid, actions)
+    scrambled = torch.where(valid, actions, weight.shape[0] - 1 - actions)  # other tokens where not valid
+    kd2, ce2 = lean_sparse_kd_and_ce(hidden, weight, ids, probs, mask, valid, scrambled)
+    assert float(kd) == float(kd2) and float(ce) == float(ce2)
+    with pytest.raises(ValueError, match="actions token id out of range"):
+        lean_sparse_kd_and_ce(hidden, weight, ids, probs, mask, valid, torch.where(valid, weight.shape[0], 0))
+    with pytest.raises(ValueError, match="does not match valid"):
+        lean_sparse_kd_and_ce(hidden, weight, ids, probs, mask, valid, actions[:, :-1])
 
 
 def test_lean_sparse_kd_float32():
