@@ -83,12 +83,23 @@ _STOP_ATTRIBUTE = "bdctl_stop_id"
 _PROBE = "bdctl-probe-answer"
 
 
-def stop_id(tokenizer) -> int:
+def stop_id(tokenizer) -> int | None:
     """The token that ends a response everywhere (SFT labels, D* sampling, BD's terminal
     transitions, eval's stopping and answer text): the chat template's end-of-turn token when the
-    recipe uses data.template: chat (`load_tokenizer(..., template="chat")`), else the EOS."""
+    recipe uses data.template: chat (`load_tokenizer(..., template="chat")`), else the EOS; None
+    for a tokenizer without one (responses then end at the length limit only)."""
     chosen = getattr(tokenizer, _STOP_ATTRIBUTE, None)
-    return int(chosen) if chosen is not None else int(tokenizer.eos_token_id)
+    if chosen is not None:
+        return int(chosen)
+    return None if tokenizer.eos_token_id is None else int(tokenizer.eos_token_id)
+
+
+def required_stop_id(tokenizer, why: str) -> int:
+    """`stop_id`, for the methods whose transitions or rollouts need a response to be able to end."""
+    found = stop_id(tokenizer)
+    if found is None:
+        raise UserError(f"the tokenizer has no end-of-sequence token; {why} needs one")
+    return found
 
 
 def end_of_turn_id(tokenizer, where: str) -> int:

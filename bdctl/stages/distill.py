@@ -315,7 +315,7 @@ def run(job: Job, rank: int, world: int) -> None:
         policy_module,
         resolve_precision,
     )  # fmt: skip
-    from bdctl.models import hidden_size, load_model, load_tokenizer, stop_id
+    from bdctl.models import hidden_size, load_model, load_tokenizer, required_stop_id
     from bdctl.selection import Validator, selection_facts
     from bdctl.tracking import MetricsLog, StepProgress
     from bdctl.training import MicroBatch, finish, loop_config, train_loop
@@ -353,7 +353,8 @@ def run(job: Job, rank: int, world: int) -> None:
             policy_module(load_model(teacher_source, tokenizer, recipe.seed)), teacher_config
         )
     device = engine.device
-    pad_id, eos_id = tokenizer.pad_token_id, stop_id(tokenizer)  # terminal transitions end at the stop token
+    # terminal transitions end at the stop token
+    pad_id, eos_id = tokenizer.pad_token_id, required_stop_id(tokenizer, "distill (terminal transitions)")
     cap = recipe.stages.generate.cache_max_k
 
     def micro_batches(indices: list[int]) -> list[MicroBatch]:

@@ -409,7 +409,7 @@ def run(job: Job, rank: int, world: int) -> None:
         policy_module,
         resolve_precision,
     )  # fmt: skip
-    from bdctl.models import hidden_size, load_model, load_tokenizer, stop_id
+    from bdctl.models import hidden_size, load_model, load_tokenizer, required_stop_id
     from bdctl.objectives.kd import mixed_kd_loss
     from bdctl.objectives.lm import lean_cross_entropy
     from bdctl.objectives.minillm import lean_log_probs, lean_reverse_kl, lean_teacher_kd, policy_loss
@@ -476,7 +476,8 @@ def run(job: Job, rank: int, world: int) -> None:
         policy_module(load_model(source, tokenizer, recipe.seed)), ds_config, steps.total_steps, config.warmup_ratio,
         warmup_steps=own.warmup_steps,
     )  # fmt: skip
-    pad_id, eos_id = tokenizer.pad_token_id, stop_id(tokenizer)  # EOS, or the chat template's end-of-turn
+    # EOS, or the chat template's end-of-turn
+    pad_id, eos_id = tokenizer.pad_token_id, required_stop_id(tokenizer, "MiniLLM's rollouts")
     metrics = MetricsLog(out / "metrics.jsonl", enabled=rank == 0)
 
     # --- the collection (the rollout buffer) and the current minibatch's advantages
