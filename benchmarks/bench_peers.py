@@ -328,6 +328,7 @@ def distill_vs_trl(shape: DistillShape, seed: int, log: Callable[[str], None]) -
         log(f"distill_vs_trl: skipped, {missing}")
         return {"skipped": missing}
 
+    from bdctl.distill_data import collate_examples
     from bdctl.engine import (
         deepspeed_config,
         hf_deepspeed_context,
@@ -341,7 +342,7 @@ def distill_vs_trl(shape: DistillShape, seed: int, log: Callable[[str], None]) -
     from bdctl.objectives.lm import IGNORE_INDEX
     from bdctl.recipe import load_recipe
     from bdctl.recipe.schema import DistillStage
-    from bdctl.stages.distill import bd_terms, ce_and_kd, collate_examples, response_hidden, scored_rows
+    from bdctl.stages.distill import bd_terms, ce_and_kd, response_hidden, scored_rows
 
     quiet_libraries()
     examples = synthetic_examples(shape.vocab, shape.micro, shape.seq, shape.prompt, shape.k, seed)
@@ -626,8 +627,9 @@ def _vocab_point(vocab: int, shape: VocabShape, seed: int, config, variants: tup
     """Peak MiB of one loss forward + backward per variant, at one vocabulary size."""
     import torch
 
+    from bdctl.distill_data import collate_examples
     from bdctl.objectives.kd import dense_kd_loss, sparse_kd_loss_dense
-    from bdctl.stages.distill import bd_terms, ce_and_kd, collate_examples, response_hidden
+    from bdctl.stages.distill import bd_terms, ce_and_kd, response_hidden
 
     batch = collate_examples(
         synthetic_examples(vocab, shape.micro, shape.seq, shape.prompt, shape.k, seed), 0, vocab - 1, True

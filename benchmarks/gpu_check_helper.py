@@ -118,11 +118,12 @@ def training_steps(shape: dict, gpu: bool, torch_adam: bool) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from bdctl.distill_data import collate_examples
     from bdctl.engine import deepspeed_config, hf_deepspeed_context, make_engine, policy_module
     from bdctl.objectives.lm import IGNORE_INDEX, lean_cross_entropy
     from bdctl.recipe import load_recipe
     from bdctl.recipe.schema import DistillStage
-    from bdctl.stages.distill import bd_terms, collate_examples
+    from bdctl.stages.distill import bd_terms
 
     label, spec = shape["student"]
     config_model = qwen2_config(spec)
