@@ -108,6 +108,7 @@ def global_mean(total: float, count: float, device) -> float:
 
 
 def on_gpu() -> bool:
+    quiet_deepspeed()  # the launching process may reach DeepSpeed here first (e.g. to pick a precision)
     from deepspeed.accelerator import get_accelerator
 
     return get_accelerator().device_name() != "cpu"
