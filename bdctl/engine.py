@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
 import socket
 import sys
@@ -21,7 +20,15 @@ from typing import Any
 
 from bdctl.errors import UserError
 from bdctl.recipe.schema import Recipe, Train
-from bdctl.rundir import manifest, mark_complete, read_json, replace_dir, write_json_atomic
+from bdctl.rundir import (
+    manifest,
+    mark_complete,
+    read_json,
+    replace_dir,
+    stage_command,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 # What an export was chosen for (step, selection metric, scores), until its stage finishes and
 # the same facts go into its MANIFEST.json.
@@ -372,9 +379,8 @@ def write_model_card(
     import logging
 
     import bdctl
-    from bdctl.modelcard import CLI_SET_KEYS, card_facts, render_card, set_flags
+    from bdctl.modelcard import card_facts, override_flags, render_card, set_flags
     from bdctl.recipe import load_recipe
-    from bdctl.rundir import read_json, stage_command, write_text_atomic
 
     job_file = stage_dir / "job.json"
     if not job_file.is_file():
@@ -383,11 +389,7 @@ def write_model_card(
     split = Path(job["run_root"]) / "data" / "split.json"
     counts = read_json(split) if split.is_file() else None
     if "overrides" in job:  # the command's own --set items (jobs written since bdctl records them)
-        flags = [
-            f"--set {shlex.quote(item)}"
-            for item in job["overrides"]
-            if not any(item.split("=", 1)[0] == key or item.startswith(key + ".") for key in CLI_SET_KEYS)
-        ]
+        flags = override_flags(job["overrides"])
     else:  # an older job.json: the resolved recipe against the file's (as the CLI applied --ablation)
         try:
             recipe, _ = load_recipe(job["recipe_path"])

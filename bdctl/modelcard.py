@@ -13,6 +13,7 @@ Reading and writing files is `bdctl.engine.write_model_card`'s part.
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,17 +123,28 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): node}
 
 
+def _under(key: str, ignore: tuple[str, ...]) -> bool:
+    """Whether a dotted recipe key is one of `ignore` or lies below one."""
+    return any(key == skip or key.startswith(skip + ".") for skip in ignore)
+
+
+def override_flags(overrides: list[str], ignore: tuple[str, ...] = CLI_SET_KEYS) -> list[str]:
+    """The command's own `--set key=value` items as options, less the CLI's own keys (`ignore`)."""
+    return [f"--set {shlex.quote(item)}" for item in overrides if not _under(item.split("=", 1)[0], ignore)]
+
+
 def set_flags(
     resolved: dict[str, Any], from_file: dict[str, Any] | None, ignore: tuple[str, ...] = CLI_SET_KEYS
 ) -> list[str]:
     """The `--set key=value` options that turn the recipe file's values into the resolved recipe
-    (keys under `ignore` are the CLI's own, from --method / --ablation)."""
+    (keys under `ignore` are the CLI's own, from --method / --ablation), for a job that did not
+    record its overrides."""
     if from_file is None:
         return []
     mine, theirs = _flatten(resolved), _flatten(from_file)
     flags = []
     for key in sorted(mine):
-        if any(key == skip or key.startswith(skip + ".") for skip in ignore):
+        if _under(key, ignore):
             continue
         if key not in theirs or theirs[key] != mine[key]:
             flags.append(f"--set {key}={json.dumps(mine[key])}")

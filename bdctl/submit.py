@@ -11,6 +11,7 @@ ranks, which read it back (`bdctl.worker` -> `bdctl.job.Job.load`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -118,7 +119,7 @@ def _run_primary(
     module.prepare(job, log)
     for other in module.also_locks(job) if hasattr(module, "also_locks") else []:
         locks.enter_context(stage_lock(other))
-    begin = module.begin if hasattr(module, "begin") else _begin
+    begin = module.begin if hasattr(module, "begin") else functools.partial(_begin, module)
     ranks_have_work = begin(job, force, log)
     save_job(job, job_file)
     if hasattr(module, "run_in_process"):
@@ -132,10 +133,9 @@ def _run_primary(
     require_finished(job)
 
 
-def _begin(job: Job, force: bool, log: Log) -> bool:
+def _begin(module: Stage, job: Job, force: bool, log: Log) -> bool:
     """The default for an all-or-nothing stage: resume from the latest checkpoint (or the partial
     output the stage's `resumable` names), else start over. The ranks always have work."""
-    module = stage_module(job.stage)
     resume_from = None if force else latest_checkpoint(job.stage_dir / "checkpoints")
     partial = None
     if not force and resume_from is None and hasattr(module, "resumable"):
