@@ -35,8 +35,10 @@ def tiny_hf_model(arch: str, tokenizer, layers: int = 3, seed: int = 0):
 
 def _permute(weights: np.ndarray, heads: int) -> np.ndarray:
     # llama.cpp's convert_hf_to_gguf.py LlamaModel.permute: rotary halves interleaved per head
-    return weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(
-        weights.shape
+    return (
+        weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
     )
 
 

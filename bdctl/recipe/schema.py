@@ -80,7 +80,7 @@ class FromTeacher(Section):
                 raise ValueError("from_teacher.layers is empty; name at least one of the teacher's layers")
             if min(self.layers) < 0:
                 raise ValueError(f"from_teacher.layers {self.layers}: layer numbers start at 0")
-            if any(b <= a for a, b in zip(self.layers, self.layers[1:])):
+            if any(b <= a for a, b in zip(self.layers, self.layers[1:], strict=False)):
                 raise ValueError(
                     f"from_teacher.layers {self.layers}: expected increasing layer numbers without repeats "
                     "(the student keeps the teacher's order)"
@@ -152,7 +152,8 @@ class TokenizerSpec(Section):
     path: str | None = Field(None, description="Hub id or local directory (default: the teacher's own).")
     gguf: str | None = Field(
         None,
-        description="The tokenizer (and chat template) of a GGUF file, converted once into runs/<name>/models/tokenizer/.",
+        description="The tokenizer (and chat template) of a GGUF file, converted once into "
+        "runs/<name>/models/tokenizer/.",
     )
     train: TokenizerTraining | None = Field(None, description="Train a BPE on the recipe's data instead.")
     _built: str | None = PrivateAttr(None)  # as ModelSpec._built
@@ -181,7 +182,9 @@ class Models(Section):
         if self.teacher.from_teacher is not None:
             raise ValueError("teacher: from_teacher is for the student (a teacher is a path, gguf or tiny)")
         if self.student.from_teacher is not None and self.teacher.tiny is not None:
-            raise ValueError("student.from_teacher needs a teacher with path or gguf (a tiny teacher has no weights to cut)")
+            raise ValueError(
+                "student.from_teacher needs a teacher with path or gguf (a tiny teacher has no weights to cut)"
+            )
         own = self.tokenizer.path is None and self.tokenizer.gguf is None and self.tokenizer.train is None
         if own and self.teacher.tiny is not None:
             raise ValueError("tiny teachers need tokenizer.train (or tokenizer.path)")
