@@ -21,6 +21,7 @@ from typing import Any
 from bdctl.errors import UserError
 from bdctl.recipe.schema import Recipe, Train
 from bdctl.rundir import (
+    RunDir,
     manifest,
     mark_complete,
     read_json,
@@ -388,6 +389,8 @@ def write_model_card(
     job = read_json(job_file)
     split = Path(job["run_root"]) / "data" / "split.json"
     counts = read_json(split) if split.is_file() else None
+    run = RunDir(job["run_root"])  # gguf / from_teacher models: their manifests name source, choice and size
+    built = {role: found for role in ("teacher", "student") if (found := manifest(run.built_model(role)))}
     if "overrides" in job:  # the command's own --set items (jobs written since bdctl records them)
         flags = override_flags(job["overrides"])
     else:  # an older job.json: the resolved recipe against the file's (as the CLI applied --ablation)
@@ -403,7 +406,7 @@ def write_model_card(
     try:
         facts = card_facts(
             job, directory or export_dir.name, info, stage_facts, test, version=bdctl.__version__, counts=counts,
-            command=stage_command(job["stage_name"], job["recipe_path"]), flags=flags,
+            command=stage_command(job["stage_name"], job["recipe_path"]), flags=flags, built=built,
         )  # fmt: skip
         text = render_card(facts)
     except (KeyError, TypeError, ValueError) as exc:

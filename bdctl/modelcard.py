@@ -77,7 +77,24 @@ class CardFacts:
 # --------------------------------------------------------------------------- facts
 
 
-def _describe_spec(spec: dict[str, Any]) -> str:
+def _describe_spec(spec: dict[str, Any], built: dict[str, Any] | None = None) -> str:
+    """The model a spec names, in words; `built`: the manifest of the directory a gguf or
+    from_teacher spec was built into (models.build_models), for its source, choice and size."""
+    built = built or {}
+    source = built.get("source") or {}
+    sha = f", sha256 {source['sha256'][:12]}" if source.get("sha256") else ""
+    if spec.get("gguf"):
+        arch = f" {built['architecture']}" if built.get("architecture") else ""
+        return f"the GGUF file {spec['gguf']} ({arch.strip() or 'model'}{sha}, dequantised to float32)"
+    if spec.get("from_teacher"):
+        choice = spec["from_teacher"]
+        layers = built.get("layers") or choice.get("layers") or f"{choice['keep']} chosen {choice['how']}"
+        of = f" of {built['teacher_layers']}" if built.get("teacher_layers") else ""
+        size = f", {built['parameters']:,} parameters" if built.get("parameters") else ""
+        return (
+            f"the teacher's layers {layers}{of} with its embeddings, final norm and head{size} (cut from "
+            f"{source.get('label', 'the teacher')}{sha}; {BEYOND_PAPER}: DistilBERT-style initialisation)"
+        )
     if spec.get("tiny"):
         tiny = spec["tiny"]
         layers = f"{tiny['layers']} layer{'s' if tiny['layers'] > 1 else ''}"
@@ -162,6 +179,7 @@ def card_facts(
     counts: dict[str, Any] | None = None,
     command: str,
     flags: list[str] | None = None,
+    built: dict[str, dict[str, Any]] | None = None,
 ) -> CardFacts:
     """The facts of one exported directory.
 
@@ -169,8 +187,10 @@ def card_facts(
     best, export or export-<protocol>; info: the export's info (step, select, val_loss, rouge_l,
     rouge_l@<protocol>); stage_facts: the stage manifest's facts (notes) when known; test: eval's
     scores of this directory, protocol -> set -> {mean, std, per_seed}; counts: data/split.json;
-    command: the stage's command (`rundir.stage_command`), flags: its --set options.
+    command: the stage's command (`rundir.stage_command`), flags: its --set options; built: role ->
+    the manifest of the model directory a gguf or from_teacher spec was built into.
     """
+    built = built or {}
     recipe, stage = job["recipe"], job["stage_name"]
     options = job.get("options") or {}
     models, stages = recipe["models"], recipe["stages"]
@@ -188,7 +208,8 @@ def card_facts(
         generate = stages["generate"]
         teacher_ref = generate["model"]
         teacher = (
-            f"{teacher_ref} of this run (the teacher {_describe_spec(models['teacher'])}, fine-tuned by bdctl sft)"
+            f"{teacher_ref} of this run (the teacher {_describe_spec(models['teacher'], built.get('teacher'))}, "
+            "fine-tuned by bdctl sft)"
             if teacher_ref == "teacher_sft"
             else teacher_ref
         )
@@ -216,7 +237,7 @@ def card_facts(
         init = config.get("init", "auto")
         if init == "auto":
             init = "student_sft" if method == "bd" else "base"
-    base = _describe_spec(base_spec)
+    base = _describe_spec(base_spec, built.get(role))
     if init != "base":
         base = f"{base}, starting from {init}" + (" of this run" if init.endswith("_sft") else "")
 

@@ -206,3 +206,26 @@ def test_student_cut_from_a_teacher_directory(tiny_tokenizer, tmp_path):
     with pytest.raises(UserError, match="layer 4 is out of range; the teacher has 4 layers"):
         build_models(out_of_range, lambda line: None)
     assert not (tmp_path / "other" / "run" / "models" / "student").exists()
+
+
+def test_model_card_names_the_layers_the_size_and_the_source():
+    """An export that starts from a cut student says so in its card (base model), with the layer
+    choice, parameter count and source from the built directory's manifest; a gguf teacher too."""
+    from bdctl.modelcard import card_facts, render_card
+    from tests.unit.test_chat_and_cards import INFO, variant
+
+    job = variant(
+        recipe__models__student={"path": None, "from_teacher": {"layers": None, "keep": 4, "how": "ends"}},
+        recipe__models__teacher={"path": None, "gguf": "models/t.gguf"},
+    )
+    built = {
+        "student": {"kind": "from_teacher", "layers": [0, 3, 4, 5], "teacher_layers": 6, "parameters": 12345,
+                    "source": {"label": "the teacher models/t.gguf (gguf)", "sha256": "ab" * 32}},
+        "teacher": {"kind": "gguf", "architecture": "llama", "source": {"sha256": "cd" * 32}},
+    }  # fmt: skip
+    text = render_card(card_facts(job, "export", INFO, None, None, version="9.9", command="bdctl x", built=built))
+    assert (
+        "the teacher's layers [0, 3, 4, 5] of 6 with its embeddings, final norm and head, 12,345 parameters "
+        "(cut from the teacher models/t.gguf (gguf), sha256 abababababab; beyond the paper" in text
+    )
+    assert "the GGUF file models/t.gguf (llama, sha256 cdcdcdcdcdcd, dequantised to float32)" in text
