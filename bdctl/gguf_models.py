@@ -95,12 +95,15 @@ def convert(source: Path, out: Path, what: str, tokenizer_only: bool = False) ->
     """Write the model (unless `tokenizer_only`) and tokenizer of a checked GGUF file into `out`,
     a fresh directory, and return the facts its manifest records."""
     import torch
+    import transformers.modeling_gguf_pytorch_utils as gguf_loader
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     header = read_header(source, what)
     facts: dict[str, Any] = {"kind": "gguf", "gguf_architecture": header["architecture"], "gguf_name": header["name"]}
     facts["gguf_tensor_types"] = header["tensor_types"]
     folder, name = str(source.parent), source.name
+    # The loader's tqdm bar ignores transformers' progress-bar switch (quiet_libraries): silence it here.
+    loader_bar, gguf_loader.tqdm = gguf_loader.tqdm, lambda items, **kwargs: items
     try:
         if not tokenizer_only:
             facts["architecture"] = check_architecture(header, source, what)
@@ -118,6 +121,8 @@ def convert(source: Path, out: Path, what: str, tokenizer_only: bool = False) ->
         raise
     except Exception as exc:  # transformers' ValueError / NotImplementedError / KeyError for what it cannot map
         raise UserError(f"{what} {source}: transformers cannot convert it ({_first_line(exc)})") from None
+    finally:
+        gguf_loader.tqdm = loader_bar
     tokenizer.save_pretrained(out)
     facts["chat_template"] = bool(getattr(tokenizer, "chat_template", None))
     facts["vocabulary"] = len(tokenizer)

@@ -43,6 +43,19 @@ def model_config(spec: ModelSpec, recipe: Recipe):
         return None
 
 
+def cut_choice(recipe: Recipe) -> tuple[list[int], int] | None:
+    """The teacher's layers a from_teacher student keeps and how many the teacher has, when the
+    teacher's config can be read (None otherwise, or when the student is not cut)."""
+    spec = recipe.models.student.from_teacher
+    teacher = None if spec is None else model_config(recipe.models.teacher, recipe)
+    if spec is None or teacher is None:
+        return None
+    from bdctl.cut import choose_layers, layer_count
+
+    total = layer_count(teacher)
+    return choose_layers(spec, total), total
+
+
 def count_parameters(config) -> int:
     """Parameters of a model built from `config` on the meta device (no memory, no weights)."""
     import torch

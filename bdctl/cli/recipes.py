@@ -67,7 +67,7 @@ def show(
 
         from bdctl.pipeline import stages
         from bdctl.recipe import dump_recipe, load_recipe
-        from bdctl.sizes import count_parameters, inference_gib, model_config, training_gib_per_gpu
+        from bdctl.sizes import count_parameters, cut_choice, inference_gib, model_config, training_gib_per_gpu
 
         resolved, path = load_recipe(recipe, set_ or [])
         console = Console()
@@ -84,17 +84,56 @@ def show(
             "model", "parameters", "train ZeRO-2 GiB/GPU", "train ZeRO-3 GiB/GPU", "inference copy GiB",
             title=f"model states on {gpus} GPUs, {precision} (activations and KV cache not included)",
         )  # fmt: skip
+        cut = cut_choice(resolved)
         for role in ("teacher", "student"):
             spec = getattr(resolved.models, role)
+            label = spec.label if role == "teacher" or cut is None else f"teacher's layers {cut[0]} of {cut[1]}"
             config = model_config(spec, resolved)
             if config is None:
-                sizes.add_row(f"{role}: {spec.label}", "config not on disk", "-", "-", "-")
+                sizes.add_row(f"{role}: {label}", "config not on disk", "-", "-", "-")
                 continue
             n = count_parameters(config)
             sizes.add_row(
-                f"{role}: {spec.label}", f"{n / 1e6:,.1f} M",
+                f"{role}: {label}", f"{n / 1e6:,.1f} M",
                 f"{training_gib_per_gpu(n, gpus, 2, precision):.2f}",
                 f"{training_gib_per_gpu(n, gpus, 3, precision):.2f}",
                 f"{inference_gib(n, precision):.2f}",
             )  # fmt: skip
         console.print(sizes)
+
+
+@app.command("cuts", epilog="Example: bdctl recipes cuts recipes/smollm2-cpu.yaml --keep 8 --examples 64")
+def cuts(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    keep: Annotated[
+        int | None, typer.Option("--keep", min=1, help="Layers each candidate keeps (default: the recipe's cut's).")
+    ] = None,
+    examples: Annotated[int, typer.Option("--examples", min=1, help="Validation examples to score.")] = 64,
+) -> None:
+    """Compare layer choices for a student cut from its teacher: the golden-answer NLL (nats per
+    response token) of the whole teacher and of each cut (the recipe's own, even, ends) on the
+    run's validation examples, before training. Builds the teacher and the data split if needed."""
+    with user_errors():
+        from rich.console import Console
+        from rich.table import Table
+
+        from bdctl.cutcompare import compare
+        from bdctl.engine import quiet_deepspeed, quiet_libraries
+        from bdctl.recipe import load_recipe
+
+        quiet_libraries()
+        quiet_deepspeed()  # transformers reaches DeepSpeed while loading: name the CPU before it guesses
+        resolved, _ = load_recipe(recipe, set_ or [])
+        console = Console()
+        found = compare(resolved, keep, examples, log=lambda line: None)
+        table = Table(
+            "candidate",
+            "layers",
+            "parameters",
+            "NLL",
+            title=f"golden-answer NLL, {examples} validation examples at most",
+        )
+        for candidate in found:
+            table.add_row(candidate.name, str(candidate.layers), f"{candidate.parameters:,}", f"{candidate.nll:.3f}")
+        console.print(table)
