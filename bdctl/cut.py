@@ -1,4 +1,4 @@
-"""Students cut from their teacher (`models.student: {from_teacher: ...}`, docs/method.md §8): a
+"""Students cut from their teacher (`models.student: {from_teacher: ...}`, docs/method.md §12): a
 subset of the teacher's decoder layers, in the teacher's order, with the teacher's embeddings,
 final norm and output layer: the DistilBERT-style initialisation. Beyond the paper, whose students
 are pretrained models of their own. The cut shares the teacher's tokenizer by construction.

@@ -4,6 +4,7 @@
       recipe.yaml              the resolved recipe of the latest command that succeeded
       tokenizer/               the shared tokenizer (trained here for tiny recipes)
       data/                    train/valid/test.jsonl, split.json, MANIFEST.json
+      models/<role>/           gguf / from_teacher models built for the recipe (`built_model`), MANIFEST.json
       <stage>/                 teacher_sft, student_sft, generate, distill/<method>, eval, judge
         recipe.yaml job.json   what this stage ran with
         metrics.jsonl logs/    per-step metrics; one log file per rank

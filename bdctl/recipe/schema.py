@@ -60,7 +60,7 @@ class FromTeacher(Section):
     """A student made of some of the teacher's decoder layers, with the teacher's embeddings, final
     norm and output layer (DistilBERT-style initialisation; beyond the paper, whose students are
     pretrained models of their own). Cut from the recipe's teacher *base* weights (models.teacher:
-    a path or a gguf file), never from teacher_sft's export. docs/method.md §8 defines the choices."""
+    a path or a gguf file), never from teacher_sft's export. docs/method.md §12 defines the choices."""
 
     layers: list[int] | None = Field(
         None, description="The teacher's layers to keep, 0-based, increasing, e.g. [0, 1, 2, 3, 4, 27, 28, 29]."

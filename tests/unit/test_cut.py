@@ -1,4 +1,4 @@
-"""Students cut from their teacher (bdctl/cut.py, docs/method.md §8): the layer-choice rules as a
+"""Students cut from their teacher (bdctl/cut.py, docs/method.md §12): the layer-choice rules as a
 table, the cut model's logits against running the chosen layers of the teacher by hand (embed ->
 chosen blocks -> final norm -> head) on gpt2, opt, qwen2 and llama, the student built once into the
 run directory with the shared tokenizer and a manifest, and the bad choices in one line each."""
