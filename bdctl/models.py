@@ -371,9 +371,8 @@ def built_facts(directory: str | Path) -> dict | None:
 def _gguf_source(file: str | None, role: str) -> dict:
     assert file is not None
     path = Path(file).expanduser()
-    header_error = None if path.is_file() else f"models.{role}.gguf {file}: no such file"
-    if header_error:
-        raise UserError(header_error)
+    if not path.is_file():  # gguf_models.read_header says what else is wrong with a file
+        raise UserError(f"models.{role}.gguf {file}: no such file" + ("" if not path.exists() else " (a directory)"))
     stat = path.stat()
     return {"label": f"{file} (gguf)", "path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 

@@ -203,7 +203,7 @@ def _make_tokenizer(recipe: Recipe, run: RunDir, examples: list[dict]):
         cut = sum(len(text) > TOKENIZER_TEXT_CHARS for text in texts)
         texts = [text[:TOKENIZER_TEXT_CHARS] for text in texts]
         return train_tokenizer(texts, recipe.models.tokenizer.train, run.tokenizer), cut
-    if recipe.models.tokenizer.path is None:  # the teacher's own: say so when its directory is at fault
+    if recipe.models.tokenizer.location is None:  # the teacher's own: say so when its directory is at fault
         check_model_dir(source[0], "teacher model ")
     tokenizer = load_tokenizer(*source, template=recipe.data.template)  # chat: one line if it has no template
     tokenizer.save_pretrained(run.tokenizer)  # ranks and later stages read this copy

@@ -162,3 +162,23 @@ def test_without_the_gguf_package_the_line_names_the_extra(sources, tmp_path, mo
     recipe = _recipe(tmp_path, sources["llama"][1])
     with pytest.raises(UserError, match=r"needs the gguf package \(pip install 'bdctl\[gguf\]'\)"):
         build_models(recipe, lambda line: None)
+
+
+def test_a_tokenizer_from_a_gguf_file_is_the_shared_one(sources, tiny_tokenizer, tmp_path):
+    """models.tokenizer: {gguf: ...} converts the tokenizer alone, and the data stage uses it."""
+    from bdctl.data.prepare import prepare_data
+    from bdctl.models import load_tokenizer, tokenizer_hash
+    from bdctl.rundir import RunDir
+
+    file = sources["llama"][1]
+    recipe = load_recipe(
+        "smoke",
+        [f"run_dir={tmp_path / 'run'}", f'models={{"teacher": {{"gguf": "{file}"}}, "student": {{"gguf": "{file}"}}, '
+         f'"tokenizer": {{"gguf": "{file}"}}}}'],
+    )[0]  # fmt: skip
+    build_models(recipe, lambda line: None)
+    built = tmp_path / "run" / "models" / "tokenizer"
+    assert (built / "tokenizer.json").is_file() and not (built / "model.safetensors").exists()
+    prepare_data(recipe, RunDir.of(recipe), lambda line: None)
+    shared = load_tokenizer(RunDir.of(recipe).tokenizer)
+    assert tokenizer_hash(shared) == tokenizer_hash(tiny_tokenizer)
