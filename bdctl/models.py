@@ -346,6 +346,11 @@ def build_models(recipe: Recipe, log=print) -> None:
         with stage_lock(built.parent):  # one builder of runs/<name>/models/ at a time
             if _up_to_date(built, source, role):
                 continue
+            if kind == "gguf":  # a bad file stops before anything is said about building it
+                gguf_models.read_header(Path(source["path"]), f"models.{role}.gguf")
+            from bdctl.engine import quiet_deepspeed
+
+            quiet_deepspeed()  # transformers reaches DeepSpeed while loading: name the CPU before it guesses
             log(f"building {built} from {source['label']} ...")
             tmp = built.with_name(f".{built.name}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)

@@ -78,3 +78,28 @@ def test_cuts_without_a_cut_student_needs_keep(in_tmp, tiny_tokenizer):
     result = invoke("recipes", "cuts", str(recipe))
     assert result.exit_code == 2
     assert "the recipe's student is not cut from the teacher; pass --keep K" in result.output
+
+
+@pytest.mark.parametrize(
+    ("models", "expected"),
+    [
+        ({"teacher": {"gguf": "notes.gguf"}, "student": {"gguf": "notes.gguf"}}, "notes.gguf: not a GGUF file"),
+        ({"teacher": {"gguf": "gone.gguf"}, "student": {"gguf": "gone.gguf"}}, "gone.gguf: no such file"),
+        (
+            {"teacher": {"gguf": "t.gguf"}, "student": {"from_teacher": {"layers": [0, 9]}}},
+            "layer 9 is out of range; the teacher has 2 layers (0 to 1)",
+        ),
+    ],
+    ids=["not-gguf", "missing", "layer-out-of-range"],
+)
+def test_bad_models_end_the_command_in_one_line(models, expected, in_tmp, tiny_tokenizer):
+    (in_tmp / "notes.gguf").write_text("these are notes, not a model\n")
+    write_gguf(tiny_hf_model("llama", tiny_tokenizer, layers=2), tiny_tokenizer, in_tmp / "t.gguf")
+    recipe = write_recipe(in_tmp / "bad.yaml", name="bad", models=models)
+    result = invoke("sft", str(recipe), "--model", "student", "--dry-run")
+    assert result.exit_code == 2, result.output
+    # progress lines (the teacher converted before the student's layers are checked) may precede it
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0] and expected in errors[0], result.output
+    assert "Traceback" not in result.output and "WARNING" not in result.output
