@@ -45,7 +45,7 @@ def choose_layers(spec: FromTeacher, total: int) -> list[int]:
     k = spec.keep
     if k > total:
         raise UserError(f"{WHERE}.keep: {k} layers asked of a teacher that has {total}")
-    if spec.how == "ends":
+    if spec.how == "ends":  # None: even, the default
         return list(range(max(k - 3, 0))) + list(range(total - min(k, 3), total))
     if k == 1:
         return [0]

@@ -88,7 +88,7 @@ def _describe_spec(spec: dict[str, Any], built: dict[str, Any] | None = None) ->
         return f"the GGUF file {spec['gguf']} ({arch.strip() or 'model'}{sha}, dequantised to float32)"
     if spec.get("from_teacher"):
         choice = spec["from_teacher"]
-        layers = built.get("layers") or choice.get("layers") or f"{choice['keep']} chosen {choice['how']}"
+        layers = built.get("layers") or choice.get("layers") or f"{choice['keep']} chosen {choice.get('how') or 'even'}"
         of = f" of {built['teacher_layers']}" if built.get("teacher_layers") else ""
         size = f", {built['parameters']:,} parameters" if built.get("parameters") else ""
         return (

@@ -66,10 +66,10 @@ class FromTeacher(Section):
         None, description="The teacher's layers to keep, 0-based, increasing, e.g. [0, 1, 2, 3, 4, 27, 28, 29]."
     )
     keep: int | None = Field(None, gt=0, description="How many layers to keep, chosen by `how` (instead of layers).")
-    how: Literal["even", "ends"] = Field(
-        "even",
-        description="With keep: k of L layers. even: round(linspace(0, L-1, k)) (first and last included); "
-        "ends: the first k-3 and the last 3 (k <= 3: the last k).",
+    how: Literal["even", "ends"] | None = Field(
+        None,
+        description="With keep: k of L layers. even (the default): round(linspace(0, L-1, k)) (first and last "
+        "included); ends: the first k-3 and the last 3 (k <= 3: the last k).",
     )
 
     @model_validator(mode="after")
@@ -85,7 +85,7 @@ class FromTeacher(Section):
                     f"from_teacher.layers {self.layers}: expected increasing layer numbers without repeats "
                     "(the student keeps the teacher's order)"
                 )
-        if "how" in self.model_fields_set and self.keep is None:
+        if self.how is not None and self.keep is None:
             raise ValueError("from_teacher.how goes with keep, not with layers")
         return self
 
@@ -134,7 +134,7 @@ class ModelSpec(Section):
         if self.gguf is not None:
             return f"{self.gguf} (gguf)"
         if self.from_teacher is not None:
-            chosen = self.from_teacher.layers or f"{self.from_teacher.keep}, {self.from_teacher.how}"
+            chosen = self.from_teacher.layers or f"{self.from_teacher.keep}, {self.from_teacher.how or 'even'}"
             return f"teacher's layers {chosen}"
         return str(self.path) if self.revision is None else f"{self.path}@{self.revision}"
 

@@ -85,6 +85,17 @@ def test_bad_choices_in_the_recipe_are_one_line(value, expected):
     assert "models.student" in str(raised.value)
 
 
+@pytest.mark.parametrize("choice", ["{layers: [0, 3]}", "{keep: 2}", "{keep: 2, how: ends}"])
+def test_the_choice_survives_job_json(choice, tmp_path):
+    """Every rank re-validates the recipe from job.json (Job.load): the dumped choice must load."""
+    from bdctl.recipe.schema import Recipe
+
+    recipe = _recipe(tmp_path, 'models.teacher={"gguf": "t.gguf"}', choice)
+    again = Recipe.model_validate(json.loads(json.dumps(recipe.model_dump(mode="json"))))
+    assert again.models.student.from_teacher == recipe.models.student.from_teacher
+    assert again.models.student.location == recipe.models.student.location == str(tmp_path / "run/models/student")
+
+
 def _teacher(arch: str, vocab: int, layers: int = 5):
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, OPTConfig, Qwen2Config
 
