@@ -341,10 +341,10 @@ def build_models(recipe: Recipe, log=print) -> None:
         assert spec.location is not None  # Recipe._place_built_models
         built = Path(spec.location)
         source = _gguf_source(spec.gguf, role) if kind == "gguf" else _teacher_source(recipe)
-        if _up_to_date(built, source, role):
+        if _up_to_date(built, source):
             continue
         with stage_lock(built.parent):  # one builder of runs/<name>/models/ at a time
-            if _up_to_date(built, source, role):
+            if _up_to_date(built, source):
                 continue
             if kind == "gguf":  # a bad file stops before anything is said about building it
                 gguf_models.read_header(Path(source["path"]), f"models.{role}.gguf")
@@ -364,13 +364,6 @@ def build_models(recipe: Recipe, log=print) -> None:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             log(f"built {built} ({_summary(facts)})")
-
-
-def built_facts(directory: str | Path) -> dict | None:
-    """The manifest of a directory build_models made (None for any other directory): what the
-    model card of an export that starts from it names (source, layer choice, parameter count)."""
-    found = manifest(Path(directory))
-    return found if found is not None and found.get("kind") in ("gguf", "from_teacher") else None
 
 
 def _gguf_source(file: str | None, role: str) -> dict:
@@ -401,7 +394,7 @@ def _teacher_source(recipe: Recipe) -> dict:
     return {"label": f"the teacher {teacher.label}", "choice": chosen, "path": str(local.resolve()), "files": stats}
 
 
-def _up_to_date(built: Path, source: dict, role: str) -> bool:
+def _up_to_date(built: Path, source: dict) -> bool:
     """Whether `built` was made from this very source; one line when it was made from another.
     Unchanged file sizes and times keep the recorded sha256 (no re-hashing of a large file on
     every command); otherwise the content is hashed and compared."""
@@ -416,7 +409,14 @@ def _up_to_date(built: Path, source: dict, role: str) -> bool:
             f"now asks {source.get('choice')}; delete {built} (and the stages trained from it) to cut again, or use "
             "another run_dir"
         )
-    stat_keys = ("path", "size", "mtime_ns", "files", "hub")
+    if "hub" in source:  # nothing on disk to hash: the hub id and revision are the identity
+        if theirs.get("hub") == source["hub"]:
+            return True
+        raise UserError(
+            f"{built}: built from {theirs.get('label')}, but the recipe now names {source['label']}; delete {built} "
+            "(and the stages trained from it) to build it again, or use another run_dir"
+        )
+    stat_keys = ("path", "size", "mtime_ns", "files")
     if "sha256" not in source and all(theirs.get(k) == source.get(k) for k in stat_keys):
         return True
     mine = source.get("sha256") or _content_hash(source)
@@ -435,13 +435,13 @@ def _content_hash(source: dict) -> str:
         for name, _, _ in source["files"]:
             digest.update(name.encode() + gguf_models.sha256_file(Path(source["path"]) / name).encode())
         return digest.hexdigest()
-    if "path" in source:
-        return gguf_models.sha256_file(Path(source["path"]))
-    return hashlib.sha256(json.dumps(source.get("hub")).encode()).hexdigest()
+    return gguf_models.sha256_file(Path(source["path"]))
 
 
 def _recorded(source: dict) -> dict:
-    """The source as the manifest records it, with its sha256."""
+    """The source as the manifest records it, with its sha256 (a hub teacher: its id instead)."""
+    if "hub" in source:
+        return source
     return {**source, "sha256": source.get("sha256") or _content_hash(source)}
 
 
