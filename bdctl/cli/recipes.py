@@ -135,5 +135,6 @@ def cuts(
             title=f"golden-answer NLL, {examples} validation examples at most",
         )
         for candidate in found:
-            table.add_row(candidate.name, str(candidate.layers), f"{candidate.parameters:,}", f"{candidate.nll:.3f}")
+            layers = f"all {len(candidate.layers)}" if candidate.name == "teacher" else str(candidate.layers)
+            table.add_row(candidate.name, layers, f"{candidate.parameters:,}", f"{candidate.nll:.3f}")
         console.print(table)
