@@ -281,6 +281,10 @@ def _default_protocols() -> list[Protocol]:
     return [Protocol(name="minillm")]  # MiniLLM's protocol: temperature 1, top_p 1.0, top_k 0
 
 
+# AdamW's (beta1, beta2): the one definition stages.*.adam_betas and stages.distill.minillm.adam_betas share.
+AdamBetas = tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]]
+
+
 class Train(Section):
     """Settings every training stage shares."""
 
@@ -290,7 +294,28 @@ class Train(Section):
     batch_size: int = Field(64, gt=0, description="Global batch: micro batch x accumulation x ranks.")
     micro_batch_size: int = Field(8, gt=0, description="Examples per rank per forward pass.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps with linear warm-up.")
+    adam_betas: AdamBetas | None = Field(
+        None,
+        description="AdamW (beta1, beta2) (null: the DeepSpeed config's; bdctl's configs have [0.9, 0.999]). "
+        "The BD release: [0.9, 0.95].",
+    )
+    schedule: Literal["linear", "cosine", "constant"] = Field(
+        "linear",
+        description="Learning rate after the warm-up, over schedule_steps: linear decay to zero, cosine decay to "
+        "zero (transformers' get_cosine_schedule_with_warmup, the BD release's cosine_trm) or constant.",
+    )
+    warmup_ratio: float = Field(
+        0.0, ge=0, lt=1, description="Share of schedule_steps with linear warm-up (used when warmup_steps is null)."
+    )
+    warmup_steps: int | None = Field(
+        None, ge=0, description="Linear warm-up steps; replaces warmup_ratio (set one of them, not both)."
+    )
+    schedule_steps: int | None = Field(
+        None,
+        gt=0,
+        description="Length of the schedule in optimizer steps (null: the run's steps). The BD release decays over "
+        "5000 whatever its run's length; a run longer than schedule_steps is refused.",
+    )
     grad_clip: float = Field(1.0, ge=0, description="Gradient-norm clipping (0: off).")
     eval_every: int = Field(0, ge=0, description="Validate every N steps (0: once per epoch), and after the last step.")
     select: Literal["val_loss", "rouge_l"] = Field(
@@ -323,6 +348,15 @@ class Train(Section):
         if self.batch_size % self.micro_batch_size:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})"
+            )
+        if self.warmup_steps is not None and self.warmup_ratio > 0:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) and warmup_ratio ({self.warmup_ratio:g}) are both set; "
+                "give one of them"
+            )
+        if self.warmup_steps is not None and self.schedule_steps is not None and self.warmup_steps >= self.schedule_steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) must be smaller than schedule_steps ({self.schedule_steps})"
             )
         return self
 
@@ -482,10 +516,12 @@ class MiniLLM(Section):
         None, ge=0, description="AdamW weight decay (null: stages.distill.weight_decay); MiniLLM: 1e-6."
     )
     warmup_steps: int | None = Field(
-        None, ge=0, description="Linear warm-up steps (null: stages.distill.warmup_ratio); MiniLLM: 100."
+        None,
+        ge=0,
+        description="Linear warm-up steps (null: stages.distill's warmup_steps / warmup_ratio); MiniLLM: 100.",
     )
-    adam_betas: tuple[float, float] | None = Field(
-        None, description="AdamW betas (null: the DeepSpeed config's); MiniLLM: [0.9, 0.95]."
+    adam_betas: AdamBetas | None = Field(
+        None, description="AdamW betas (null: stages.distill.adam_betas); MiniLLM: [0.9, 0.95]."
     )
     eval_every: int | None = Field(
         None, ge=0, description="Validate every N steps (null: stages.distill.eval_every); MiniLLM: 100."
@@ -493,12 +529,6 @@ class MiniLLM(Section):
     max_steps: int | None = Field(
         None, gt=0, description="Stop after N steps (null: stages.distill.max_steps); MiniLLM: 5000."
     )
-
-    @model_validator(mode="after")
-    def _check_betas(self) -> MiniLLM:
-        if self.adam_betas is not None and not all(0 <= b < 1 for b in self.adam_betas):
-            raise ValueError(f"adam_betas must lie in [0, 1), got {list(self.adam_betas)}")
-        return self
 
 
 class DistillStage(Train):

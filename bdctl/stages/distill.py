@@ -229,7 +229,7 @@ def prepare(job: Job, log=print) -> None:
     """Launching process: data split, inputs that must exist, vocabulary check, pretraining blocks."""
     from bdctl.data.batching import training_steps
     from bdctl.data.prepare import prepare_data
-    from bdctl.engine import check_batch_split
+    from bdctl.engine import check_batch_split, lr_schedule
     from bdctl.models import check_vocabularies, load_tokenizer, max_positions
     from bdctl.selection import check_rouge_selection
 
@@ -264,6 +264,7 @@ def prepare(job: Job, log=print) -> None:
             f"of --method {method}"
         )
     per_epoch, total_steps = training_steps(len(data), config)
+    lr_schedule(config, "distill", total_steps)  # a schedule shorter than the run is refused here, not on the ranks
     if setup.pretrain:
         from bdctl.data.pretrain import prepare_blocks
 
@@ -309,6 +310,7 @@ def run(job: Job, rank: int, world: int) -> None:
         deepspeed_config,
         export_hf,
         hf_deepspeed_context,
+        lr_schedule,
         make_engine,
         make_inference_engine,
         on_gpu,
@@ -341,7 +343,9 @@ def run(job: Job, rank: int, world: int) -> None:
     )
     with_ds = hf_deepspeed_context(ds_config)  # noqa: F841  (alive while loading: ZeRO-3 partitioned load)
     engine = make_engine(
-        policy_module(load_model(source, tokenizer, recipe.seed)), ds_config, total_steps, config.warmup_ratio
+        policy_module(load_model(source, tokenizer, recipe.seed)),
+        ds_config,
+        lr_schedule(config, "distill", total_steps),
     )
     teacher = None
     if setup.live_teacher:
