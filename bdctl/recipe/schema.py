@@ -354,7 +354,11 @@ class Train(Section):
                 f"warmup_steps ({self.warmup_steps}) and warmup_ratio ({self.warmup_ratio:g}) are both set; "
                 "give one of them"
             )
-        if self.warmup_steps is not None and self.schedule_steps is not None and self.warmup_steps >= self.schedule_steps:
+        if (
+            self.warmup_steps is not None
+            and self.schedule_steps is not None
+            and self.warmup_steps >= self.schedule_steps
+        ):
             raise ValueError(
                 f"warmup_steps ({self.warmup_steps}) must be smaller than schedule_steps ({self.schedule_steps})"
             )

@@ -169,7 +169,8 @@ def test_betas_and_schedule_reach_a_real_engine(tiny_tokenizer, single_rank_grou
         "smoke",
         [
             "stages.teacher_sft.adam_betas=[0.8, 0.9]", "stages.teacher_sft.schedule=cosine",
-            "stages.teacher_sft.warmup_ratio=0", "stages.teacher_sft.warmup_steps=2", "stages.teacher_sft.schedule_steps=6",
+            "stages.teacher_sft.warmup_ratio=0", "stages.teacher_sft.warmup_steps=2",
+            "stages.teacher_sft.schedule_steps=6",
             "stages.teacher_sft.batch_size=2", "stages.teacher_sft.micro_batch_size=2",
         ],
     )  # fmt: skip
