@@ -447,6 +447,11 @@ class Ablations(Section):
         default_factory=list,
         description="D* sets to train on, e.g. [generate-nucleus] -> distill/bd-dstar-nucleus.",
     )
+    released_eps: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=list,
+        description="The released variant at these epsilons (stages.distill.eps), e.g. [1.0e-4] -> "
+        "distill/bd-released-eps0.0001 (variant: released, eps: 1e-4).",
+    )
     combined: dict[Annotated[str, Field(pattern=_NAME)], dict[str, Any]] = Field(
         default_factory=dict,
         description="Named runs changing several stages.distill settings at once, e.g. "
@@ -470,6 +475,8 @@ class Ablations(Section):
             names[f"bd-alpha{float(value)}"] = {"alpha": float(value)}
         for dstar in self.dstar:
             names[f"bd-dstar-{dstar.removeprefix('generate-')}"] = {"dstar": dstar}
+        for value in self.released_eps:
+            names[f"bd-released-eps{float(value)}"] = {"variant": "released", "eps": float(value)}
         for name, changes in self.combined.items():
             names[name] = dict(changes)
         return names
@@ -550,7 +557,14 @@ class DistillStage(Train):
     )
     chi2: bool = Field(True, description="Use the chi^2 regulariser phi(x) = x - x^2 / (4 alpha).")
     variant: Literal["paper", "released"] = Field("paper", description="Eq. 17 or the released code.")
-    eps: float = Field(1e-6, gt=0, description="Smoothing of the released variant's projected policy.")
+    eps: float = Field(
+        1e-6,
+        gt=0,
+        description="released variant: the epsilon added to every entry of the projected policy before it is "
+        "renormalised (docs/method.md §4). The release never publishes its value (args.epsilon, from an arguments "
+        "file it does not ship); 1e-6 is bdctl's choice. It decides the direction: <= 1e-6 raised the mass on A_t "
+        "in a tabular chain, 1e-4 drove the arg-max out of A_t.",
+    )
     lm_coef: float = Field(1.0, ge=0, description="Weight of the pretraining LM term.")
     pt_kd_ratio: float = Field(0.0, ge=0, le=1, description="Teacher KD mixed into the LM term.")
     kd_ratio: float = Field(0.5, ge=0, le=1, description="r in (1 - r) CE + r KD (MiniLLM: 0.5).")
@@ -709,6 +723,12 @@ class Recipe(Section):
         description="The paper's Rouge-L for this pair, shown beside ours in the report: model (a stages.eval.models "
         "entry) -> eval set -> score.",
     )
+    sources: dict[str, str] = Field(
+        default_factory=dict,
+        description="Where a setting's value comes from: dotted recipe key (e.g. stages.distill.pt_kd_ratio) -> "
+        "its source (a file:line of a public release, 'paper, Section N', or 'bdctl's choice: why'). "
+        "`bdctl recipes show` prints each key's value beside its source.",
+    )
     paper_protocols: dict[str, str] = Field(
         default_factory=dict,
         description="Which sampling protocol produced each paper_rouge_l model's numbers, shown beside them: a "
@@ -758,6 +778,31 @@ class Recipe(Section):
                 )
             if run.outside == "drop" and run.teacher_source == "live" and run.p < 1:
                 raise ValueError(f"{where}: outside: drop reads A_t from the cache; use teacher_source: cache")
+        return self
+
+    def sourced_settings(self) -> list[tuple[str, Any, str]]:
+        """(dotted key, its value in this recipe, its source) for each entry of `sources`."""
+        return [(key, self.setting(key), source) for key, source in self.sources.items()]
+
+    def setting(self, key: str) -> Any:
+        """The value of a dotted recipe key (stages.distill.lr); KeyError names the part that is not a setting."""
+        node: Any = self
+        for part in key.split("."):
+            if isinstance(node, BaseModel) and part in type(node).model_fields:
+                node = getattr(node, part)
+            elif isinstance(node, dict) and part in node:
+                node = node[part]
+            else:
+                raise KeyError(part)
+        return node
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> Recipe:
+        for key in self.sources:
+            try:
+                self.setting(key)
+            except KeyError as missing:
+                raise ValueError(f"sources: {key!r} is not a recipe setting ({missing.args[0]!r} is unknown)") from None
         return self
 
     @model_validator(mode="after")
