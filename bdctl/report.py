@@ -106,6 +106,7 @@ def rouge_tables(results: dict, recipe: Recipe) -> list[str]:
                if paper else "."),
             "", markdown_table(["model", *headers], [[m, *row(m)] for m in results["models"]]).strip(),
         ]  # fmt: skip
+        lines += paper_selection_notes(recipe, results["models"])
         ablated = [m for m in results["models"] if m in runs]
         if ablated and "distill/bd" in results["models"]:
             base = (
@@ -123,7 +124,27 @@ def rouge_tables(results: dict, recipe: Recipe) -> list[str]:
                 "anchor > 0 is beyond the paper.", "",
                 markdown_table(["run", "setting", *headers], described).strip(),
             ]  # fmt: skip
+            lines += paper_selection_notes(recipe, [row[0] for row in described])
     return lines
+
+
+# bdctl's rule, printed beside every note on how the paper's checkpoints were selected
+OWN_SELECTION = "bdctl selects every checkpoint on the validation split and tests on the test split, always."
+
+
+def paper_selection_notes(recipe: Recipe, models: list[str]) -> list[str]:
+    """Under a table: how the paper's numbers of the listed models were selected (recipe.paper_selection),
+    one line per distinct note naming its rows, then bdctl's own rule."""
+    grouped: dict[str, list[str]] = {}
+    for model in models:
+        note = recipe.paper_selection.get(model)
+        if note is not None and recipe.paper_rouge_l.get(model):
+            grouped.setdefault(note, []).append(model)
+    if not grouped:
+        return []
+    lines = [""]
+    lines += [f"Selection of the paper's numbers for {', '.join(rows)}: {note}" for note, rows in grouped.items()]
+    return [*lines, "", OWN_SELECTION]
 
 
 def wall_times(metrics: Path) -> dict | None:

@@ -735,6 +735,13 @@ class Recipe(Section):
         "stages.eval protocol name, or a few words where it is not known (e.g. 'not stated').",
     )
 
+    paper_selection: dict[str, str] = Field(
+        default_factory=dict,
+        description="How the checkpoint behind each paper_rouge_l model's numbers was selected, where the paper's "
+        "code shows it (e.g. on the split it tests on), printed under the report's tables beside bdctl's own rule "
+        "(select on validation, test on test).",
+    )
+
     @field_validator("name")
     @classmethod
     def _check_name(cls, name: str) -> str:
@@ -814,7 +821,8 @@ class Recipe(Section):
             for name in scores:
                 if name not in sets:
                     raise ValueError(f"paper_rouge_l.{model}: {name!r} is not an eval set ({', '.join(sets)})")
-        for model in self.paper_protocols:
-            if model not in self.paper_rouge_l:
-                raise ValueError(f"paper_protocols: {model!r} has no paper_rouge_l entry")
+        for field, entries in (("paper_protocols", self.paper_protocols), ("paper_selection", self.paper_selection)):
+            for model in entries:
+                if model not in self.paper_rouge_l:
+                    raise ValueError(f"{field}: {model!r} has no paper_rouge_l entry")
         return self

@@ -7,6 +7,8 @@ import io
 import math
 import re
 
+import pytest
+
 from bdctl.answers import prompt_seed
 from bdctl.evalunits import model_dir_name
 from bdctl.sampling import length_grouped_batches
@@ -133,3 +135,38 @@ def test_report_puts_the_papers_numbers_beside_ours_and_lists_ablations():
     assert "| distill/bd-p1.0 | p = 1.0 | 28.00 ± 0.50 | 23.6 (release) |" in ablations
     assert "| distill/bd-chi2-off | chi2 = False | 29.00 ± 0.50 |  |" in ablations
     assert "| distill/bd-p1.0 | p = 1.0 | 33.00 ± 0.50 | 23.6 (release) |" in release[release.index("### Ablations") :]
+
+
+def test_report_says_how_the_papers_bd_checkpoints_were_selected():
+    """Under Table 1 and the ablation table: the paper_selection note naming the rows it covers (only
+    rows with a paper number), then bdctl's own rule; nothing when the recipe has no such note."""
+    from bdctl.recipe import load_recipe
+    from bdctl.report import OWN_SELECTION, rouge_tables
+
+    overrides = [
+        "stages.eval.models=[teacher_sft, distill/bd, distill/bd-p1.0]",
+        "stages.distill.ablations={p: [1.0]}",
+        "paper_rouge_l={teacher_sft: {dolly: 27.6}, distill/bd: {dolly: 24.7}, distill/bd-p1.0: {dolly: 23.6}}",
+    ]
+    score = {"dolly": {"mean": 30.0, "std": 0.5, "per_seed": {}, "prompts": 32}}
+    results = {
+        "sets": ["dolly"], "seeds": [10], "models": ["teacher_sft", "distill/bd", "distill/bd-p1.0"],
+        "protocols": [{"name": "minillm", "temperature": 1.0, "top_p": 1.0, "top_k": 0}],
+        "scores": {"minillm": {m: score for m in ("teacher_sft", "distill/bd", "distill/bd-p1.0")}},
+    }  # fmt: skip
+    plain, _ = load_recipe("smoke", overrides)
+    assert "Selection of the paper's numbers" not in "\n".join(rouge_tables(results, plain))
+
+    noted, _ = load_recipe("smoke", [*overrides, "paper_selection={distill/bd: on test, distill/bd-p1.0: on test}"])
+    lines = rouge_tables(results, noted)
+    note = "Selection of the paper's numbers for distill/bd, distill/bd-p1.0: on test"
+    assert lines.count(note) == 2 and lines.count(OWN_SELECTION) == 2  # Table 1 and the ablation table
+    assert lines.index(note) > lines.index("## Rouge-L, protocol minillm (temperature 1, top_p 1, top_k 0)")
+
+
+def test_paper_selection_must_name_a_paper_row():
+    from bdctl.errors import UserError
+    from bdctl.recipe import load_recipe
+
+    with pytest.raises(UserError, match=r"paper_selection: 'distill/bd' has no paper_rouge_l entry"):
+        load_recipe("smoke", ["paper_selection={distill/bd: on test}"])
