@@ -595,6 +595,13 @@ class DistillStage(Train):
         "stages.generate.variants.",
     )
     init: str = Field("auto", description="auto: student_sft export for BD, the base student otherwise.")
+    diagnostic_responses: int = Field(
+        64,
+        ge=0,
+        description="At every validation, every method (kd, seqkd, bd, minillm) logs the student's mass on A_t, "
+        "the share of positions whose arg-max lies in A_t, the NLL of D*'s actions, the outside share and mean V "
+        "on the first N responses of the D* cache (bdctl/diagnostics.py; 0: off).",
+    )
     ablations: Ablations = Field(default_factory=Ablations, description="Extra BD runs, one setting changed each.")
     minillm: MiniLLM = Field(default_factory=MiniLLM, description="MiniLLM's settings (--method minillm).")
 

@@ -306,6 +306,7 @@ def deepspeed_preview(job: Job) -> dict:
 def run(job: Job, rank: int, world: int) -> None:
     """Every rank: data, student (and live teacher) engines, train with the shared loop, export the best."""
     from bdctl.data.batching import training_steps
+    from bdctl.diagnostics import DiagnosticSet
     from bdctl.engine import (
         deepspeed_config,
         export_hf,
@@ -422,11 +423,13 @@ def run(job: Job, rank: int, world: int) -> None:
 
     loop = loop_config(job, config, total_steps, per_epoch)
     loop.aux_coef, loop.aux_name = config.lm_coef, "pt_loss"
-    validate = Validator(job, config, engine, tokenizer, rank, world)
+    diagnostics = DiagnosticSet(job, config, tokenizer, rank, world)
+    validate = Validator(job, config, engine, tokenizer, rank, world, diagnostics)
     metrics = MetricsLog(out / "metrics.jsonl", enabled=rank == 0)
     metrics.write(
         event="start", total_steps=total_steps, world_size=world, train=len(data), valid=len(validate.examples),
-        select=config.select, data=stats, method=setup.method, setup=setup.__dict__, notes=describe(setup, job),
+        select=config.select, data=stats, method=setup.method, setup=setup.__dict__,
+        notes=[*describe(setup, job), diagnostics.note],
     )  # fmt: skip
     with StepProgress(f"distill {setup.method}", total_steps, enabled=rank == 0) as progress:
         for line in describe(setup, job):

@@ -393,6 +393,7 @@ def run(job: Job, rank: int, world: int) -> None:
     import torch.distributed as dist
 
     from bdctl.data.prepare import read_split
+    from bdctl.diagnostics import DiagnosticSet
     from bdctl.engine import (
         deepspeed_config,
         export_hf,
@@ -607,8 +608,9 @@ def run(job: Job, rank: int, world: int) -> None:
     # a PPO epoch is the loop's "epoch": one shuffled pass of minibatches over the collection
     loop = loop_config(job, config, steps.total_steps, steps.minibatches)
     loop.aux_coef, loop.aux_name = config.lm_coef, "pt_loss"
-    validate = Validator(job, config, engine, tokenizer, rank, world)
-    notes = describe(job, config, pretrain)
+    diagnostics = DiagnosticSet(job, config, tokenizer, rank, world)
+    validate = Validator(job, config, engine, tokenizer, rank, world, diagnostics)
+    notes = [*describe(job, config, pretrain), diagnostics.note]
     metrics.write(
         event="start", total_steps=steps.total_steps, world_size=world, prompts=len(rows), valid=len(validate.examples),
         select=config.select, method="minillm", per_collection=steps.per_collection, notes=notes,

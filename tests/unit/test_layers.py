@@ -20,7 +20,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("bdctl.worker",),
     ("bdctl.stages",),
     ("bdctl.training", "bdctl.selection", "bdctl.answers", "bdctl.evalunits", "bdctl.sampling", "bdctl.topp",
-     "bdctl.cache", "bdctl.rollouts", "bdctl.judges", "bdctl.metrics", "bdctl.report_sparsity", "bdctl.distill_data"),
+     "bdctl.cache", "bdctl.rollouts", "bdctl.judges", "bdctl.metrics", "bdctl.report_sparsity", "bdctl.distill_data",
+     "bdctl.diagnostics"),
     ("bdctl.engine", "bdctl.models", "bdctl.sizes", "bdctl.modelcard", "bdctl.data"),
     ("bdctl.objectives",),
 ]  # fmt: skip
