@@ -170,3 +170,35 @@ def test_paper_selection_must_name_a_paper_row():
 
     with pytest.raises(UserError, match=r"paper_selection: 'distill/bd' has no paper_rouge_l entry"):
         load_recipe("smoke", ["paper_selection={distill/bd: on test}"])
+
+
+def test_report_tables_and_plots_every_methods_diagnostics(tmp_path):
+    """Distill runs that logged bdctl.diagnostics get a row (first / last validation) and a panel."""
+    import json
+
+    from bdctl.report import diagnostic_curves, diagnostics_table
+    from bdctl.rundir import RunDir
+
+    run = RunDir(tmp_path / "runs/smoke")
+
+    def evals(mass):
+        return [
+            {"event": "eval", "step": step, "val_loss": 2.0, "rouge_l": 10.0 + step, "diag_mass_on_set": m,
+             "diag_argmax_in_set": m / 2, "diag_dstar_nll": 3.0 - m, "diag_outside_share": 0.08, "diag_mean_v": -m}
+            for step, m in zip((0, 100), mass, strict=True)
+        ]  # fmt: skip
+
+    for name, records in {
+        "distill/bd": evals((0.75, 0.08)),
+        "distill/kd": evals((0.5, 0.6)),
+        "student_sft": [{"event": "eval", "step": 0, "val_loss": 2.0}],  # no diagnostics: no row
+    }.items():
+        (run.root / name).mkdir(parents=True)
+        (run.root / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = "\n".join(diagnostics_table(run))
+    assert "| distill/bd | 0 / 100 | 0.750 / 0.080 | 0.375 / 0.040 | 2.250 / 2.920 | -0.75 / -0.08 | 0.080 |" in text
+    assert "| distill/kd | 0 / 100 | 0.500 / 0.600 |" in text and "student_sft" not in text
+    figure = diagnostic_curves(run, tmp_path / "diagnostics.png")
+    assert figure is not None and figure.read_bytes()[:4] == b"\x89PNG"
+    empty = RunDir(tmp_path / "empty")
+    assert diagnostics_table(empty) == [] and diagnostic_curves(empty, figure) is None
