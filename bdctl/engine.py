@@ -285,6 +285,21 @@ def lr_schedule(train: Train, stage: str, run_steps: int) -> Callable[[int], flo
     return lr_factor(train.schedule, total, warmup)
 
 
+def describe_optimisation(train: Train) -> str:
+    """The optimiser and schedule of a training stage in words (a run's header)."""
+    betas = f"betas {list(train.adam_betas)}" if train.adam_betas is not None else "the DeepSpeed config's betas"
+    warmup = (
+        f"{train.warmup_steps} warm-up steps"
+        if train.warmup_steps is not None
+        else (f"warm-up {train.warmup_ratio:g} of the schedule" if train.warmup_ratio > 0 else "no warm-up")
+    )
+    length = f"over {train.schedule_steps} steps" if train.schedule_steps is not None else "over the run"
+    return (
+        f"optimiser: AdamW lr {train.lr:g}, {betas}, weight decay {train.weight_decay:g}; "
+        f"{train.schedule} schedule, {warmup}, {length}"
+    )
+
+
 def make_engine(module, config: dict, schedule: Callable[[int], float] | None = None):
     """A DeepSpeed engine; the learning rate follows `schedule` (a factor per optimizer step, see
     `lr_schedule`) unless the DeepSpeed config brings a scheduler of its own."""

@@ -122,6 +122,9 @@ def describe(setup: Setup, job: Job) -> list[str]:
     if setup.pretrain:
         kd = f", mixed with {config.pt_kd_ratio:g} exact KD from the live teacher" if setup.pt_kd else ""
         lines.append(f"pretraining term on: + {config.lm_coef:g} x LM loss on data.pretrain blocks{kd}")
+    from bdctl.engine import describe_optimisation
+
+    lines.append(describe_optimisation(config))
     lines.append(
         {
             "val_loss": "checkpoint selection: lowest cross-entropy on the golden validation responses",

@@ -187,3 +187,17 @@ def test_betas_and_schedule_reach_a_real_engine(tiny_tokenizer, single_rank_grou
         loss = engine(ids, torch.ones_like(ids), loss_fn=lambda h, w: lean_cross_entropy(h, w, labels))
         engine.backward(loss)
         engine.step()
+
+
+def test_the_optimisation_is_described_in_words():
+    from bdctl.engine import describe_optimisation
+    from bdctl.recipe.schema import Train
+
+    release = Train(lr=5e-6, adam_betas=(0.9, 0.95), weight_decay=1e-6, schedule="cosine", warmup_steps=100,
+                    schedule_steps=5000)  # fmt: skip
+    assert describe_optimisation(release) == (
+        "optimiser: AdamW lr 5e-06, betas [0.9, 0.95], weight decay 1e-06; cosine schedule, 100 warm-up steps, "
+        "over 5000 steps"
+    )
+    ratio = describe_optimisation(Train(warmup_ratio=0.1))
+    assert ratio.endswith("linear schedule, warm-up 0.1 of the schedule, over the run")
