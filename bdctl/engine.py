@@ -10,6 +10,7 @@ the whole loss computation, forward and backward.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -194,6 +195,10 @@ def deepspeed_config(
         "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
     }
     _fill_auto(config, values, path, prefix="")
+    if train.adam_betas is not None:
+        if "optimizer" not in config:
+            raise UserError(f"stages.{stage}.adam_betas: the DeepSpeed config {path} has no optimizer to set them on")
+        config["optimizer"].setdefault("params", {})["betas"] = list(train.adam_betas)
     return config
 
 
@@ -245,34 +250,66 @@ def hf_deepspeed_context(config: dict):
     return HfDeepSpeedConfig(config)
 
 
-def linear_schedule(total_steps: int, warmup_steps: int):
-    """Learning-rate factor per optimizer step: linear warm-up, then linear decay to zero.
+def lr_factor(schedule: str, total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """Learning-rate factor per optimizer step: linear warm-up over `warmup_steps`, then `schedule`
+    ("linear" or "cosine" decay to zero at `total_steps`, or "constant") until `total_steps`.
 
-    Step 1 already trains at the full rate when there is no warm-up (DeepSpeed's own
-    WarmupDecayLR always spends its first step at rate zero).
+    The warm-up is bdctl's: step 1 already trains at lr / (warmup + 1), and at the full rate when
+    there is no warm-up (DeepSpeed's WarmupDecayLR and transformers' warm-up spend their first step at
+    rate zero). After it, cosine is transformers' get_cosine_schedule_with_warmup (half a cycle), the
+    BD release's `cosine_trm` [bellman/trainer.py:82-83].
     """
 
     def factor(step: int) -> float:  # step = optimizer steps taken so far
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if schedule == "linear":
+            return 1.0 - progress
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
 
     return factor
 
 
-def make_engine(
-    module, config: dict, total_steps: int | None = None, warmup_ratio: float = 0.0, warmup_steps: int | None = None
-):
-    """A DeepSpeed engine; the learning-rate schedule is bdctl's unless the config brings one
-    (warm-up: `warmup_steps` when given, else `warmup_ratio` of the steps)."""
+def lr_schedule(train: Train, stage: str, run_steps: int) -> Callable[[int], float]:
+    """The recipe's schedule for a run of `run_steps` optimizer steps (`Train.schedule`,
+    `warmup_steps` or `warmup_ratio`, `schedule_steps`)."""
+    total = train.schedule_steps or run_steps
+    if run_steps > total:
+        raise UserError(
+            f"stages.{stage}.schedule_steps ({total}) is shorter than the run ({run_steps} optimizer steps): "
+            "raise schedule_steps, or cap the run with max_steps"
+        )
+    warmup = int(train.warmup_ratio * total) if train.warmup_steps is None else train.warmup_steps
+    return lr_factor(train.schedule, total, warmup)
+
+
+def describe_optimisation(train: Train) -> str:
+    """The optimiser and schedule of a training stage in words (a run's header)."""
+    betas = f"betas {list(train.adam_betas)}" if train.adam_betas is not None else "the DeepSpeed config's betas"
+    warmup = (
+        f"{train.warmup_steps} warm-up steps"
+        if train.warmup_steps is not None
+        else (f"warm-up {train.warmup_ratio:g} of the schedule" if train.warmup_ratio > 0 else "no warm-up")
+    )
+    length = f"over {train.schedule_steps} steps" if train.schedule_steps is not None else "over the run"
+    return (
+        f"optimiser: AdamW lr {train.lr:g}, {betas}, weight decay {train.weight_decay:g}; "
+        f"{train.schedule} schedule, {warmup}, {length}"
+    )
+
+
+def make_engine(module, config: dict, schedule: Callable[[int], float] | None = None):
+    """A DeepSpeed engine; the learning rate follows `schedule` (a factor per optimizer step, see
+    `lr_schedule`) unless the DeepSpeed config brings a scheduler of its own."""
     import deepspeed
     import torch
 
     scheduler = None
-    if total_steps is not None and "scheduler" not in config:
-        warmup = int(warmup_ratio * total_steps) if warmup_steps is None else warmup_steps
-        factor = linear_schedule(total_steps, warmup)
-        scheduler = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)  # noqa: E731
+    if schedule is not None and "scheduler" not in config:
+        scheduler = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)  # noqa: E731
     params = [p for p in module.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=module, model_parameters=params, config=config, lr_scheduler=scheduler)
     return engine

@@ -28,10 +28,13 @@ METHOD_NAMES = {
     "minillm": "MiniLLM (policy gradient on the student's own rollouts, reverse KL to the teacher)",
 }
 # The settings of each method the card lists (recipe keys of stages.distill; sft: of its stage).
-_TRAIN_KEYS = ("lr", "epochs", "max_steps", "batch_size", "warmup_ratio", "weight_decay", "select")
+_TRAIN_KEYS = (
+    "lr", "epochs", "max_steps", "batch_size", "warmup_ratio", "warmup_steps", "schedule", "schedule_steps",
+    "adam_betas", "weight_decay", "select",
+)  # fmt: skip
 _METHOD_KEYS = {
     "bd": ("variant", "p", "chi2", "alpha", "gamma", "q_min", "outside", "anchor_coef", "dstar", "teacher_source",
-           "lm_coef", "pretrain_term"),
+           "lm_coef", "pt_kd_ratio", "pretrain_term"),
     "kd": ("kd_ratio", "teacher_source", "pretrain_term"),
     "seqkd": ("seqkd_kd_ratio", "dstar", "teacher_source", "pretrain_term"),
     "minillm": (),

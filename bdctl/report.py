@@ -69,6 +69,78 @@ def training_curves(run: RunDir, path: Path) -> Path | None:
     return path
 
 
+def diagnostic_records(run: RunDir) -> dict[str, list[dict]]:
+    """Per distill run that logged them (bdctl.diagnostics), its validation records with diagnostics."""
+    found = {}
+    for directory in training_stage_dirs(run):
+        records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line]
+        evals = [r for r in records if r.get("event") == "eval" and "diag_mass_on_set" in r]
+        if evals:
+            found[str(directory.relative_to(run.root))] = evals
+    return found
+
+
+def diagnostics_table(run: RunDir) -> list[str]:
+    """Every distill method's diagnostics on A_t (docs/method.md §8.4) at its first and last validation."""
+    from bdctl.tables import markdown_table
+
+    found = diagnostic_records(run)
+    if not found:
+        return []
+
+    def pair(evals: list[dict], key: str, digits: int) -> str:
+        return f"{evals[0][key]:.{digits}f} / {evals[-1][key]:.{digits}f}"
+
+    rows = [
+        [name, f"{evals[0]['step']} / {evals[-1]['step']}", pair(evals, "diag_mass_on_set", 3),
+         pair(evals, "diag_argmax_in_set", 3), pair(evals, "diag_dstar_nll", 3), pair(evals, "diag_mean_v", 2),
+         f"{evals[-1]['diag_outside_share']:.3f}"]
+        for name, evals in found.items()
+    ]  # fmt: skip
+    headers = ["run", "steps", "student mass on A_t", "arg-max in A_t", "NLL of D*'s actions", "mean V", "outside"]
+    return [
+        "## Diagnostics on A_t, every method (first / last validation)",
+        "",
+        "Measured at each validation on the same fixed sample of D*'s transitions (docs/method.md §8.4).",
+        "",
+        markdown_table(headers, rows).strip(),
+    ]
+
+
+def diagnostic_curves(run: RunDir, path: Path) -> Path | None:
+    """One panel per distill run: the student's mass on A_t and arg-max-in-A_t share per validation,
+    with validation Rouge-L (where the run selected by it) on a second axis."""
+    found = diagnostic_records(run)
+    if not found:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    columns = min(4, len(found))
+    rows = -(-len(found) // columns)
+    figure = Figure(figsize=(4.2 * columns, 3.2 * rows), layout="constrained")
+    canvas = FigureCanvasAgg(figure)
+    panels = figure.subplots(rows, columns, squeeze=False).ravel()
+    for unused in panels[len(found) :]:
+        unused.set_visible(False)
+    for axes, (name, evals) in zip(panels[: len(found)], found.items(), strict=False):
+        steps = [r["step"] for r in evals]
+        axes.plot(steps, [r["diag_mass_on_set"] for r in evals], "o-", ms=3, label="mass on A_t")
+        axes.plot(steps, [r["diag_argmax_in_set"] for r in evals], "^-", ms=3, label="arg-max in A_t")
+        axes.set_ylim(0, 1.02)
+        if all("rouge_l" in r for r in evals):
+            twin = axes.twinx()
+            twin.plot(steps, [r["rouge_l"] for r in evals], "s--", ms=3, color="tab:green", label="validation Rouge-L")
+            twin.set_ylabel("Rouge-L", color="tab:green")
+            twin.legend(fontsize="x-small", loc="lower right")
+        axes.set_title(name)
+        axes.set_xlabel("optimizer step")
+        axes.legend(fontsize="small", loc="lower left")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.print_png(str(path))
+    return path
+
+
 def rouge_tables(results: dict, recipe: Recipe) -> list[str]:
     """Per sampling protocol: Table 1 (every evaluated model, with the paper's numbers beside ours
     where the recipe has them and says they came from this protocol or does not know) and Tables 2
@@ -106,6 +178,7 @@ def rouge_tables(results: dict, recipe: Recipe) -> list[str]:
                if paper else "."),
             "", markdown_table(["model", *headers], [[m, *row(m)] for m in results["models"]]).strip(),
         ]  # fmt: skip
+        lines += paper_selection_notes(recipe, results["models"])
         ablated = [m for m in results["models"] if m in runs]
         if ablated and "distill/bd" in results["models"]:
             base = (
@@ -123,7 +196,27 @@ def rouge_tables(results: dict, recipe: Recipe) -> list[str]:
                 "anchor > 0 is beyond the paper.", "",
                 markdown_table(["run", "setting", *headers], described).strip(),
             ]  # fmt: skip
+            lines += paper_selection_notes(recipe, [row[0] for row in described])
     return lines
+
+
+# bdctl's rule, printed beside every note on how the paper's checkpoints were selected
+OWN_SELECTION = "bdctl selects every checkpoint on the validation split and tests on the test split, always."
+
+
+def paper_selection_notes(recipe: Recipe, models: list[str]) -> list[str]:
+    """Under a table: how the paper's numbers of the listed models were selected (recipe.paper_selection),
+    one line per distinct note naming its rows, then bdctl's own rule."""
+    grouped: dict[str, list[str]] = {}
+    for model in models:
+        note = recipe.paper_selection.get(model)
+        if note is not None and recipe.paper_rouge_l.get(model):
+            grouped.setdefault(note, []).append(model)
+    if not grouped:
+        return []
+    lines = [""]
+    lines += [f"Selection of the paper's numbers for {', '.join(rows)}: {note}" for note, rows in grouped.items()]
+    return [*lines, "", OWN_SELECTION]
 
 
 def wall_times(metrics: Path) -> dict | None:
@@ -244,6 +337,12 @@ def write_report(run: RunDir, recipe: Recipe, recipe_arg: str, overrides: list[s
     curves = training_curves(run, run.root / "figures" / "training_curves.png")
     if curves is not None:
         sections += ["", "## Training curves", "", f"![training curves]({curves.relative_to(run.root)})"]
+    on_sets = diagnostics_table(run)
+    if on_sets:
+        sections += ["", *on_sets]
+        figure = diagnostic_curves(run, run.root / "figures" / "diagnostics_on_sets.png")
+        assert figure is not None  # there are records to plot
+        sections += ["", f"![diagnostics on A_t]({figure.relative_to(run.root)})"]
     wall = wall_time_table(run)
     if wall:
         sections += ["", *wall]

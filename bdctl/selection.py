@@ -106,11 +106,12 @@ def selection_protocols(job, config) -> list[str]:
 
 class Validator:
     """`validate()` for `training.train_loop`: the validation loss, plus Rouge-L when the stage
-    selects by it. Returns {"val_loss": ..., ["rouge_l": ..., "rouge_l@<protocol>": ...]}, the
+    selects by it, plus the distill methods' diagnostics (`bdctl.diagnostics`) when given.
+    Returns {"val_loss": ..., ["rouge_l": ..., "rouge_l@<protocol>": ...]}, the
     same on every rank (`rouge_l` under the selection protocol; the per-protocol keys only with
     select_each_protocol, for every protocol)."""
 
-    def __init__(self, job, config, engine, tokenizer, rank: int, world: int):
+    def __init__(self, job, config, engine, tokenizer, rank: int, world: int, diagnostics=None):
         from bdctl.data.batching import tokenize_examples
         from bdctl.data.prepare import read_split
 
@@ -123,6 +124,7 @@ class Validator:
         self.settings, self.seed = job.recipe.stages.eval, job.recipe.seed
         self.protocols = selection_protocols(job, config)
         self.each = config.select_each_protocol and config.select == "rouge_l"
+        self.diagnostics = diagnostics  # bdctl.diagnostics.DiagnosticSet (distill methods), logged beside the scores
 
     def __call__(self) -> dict[str, float]:
         self.engine.eval()
@@ -140,6 +142,8 @@ class Validator:
                 scores["rouge_l"] = score
             if self.each:
                 scores[per_protocol_key(name)] = score
+        if self.diagnostics is not None:
+            scores.update(self.diagnostics(self.engine))
         self.engine.train()
         return scores
 

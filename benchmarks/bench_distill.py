@@ -115,6 +115,7 @@ def run_one(args) -> dict:
         deepspeed_config,
         hf_deepspeed_context,
         init_distributed,
+        lr_factor,
         make_engine,
         make_inference_engine,
         policy_module,
@@ -143,7 +144,9 @@ def run_one(args) -> dict:
         )  # fmt: skip
 
     with_ds = hf_deepspeed_context(ds_config)  # noqa: F841
-    engine = make_engine(policy_module(AutoModelForCausalLM.from_config(gpt2(args.layers))), ds_config, 10, 0.0)
+    engine = make_engine(
+        policy_module(AutoModelForCausalLM.from_config(gpt2(args.layers))), ds_config, lr_factor("linear", 10, 0)
+    )
     teacher = None
     if args.config == "bd_live":
         teacher = make_inference_engine(

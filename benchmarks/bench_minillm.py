@@ -60,6 +60,7 @@ def main() -> None:
         deepspeed_config,
         hf_deepspeed_context,
         init_distributed,
+        lr_factor,
         make_engine,
         policy_module,
         quiet_libraries,
@@ -95,7 +96,9 @@ def main() -> None:
     ds_config = deepspeed_config(recipe, config, "bench", 1, 1000, args.hidden, "fp32", False)
     with_ds = hf_deepspeed_context(ds_config)  # noqa: F841  (partitioned load, as the stages do)
     engine = make_engine(
-        policy_module(AutoModelForCausalLM.from_config(gpt2(args.layers, args.hidden))), ds_config, 1000, 0.0
+        policy_module(AutoModelForCausalLM.from_config(gpt2(args.layers, args.hidden))),
+        ds_config,
+        lr_factor("linear", 1000, 0),
     )
     device = engine.device
     teacher.to(device)

@@ -333,6 +333,7 @@ def distill_vs_trl(shape: DistillShape, seed: int, log: Callable[[str], None]) -
         deepspeed_config,
         hf_deepspeed_context,
         init_distributed,
+        lr_factor,
         make_engine,
         make_inference_engine,
         policy_module,
@@ -398,7 +399,7 @@ def distill_vs_trl(shape: DistillShape, seed: int, log: Callable[[str], None]) -
             AutoModelForCausalLM.from_config(gpt2_config(layers, shape.hidden, shape.vocab, shape.seq))
         )
 
-    engine = make_engine(model(shape.layers), ds_config, 10**6, 0.0)
+    engine = make_engine(model(shape.layers), ds_config, lr_factor("linear", 10**6, 0))
     live = make_inference_engine(model(shape.teacher_layers), ds_config)
     del with_ds  # only needed while loading; TRL's trainer would otherwise think ZeRO-3 is on
     valid = batch["valid"]

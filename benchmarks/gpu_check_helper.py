@@ -119,7 +119,7 @@ def training_steps(shape: dict, gpu: bool, torch_adam: bool) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     from bdctl.distill_data import collate_examples
-    from bdctl.engine import deepspeed_config, hf_deepspeed_context, make_engine, policy_module
+    from bdctl.engine import deepspeed_config, hf_deepspeed_context, lr_factor, make_engine, policy_module
     from bdctl.objectives.lm import IGNORE_INDEX, lean_cross_entropy
     from bdctl.recipe import load_recipe
     from bdctl.recipe.schema import DistillStage
@@ -134,7 +134,9 @@ def training_steps(shape: dict, gpu: bool, torch_adam: bool) -> dict[str, Any]:
         recipe, stage, "gpu_check", 1, 10**6, config_model.hidden_size, precision, gpu and not torch_adam
     )
     with_ds = hf_deepspeed_context(ds_config)  # noqa: F841  (ZeRO-3 partitioned build, as the stages load)
-    engine = make_engine(policy_module(AutoModelForCausalLM.from_config(config_model)), ds_config, 10**6, 0.0)
+    engine = make_engine(
+        policy_module(AutoModelForCausalLM.from_config(config_model)), ds_config, lr_factor("linear", 10**6, 0)
+    )
     device = engine.device
     vocab = config_model.vocab_size
     examples = synthetic_examples(vocab, shape["micro"], shape["seq"], shape["prompt"], shape["k"], seed=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
 import typer
@@ -73,6 +74,11 @@ def show(
         console = Console()
         console.print(f"[bold]{resolved.name}[/] ({path}): {resolved.description}")
         console.print(Syntax(dump_recipe(resolved), "yaml", theme="ansi_dark"))
+        if resolved.sources:
+            sourced = Table("setting", "value", "source", title="settings and where their values come from (sources:)")
+            for key, value, source in resolved.sourced_settings():
+                sourced.add_row(key, json.dumps(list(value) if isinstance(value, tuple) else value), source)
+            console.print(sourced)
 
         plan = Table("stage", "command", "needs", title="stages")
         for stage in stages(resolved):

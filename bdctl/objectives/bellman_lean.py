@@ -378,14 +378,20 @@ def released_lean_terms(
     next_values = torch.cat([values[:, 1:], values.new_zeros(batch, 1)], dim=1)  # V_{t+1} valid_{t+1} (padding holds 0)
     start = valid.clone()
     start[:, -1] = False  # the last position of the padded batch never starts a transition
-    start_f = start.to(dtype)
+    # The released sums run over every position t < T, valid or not: an invalid position followed by a
+    # valid one (a mid-response EOS in scored data: the release masks EOS as padding) has d_t(a) = -gamma Vn_t
+    # for every a. Its reward and value parts cancel in the loss, its chi^2 part (gamma Vn_t)^2 does not.
+    # frame_of holds 0 (V, sum_A Q, |A|) at invalid positions, so the formulas below give exactly that there.
+    before_last = torch.ones_like(valid)
+    before_last[:, -1] = False
+    summed = before_last.to(dtype)
     d_mean = frame_of(sum_q) / vocab - gamma * next_values
-    reward_term = (d_mean * start_f).sum() / count
-    value_term = ((values - gamma * next_values) * start_f).sum() / count
+    reward_term = (d_mean * summed).sum() / count
+    value_term = ((values - gamma * next_values) * summed).sum() / count
     row_next = next_values.reshape(-1).index_select(0, index)
     member_sq = torch.where(mask, (q - gamma * row_next[:, None]).square(), 0.0).sum(dim=-1)
     d_sq = (frame_of(member_sq) + (vocab - frame_of(members)) * (gamma * next_values).square()) / vocab
-    chi2_term = (d_sq * start_f).sum() / count / (4.0 * alpha)
+    chi2_term = (d_sq * summed).sum() / count / (4.0 * alpha)
     loss = -reward_term + value_term + (chi2_term if chi2 else 0.0)
 
     with torch.no_grad():

@@ -370,6 +370,10 @@ def _default_protocols() -> list[Protocol]:
     return [Protocol(name="minillm")]  # MiniLLM's protocol: temperature 1, top_p 1.0, top_k 0
 
 
+# AdamW's (beta1, beta2): the one definition stages.*.adam_betas and stages.distill.minillm.adam_betas share.
+AdamBetas = tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]]
+
+
 class Train(Section):
     """Settings every training stage shares."""
 
@@ -379,7 +383,28 @@ class Train(Section):
     batch_size: int = Field(64, gt=0, description="Global batch: micro batch x accumulation x ranks.")
     micro_batch_size: int = Field(8, gt=0, description="Examples per rank per forward pass.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps with linear warm-up.")
+    adam_betas: AdamBetas | None = Field(
+        None,
+        description="AdamW (beta1, beta2) (null: the DeepSpeed config's; bdctl's configs have [0.9, 0.999]). "
+        "The BD release: [0.9, 0.95].",
+    )
+    schedule: Literal["linear", "cosine", "constant"] = Field(
+        "linear",
+        description="Learning rate after the warm-up, over schedule_steps: linear decay to zero, cosine decay to "
+        "zero (transformers' get_cosine_schedule_with_warmup, the BD release's cosine_trm) or constant.",
+    )
+    warmup_ratio: float = Field(
+        0.0, ge=0, lt=1, description="Share of schedule_steps with linear warm-up (used when warmup_steps is null)."
+    )
+    warmup_steps: int | None = Field(
+        None, ge=0, description="Linear warm-up steps; replaces warmup_ratio (set one of them, not both)."
+    )
+    schedule_steps: int | None = Field(
+        None,
+        gt=0,
+        description="Length of the schedule in optimizer steps (null: the run's steps). The BD release decays over "
+        "5000 whatever its run's length; a run longer than schedule_steps is refused.",
+    )
     grad_clip: float = Field(1.0, ge=0, description="Gradient-norm clipping (0: off).")
     eval_every: int = Field(0, ge=0, description="Validate every N steps (0: once per epoch), and after the last step.")
     select: Literal["val_loss", "rouge_l"] = Field(
@@ -412,6 +437,19 @@ class Train(Section):
         if self.batch_size % self.micro_batch_size:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})"
+            )
+        if self.warmup_steps is not None and self.warmup_ratio > 0:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) and warmup_ratio ({self.warmup_ratio:g}) are both set; "
+                "give one of them"
+            )
+        if (
+            self.warmup_steps is not None
+            and self.schedule_steps is not None
+            and self.warmup_steps >= self.schedule_steps
+        ):
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) must be smaller than schedule_steps ({self.schedule_steps})"
             )
         return self
 
@@ -498,6 +536,11 @@ class Ablations(Section):
         default_factory=list,
         description="D* sets to train on, e.g. [generate-nucleus] -> distill/bd-dstar-nucleus.",
     )
+    released_eps: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=list,
+        description="The released variant at these epsilons (stages.distill.eps), e.g. [1.0e-4] -> "
+        "distill/bd-released-eps0.0001 (variant: released, eps: 1e-4).",
+    )
     combined: dict[Annotated[str, Field(pattern=_NAME)], dict[str, Any]] = Field(
         default_factory=dict,
         description="Named runs changing several stages.distill settings at once, e.g. "
@@ -521,6 +564,8 @@ class Ablations(Section):
             names[f"bd-alpha{float(value)}"] = {"alpha": float(value)}
         for dstar in self.dstar:
             names[f"bd-dstar-{dstar.removeprefix('generate-')}"] = {"dstar": dstar}
+        for value in self.released_eps:
+            names[f"bd-released-eps{float(value)}"] = {"variant": "released", "eps": float(value)}
         for name, changes in self.combined.items():
             names[name] = dict(changes)
         return names
@@ -571,10 +616,12 @@ class MiniLLM(Section):
         None, ge=0, description="AdamW weight decay (null: stages.distill.weight_decay); MiniLLM: 1e-6."
     )
     warmup_steps: int | None = Field(
-        None, ge=0, description="Linear warm-up steps (null: stages.distill.warmup_ratio); MiniLLM: 100."
+        None,
+        ge=0,
+        description="Linear warm-up steps (null: stages.distill's warmup_steps / warmup_ratio); MiniLLM: 100.",
     )
-    adam_betas: tuple[float, float] | None = Field(
-        None, description="AdamW betas (null: the DeepSpeed config's); MiniLLM: [0.9, 0.95]."
+    adam_betas: AdamBetas | None = Field(
+        None, description="AdamW betas (null: stages.distill.adam_betas); MiniLLM: [0.9, 0.95]."
     )
     eval_every: int | None = Field(
         None, ge=0, description="Validate every N steps (null: stages.distill.eval_every); MiniLLM: 100."
@@ -582,12 +629,6 @@ class MiniLLM(Section):
     max_steps: int | None = Field(
         None, gt=0, description="Stop after N steps (null: stages.distill.max_steps); MiniLLM: 5000."
     )
-
-    @model_validator(mode="after")
-    def _check_betas(self) -> MiniLLM:
-        if self.adam_betas is not None and not all(0 <= b < 1 for b in self.adam_betas):
-            raise ValueError(f"adam_betas must lie in [0, 1), got {list(self.adam_betas)}")
-        return self
 
 
 class DistillStage(Train):
@@ -605,7 +646,14 @@ class DistillStage(Train):
     )
     chi2: bool = Field(True, description="Use the chi^2 regulariser phi(x) = x - x^2 / (4 alpha).")
     variant: Literal["paper", "released"] = Field("paper", description="Eq. 17 or the released code.")
-    eps: float = Field(1e-6, gt=0, description="Smoothing of the released variant's projected policy.")
+    eps: float = Field(
+        1e-6,
+        gt=0,
+        description="released variant: the epsilon added to every entry of the projected policy before it is "
+        "renormalised (docs/method.md §4). The release never publishes its value (args.epsilon, from an arguments "
+        "file it does not ship); 1e-6 is bdctl's choice. It decides the direction: <= 1e-6 raised the mass on A_t "
+        "in a tabular chain, 1e-4 drove the arg-max out of A_t.",
+    )
     lm_coef: float = Field(1.0, ge=0, description="Weight of the pretraining LM term.")
     pt_kd_ratio: float = Field(0.0, ge=0, le=1, description="Teacher KD mixed into the LM term.")
     kd_ratio: float = Field(0.5, ge=0, le=1, description="r in (1 - r) CE + r KD (MiniLLM: 0.5).")
@@ -636,6 +684,13 @@ class DistillStage(Train):
         "stages.generate.variants.",
     )
     init: str = Field("auto", description="auto: student_sft export for BD, the base student otherwise.")
+    diagnostic_responses: int = Field(
+        64,
+        ge=0,
+        description="At every validation, every method (kd, seqkd, bd, minillm) logs the student's mass on A_t, "
+        "the share of positions whose arg-max lies in A_t, the NLL of D*'s actions, the outside share and mean V "
+        "on the first N responses of the D* cache (bdctl/diagnostics.py; 0: off).",
+    )
     ablations: Ablations = Field(default_factory=Ablations, description="Extra BD runs, one setting changed each.")
     minillm: MiniLLM = Field(default_factory=MiniLLM, description="MiniLLM's settings (--method minillm).")
 
@@ -764,10 +819,23 @@ class Recipe(Section):
         description="The paper's Rouge-L for this pair, shown beside ours in the report: model (a stages.eval.models "
         "entry) -> eval set -> score.",
     )
+    sources: dict[str, str] = Field(
+        default_factory=dict,
+        description="Where a setting's value comes from: dotted recipe key (e.g. stages.distill.pt_kd_ratio) -> "
+        "its source (a file:line of a public release, 'paper, Section N', or 'bdctl's choice: why'). "
+        "`bdctl recipes show` prints each key's value beside its source.",
+    )
     paper_protocols: dict[str, str] = Field(
         default_factory=dict,
         description="Which sampling protocol produced each paper_rouge_l model's numbers, shown beside them: a "
         "stages.eval protocol name, or a few words where it is not known (e.g. 'not stated').",
+    )
+
+    paper_selection: dict[str, str] = Field(
+        default_factory=dict,
+        description="How the checkpoint behind each paper_rouge_l model's numbers was selected, where the paper's "
+        "code shows it (e.g. on the split it tests on), printed under the report's tables beside bdctl's own rule "
+        "(select on validation, test on test).",
     )
 
     @field_validator("name")
@@ -830,6 +898,31 @@ class Recipe(Section):
                 raise ValueError(f"{where}: outside: drop reads A_t from the cache; use teacher_source: cache")
         return self
 
+    def sourced_settings(self) -> list[tuple[str, Any, str]]:
+        """(dotted key, its value in this recipe, its source) for each entry of `sources`."""
+        return [(key, self.setting(key), source) for key, source in self.sources.items()]
+
+    def setting(self, key: str) -> Any:
+        """The value of a dotted recipe key (stages.distill.lr); KeyError names the part that is not a setting."""
+        node: Any = self
+        for part in key.split("."):
+            if isinstance(node, BaseModel) and part in type(node).model_fields:
+                node = getattr(node, part)
+            elif isinstance(node, dict) and part in node:
+                node = node[part]
+            else:
+                raise KeyError(part)
+        return node
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> Recipe:
+        for key in self.sources:
+            try:
+                self.setting(key)
+            except KeyError as missing:
+                raise ValueError(f"sources: {key!r} is not a recipe setting ({missing.args[0]!r} is unknown)") from None
+        return self
+
     @model_validator(mode="after")
     def _check_paper_results(self) -> Recipe:
         models, sets = self.stages.eval.models, [s.name for s in self.stages.eval.sets]
@@ -839,7 +932,8 @@ class Recipe(Section):
             for name in scores:
                 if name not in sets:
                     raise ValueError(f"paper_rouge_l.{model}: {name!r} is not an eval set ({', '.join(sets)})")
-        for model in self.paper_protocols:
-            if model not in self.paper_rouge_l:
-                raise ValueError(f"paper_protocols: {model!r} has no paper_rouge_l entry")
+        for field, entries in (("paper_protocols", self.paper_protocols), ("paper_selection", self.paper_selection)):
+            for model in entries:
+                if model not in self.paper_rouge_l:
+                    raise ValueError(f"{field}: {model!r} has no paper_rouge_l entry")
         return self

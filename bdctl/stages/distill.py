@@ -122,6 +122,9 @@ def describe(setup: Setup, job: Job) -> list[str]:
     if setup.pretrain:
         kd = f", mixed with {config.pt_kd_ratio:g} exact KD from the live teacher" if setup.pt_kd else ""
         lines.append(f"pretraining term on: + {config.lm_coef:g} x LM loss on data.pretrain blocks{kd}")
+    from bdctl.engine import describe_optimisation
+
+    lines.append(describe_optimisation(config))
     lines.append(
         {
             "val_loss": "checkpoint selection: lowest cross-entropy on the golden validation responses",
@@ -229,7 +232,7 @@ def prepare(job: Job, log=print) -> None:
     """Launching process: data split, inputs that must exist, vocabulary check, pretraining blocks."""
     from bdctl.data.batching import training_steps
     from bdctl.data.prepare import prepare_data
-    from bdctl.engine import check_batch_split
+    from bdctl.engine import check_batch_split, lr_schedule
     from bdctl.models import check_vocabularies, load_tokenizer, max_positions
     from bdctl.selection import check_rouge_selection
 
@@ -264,6 +267,7 @@ def prepare(job: Job, log=print) -> None:
             f"of --method {method}"
         )
     per_epoch, total_steps = training_steps(len(data), config)
+    lr_schedule(config, "distill", total_steps)  # a schedule shorter than the run is refused here, not on the ranks
     if setup.pretrain:
         from bdctl.data.pretrain import prepare_blocks
 
@@ -305,10 +309,12 @@ def deepspeed_preview(job: Job) -> dict:
 def run(job: Job, rank: int, world: int) -> None:
     """Every rank: data, student (and live teacher) engines, train with the shared loop, export the best."""
     from bdctl.data.batching import training_steps
+    from bdctl.diagnostics import DiagnosticSet
     from bdctl.engine import (
         deepspeed_config,
         export_hf,
         hf_deepspeed_context,
+        lr_schedule,
         make_engine,
         make_inference_engine,
         on_gpu,
@@ -341,7 +347,9 @@ def run(job: Job, rank: int, world: int) -> None:
     )
     with_ds = hf_deepspeed_context(ds_config)  # noqa: F841  (alive while loading: ZeRO-3 partitioned load)
     engine = make_engine(
-        policy_module(load_model(source, tokenizer, recipe.seed)), ds_config, total_steps, config.warmup_ratio
+        policy_module(load_model(source, tokenizer, recipe.seed)),
+        ds_config,
+        lr_schedule(config, "distill", total_steps),
     )
     teacher = None
     if setup.live_teacher:
@@ -418,11 +426,13 @@ def run(job: Job, rank: int, world: int) -> None:
 
     loop = loop_config(job, config, total_steps, per_epoch)
     loop.aux_coef, loop.aux_name = config.lm_coef, "pt_loss"
-    validate = Validator(job, config, engine, tokenizer, rank, world)
+    diagnostics = DiagnosticSet(job, config, tokenizer, rank, world)
+    validate = Validator(job, config, engine, tokenizer, rank, world, diagnostics)
     metrics = MetricsLog(out / "metrics.jsonl", enabled=rank == 0)
     metrics.write(
         event="start", total_steps=total_steps, world_size=world, train=len(data), valid=len(validate.examples),
-        select=config.select, data=stats, method=setup.method, setup=setup.__dict__, notes=describe(setup, job),
+        select=config.select, data=stats, method=setup.method, setup=setup.__dict__,
+        notes=[*describe(setup, job), diagnostics.note],
     )  # fmt: skip
     with StepProgress(f"distill {setup.method}", total_steps, enabled=rank == 0) as progress:
         for line in describe(setup, job):

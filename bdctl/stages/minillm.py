@@ -58,12 +58,14 @@ def stage_dir(options: dict) -> str:
 
 
 def stage_config(job: Job) -> DistillStage:
-    """stages.distill, with MiniLLM's own optimisation settings where stages.distill.minillm sets them."""
+    """stages.distill, with MiniLLM's own optimisation settings where stages.distill.minillm sets them
+    (its warmup_steps replaces stages.distill's warm-up, ratio or steps)."""
     config = job.recipe.stages.distill
     own = config.minillm
-    update = {
-        k: getattr(own, k) for k in ("lr", "weight_decay", "eval_every", "max_steps") if getattr(own, k) is not None
-    }
+    shadowed = ("lr", "weight_decay", "adam_betas", "warmup_steps", "eval_every", "max_steps")
+    update: dict[str, Any] = {k: getattr(own, k) for k in shadowed if getattr(own, k) is not None}
+    if own.warmup_steps is not None:
+        update["warmup_ratio"] = 0.0
     return config.model_copy(update=update)
 
 
@@ -212,7 +214,7 @@ def prepare(job: Job, log=print) -> None:
     """Launching process: data split, the phase-1 student and the teacher exist, vocabularies, lengths,
     memory, pretraining blocks."""
     from bdctl.data.prepare import prepare_data
-    from bdctl.engine import check_batch_split
+    from bdctl.engine import check_batch_split, lr_schedule
     from bdctl.models import check_vocabularies, load_tokenizer, max_positions
     from bdctl.rundir import manifest
     from bdctl.selection import check_rouge_selection
@@ -246,6 +248,7 @@ def prepare(job: Job, log=print) -> None:
             f"stages.distill.minillm.num_rollouts ({own.num_rollouts}) exceeds the {n_prompts} training prompts"
         )
     steps = plan(n_prompts, config)
+    lr_schedule(config, "distill", steps.total_steps)  # a schedule shorter than the run is refused here
     pretrain = uses_pretrain(job, config)
     if pretrain:
         from bdctl.data.pretrain import prepare_blocks
@@ -263,11 +266,11 @@ def prepare(job: Job, log=print) -> None:
 
 
 def deepspeed_config_for(job: Job, config: DistillStage, world: int, total_steps: int, source) -> dict:
-    """The student's DeepSpeed config: the recipe's, with MiniLLM's AdamW betas when set."""
+    """The student's DeepSpeed config: the recipe's, with MiniLLM's settings (`stage_config`)."""
     from bdctl.engine import deepspeed_config, on_gpu, resolve_precision
     from bdctl.models import hidden_size
 
-    ds_config = deepspeed_config(
+    return deepspeed_config(
         job.recipe,
         config,
         job.stage_name,
@@ -277,15 +280,6 @@ def deepspeed_config_for(job: Job, config: DistillStage, world: int, total_steps
         resolve_precision(job.recipe),
         on_gpu(),
     )
-    betas = settings(job).adam_betas
-    if betas is not None:
-        if "optimizer" not in ds_config:
-            raise UserError(
-                f"stages.distill.minillm.adam_betas: the DeepSpeed config {job.recipe.deepspeed.config} "
-                "has no optimizer"
-            )
-        ds_config["optimizer"].setdefault("params", {})["betas"] = list(betas)
-    return ds_config
 
 
 def deepspeed_preview(job: Job) -> dict:
@@ -399,10 +393,12 @@ def run(job: Job, rank: int, world: int) -> None:
     import torch.distributed as dist
 
     from bdctl.data.prepare import read_split
+    from bdctl.diagnostics import DiagnosticSet
     from bdctl.engine import (
         deepspeed_config,
         export_hf,
         hf_deepspeed_context,
+        lr_schedule,
         make_engine,
         make_inference_engine,
         on_gpu,
@@ -473,8 +469,8 @@ def run(job: Job, rank: int, world: int) -> None:
     ds_config = deepspeed_config_for(job, config, world, steps.total_steps, source)
     with_ds = hf_deepspeed_context(ds_config)  # noqa: F841  (alive while loading: ZeRO-3 partitioned load)
     engine = make_engine(
-        policy_module(load_model(source, tokenizer, recipe.seed)), ds_config, steps.total_steps, config.warmup_ratio,
-        warmup_steps=own.warmup_steps,
+        policy_module(load_model(source, tokenizer, recipe.seed)), ds_config,
+        lr_schedule(config, "distill", steps.total_steps),
     )  # fmt: skip
     # EOS, or the chat template's end-of-turn
     pad_id, eos_id = tokenizer.pad_token_id, required_stop_id(tokenizer, "MiniLLM's rollouts")
@@ -612,8 +608,9 @@ def run(job: Job, rank: int, world: int) -> None:
     # a PPO epoch is the loop's "epoch": one shuffled pass of minibatches over the collection
     loop = loop_config(job, config, steps.total_steps, steps.minibatches)
     loop.aux_coef, loop.aux_name = config.lm_coef, "pt_loss"
-    validate = Validator(job, config, engine, tokenizer, rank, world)
-    notes = describe(job, config, pretrain)
+    diagnostics = DiagnosticSet(job, config, tokenizer, rank, world)
+    validate = Validator(job, config, engine, tokenizer, rank, world, diagnostics)
+    notes = [*describe(job, config, pretrain), diagnostics.note]
     metrics.write(
         event="start", total_steps=steps.total_steps, world_size=world, prompts=len(rows), valid=len(validate.examples),
         select=config.select, method="minillm", per_collection=steps.per_collection, notes=notes,

@@ -27,8 +27,9 @@ def stage_config(job: Job) -> SFTStage:
 
 def prepare(job: Job, log=print) -> None:
     """Launching process: data split, shared tokenizer, vocabulary check, batch arithmetic."""
+    from bdctl.data.batching import training_steps
     from bdctl.data.prepare import prepare_data
-    from bdctl.engine import check_batch_split
+    from bdctl.engine import check_batch_split, lr_schedule
     from bdctl.models import check_vocabularies, load_tokenizer, max_positions
     from bdctl.selection import check_rouge_selection
 
@@ -41,6 +42,7 @@ def prepare(job: Job, log=print) -> None:
             f"stages.{job.stage_name}.batch_size ({config.batch_size}) exceeds the {data.counts['train']} "
             "training examples"
         )
+    lr_schedule(config, job.stage_name, training_steps(data.counts["train"], config)[1])  # refused here, not on ranks
     tokenizer = load_tokenizer(job.run.tokenizer, template=job.recipe.data.template)
     sources: dict[str, ModelSpec | Path] = {
         r: job.recipe.models.teacher if r == "teacher" else job.recipe.models.student for r in ROLES
@@ -83,6 +85,7 @@ def run(job: Job, rank: int, world: int) -> None:
         deepspeed_config,
         export_hf,
         hf_deepspeed_context,
+        lr_schedule,
         make_engine,
         on_gpu,
         policy_module,
@@ -108,7 +111,7 @@ def run(job: Job, rank: int, world: int) -> None:
     )
     with_ds = hf_deepspeed_context(ds_config)  # noqa: F841  (alive while loading: ZeRO-3 partitioned load)
     model = load_model(source, tokenizer, recipe.seed)
-    engine = make_engine(policy_module(model), ds_config, total_steps, config.warmup_ratio)
+    engine = make_engine(policy_module(model), ds_config, lr_schedule(config, job.stage_name, total_steps))
 
     def micro_batches(indices: list[int]) -> list[MicroBatch]:
         batch = collate([train[i] for i in indices], tokenizer.pad_token_id)

@@ -182,6 +182,23 @@ def trains(records):
     return [r for r in records if r["event"] == "train"]
 
 
+def assert_diagnostics(records):
+    """Every distill method logs bdctl.diagnostics at each validation, on the same D* sample."""
+    from bdctl.diagnostics import DIAGNOSTICS
+
+    assert any("diagnostics on A_t (top-p 0.8): the first 64 responses of D*" in n for n in records[0]["notes"])
+    evals = [r for r in records if r["event"] == "eval"]
+    assert evals
+    for record in evals:
+        for key in ("diag_mass_on_set", "diag_argmax_in_set", "diag_outside_share"):
+            assert 0 <= record[key] <= 1, (key, record)
+        assert record["diag_dstar_nll"] > 0 and record["diag_mean_v"] <= math.log(MAX_K) + 1e-9  # <= log |A_t|
+        assert all(math.isfinite(record[key]) for key in DIAGNOSTICS)
+    # the outside share is a property of the sample, the same at every validation
+    assert len({round(r["diag_outside_share"], 9) for r in evals}) == 1
+    return evals
+
+
 def assert_loadable(export):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -226,6 +243,7 @@ def test_bd_one_rank_end_to_end(bd_one_rank):
     evals = [r for r in records if r["event"] == "eval"]
     assert [e["step"] for e in evals] == [0, STEPS]
     assert all(0 <= e["rouge_l"] <= 100 and math.isfinite(e["val_loss"]) for e in evals)
+    assert_diagnostics(records)
     done = json.loads((stage / "MANIFEST.json").read_text())
     best = max(evals, key=lambda e: (e["rouge_l"], -e["step"]))  # the first of equal scores is kept
     assert done["select"] == "rouge_l" and done["best_score"] == best["rouge_l"] and done["best_step"] == best["step"]
@@ -249,6 +267,9 @@ def test_bd_two_ranks_give_the_one_rank_losses(bd_one_rank, prepared, tmp_path):
     evals_one = [r["rouge_l"] for r in bd_one_rank[3] if r["event"] == "eval"]
     evals_two = [r["rouge_l"] for r in records if r["event"] == "eval"]
     assert evals_two == pytest.approx(evals_one, abs=1e-3)
+    for one, two in zip(assert_diagnostics(bd_one_rank[3]), assert_diagnostics(records), strict=True):
+        for key in ("diag_mass_on_set", "diag_argmax_in_set", "diag_dstar_nll", "diag_mean_v"):
+            assert two[key] == pytest.approx(one[key], rel=1e-5), key  # the sample split over 2 ranks
     assert_loadable(stage / "export")
 
 
@@ -340,6 +361,7 @@ def test_kd_from_the_cache_and_from_a_live_teacher(prepared, tmp_path):
     assert records[0]["train"] == json.loads((tmp_path / "runs/smoke/data/split.json").read_text())["train"]
     sparse = trains(records)
     assert all(math.isfinite(r["kd"]) and r["loss"] == pytest.approx(0.5 * r["ce"] + 0.5 * r["kd"]) for r in sparse)
+    assert_diagnostics(records)
     assert_loadable(stage / "export")
 
     live, _, records = distill(recipe, "kd", tmp_path, "--force", "--set", "stages.distill.teacher_source=live")
@@ -357,6 +379,7 @@ def test_seqkd_on_dstar(prepared, tmp_path):
     assert "seqkd on D*: (1 - 0.5) CE + 0.5 KD" in result.stderr
     assert records[0]["train"] == 64
     assert all(math.isfinite(r["ce"]) and math.isfinite(r["kd"]) for r in trains(records))
+    assert_diagnostics(records)
     assert_loadable(stage / "export")
 
 

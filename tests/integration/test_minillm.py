@@ -77,6 +77,8 @@ def test_minillm_to_completion(one_rank):
     assert "(1 - 0.5) CE + 0.5 KD with the live teacher" in result.stderr
     start = records[0]
     assert start["method"] == "minillm" and start["total_steps"] == STEPS and start["per_collection"] == 2
+    # no D* in this run directory: the diagnostics of bdctl.diagnostics are off, and the run says so
+    assert any("diagnostics on A_t: off (D* has not been generated" in note for note in start["notes"])
     trains = by_step(records, "train")
     assert sorted(trains) == list(range(1, STEPS + 1))
     for record in trains.values():
@@ -91,6 +93,7 @@ def test_minillm_to_completion(one_rank):
         assert rollout["rollouts"] == 16 and 1 <= rollout["mean_length"] <= 16 and 0.8 <= rollout["mean_weight"] <= 1.25
     evals = by_step(records, "eval")
     assert sorted(evals) == [0, 2, 4]
+    assert not any(key.startswith("diag_") for record in evals.values() for key in record)
     done = json.loads((cwd / "runs/smoke/distill/minillm/MANIFEST.json").read_text())
     best = max(evals.values(), key=lambda e: (e["rouge_l"], -e["step"]))
     assert done["select"] == "rouge_l" and done["best_step"] == best["step"] and done["steps"] == STEPS

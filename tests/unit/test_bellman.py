@@ -626,3 +626,36 @@ def test_set_mass_is_the_students_probability_on_the_set():
     starts = valid.clone()
     starts[:, -1] = False
     assert float(released.set_mass) == pytest.approx(float((probs * mask).sum(-1)[starts].mean()), rel=1e-10)
+
+
+@pytest.mark.parametrize("chi2", [True, False])
+def test_released_lean_and_dense_agree_at_a_mid_response_eos(chi2):
+    """A scored response with EOS inside it: the release masks EOS as padding, so that position is invalid
+    while the next one is valid (its next value is nonzero). The release (the loop reference) and the
+    dense form add that position's chi^2 term (gamma Vn)^2; the lean form must too (values and gradients)."""
+    from bdctl.objectives.bellman import candidate_mask
+    from bdctl.objectives.bellman_lean import released_lean_terms
+
+    g = torch.Generator().manual_seed(3)
+    batch, frame, width, vocab, slots = 2, 6, 5, 13, 4
+    hidden = torch.randn(batch, frame, width, generator=g, dtype=torch.float64).requires_grad_()
+    weight = torch.randn(vocab, width, generator=g, dtype=torch.float64).requires_grad_()
+    ids, mask = random_sets(batch, frame, vocab, slots, g)
+    valid = torch.ones(batch, frame, dtype=torch.bool)
+    valid[0, 2] = False  # the mid-response EOS: invalid, followed by valid positions
+    valid[1, 1] = valid[1, 4] = False  # two of them, the second just before the last token
+    actions = torch.randint(0, vocab, (batch, frame), generator=g)
+    settings = dict(gamma=0.9, alpha=0.3, q_min=-2.5, chi2=chi2, top_p=0.7, eps=1e-3)
+    dense_mask = candidate_mask(ids, mask, (batch, frame), vocab)
+    lean = released_lean_terms(hidden, weight, ids, mask, actions, valid, chunk_size=4, **settings)
+    dense = dense_terms(hidden @ weight.T, dense_mask, actions, valid, torch.zeros_like(valid), variant="released",
+                        **settings)  # fmt: skip
+    reference = ref_released((hidden @ weight.T).detach(), dense_mask, valid, **settings)
+    assert dense.loss.item() == pytest.approx(float(reference), rel=1e-10)
+    assert lean.loss.item() == pytest.approx(dense.loss.item(), rel=1e-10)
+    for a, b in zip(
+        torch.autograd.grad(lean.loss, (hidden, weight)), torch.autograd.grad(dense.loss, (hidden, weight)), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    for key in ("mean_r", "mean_v", "chi2"):
+        assert float(getattr(lean, key)) == pytest.approx(float(getattr(dense, key)), rel=1e-10, abs=1e-12), key

@@ -33,10 +33,68 @@ def test_auto_fields_come_from_the_recipe():
 
 
 def test_linear_schedule():
-    from bdctl.engine import linear_schedule
+    from bdctl.engine import lr_factor
 
-    assert [round(linear_schedule(4, 0)(s), 3) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
-    assert [round(linear_schedule(6, 2)(s), 3) for s in range(7)] == [0.333, 0.667, 1.0, 0.75, 0.5, 0.25, 0.0]
+    assert [round(lr_factor("linear", 4, 0)(s), 3) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert [round(lr_factor("linear", 6, 2)(s), 3) for s in range(7)] == [0.333, 0.667, 1.0, 0.75, 0.5, 0.25, 0.0]
+
+
+def test_release_cosine_schedule_follows_the_formula():
+    """The BD release's regime (cosine, 100 warm-up steps over 5000 iterations) for a 4690-step run:
+    bdctl's linear warm-up, then 0.5 (1 + cos(pi (step - 100) / 4900))."""
+    import math
+
+    from bdctl.engine import lr_schedule
+    from bdctl.recipe.schema import Train
+
+    train = Train(schedule="cosine", warmup_steps=100, schedule_steps=5000)
+    factor = lr_schedule(train, "distill", 4690)
+    assert factor(0) == pytest.approx(1 / 101) and factor(99) == pytest.approx(100 / 101)
+    for step in (100, 101, 1000, 2550, 4689, 5000):
+        assert factor(step) == pytest.approx(0.5 * (1 + math.cos(math.pi * (step - 100) / 4900)), abs=1e-12)
+    assert factor(2550) == pytest.approx(0.5) and factor(5000) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cosine_decay_equals_transformers_after_the_warm_up():
+    """An independent reference: transformers' get_cosine_schedule_with_warmup (the release's cosine_trm)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    from bdctl.engine import lr_factor
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    reference = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=100, num_training_steps=5000).lr_lambdas[0]
+    ours = lr_factor("cosine", 5000, 100)
+    for step in range(100, 5001, 37):
+        assert ours(step) == pytest.approx(reference(step), abs=1e-12)
+
+
+def test_warm_up_from_ratio_or_steps_and_the_constant_schedule():
+    from bdctl.engine import lr_schedule
+    from bdctl.recipe.schema import Train
+
+    by_ratio = lr_schedule(Train(warmup_ratio=0.1, schedule="constant"), "sft", 1000)  # 100 warm-up steps
+    assert by_ratio(98) == pytest.approx(99 / 101) and by_ratio(100) == 1.0 and by_ratio(999) == 1.0
+    # the ratio is a share of the schedule's length, not of the run's
+    longer = lr_schedule(Train(warmup_ratio=0.1, schedule_steps=2000), "sft", 1000)
+    assert longer(199) == pytest.approx(200 / 201) and longer(1000) == pytest.approx(1 - 800 / 1800)
+    with pytest.raises(ValueError, match=r"warmup_steps \(5\) and warmup_ratio \(0.1\) are both set"):
+        Train(warmup_steps=5, warmup_ratio=0.1)
+    with pytest.raises(ValueError, match=r"warmup_steps \(100\) must be smaller than schedule_steps \(100\)"):
+        Train(warmup_steps=100, schedule_steps=100)
+
+
+def test_a_run_longer_than_its_schedule_is_refused():
+    from bdctl.engine import lr_schedule
+    from bdctl.recipe.schema import Train
+
+    with pytest.raises(UserError, match=r"stages.distill.schedule_steps \(5000\) is shorter than the run \(6000"):
+        lr_schedule(Train(schedule_steps=5000), "distill", 6000)
+
+
+def test_adam_betas_reach_the_deepspeed_optimizer():
+    assert smoke_config()["optimizer"]["params"]["betas"] == [0.9, 0.999]  # the config file's, when unset
+    config = smoke_config(**{"stages.teacher_sft.adam_betas": "[0.9, 0.95]"})
+    assert config["optimizer"]["params"]["betas"] == [0.9, 0.95]
 
 
 def test_batch_that_does_not_split_is_a_clear_error():
@@ -99,3 +157,47 @@ def test_zero3_step_through_the_policy_module_matches_plain_torch(arch, tiny_tok
     trained = gathered_state_dict(engine.module.lm, rank=0)
     for name, value in reference.named_parameters():
         torch.testing.assert_close(value.detach() - trained[name], value.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow  # a real DeepSpeed ZeRO-3 engine in this process
+def test_betas_and_schedule_reach_a_real_engine(tiny_tokenizer, single_rank_group):
+    """The recipe's adam_betas reach DeepSpeed's AdamW, and its learning rate after each step is
+    lr x the schedule's factor (cosine with warm-up, as in the paper recipes)."""
+    from bdctl.engine import lr_schedule
+
+    recipe, _ = load_recipe(
+        "smoke",
+        [
+            "stages.teacher_sft.adam_betas=[0.8, 0.9]", "stages.teacher_sft.schedule=cosine",
+            "stages.teacher_sft.warmup_ratio=0", "stages.teacher_sft.warmup_steps=2",
+            "stages.teacher_sft.schedule_steps=6",
+            "stages.teacher_sft.batch_size=2", "stages.teacher_sft.micro_batch_size=2",
+        ],
+    )  # fmt: skip
+    train = recipe.stages.teacher_sft
+    config = deepspeed_config(recipe, train, "teacher_sft", 1, 6, 32, "fp32", gpu=False)
+    model = build_tiny_model(TinyModel(arch="gpt2", layers=1, hidden=32, heads=4, max_positions=32), tiny_tokenizer, 0)
+    factor = lr_schedule(train, "teacher_sft", 6)
+    engine = make_engine(policy_module(model), config, factor)
+    assert all(tuple(group["betas"]) == (0.8, 0.9) for group in engine.optimizer.param_groups)
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 8))
+    labels = ids.clone()
+    for step in range(6):
+        assert engine.get_lr()[0] == pytest.approx(train.lr * factor(step))
+        loss = engine(ids, torch.ones_like(ids), loss_fn=lambda h, w: lean_cross_entropy(h, w, labels))
+        engine.backward(loss)
+        engine.step()
+
+
+def test_the_optimisation_is_described_in_words():
+    from bdctl.engine import describe_optimisation
+    from bdctl.recipe.schema import Train
+
+    release = Train(lr=5e-6, adam_betas=(0.9, 0.95), weight_decay=1e-6, schedule="cosine", warmup_steps=100,
+                    schedule_steps=5000)  # fmt: skip
+    assert describe_optimisation(release) == (
+        "optimiser: AdamW lr 5e-06, betas [0.9, 0.95], weight decay 1e-06; cosine schedule, 100 warm-up steps, "
+        "over 5000 steps"
+    )
+    ratio = describe_optimisation(Train(warmup_ratio=0.1))
+    assert ratio.endswith("linear schedule, warm-up 0.1 of the schedule, over the run")

@@ -7,6 +7,8 @@ import io
 import math
 import re
 
+import pytest
+
 from bdctl.answers import prompt_seed
 from bdctl.evalunits import model_dir_name
 from bdctl.sampling import length_grouped_batches
@@ -133,3 +135,70 @@ def test_report_puts_the_papers_numbers_beside_ours_and_lists_ablations():
     assert "| distill/bd-p1.0 | p = 1.0 | 28.00 ± 0.50 | 23.6 (release) |" in ablations
     assert "| distill/bd-chi2-off | chi2 = False | 29.00 ± 0.50 |  |" in ablations
     assert "| distill/bd-p1.0 | p = 1.0 | 33.00 ± 0.50 | 23.6 (release) |" in release[release.index("### Ablations") :]
+
+
+def test_report_says_how_the_papers_bd_checkpoints_were_selected():
+    """Under Table 1 and the ablation table: the paper_selection note naming the rows it covers (only
+    rows with a paper number), then bdctl's own rule; nothing when the recipe has no such note."""
+    from bdctl.recipe import load_recipe
+    from bdctl.report import OWN_SELECTION, rouge_tables
+
+    overrides = [
+        "stages.eval.models=[teacher_sft, distill/bd, distill/bd-p1.0]",
+        "stages.distill.ablations={p: [1.0]}",
+        "paper_rouge_l={teacher_sft: {dolly: 27.6}, distill/bd: {dolly: 24.7}, distill/bd-p1.0: {dolly: 23.6}}",
+    ]
+    score = {"dolly": {"mean": 30.0, "std": 0.5, "per_seed": {}, "prompts": 32}}
+    results = {
+        "sets": ["dolly"], "seeds": [10], "models": ["teacher_sft", "distill/bd", "distill/bd-p1.0"],
+        "protocols": [{"name": "minillm", "temperature": 1.0, "top_p": 1.0, "top_k": 0}],
+        "scores": {"minillm": {m: score for m in ("teacher_sft", "distill/bd", "distill/bd-p1.0")}},
+    }  # fmt: skip
+    plain, _ = load_recipe("smoke", overrides)
+    assert "Selection of the paper's numbers" not in "\n".join(rouge_tables(results, plain))
+
+    noted, _ = load_recipe("smoke", [*overrides, "paper_selection={distill/bd: on test, distill/bd-p1.0: on test}"])
+    lines = rouge_tables(results, noted)
+    note = "Selection of the paper's numbers for distill/bd, distill/bd-p1.0: on test"
+    assert lines.count(note) == 2 and lines.count(OWN_SELECTION) == 2  # Table 1 and the ablation table
+    assert lines.index(note) > lines.index("## Rouge-L, protocol minillm (temperature 1, top_p 1, top_k 0)")
+
+
+def test_paper_selection_must_name_a_paper_row():
+    from bdctl.errors import UserError
+    from bdctl.recipe import load_recipe
+
+    with pytest.raises(UserError, match=r"paper_selection: 'distill/bd' has no paper_rouge_l entry"):
+        load_recipe("smoke", ["paper_selection={distill/bd: on test}"])
+
+
+def test_report_tables_and_plots_every_methods_diagnostics(tmp_path):
+    """Distill runs that logged bdctl.diagnostics get a row (first / last validation) and a panel."""
+    import json
+
+    from bdctl.report import diagnostic_curves, diagnostics_table
+    from bdctl.rundir import RunDir
+
+    run = RunDir(tmp_path / "runs/smoke")
+
+    def evals(mass):
+        return [
+            {"event": "eval", "step": step, "val_loss": 2.0, "rouge_l": 10.0 + step, "diag_mass_on_set": m,
+             "diag_argmax_in_set": m / 2, "diag_dstar_nll": 3.0 - m, "diag_outside_share": 0.08, "diag_mean_v": -m}
+            for step, m in zip((0, 100), mass, strict=True)
+        ]  # fmt: skip
+
+    for name, records in {
+        "distill/bd": evals((0.75, 0.08)),
+        "distill/kd": evals((0.5, 0.6)),
+        "student_sft": [{"event": "eval", "step": 0, "val_loss": 2.0}],  # no diagnostics: no row
+    }.items():
+        (run.root / name).mkdir(parents=True)
+        (run.root / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = "\n".join(diagnostics_table(run))
+    assert "| distill/bd | 0 / 100 | 0.750 / 0.080 | 0.375 / 0.040 | 2.250 / 2.920 | -0.75 / -0.08 | 0.080 |" in text
+    assert "| distill/kd | 0 / 100 | 0.500 / 0.600 |" in text and "student_sft" not in text
+    figure = diagnostic_curves(run, tmp_path / "diagnostics.png")
+    assert figure is not None and figure.read_bytes()[:4] == b"\x89PNG"
+    empty = RunDir(tmp_path / "empty")
+    assert diagnostics_table(empty) == [] and diagnostic_curves(empty, figure) is None

@@ -24,6 +24,22 @@ def test_there_is_a_recipe_for_every_pair_of_the_paper():
     assert shipped == set(PAPER)
 
 
+# the release's training regime where the paper is silent (docs/method.md §4.1), and the values the paper states
+RELEASE_REGIME = (
+    "stages.distill.pt_kd_ratio",
+    "stages.distill.eval_every",
+    "stages.distill.adam_betas",
+    "stages.distill.weight_decay",
+    "stages.distill.schedule",
+    "stages.distill.warmup_steps",
+    "stages.distill.schedule_steps",
+    "stages.distill.eps",
+    "stages.distill.lr",
+    "stages.distill.batch_size",
+    "stages.distill.epochs",
+)
+
+
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_paper_settings(name):
     teacher, student, p, corpus = PAPER[name]
@@ -52,7 +68,29 @@ def test_paper_settings(name):
     assert (distill.method, distill.variant, distill.teacher_source) == ("bd", "paper", "cache")
     assert (distill.p, distill.alpha, distill.gamma, distill.q_min, distill.chi2) == (p, 0.1, 0.99, -10.0, True)
     assert (distill.lr, distill.batch_size, distill.epochs) == (5e-6, 64, 3)
-    assert distill.lm_coef == 1.0 and distill.pt_kd_ratio == 0.0 and distill.select == "rouge_l"  # phase 2
+    assert distill.lm_coef == 1.0 and distill.select == "rouge_l"  # phase 2
+    # where the paper is silent: the release's regime (docs/method.md §4.1), each value with its source
+    assert (distill.pt_kd_ratio, distill.eval_every, distill.adam_betas, distill.weight_decay) == (
+        0.5,
+        100,
+        (0.9, 0.95),
+        1e-6,
+    )
+    assert (distill.schedule, distill.warmup_steps, distill.schedule_steps, distill.eps) == ("cosine", 100, 5000, 1e-6)
+    for key in RELEASE_REGIME:
+        assert key in recipe.sources, key
+    # ... and the paper-faithful regime as a labelled ablation
+    paper_regime = distill.ablations.runs()["bd-paper-regime"]
+    assert paper_regime == {
+        "pt_kd_ratio": 0.0,
+        "eval_every": 0,
+        "adam_betas": None,
+        "weight_decay": 0.0,
+        "schedule": "linear",
+        "warmup_steps": None,
+        "schedule_steps": None,
+    }
+    assert "distill/bd-paper-regime" in recipe.stages.eval.models
     assert recipe.stages.student_sft.epochs == 3 and recipe.stages.student_sft.select == "val_loss"  # phase 1
 
     generate = recipe.stages.generate
@@ -93,7 +131,7 @@ def test_paper_numbers_and_ablations(name):
         assert (paper[model]["dolly"], paper[model]["selfinst"], paper[model]["vicuna"]) == scores
     assert {"teacher_sft", "student_sft", "distill/kd", "distill/seqkd", "distill/bd"} <= set(paper)
     runs = recipe.stages.distill.ablations.runs()
-    assert set(runs) == ABLATIONS.get(name, set())
+    assert set(runs) == ABLATIONS.get(name, set()) | {"bd-paper-regime"}  # + the paper-faithful regime
     assert {f"distill/{run}" for run in runs} <= set(recipe.stages.eval.models)  # evaluated side by side
     # the cache holds the sets of every p < 1 the runs use (smaller p: prefixes of the cached sets;
     # p = 1 needs no sets)
@@ -140,9 +178,37 @@ def test_every_paper_recipe_runs_minillm_with_the_papers_settings(name):
     job.recipe = recipe
     effective = stage_config(job)
     assert (effective.lr, effective.weight_decay, effective.eval_every, effective.max_steps) == (5e-6, 1e-6, 100, 5000)
+    assert (effective.adam_betas, effective.warmup_steps, effective.warmup_ratio) == ((0.9, 0.95), 100, 0.0)
     assert effective.select == "rouge_l" and effective.grad_clip == 1.0 and effective.lm_coef == 1.0
     # BD's own settings are untouched by MiniLLM's
-    assert recipe.stages.distill.weight_decay == 0.0 and recipe.stages.distill.max_steps is None
+    assert recipe.stages.distill.max_steps is None
     assert "distill/minillm" in recipe.stages.eval.models and "distill/minillm" in recipe.stages.judge.baselines
     scores = recipe.paper_rouge_l["distill/minillm"]
     assert (scores["dolly"], scores["selfinst"], scores["vicuna"]) == MINILLM[name]
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_recipes_show_prints_the_release_regime_with_its_sources(name):
+    """`bdctl recipes show` (in-process) prints each sourced setting beside its value and source."""
+    from typer.testing import CliRunner
+
+    from bdctl.cli import app
+
+    result = CliRunner().invoke(app, ["recipes", "show", name], env={"COLUMNS": "400", "NO_COLOR": "1"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    recipe, _ = load_recipe(name)
+    for key in RELEASE_REGIME:
+        row = next(line for line in lines if f" {key} " in line and recipe.sources[key][:40] in line)
+        assert ("cosine" if key.endswith(".schedule") else "") in row
+    row = next(line for line in lines if " stages.distill.pt_kd_ratio " in line)
+    assert " 0.5 " in row and "scripts/train_0.5B_3B.sh:53" in row
+    row = next(line for line in lines if " stages.distill.eps " in line)
+    assert "bdctl's choice" in row
+
+
+def test_a_source_for_a_setting_that_does_not_exist_is_refused():
+    from bdctl.errors import UserError
+
+    with pytest.raises(UserError, match=r"sources: 'stages.distill.warmup' is not a recipe setting \('warmup'"):
+        load_recipe("qwen2.5-3b-to-0.5b", ['sources={"stages.distill.warmup": "release"}'])

@@ -164,3 +164,13 @@ def test_outside_drop_with_released_or_live_sets_is_refused():
     assert "teacher_source: cache" in error_of(
         "smoke", ["stages.distill.teacher_source=live", "stages.distill.outside=drop"]
     )
+
+
+def test_released_eps_ablation_runs_the_released_variant_at_each_epsilon():
+    from bdctl.recipe.schema import Ablations
+
+    runs = Ablations(released_eps=[1e-6, 1e-4]).runs()
+    assert runs == {
+        "bd-released-eps1e-06": {"variant": "released", "eps": 1e-6},
+        "bd-released-eps0.0001": {"variant": "released", "eps": 1e-4},
+    }
