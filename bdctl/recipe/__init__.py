@@ -112,6 +112,7 @@ _EXPECTED = {
     "model_type": "expected a mapping of keys",
     "model_attributes_type": "expected a mapping of keys",
     "string_too_short": "expected a non-empty string",
+    "bool_for_number": "expected a number",
 }
 
 
@@ -133,7 +134,7 @@ def _describe(exc: ValidationError, path: Path, overridden: dict[str, str]) -> s
     elif kind == "missing":
         message = "missing required key"
     elif kind in _EXPECTED:
-        message = f"{_EXPECTED[kind]}, got {given!r}"
+        message = f"{_EXPECTED[kind]}, got {_as_written(given)}"
     elif kind == "literal_error":
         message = f"expected one of {error['ctx']['expected']}, got {given!r}"
     elif kind == "value_error":
@@ -141,6 +142,13 @@ def _describe(exc: ValidationError, path: Path, overridden: dict[str, str]) -> s
     else:
         message = f"{error['msg'][0].lower()}{error['msg'][1:]}, got {given!r}"
     return f"{source}: {key or '(top level)'}: {message}" if key else f"{source}: {message}"
+
+
+def _as_written(value: Any) -> str:
+    """A value as the user wrote it in YAML (`true`, not Python's `True`)."""
+    if isinstance(value, (bool, list, dict)):
+        return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    return repr(value)
 
 
 def _allowed_keys(loc: list[str]) -> list[str]:
