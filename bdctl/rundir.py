@@ -276,7 +276,9 @@ class RunDir:
 
 def stage_command(stage_dir: str, recipe_path: str) -> str:
     """The command that produces a stage directory (the one place for this map; `pipeline.stages`
-    writes the same commands with RECIPE)."""
+    writes the same commands with RECIPE), with the recipe path shell-quoted so that the line can
+    be pasted into a shell as it is."""
+    recipe_path = shlex.quote(str(recipe_path))
     if stage_dir.endswith("_sft"):
         return f"bdctl sft {recipe_path} --model {stage_dir.removesuffix('_sft')}"
     if stage_dir.startswith("distill/"):

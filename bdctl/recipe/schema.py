@@ -701,9 +701,7 @@ class Recipe(Section):
         min_length=1,
     )
     description: str = Field("", description="One line on what this recipe reproduces.")
-    seed: Seed = Field(
-        1234, description="Seed of model initialisation, data order and sampling, 0 to 2**64 - 1."
-    )
+    seed: Seed = Field(1234, description="Seed of model initialisation, data order and sampling, 0 to 2**64 - 1.")
     run_dir: str | None = Field(None, description="Where outputs go (default runs/<name>).")
     models: Models = Field(description="Teacher, student and tokenizer.")
     data: Data = Field(description="Instruction data, template, split and pretraining corpus.")

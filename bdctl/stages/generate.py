@@ -111,7 +111,7 @@ def prepare(job: Job, log=print) -> None:
 def resumable(job: Job) -> str | None:
     """Launching process, on a rerun: say what an unfinished run left to continue from, or None
     to start over. Called by `bdctl.submit.submit` (not with --force) after `prepare`."""
-    from bdctl.cache import visible_shards, written_keys
+    from bdctl.cache import drop_damaged_shards, visible_shards, written_keys
 
     cache_dir = job.stage_dir / "cache"
     if not visible_shards(cache_dir):
@@ -126,7 +126,13 @@ def resumable(job: Job) -> str | None:
             f"{job.stage_dir}: an unfinished run made with other settings or another teacher is there; "
             "pass --force to start over (or restore the recipe it was made with)"
         )
-    return f"{len(written_keys(cache_dir))} sequences already in the cache"
+    # A shard a copy or a full disk cut short is not trusted (and not fatal): it is removed here, in
+    # the one launching process before any rank reads the cache, and only its batches are redone.
+    dropped = drop_damaged_shards(cache_dir)
+    repaired = ""
+    if dropped:
+        repaired = f"; {len(dropped)} damaged shard(s) removed, their batches are made again ({dropped[0]})"
+    return f"{len(written_keys(cache_dir))} sequences already in the cache{repaired}"
 
 
 def read_rows(path: Path, scoring: bool) -> list[dict]:

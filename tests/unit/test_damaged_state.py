@@ -35,3 +35,33 @@ def test_a_record_appended_after_a_cut_line_is_not_lost(tmp_path: Path) -> None:
     records = read_metrics(path)
     assert [r.get("step", r.get("event")) for r in records] == [1, 2, "start"]
     assert path.read_text().endswith("\n") and len(path.read_text().splitlines()) == 3
+
+
+def test_damaged_cache_shards_are_dropped_and_only_their_batches_redone(tmp_path: Path) -> None:
+    """A shard whose data file or index.json was cut short used to count as done: the run failed
+    only after computing everything else, then on every rerun. Now a resume drops exactly the
+    damaged shards, so their examples are the ones left to compute."""
+    from bdctl.cache import drop_damaged_shards, finalize, written_keys
+    from tests.unit.test_cache import TOKENIZER, K, P, write_cache
+
+    cache = tmp_path / "generate" / "cache"
+    expected = write_cache(cache, final=False)  # 2 writers x 2 shards x 3 prompts x 2 samples
+    intact = written_keys(cache)
+    assert drop_damaged_shards(cache) == []  # nothing to do on an intact cache
+
+    data = cache / "w0000-000001.cand_logp.u8"
+    cut = len(data.read_bytes()) - 3
+    data.write_bytes(data.read_bytes()[:cut])
+    index = cache / "w0001-000000.index.json"
+    index.write_text(index.read_text()[:40])
+    lost = {key for key in intact if key[0] % 2 == 0 and key[0] >= 6} | {key for key in intact if key[0] in (1, 3, 5)}
+    dropped = drop_damaged_shards(cache)
+    assert dropped == [
+        f"w0000-000001: w0000-000001.cand_logp.u8 has {cut} bytes, its index says {cut + 3}",
+        "w0001-000000: w0001-000000.index.json is not a complete index",
+    ]
+    assert written_keys(cache) == intact - lost and len(lost) == 12
+    assert not list(cache.glob("w0000-000001.*")) and not list(cache.glob("w0001-000000.*"))
+    assert len(expected) == 24
+    # What is left is a sound cache: redoing the lost examples and finalising succeeds.
+    finalize(cache, teacher="t", tokenizer_hash=TOKENIZER, top_p=P, max_k=K)
