@@ -69,7 +69,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bdctl.errors import UserError
+from bdctl.errors import UserError, space_for
 from bdctl.rundir import manifest, mark_complete, read_json, write_text_atomic
 from bdctl.sampling import FINISH_EOS, FINISH_LENGTH, Sample
 from bdctl.topp import Capture
@@ -370,8 +370,15 @@ class CacheWriter:
                 "cand_logp.u8": steps,
                 "escapes.u16": escapes,
             }
-        for name, array in arrays.items():
-            _write_file_synced(_data_path(self.directory, shard, name), array)
+        needed = sum(array.nbytes for array in arrays.values())
+        try:
+            with space_for(self.directory, f"cache shard {shard}", needed):
+                for name, array in arrays.items():
+                    _write_file_synced(_data_path(self.directory, shard, name), array)
+        except UserError:
+            for name in arrays:  # without its index the shard never counted: free what it took
+                _data_path(self.directory, shard, name).unlink(missing_ok=True)
+            raise
 
         index: dict[str, Any] = {
             "format": self.format,

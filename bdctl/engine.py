@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bdctl.errors import UserError
+from bdctl.errors import UserError, space_for
 from bdctl.recipe.schema import Recipe, Train
 from bdctl.rundir import (
     manifest,
@@ -329,12 +329,23 @@ def export_hf(engine, tokenizer, out_dir: Path, rank: int, info: dict | None = N
     if rank == 0:
         tmp = out_dir.with_name(f".{out_dir.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        write_json_atomic(tmp / EXPORT_INFO, info or {})
-        write_model_card(out_dir.parent, tmp, info or {}, directory=out_dir.name)
+        needed = sum(tensor.numel() * tensor.element_size() for tensor in state.values())
+        try:
+            with space_for(out_dir.parent, f"the export {out_dir.name}", needed):
+                model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
+                write_json_atomic(tmp / EXPORT_INFO, info or {})
+                write_model_card(out_dir.parent, tmp, info or {}, directory=out_dir.name)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # never half an export, nor the space it took
+            raise
         replace_dir(tmp, out_dir)
     dist.barrier()
+
+
+def _parameter_count(module) -> int:
+    """Parameters of a module, whole also when ZeRO-3 has partitioned them (`ds_numel`)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -421,7 +432,9 @@ def save_checkpoint(engine, root: Path, tag: str, client_state: dict, keep: int,
     if rank == 0:
         shutil.rmtree(root / tag, ignore_errors=True)  # a half-written one, from a killed run
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
+    # Weights, the fp32 master copy and Adam's two moments: about 16 bytes per parameter in all.
+    with space_for(root / tag, f"checkpoint {tag}", 16 * _parameter_count(engine.module)):
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
     dist.barrier()
     if rank == 0:
         mark_complete(root / tag, tag=tag, step=client_state["train_state"]["step"], **info)

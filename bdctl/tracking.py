@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bdctl.errors import space_for
+
 if TYPE_CHECKING:
     from rich.progress import Progress
 
@@ -88,8 +90,9 @@ class MetricsLog:
         if not self._repaired:
             _drop_cut_last_line(self.path)
             self._repaired = True
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        with space_for(self.path.parent, self.path.name, len(line)), self.path.open("a") as handle:
+            handle.write(line)
         if self._tracking:
             self._track(record)
 

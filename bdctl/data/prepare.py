@@ -29,7 +29,7 @@ from typing import Any
 
 from bdctl.data.sources import read_hub, read_records, read_texts, to_instruction
 from bdctl.data.template import CHAT, render_prompt
-from bdctl.errors import UserError
+from bdctl.errors import UserError, space_for
 from bdctl.models import check_model_dir, load_tokenizer, tokenizer_hash, tokenizer_source, train_tokenizer
 from bdctl.recipe.schema import Recipe
 from bdctl.rundir import RunDir, manifest, mark_complete, write_json_atomic, write_text_atomic
@@ -206,7 +206,8 @@ def _make_tokenizer(recipe: Recipe, run: RunDir, examples: list[dict]):
     if recipe.models.tokenizer.path is None:  # the teacher's own: say so when its directory is at fault
         check_model_dir(source[0], "teacher model ")
     tokenizer = load_tokenizer(*source, template=recipe.data.template)  # chat: one line if it has no template
-    tokenizer.save_pretrained(run.tokenizer)  # ranks and later stages read this copy
+    with space_for(run.tokenizer, "the tokenizer"):
+        tokenizer.save_pretrained(run.tokenizer)  # ranks and later stages read this copy
     return tokenizer, 0
 
 

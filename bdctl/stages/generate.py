@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bdctl.errors import UserError
+from bdctl.errors import UserError, space_for
 from bdctl.job import Job, resolve_weights
 from bdctl.recipe.schema import GenerateStage, ModelSpec
 from bdctl.rundir import PREEMPT, manifest, read_json
@@ -557,23 +557,27 @@ def write_dstar(cache, rows: list[dict], tokenizer, path: Path) -> None:
     prompts = {row["id"]: row["prompt"] for row in rows}
     eos = stop_id(tokenizer)
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for start in range(0, len(cache), 1024):
-            examples = [cache[i] for i in range(start, min(start + 1024, len(cache)))]
-            bodies = [e.tokens.tolist() for e in examples]
-            # The text is the answer: the final EOS is a stop signal, not part of it.
-            answers = [
-                b[:-1] if e.finish_reason == "eos" and b[-1:] == [eos] else b
-                for e, b in zip(examples, bodies, strict=True)
-            ]
-            texts = tokenizer.batch_decode(answers, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            for example, body, text in zip(examples, bodies, texts, strict=True):
-                record = {
-                    "prompt_id": example.prompt_id, "sample_index": example.sample_index, "seed": example.seed,
-                    "prompt": prompts[example.prompt_id], "response": text, "response_ids": body,
-                    "finish_reason": example.finish_reason,
-                }  # fmt: skip
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with space_for(path.parent, path.name, None), tmp.open("w", encoding="utf-8") as handle:
+            for start in range(0, len(cache), 1024):
+                examples = [cache[i] for i in range(start, min(start + 1024, len(cache)))]
+                bodies = [e.tokens.tolist() for e in examples]
+                # The text is the answer: the final EOS is a stop signal, not part of it.
+                answers = [
+                    b[:-1] if e.finish_reason == "eos" and b[-1:] == [eos] else b
+                    for e, b in zip(examples, bodies, strict=True)
+                ]
+                texts = tokenizer.batch_decode(answers, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+                for example, body, text in zip(examples, bodies, texts, strict=True):
+                    record = {
+                        "prompt_id": example.prompt_id, "sample_index": example.sample_index, "seed": example.seed,
+                        "prompt": prompts[example.prompt_id], "response": text, "response_ids": body,
+                        "finish_reason": example.finish_reason,
+                    }  # fmt: skip
+                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a partial D* neither counts nor keeps the space it took
+        raise
