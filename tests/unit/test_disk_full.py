@@ -149,3 +149,24 @@ def test_other_failures_are_not_mistaken_for_a_full_disk(tmp_path: Path) -> None
     with pytest.raises(PermissionError):
         with space_for(tmp_path, "checkpoint", 10):
             raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path))
+
+
+def test_the_cli_on_a_full_disk_is_one_line_and_exit_2(small_disk: Path) -> None:
+    """Through the real CLI (in-process): the smoke recipe's data stage on a 256 KiB disk,
+    already nearly full."""
+    from typer.testing import CliRunner
+
+    from bdctl.cli import app
+    from tests.conftest import RECIPES
+
+    (small_disk / "filler").write_bytes(b"\0" * (200 * 1024))
+    run = small_disk / "run"
+    result = CliRunner().invoke(
+        app, ["sft", str(RECIPES / "smoke.yaml"), "--model", "teacher", "--set", f"run_dir={run}"],
+        env={"COLUMNS": "400", "NO_COLOR": "1"}, prog_name="bdctl",
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and "no space left on the device (or quota) writing" in lines[-1]
+    assert "it needs about" in lines[-1] and "Traceback" not in result.output
+    assert not list(run.rglob("MANIFEST.json"))  # nothing looks complete
