@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bdctl.environment import launcher_rank
 from bdctl.errors import UserError, space_for
 from bdctl.recipe.schema import Recipe, Train
 from bdctl.rundir import (
@@ -89,7 +90,7 @@ def free_port() -> int:
 def init_distributed() -> tuple[int, int]:
     """Join the process group set up by the launcher (or make a group of one); returns (rank, world)."""
     quiet_deepspeed()
-    if "RANK" not in os.environ:  # started in-process, without a launcher
+    if launcher_rank() is None:  # started in-process, without a launcher (checked: one line if malformed)
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     import deepspeed
