@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import shutil
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -116,6 +118,32 @@ def _short_write(exc: BaseException, directory: Path) -> bool:
         return False
     free = free_bytes(directory)
     return free is not None and free < _NEARLY_FULL
+
+
+def not_a_regular_file(path: Path) -> str | None:
+    """Why `path` is not a file bdctl can read as data (in words), or None when it is one. A FIFO
+    or a device would block or never end, and a loop of symbolic links is not "not found"."""
+    try:
+        mode = os.stat(path).st_mode  # follows symbolic links
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"a symbolic link to {os.readlink(path)}, which does not exist"
+        return "file not found"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a loop of symbolic links that never reaches a file; point it at the file itself"
+        raise
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO), not a file: bdctl reads it more than once; save its contents to a file"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device, not a file"
+    if stat.S_ISSOCK(mode):
+        return "a socket, not a file"
+    return "not a regular file"
 
 
 def user_error_from(exc: BaseException) -> UserError | None:

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from bdctl.errors import UserError, decode_utf8
+from bdctl.errors import UserError, decode_utf8, not_a_regular_file
 from bdctl.recipe.schema import Recipe
 
 __all__ = ["Recipe", "load_recipe", "find_recipe", "recipe_dirs", "dump_recipe"]
@@ -32,10 +32,13 @@ def recipe_dirs() -> list[Path]:
 def find_recipe(name_or_path: str) -> Path:
     """A recipe by path (`recipes/tiny.yaml`) or by name (`tiny`, looked up in recipes/)."""
     path = Path(name_or_path)
-    if path.is_file():
+    problem = not_a_regular_file(path)
+    if problem is None:
         return path
     if path.is_dir():
         raise UserError(f"{name_or_path}: a directory, not a recipe file (expected a .yaml file or a recipe name)")
+    if problem != "file not found":  # a FIFO would block the read, a link loop is not "not found"
+        raise UserError(f"{name_or_path}: {problem}")
     if path.suffix in (".yaml", ".yml") or "/" in name_or_path:
         raise UserError(f"{name_or_path}: recipe file not found")
     for directory in recipe_dirs():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -197,3 +198,28 @@ def test_dropped_counts_read_as_sentences():
         "2 over max_length (128) tokens, 21 with more than 4096 characters, which cannot fit in max_length (128) tokens"
     )
     assert _dropped_text({"duplicate": 0}, 128) == "none"
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda p: os.symlink(p, p), "a loop of symbolic links that never reaches a file"),
+        (lambda p: os.mkfifo(p), "a named pipe (FIFO), not a file"),
+        (
+            lambda p: os.symlink("/nonexistent/d.jsonl", p),
+            "a symbolic link to /nonexistent/d.jsonl, which does not exist",
+        ),
+        (lambda p: os.symlink("/dev/null", p), "a device, not a file"),
+    ],
+    ids=["symlink-loop", "fifo", "dangling-link", "device"],
+)
+def test_a_data_path_that_is_not_a_file_gets_its_own_message(tmp_path, make, expected):
+    """Each used to read "file not found" (or, a FIFO, to block on reading)."""
+    path = tmp_path / "d.jsonl"
+    make(path)
+    with pytest.raises(UserError) as raised:
+        list(read_records(path))
+    assert str(raised.value) == f"{path}: {expected}" or str(raised.value).startswith(f"{path}: {expected}")
+    with pytest.raises(UserError) as raised:  # a recipe path too: a FIFO would block the read
+        load_recipe(str(path))
+    assert str(raised.value).startswith(f"{path}: {expected}")
