@@ -9,6 +9,8 @@ the whole loss computation, forward and backward.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -87,6 +89,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+_STARTUP_OUTPUT: list[str] = []
+
+
+def startup_output() -> list[str]:
+    """What libraries printed while this process joined its process group (once), for its log."""
+    lines = list(_STARTUP_OUTPUT)
+    _STARTUP_OUTPUT.clear()
+    return lines
+
+
 def init_distributed() -> tuple[int, int]:
     """Join the process group set up by the launcher (or make a group of one); returns (rank, world)."""
     quiet_deepspeed()
@@ -98,7 +110,13 @@ def init_distributed() -> tuple[int, int]:
     from deepspeed.accelerator import get_accelerator
 
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
+        # DeepSpeed's CPU backend print()s "DeepSpeed deepspeed_shm_comm_op built successfully" on
+        # every rank of every command (no logger, no verbosity setting): kept for the rank's log
+        # (`startup_output`), off the terminal.
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
+        _STARTUP_OUTPUT.extend(line for line in printed.getvalue().splitlines() if line.strip())
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
         accelerator.set_device(int(os.environ.get("LOCAL_RANK", 0)))
