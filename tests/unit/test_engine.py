@@ -99,3 +99,30 @@ def test_zero3_step_through_the_policy_module_matches_plain_torch(arch, tiny_tok
     trained = gathered_state_dict(engine.module.lm, rank=0)
     for name, value in reference.named_parameters():
         torch.testing.assert_close(value.detach() - trained[name], value.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow  # a fresh interpreter joins a process group of one (about 10 s)
+def test_deepspeed_startup_prints_reach_the_log_not_the_terminal(tmp_path):
+    """DeepSpeed's CPU backend print()s "deepspeed_shm_comm_op built successfully" when a rank
+    joins its group: once per rank and command, ten lines in a smoke reproduction. It is kept
+    for the rank's log (`startup_output`) instead."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import json; from bdctl.engine import init_distributed, startup_output; init_distributed(); "
+        "print('KEPT ' + json.dumps(startup_output()))"
+    )
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env={**env, "PYTHONPATH": str(root)},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = [line for line in done.stdout.splitlines() if not line.startswith("KEPT ")]
+    assert not any("built successfully" in line for line in printed + done.stderr.splitlines()), done.stdout
+    kept = json.loads(done.stdout.splitlines()[-1].removeprefix("KEPT "))
+    assert all("built successfully" in line for line in kept)  # where the op builds at all
