@@ -65,3 +65,23 @@ def test_damaged_cache_shards_are_dropped_and_only_their_batches_redone(tmp_path
     assert len(expected) == 24
     # What is left is a sound cache: redoing the lost examples and finalising succeeds.
     finalize(cache, teacher="t", tokenizer_hash=TOKENIZER, top_p=P, max_k=K)
+
+
+def test_generate_resume_removes_damaged_shards_and_says_so(tmp_path: Path) -> None:
+    """Where the repair happens: generate's `resumable` (the launching process, before any rank
+    reads the cache) drops the damaged shard and says how many sequences remain."""
+    from types import SimpleNamespace
+
+    from bdctl.stages.generate import resumable
+    from tests.unit.test_cache import write_cache
+
+    stage = tmp_path / "runs/x/generate"
+    write_cache(stage / "cache", final=False)  # 24 sequences in 4 shards
+    (stage / "job.json").write_text(json.dumps({"info": {"resume_key": "k"}, "recipe_path": "x.yaml"}))
+    data = stage / "cache/w0001-000001.tokens.u16"
+    data.write_bytes(data.read_bytes()[:-1])
+    job = SimpleNamespace(stage_dir=stage, info={"resume_key": "k"})
+    said = resumable(job)  # type: ignore[arg-type]
+    assert said is not None and said.startswith("18 sequences already in the cache; 1 damaged shard(s) removed")
+    assert "(w0001-000001: w0001-000001.tokens.u16 has" in said
+    assert resumable(job) == "18 sequences already in the cache"  # repaired: nothing more to say
