@@ -170,3 +170,20 @@ def test_the_cli_on_a_full_disk_is_one_line_and_exit_2(small_disk: Path) -> None
     assert lines[-1].startswith("error: ") and "no space left on the device (or quota) writing" in lines[-1]
     assert "it needs about" in lines[-1] and "Traceback" not in result.output
     assert not list(run.rglob("MANIFEST.json"))  # nothing looks complete
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_writes_follow_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    """The temporary file of an atomic write is made by mkstemp, mode 0600 whatever the umask:
+    a run directory shared with a group could not read its own manifests. Now 0666 less the umask,
+    like any other file."""
+    import os
+
+    previous = os.umask(umask)
+    try:
+        write_text_atomic(tmp_path / "MANIFEST.json", "{}\n")
+        reference = tmp_path / "plain"
+        reference.write_text("x")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "MANIFEST.json").stat().st_mode & 0o777 == mode == reference.stat().st_mode & 0o777
