@@ -99,3 +99,37 @@ def test_a_stray_rank_in_the_shell_is_ignored_with_a_note(
         "note: ignoring RANK=1 WORLD_SIZE=2 from the environment (set in the shell, not by a launcher)"
     )
     assert "\n" not in note
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "expected"),
+    [
+        (
+            {"SLURM_STEP_ID": "0", "SLURM_NTASKS": "x"},
+            [],
+            "error: environment variable SLURM_NTASKS='x': expected a number of tasks >= 1 (SLURM_STEP_ID is set",
+        ),
+        (
+            {"SLURM_STEP_ID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n1"},
+            [],
+            "error: environment variable SLURM_PROCID is not set but SLURM_NTASKS=2",
+        ),
+        ({}, ["--set", "stages.teacher_sft.epochs=true"], "stages.teacher_sft.epochs: expected a number, got true"),
+        ({}, ["--set", "seed=99999999999999999999"], "seed: input should be less than 18446744073709551616"),
+    ],
+    ids=["slurm-not-a-number", "slurm-partial", "boolean-epochs", "seed-over-64-bits"],
+)
+def test_through_the_cli_odd_environment_and_values_are_one_line(env, args, expected) -> None:
+    """The real CLI, in-process (--dry-run: nothing starts): exit 2 and one `error:` line."""
+    from typer.testing import CliRunner
+
+    from bdctl.cli import app
+    from tests.conftest import RECIPES
+
+    result = CliRunner().invoke(
+        app, ["sft", str(RECIPES / "smoke.yaml"), "--model", "teacher", "--dry-run", *args],
+        env={"COLUMNS": "400", "NO_COLOR": "1", **env}, prog_name="bdctl",
+    )  # fmt: skip
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
