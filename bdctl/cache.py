@@ -69,7 +69,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bdctl.errors import UserError
+from bdctl.errors import UserError, space_for
 from bdctl.rundir import manifest, mark_complete, read_json, write_text_atomic
 from bdctl.sampling import FINISH_EOS, FINISH_LENGTH, Sample
 from bdctl.topp import Capture
@@ -370,8 +370,15 @@ class CacheWriter:
                 "cand_logp.u8": steps,
                 "escapes.u16": escapes,
             }
-        for name, array in arrays.items():
-            _write_file_synced(_data_path(self.directory, shard, name), array)
+        needed = sum(array.nbytes for array in arrays.values())
+        try:
+            with space_for(self.directory, f"cache shard {shard}", needed):
+                for name, array in arrays.items():
+                    _write_file_synced(_data_path(self.directory, shard, name), array)
+        except UserError:
+            for name in arrays:  # without its index the shard never counted: free what it took
+                _data_path(self.directory, shard, name).unlink(missing_ok=True)
+            raise
 
         index: dict[str, Any] = {
             "format": self.format,
@@ -425,13 +432,59 @@ def written_keys(directory: str | Path) -> set[tuple[int, int]]:
 
 def remake_hint(directory: Path) -> str:
     """How to repair a damaged cache: the command that made it, started over. (Deleting the bad
-    shard is not enough: its stage is complete, so a plain rerun would have nothing to do.)"""
+    shard is not enough: its stage is complete, so a plain rerun would have nothing to do.) The
+    recipe is the one the stage's job.json names, so the command can be pasted as it is."""
     from bdctl.rundir import stage_command
 
-    stage = Path(directory).parent.name
+    directory = Path(directory)
+    stage = directory.parent.name
     if not stage.startswith(("generate", "score_")):  # a cache outside a run directory: D* by default
         stage = "generate"
-    return f"make the cache again: {stage_command(stage, 'RECIPE')} --force"
+    try:
+        recipe = read_json(directory.parent / "job.json")["recipe_path"]
+    except (OSError, ValueError, TypeError, KeyError):
+        recipe = None
+    if not isinstance(recipe, str):
+        return f"make the cache again: rerun the command that made it with --force ({stage_command(stage, 'RECIPE')})"
+    return f"make the cache again: {stage_command(stage, recipe)} --force"
+
+
+def shard_damage(directory: Path, shard: str) -> str | None:
+    """What is wrong with a visible shard, in words, or None when its index reads and every data
+    file has the size the index says (a copy or a disk that cut a file short)."""
+    path = _index_path(directory, shard)
+    try:
+        index = read_json(path)
+        if index.get("format") not in READABLE_FORMATS:
+            return None  # not damage: a newer format, which `check_format` refuses with its own line
+        expected_sizes = _shard_files(index)
+        index["prompt_id"], index["sample_index"]  # noqa: B018 (the columns a resume reads)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return f"{path.name} is not a complete index"
+    for suffix, expected in expected_sizes.items():
+        data = _data_path(directory, shard, suffix)
+        size = data.stat().st_size if data.is_file() else -1
+        if size != expected:
+            found = "is missing" if size < 0 else f"has {size} bytes"
+            return f"{data.name} {found}, its index says {expected}"
+    return None
+
+
+def drop_damaged_shards(directory: str | Path) -> list[str]:
+    """Before an unfinished cache is continued: remove every shard that `shard_damage` finds
+    damaged (index first, so it stops counting at once), so that the batches it held are computed
+    again and only those. Returns "shard: what was wrong" for each one removed."""
+    directory = Path(directory)
+    dropped = []
+    for shard in visible_shards(directory):
+        damage = shard_damage(directory, shard)
+        if damage is None:
+            continue
+        _index_path(directory, shard).unlink()
+        for path in directory.glob(f"{shard}.*"):
+            path.unlink()
+        dropped.append(f"{shard}: {damage}")
+    return dropped
 
 
 def check_format(version: Any, path: Path) -> None:
@@ -448,18 +501,12 @@ def _load_indices(directory: Path) -> list[dict]:
     """Every visible shard's index, each checked against its data files (one line on damage)."""
     indices = []
     for shard in visible_shards(directory):
+        damage = shard_damage(directory, shard)
+        if damage is not None:
+            raise UserError(f"cache {directory}: shard {shard} is damaged ({damage}); {remake_hint(directory)}")
         path = _index_path(directory, shard)
         index = read_json(path)
         check_format(index.get("format"), path)
-        for suffix, expected in _shard_files(index).items():
-            data = _data_path(directory, shard, suffix)
-            size = data.stat().st_size if data.is_file() else -1
-            if size != expected:
-                found = "is missing" if size < 0 else f"has {size} bytes"
-                raise UserError(
-                    f"cache {directory}: shard {shard} is damaged ({data.name} {found}, its index says "
-                    f"{expected}); {remake_hint(directory)}"
-                )
         indices.append(index)
     return indices
 

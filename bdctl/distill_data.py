@@ -17,7 +17,7 @@ from torch import Tensor
 
 from bdctl.errors import UserError
 from bdctl.job import Job
-from bdctl.rundir import manifest
+from bdctl.rundir import manifest, stage_command
 
 SCORE_STAGE = "score_train"  # the teacher's sets over the golden training responses: runs/<name>/score_train/cache
 
@@ -129,7 +129,6 @@ class TrainData:
 
 def cache_stage_dir(job: Job, stage: str) -> Path:
     """A finished stage's cache directory, or one line naming the command that makes it."""
-    from bdctl.rundir import stage_command
 
     directory = job.run.stage(stage)
     if manifest(directory) is None:
@@ -174,14 +173,14 @@ def load_train_data(job: Job, tokenizer, setup: Setup, log=None) -> tuple[TrainD
                     raise UserError(
                         f"cache {teacher.directory}: the scored response of prompt {example.prompt_id} is not "
                         f"the golden response of data/train.jsonl; score it again: "
-                        f"bdctl generate {job.recipe_path} --score train"
+                        f"{stage_command('score_train', job.recipe_path)}"
                     )
                 sources[row] = index
             missing = sum(1 for s in sources if s < 0)
             if missing:
                 raise UserError(
                     f"cache {teacher.directory}: {missing} of {len(rows)} training responses were not scored; "
-                    f"score them: bdctl generate {job.recipe_path} --score train"
+                    f"score them: {stage_command('score_train', job.recipe_path)}"
                 )
         items = [Item(row=i, source=sources[i], length=len(responses[i])) for i in range(len(rows))]
         data = TrainData(prompts, items, responses=responses, teacher=teacher, with_sets=teacher is not None)
@@ -206,7 +205,7 @@ def load_train_data(job: Job, tokenizer, setup: Setup, log=None) -> tuple[TrainD
         if row is None:
             raise UserError(
                 f"cache {cache.directory}: prompt id {example.prompt_id} is not in {job.run.data / 'train.jsonl'}; "
-                f"the cache belongs to another data split: bdctl generate {job.recipe_path} --force"
+                f"the cache belongs to another data split: {stage_command(setup.dstar, job.recipe_path)} --force"
             )
         room = job.recipe.data.max_length - len(prompts[row])
         length = min(len(example), room)

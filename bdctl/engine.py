@@ -9,6 +9,8 @@ the whole loss computation, forward and backward.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -19,7 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bdctl.errors import UserError
+from bdctl.environment import launcher_rank
+from bdctl.errors import UserError, space_for
 from bdctl.recipe.schema import Recipe, Train
 from bdctl.rundir import (
     RunDir,
@@ -88,10 +91,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+_STARTUP_OUTPUT: list[str] = []
+
+
+def startup_output() -> list[str]:
+    """What libraries printed while this process joined its process group (once), for its log."""
+    lines = list(_STARTUP_OUTPUT)
+    _STARTUP_OUTPUT.clear()
+    return lines
+
+
 def init_distributed() -> tuple[int, int]:
     """Join the process group set up by the launcher (or make a group of one); returns (rank, world)."""
     quiet_deepspeed()
-    if "RANK" not in os.environ:  # started in-process, without a launcher
+    if launcher_rank() is None:  # started in-process, without a launcher (checked: one line if malformed)
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     import deepspeed
@@ -99,7 +112,13 @@ def init_distributed() -> tuple[int, int]:
     from deepspeed.accelerator import get_accelerator
 
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
+        # DeepSpeed's CPU backend print()s "DeepSpeed deepspeed_shm_comm_op built successfully" on
+        # every rank of every command (no logger, no verbosity setting): kept for the rank's log
+        # (`startup_output`), off the terminal.
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
+        _STARTUP_OUTPUT.extend(line for line in printed.getvalue().splitlines() if line.strip())
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
         accelerator.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -367,12 +386,23 @@ def export_hf(engine, tokenizer, out_dir: Path, rank: int, info: dict | None = N
     if rank == 0:
         tmp = out_dir.with_name(f".{out_dir.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        write_json_atomic(tmp / EXPORT_INFO, info or {})
-        write_model_card(out_dir.parent, tmp, info or {}, directory=out_dir.name)
+        needed = sum(tensor.numel() * tensor.element_size() for tensor in state.values())
+        try:
+            with space_for(out_dir.parent, f"the export {out_dir.name}", needed):
+                model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
+                write_json_atomic(tmp / EXPORT_INFO, info or {})
+                write_model_card(out_dir.parent, tmp, info or {}, directory=out_dir.name)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # never half an export, nor the space it took
+            raise
         replace_dir(tmp, out_dir)
     dist.barrier()
+
+
+def _parameter_count(module) -> int:
+    """Parameters of a module, whole also when ZeRO-3 has partitioned them (`ds_numel`)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -461,7 +491,9 @@ def save_checkpoint(engine, root: Path, tag: str, client_state: dict, keep: int,
     if rank == 0:
         shutil.rmtree(root / tag, ignore_errors=True)  # a half-written one, from a killed run
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
+    # Weights, the fp32 master copy and Adam's two moments: about 16 bytes per parameter in all.
+    with space_for(root / tag, f"checkpoint {tag}", 16 * _parameter_count(engine.module)):
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
     dist.barrier()
     if rank == 0:
         mark_complete(root / tag, tag=tag, step=client_state["train_state"]["step"], **info)

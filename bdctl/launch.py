@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bdctl.environment import first_host as first_host  # re-exported: launch parses node lists too
+from bdctl.environment import slurm_layout, stray_rank_variables
 from bdctl.errors import UserError, decode_utf8
 from bdctl.rundir import PREEMPT  # the flag file in a stage directory that asks its ranks to stop
 
@@ -100,22 +102,9 @@ class LaunchOptions:
 
 
 def slurm_environment() -> dict[str, Any] | None:
-    """Rank layout of an srun task with several tasks, or None outside one.
-
-    Each srun task is one rank; node 0's first host is the master. The port comes from
-    MASTER_PORT if set, else from the job id, so every task computes the same one.
-    """
-    env = os.environ
-    if "SLURM_STEP_ID" not in env or int(env.get("SLURM_NTASKS", "1")) < 2:
-        return None
-    return {
-        "RANK": int(env["SLURM_PROCID"]),
-        "WORLD_SIZE": int(env["SLURM_NTASKS"]),
-        "LOCAL_RANK": int(env.get("SLURM_LOCALID", 0)),
-        "MASTER_ADDR": env.get("MASTER_ADDR")
-        or first_host(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]),
-        "MASTER_PORT": int(env.get("MASTER_PORT") or 29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000),
-    }
+    """Rank layout of an srun task with several tasks, or None outside one (read and checked by
+    `bdctl.environment.slurm_layout`, the one place that reads the environment)."""
+    return slurm_layout()
 
 
 def _slurm_task() -> dict[str, Any]:
@@ -124,15 +113,6 @@ def _slurm_task() -> dict[str, Any]:
     if env is None:
         raise RuntimeError("launch mode slurm outside a multi-task srun step")
     return env
-
-
-def first_host(nodelist: str) -> str:
-    """The first host of a SLURM node list: 'gpu[03-05,09],cpu1' -> 'gpu03'."""
-    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[: nodelist.index("]") + 1]
-    if "[" not in head:
-        return head
-    prefix, ranges = head[: head.index("[")], head[head.index("[") + 1 : head.index("]")]
-    return prefix + ranges.split(",")[0].split("-")[0]
 
 
 # --------------------------------------------------------------------------- hostfile
@@ -225,6 +205,8 @@ def launch(job_file: Path, options: LaunchOptions) -> None:
 
             if options.mode == "slurm":  # this process is one of the ranks srun started
                 os.environ.update({k: str(v) for k, v in _slurm_task().items()})
+            else:
+                _ignore_stray_rank_variables()
             run_job(job_file)
             return
         if options.mode == "hostfile":
@@ -244,6 +226,21 @@ def launch(job_file: Path, options: LaunchOptions) -> None:
         returncode = subprocess.run(command, env=env).returncode
     if returncode != 0:
         raise UserError(_failure_message(job_file.parent, returncode), exit_code=returncode)
+
+
+def _ignore_stray_rank_variables() -> None:
+    """A one-rank command runs its rank here: a RANK / WORLD_SIZE left in the shell would make it
+    wait for ranks that never come. Said in one line, then set to rank 0 of 1."""
+    stray = stray_rank_variables()
+    if not stray:
+        return
+    shown = " ".join(f"{name}={value}" for name, value in stray.items())
+    print(
+        f"note: ignoring {shown} from the environment (set in the shell, not by a launcher): this command runs "
+        "one rank in this process; use --nproc / --nnodes or srun for several",
+        file=sys.stderr, flush=True,
+    )  # fmt: skip
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 
 
 @contextlib.contextmanager

@@ -74,6 +74,7 @@ class CardFacts:
     selected_by: str  # the validation score that kept this checkpoint, e.g. "rouge_l, protocol release"
     test: list[Score]
     command: str
+    recipe_path: str  # the recipe file the stage ran (job.json), for the commands the card suggests
     tags: list[str] = field(default_factory=list)
 
 
@@ -167,7 +168,7 @@ def set_flags(
         if _under(key, ignore):
             continue
         if key not in theirs or theirs[key] != mine[key]:
-            flags.append(f"--set {key}={json.dumps(mine[key])}")
+            flags.append("--set " + shlex.quote(f"{key}={json.dumps(mine[key])}"))
     return flags
 
 
@@ -263,6 +264,7 @@ def card_facts(
         selected_by=selected_by,
         test=_test_scores(recipe, test or {}),
         command=" ".join([command, *(flags or [])]),
+        recipe_path=str(job["recipe_path"]),
         tags=["bdctl", "distillation" if method != "sft" else "sft", *(["bellman-distill"] if method == "bd" else [])],
     )
 
@@ -409,7 +411,7 @@ def render_card(facts: CardFacts) -> str:
             [(f"{s.dataset}: {s.name}, protocol {s.protocol}", s.detail) for s in facts.test], ("score", "value")
         )
     else:
-        lines.append("not evaluated yet; `bdctl eval RECIPE` adds the scores here.")
+        lines.append(f"not evaluated yet; `bdctl eval {shlex.quote(facts.recipe_path)}` adds the scores here.")
     lines += [
         "", "## How it was made", "", "```bash", facts.command, "```", "",
         f"bdctl {facts.version}; the resolved recipe (every default filled in) is the stage directory's recipe.yaml.",

@@ -31,12 +31,16 @@ def stages(recipe: Recipe) -> list[Stage]:
     def dstar_of(changes: dict) -> str:  # the D* stage a BD run trains on
         return changes.get("dstar", distill.dstar)
 
+    # The teacher generate, score_train and MiniLLM use: a stage that comes first when it names one
+    # (teacher_sft by default), nothing to wait for when it is a path, a hub id or "base".
+    model = recipe.stages.generate.model
+    teacher = (model,) if model in ("teacher_sft", "student_sft") else ()
     return [
         Stage("teacher_sft", ()),
-        Stage("generate", ("teacher_sft",)),
-        *(Stage(f"generate-{name}", ("teacher_sft",)) for name in recipe.stages.generate.variants),
+        Stage("generate", teacher),
+        *(Stage(f"generate-{name}", teacher) for name in recipe.stages.generate.variants),
         # the teacher's distribution on the golden responses, for KD from the cache
-        Stage("score_train", ("teacher_sft",)),
+        Stage("score_train", teacher),
         Stage("student_sft", ()),
         Stage("distill/bd", (dstar_of({}), "student_sft")),
         *(
@@ -46,7 +50,7 @@ def stages(recipe: Recipe) -> list[Stage]:
         Stage("distill/kd", ("score_train",)),
         Stage("distill/seqkd", (dstar_of({}),)),
         # online: the student's own rollouts with the live teacher (stages.generate.model) mixed in
-        Stage("distill/minillm", ("teacher_sft", "student_sft")),
+        Stage("distill/minillm", tuple(dict.fromkeys((*teacher, "student_sft")))),
         Stage("eval", tuple(recipe.stages.eval.models)),
         Stage("judge", ("eval",), extra=f"--backend {recipe.stages.judge.backend}"),
     ]

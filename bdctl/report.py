@@ -12,6 +12,7 @@ from pathlib import Path
 from bdctl.pipeline import stages
 from bdctl.recipe.schema import Recipe
 from bdctl.rundir import RunDir, write_text_atomic
+from bdctl.tracking import read_metrics
 
 TRAINING_STAGES = ("teacher_sft", "student_sft")
 
@@ -41,7 +42,7 @@ def training_curves(run: RunDir, path: Path) -> Path | None:
     for unused in panels[len(dirs) :]:
         unused.set_visible(False)
     for axes, directory in zip(panels[: len(dirs)], dirs, strict=True):
-        records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+        records = read_metrics(directory / "metrics.jsonl")
         train = [(r["step"], r["loss"]) for r in records if r.get("event") == "train"]
         evals = [r for r in records if r.get("event") == "eval"]
         if train:
@@ -226,7 +227,7 @@ def wall_times(metrics: Path) -> dict | None:
     records up to its checkpoint and appends its own, so the work lost after that checkpoint is not counted:
     the times are those of the work that produced the result.
     """
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    records = read_metrics(metrics)
     offset = last = 0.0
     best = None
     for record in records:
@@ -277,7 +278,7 @@ def bd_diagnostics(run: RunDir) -> list[str]:
 
     rows = []
     for directory in training_stage_dirs(run):
-        records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line]
+        records = read_metrics(directory / "metrics.jsonl")
         train = [r for r in records if r.get("event") == "train" and "mean_v" in r]
         if not train:
             continue

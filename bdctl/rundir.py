@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bdctl.errors import UserError
+from bdctl.errors import UserError, space_for
 
 # The file in a stage directory that asks its ranks to checkpoint and stop (bdctl.launch writes
 # it on SIGTERM / SIGUSR1; bdctl.training polls it).
@@ -44,17 +44,37 @@ LOCK = "LOCK"
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    """Write a whole file or nothing: a temporary file, fsynced, renamed over `path`. The file
+    gets the mode any other file would (0666 less the umask; mkstemp's own is 0600), and a full
+    disk is one line naming the directory and the size (`errors.space_for`)."""
+    data = text.encode()
+    with space_for(path.parent, path.name, len(data)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            os.fchmod(fd, 0o666 & ~current_umask())
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (os.umask can only set it: setting it back
+    would race with other threads creating files)."""
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -282,7 +302,9 @@ class RunDir:
 
 def stage_command(stage_dir: str, recipe_path: str) -> str:
     """The command that produces a stage directory (the one place for this map; `pipeline.stages`
-    writes the same commands with RECIPE)."""
+    writes the same commands with RECIPE), with the recipe path shell-quoted so that the line can
+    be pasted into a shell as it is."""
+    recipe_path = shlex.quote(str(recipe_path))
     if stage_dir.endswith("_sft"):
         return f"bdctl sft {recipe_path} --model {stage_dir.removesuffix('_sft')}"
     if stage_dir.startswith("distill/"):

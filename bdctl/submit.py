@@ -13,13 +13,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from bdctl.engine import check_resumable, latest_checkpoint
+from bdctl.environment import job_wait_seconds
 from bdctl.errors import UserError
 from bdctl.job import Job
 from bdctl.launch import LaunchOptions, dry_run_text, launch
@@ -33,7 +33,7 @@ from bdctl.trackers import check_installed
 def wait_for_job(job: Job, job_file: Path, log, timeout: float | None = None) -> None:
     """On a secondary node: wait until node 0 has written this very job (same recipe, stage and
     world size), freshly, before starting this node's ranks."""
-    timeout = timeout or float(os.environ.get("BDCTL_JOB_WAIT", 1800))
+    timeout = timeout or job_wait_seconds()
     started = time.time()
     log(f"waiting for node 0 to prepare {job_file} ...")
     while time.time() - started < timeout:

@@ -81,7 +81,13 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Cell]], title: s
     from rich.markup import escape
 
     console = Console(highlight=False)
+    table = rich_table(headers, rows)
+    natural = console.measure(table, options=console.options.update_width(1_000_000)).maximum
+    if natural > console.width:
+        # Never cut a number to "…" to fit a width: a pipe or a file has none (rich assumed 80
+        # columns), and on a narrow terminal a wrapped line loses nothing, a cut cell does.
+        console = Console(highlight=False, width=natural)
     if title:
         # Above the table rather than as its title, which rich wraps to the table's width.
         console.print(f"[bold]{escape(title)}[/]")
-    console.print(rich_table(headers, rows))
+    console.print(table)

@@ -8,10 +8,46 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bdctl.errors import space_for
+
 if TYPE_CHECKING:
     from rich.progress import Progress
 
     from bdctl.trackers import Trackers
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl (none if it is missing). A line cut short by a kill, the
+    last one, is left out: the one reader every consumer (resume, `bdctl runs`, the report) uses."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
+
+
+def _drop_cut_last_line(path: Path) -> None:
+    """Cut a file back to its last newline: a record appended after a line a kill cut short would
+    otherwise join it into one line that is neither record."""
+    try:
+        with path.open("rb+") as handle:
+            size = handle.seek(0, 2)
+            if size == 0:
+                return
+            handle.seek(size - 1)
+            if handle.read(1) == b"\n":
+                return
+            handle.seek(max(0, size - 1_000_000))
+            tail = handle.read()
+            handle.truncate(size - len(tail) + tail.rfind(b"\n") + 1)
+    except FileNotFoundError:
+        return
 
 
 class MetricsLog:
@@ -28,27 +64,21 @@ class MetricsLog:
         self.enabled = enabled
         self.start = time.time()
         self._trackers: Trackers | None = None
+        self._repaired = False  # a line cut by a kill is dropped before the first append
         self._tracking = enabled and (path.parent / "job.json").is_file()
 
     def records(self) -> list[dict[str, Any]]:
         """What metrics.jsonl holds (a line cut short by a kill is left out)."""
-        if not self.path.exists():
-            return []
-        out = []
-        for line in self.path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-        return out
+        return read_metrics(self.path)
 
     def truncate_after(self, step: int) -> None:
-        """Forget records of steps after `step` (they are about to be replayed by a resume)."""
+        """Forget records of steps after `step` (they are about to be replayed by a resume), and
+        a line cut short by a kill (it would otherwise stop every rerun)."""
         if not self.enabled or not self.path.exists():
             return
-        lines = self.path.read_text().splitlines()
-        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [record for record in read_metrics(self.path) if record.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+        self._repaired = True
         if self._trackers is not None:  # reopened at the next record, from the truncated file
             self._trackers.close(finished=False)
             self._trackers = None
@@ -57,8 +87,12 @@ class MetricsLog:
         if not self.enabled:
             return
         record = {"time": round(time.time() - self.start, 3), **record}
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        if not self._repaired:
+            _drop_cut_last_line(self.path)
+            self._repaired = True
+        line = json.dumps(record) + "\n"
+        with space_for(self.path.parent, self.path.name, len(line)), self.path.open("a") as handle:
+            handle.write(line)
         if self._tracking:
             self._track(record)
 

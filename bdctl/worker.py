@@ -20,7 +20,7 @@ from bdctl.errors import UserError, user_error_from
 
 
 def run_job(job_file: str | Path) -> None:
-    from bdctl.engine import init_distributed, quiet_libraries
+    from bdctl.engine import init_distributed, quiet_libraries, startup_output
     from bdctl.job import Job
     from bdctl.stages import stage_module
 
@@ -34,6 +34,8 @@ def run_job(job_file: str | Path) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     logging.getLogger().addHandler(handler)
     logging.getLogger().setLevel(logging.INFO)
+    for line in startup_output():
+        logging.getLogger("deepspeed").info(line)
     try:
         stage_module(job.stage).run(job, rank, world)
     except UserError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from typing import Annotated
 
 import typer
@@ -82,7 +83,8 @@ def show(
 
         plan = Table("stage", "command", "needs", title="stages")
         for stage in stages(resolved):
-            plan.add_row(stage.directory, stage.command.replace("RECIPE", str(path)), ", ".join(stage.needs) or "-")
+            command = stage.command.replace("RECIPE", shlex.quote(str(path)))
+            plan.add_row(stage.directory, command, ", ".join(stage.needs) or "-")
         console.print(plan)
 
         precision = "bf16" if resolved.deepspeed.precision == "auto" else resolved.deepspeed.precision

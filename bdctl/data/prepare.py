@@ -13,7 +13,9 @@ Two more kinds are dropped and counted (beyond the paper, which does not say): e
 is empty (they teach only "stop at once"; a source where no example has a response is refused), and
 examples far longer in characters than `max_length` tokens could hold, before any tokenizer sees
 them: training a BPE on one pathological record (a long text without a space) takes time quadratic in
-its length.
+its length. Also beyond the paper: an example whose prompt and response repeat an earlier one's is
+dropped and counted (`duplicate` in split.json), so that no test or validation example can be a
+training example too.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 
 from bdctl.data.sources import read_hub, read_records, read_texts, to_instruction
 from bdctl.data.template import CHAT, render_prompt
-from bdctl.errors import UserError
+from bdctl.errors import UserError, space_for
 from bdctl.models import check_model_dir, load_tokenizer, tokenizer_hash, tokenizer_source, train_tokenizer
 from bdctl.recipe.schema import Recipe
 from bdctl.rundir import RunDir, manifest, mark_complete, write_json_atomic, write_text_atomic
@@ -86,8 +88,9 @@ def prepare_data(recipe: Recipe, run: RunDir, log=print) -> PreparedData:
     dropped = {**overlong, **dropped}
     split = recipe.data.split
     if len(kept) <= split.valid + split.test:
+        why = _dropped_text(dropped, recipe.data.max_length)
         raise UserError(
-            f"data: {len(kept)} usable examples (of {len(examples)}; dropped {_dropped_text(dropped)}) "
+            f"data: {len(kept)} usable examples (of {len(examples)}; dropped {why}) "
             f"leave nothing to train on after {split.valid} validation and {split.test} test examples"
         )
     random.Random(split.seed).shuffle(kept)
@@ -106,7 +109,7 @@ def prepare_data(recipe: Recipe, run: RunDir, log=print) -> PreparedData:
     digest = tokenizer_hash(tokenizer)
     mark_complete(run.data, fingerprint=fingerprint, counts=counts, tokenizer_hash=digest)
     log(
-        f"data: {len(examples)} examples, dropped {_dropped_text(dropped)}; "
+        f"data: {len(examples)} examples, dropped {_dropped_text(dropped, recipe.data.max_length)}; "
         f"train {counts['train']} / valid {counts['valid']} / test {counts['test']}"
     )
     return PreparedData(run.data, counts, digest)
@@ -162,15 +165,21 @@ def corpus_texts(recipe: Recipe, limit: int | None = None):
 
 
 def _drop_unusable(recipe: Recipe, examples: list[dict]) -> tuple[list[dict], dict[str, int]]:
-    """Examples no tokenizer needs to see: an empty response, or text far beyond max_length."""
+    """Examples no tokenizer needs to see: an empty response, text far beyond max_length, or a
+    repeat of an earlier example (the same prompt and response: it could land in two splits)."""
     limit = recipe.data.max_length * MAX_CHARS_PER_TOKEN
-    kept, dropped = [], {"empty_output": 0, "text_too_long": 0}
+    kept, dropped = [], {"empty_output": 0, "text_too_long": 0, "duplicate": 0}
+    seen: set[tuple[str, str]] = set()
     for example in examples:
+        key = (example["prompt"], example["output"])
         if not example["output"].strip():
             dropped["empty_output"] += 1
         elif len(example["prompt"]) + len(example["output"]) > limit:
             dropped["text_too_long"] += 1
+        elif key in seen:
+            dropped["duplicate"] += 1
         else:
+            seen.add(key)
             kept.append(example)
     if dropped["empty_output"] == len(examples):
         source = recipe.data.source
@@ -181,9 +190,18 @@ def _drop_unusable(recipe: Recipe, examples: list[dict]) -> tuple[list[dict], di
     return kept, dropped
 
 
-def _dropped_text(dropped: dict[str, int]) -> str:
-    words = {"prompt_too_long": "with long prompts", "too_long": "too long", "empty_output": "with empty responses",
-             "text_too_long": f"over {MAX_CHARS_PER_TOKEN} characters per max_length token"}  # fmt: skip
+def _dropped_text(dropped: dict[str, int], max_length: int) -> str:
+    """ "3 with empty responses, 2 repeating an earlier example": the counts of split.json in words."""
+    words = {
+        "prompt_too_long": "with prompts over max_prompt_length tokens",
+        "too_long": f"over max_length ({max_length}) tokens",
+        "empty_output": "with empty responses",
+        "text_too_long": (
+            f"with more than {max_length * MAX_CHARS_PER_TOKEN} characters, which cannot fit in max_length "
+            f"({max_length}) tokens"
+        ),
+        "duplicate": "repeating an earlier example's prompt and response",
+    }
     return ", ".join(f"{count} {words[name]}" for name, count in dropped.items() if count) or "none"
 
 
@@ -206,7 +224,8 @@ def _make_tokenizer(recipe: Recipe, run: RunDir, examples: list[dict]):
     if recipe.models.tokenizer.location is None:  # the teacher's own: say so when its directory is at fault
         check_model_dir(source[0], "teacher model ")
     tokenizer = load_tokenizer(*source, template=recipe.data.template)  # chat: one line if it has no template
-    tokenizer.save_pretrained(run.tokenizer)  # ranks and later stages read this copy
+    with space_for(run.tokenizer, "the tokenizer"):
+        tokenizer.save_pretrained(run.tokenizer)  # ranks and later stages read this copy
     return tokenizer, 0
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bdctl.errors import UserError
+from bdctl.errors import UserError, space_for
 from bdctl.rundir import RunDir, manifest, mark_complete, replace_dir
 
 BLOCKS_FILE = "blocks.i32"
@@ -116,8 +116,14 @@ def prepare_blocks(recipe, run: RunDir, tokenizer, needed: int, log=print) -> Pr
     tmp = directory.with_name(f".{directory.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    array.astype(_DTYPE).tofile(tmp / BLOCKS_FILE)
-    mark_complete(tmp, fingerprint=fingerprint, block_size=corpus.block_size, source=where, **counts)
+    blocks = array.astype(_DTYPE)
+    try:
+        with space_for(directory, "the pretraining blocks", blocks.nbytes):
+            blocks.tofile(tmp / BLOCKS_FILE)
+            mark_complete(tmp, fingerprint=fingerprint, block_size=corpus.block_size, source=where, **counts)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     replace_dir(tmp, directory)
     cycled = (
         " (the corpus is smaller than one pass of the run: its blocks are reused)"

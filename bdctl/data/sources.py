@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bdctl.errors import UserError, decode_utf8
+from bdctl.errors import UserError, decode_utf8, not_a_regular_file
 from bdctl.recipe.schema import FieldMap
 
 
@@ -55,10 +55,11 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def _check_file(path: Path) -> None:
-    if path.is_dir():
+    problem = not_a_regular_file(path)
+    if problem == "is a directory, not a file":
         raise UserError(f"{path}: is a directory, not a data file")
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
+    if problem is not None:
+        raise UserError(f"{path}: {problem}")
 
 
 def read_hub(name: str, config: str | None, split: str, streaming: bool = False) -> Iterator[tuple[str, dict]]:

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from bdctl.errors import UserError
+from bdctl.errors import UserError, space_for
 from bdctl.judges.base import JudgeOutput, JudgeRequest
 from bdctl.judges.prompt import VERDICTS, Verdict
 
@@ -159,7 +159,7 @@ class VerdictCache:
         }
         line = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
         entry = CachedVerdict(key=key, verdict=output.verdict, raw=output.raw, scores=dict(output.scores))
-        with self._lock:
+        with self._lock, space_for(self.path.parent, self.path.name, len(line.encode("utf-8"))):
             handle = self._open_for_append()
             if self._needs_newline:
                 line = "\n" + line

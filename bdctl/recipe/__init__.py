@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from bdctl.errors import UserError, decode_utf8
+from bdctl.errors import UserError, decode_utf8, not_a_regular_file
 from bdctl.recipe.schema import Recipe
 
 __all__ = ["Recipe", "load_recipe", "find_recipe", "recipe_dirs", "dump_recipe"]
@@ -32,10 +32,13 @@ def recipe_dirs() -> list[Path]:
 def find_recipe(name_or_path: str) -> Path:
     """A recipe by path (`recipes/tiny.yaml`) or by name (`tiny`, looked up in recipes/)."""
     path = Path(name_or_path)
-    if path.is_file():
+    problem = not_a_regular_file(path)
+    if problem is None:
         return path
     if path.is_dir():
         raise UserError(f"{name_or_path}: a directory, not a recipe file (expected a .yaml file or a recipe name)")
+    if problem != "file not found":  # a FIFO would block the read, a link loop is not "not found"
+        raise UserError(f"{name_or_path}: {problem}")
     if path.suffix in (".yaml", ".yml") or "/" in name_or_path:
         raise UserError(f"{name_or_path}: recipe file not found")
     for directory in recipe_dirs():
@@ -112,6 +115,7 @@ _EXPECTED = {
     "model_type": "expected a mapping of keys",
     "model_attributes_type": "expected a mapping of keys",
     "string_too_short": "expected a non-empty string",
+    "bool_for_number": "expected a number",
 }
 
 
@@ -133,7 +137,7 @@ def _describe(exc: ValidationError, path: Path, overridden: dict[str, str]) -> s
     elif kind == "missing":
         message = "missing required key"
     elif kind in _EXPECTED:
-        message = f"{_EXPECTED[kind]}, got {given!r}"
+        message = f"{_EXPECTED[kind]}, got {_as_written(given)}"
     elif kind == "literal_error":
         message = f"expected one of {error['ctx']['expected']}, got {given!r}"
     elif kind == "value_error":
@@ -141,6 +145,13 @@ def _describe(exc: ValidationError, path: Path, overridden: dict[str, str]) -> s
     else:
         message = f"{error['msg'][0].lower()}{error['msg'][1:]}, got {given!r}"
     return f"{source}: {key or '(top level)'}: {message}" if key else f"{source}: {message}"
+
+
+def _as_written(value: Any) -> str:
+    """A value as the user wrote it in YAML (`true`, not Python's `True`)."""
+    if isinstance(value, (bool, list, dict)):
+        return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    return repr(value)
 
 
 def _allowed_keys(loc: list[str]) -> list[str]:

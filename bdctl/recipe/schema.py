@@ -8,9 +8,12 @@ Unknown keys are errors everywhere (`extra="forbid"`).
 
 from __future__ import annotations
 
+import types
+import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 #: Times a request is asked in all while its reply is not A, B or Tie. A sampling or overloaded
 #: endpoint often answers properly on another try; a deterministic one repeats itself, so more
@@ -19,11 +22,46 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 PARSE_TRIES = 3
 
 
+#: Every seed bdctl uses reaches `torch.manual_seed` (model initialisation; at most 64 bits) or
+#: numpy's `default_rng` (the judge's bootstrap interval; no negative seeds), so a recipe seed is a
+#: 64-bit unsigned integer: a larger or negative one would be accepted and crash a minute later.
+SEED_BOUND = 2**64
+Seed = Annotated[int, Field(ge=0, lt=SEED_BOUND)]
+
+
 class Section(BaseModel):
     """Base of every recipe section: unknown keys are errors, values are checked on assignment,
-    and numbers are finite (`lr: .inf` would only surface later as a non-finite loss)."""
+    numbers are finite (`lr: .inf` would only surface later as a non-finite loss), and a boolean
+    is never a number (pydantic's lax mode reads `epochs: true` as 1)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # Not pydantic's strict mode: that would also refuse `lr: 1e-4`, which YAML reads as a string.
+        if info.field_name is not None and _boolean_for_number(cls.model_fields[info.field_name].annotation, value):
+            raise PydanticCustomError("bool_for_number", "expected a number, not true or false")
+        return value
+
+
+def _boolean_for_number(annotation: Any, value: Any) -> bool:
+    """Whether `value` holds a boolean where `annotation` expects a number and no boolean."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _boolean_for_number(args[0], value)
+    if isinstance(value, bool):
+        options = args if origin in (typing.Union, types.UnionType) else (annotation,)
+        options = tuple(typing.get_args(o)[0] if typing.get_origin(o) is Annotated else o for o in options)
+        takes_bool = any(o is bool or o is Any or typing.get_origin(o) is Literal for o in options)
+        return not takes_bool and any(o in (int, float) for o in options)
+    if origin in (typing.Union, types.UnionType):
+        return any(_boolean_for_number(option, value) for option in args if option is not type(None))
+    if origin in (list, tuple) and isinstance(value, (list, tuple)) and args:
+        return any(_boolean_for_number(args[0], item) for item in value)
+    if origin is dict and isinstance(value, dict) and len(args) == 2:
+        return any(_boolean_for_number(args[1], item) for item in value.values())
+    return False
 
 
 def _exactly_one(section: BaseModel, names: tuple[str, ...], what: str) -> None:
@@ -45,7 +83,7 @@ class TinyModel(Section):
     kv_heads: int | None = Field(None, gt=0, description="Key/value heads (qwen2 only; default = heads).")
     ffn: int | None = Field(None, gt=0, description="Feed-forward width (default 4 x hidden).")
     max_positions: int = Field(256, gt=0, description="Longest sequence the model accepts.")
-    seed: int | None = Field(None, description="Initialisation seed (default: the recipe seed).")
+    seed: Seed | None = Field(None, description="Initialisation seed (default: the recipe seed), 0 to 2**64 - 1.")
 
     @model_validator(mode="after")
     def _check(self) -> TinyModel:
@@ -243,7 +281,7 @@ class Template(Section):
 class Split(Section):
     valid: int = Field(500, ge=1, description="Validation examples.")
     test: int = Field(500, ge=0, description="Test examples (the DollyEval set).")
-    seed: int = Field(42, description="Seed of the random split.")
+    seed: Seed = Field(42, description="Seed of the random split, 0 to 2**64 - 1.")
 
 
 class SyntheticCorpus(Section):
@@ -735,7 +773,9 @@ class EvalStage(Section):
     sets: list[EvalSet] = Field(
         default_factory=lambda: [EvalSet(name="dolly", split="test")], description="Evaluation sets."
     )
-    seeds: list[int] = Field(default_factory=lambda: [10, 20, 30, 40, 50], description="Sampling seeds.")
+    seeds: list[Seed] = Field(
+        default_factory=lambda: [10, 20, 30, 40, 50], description="Sampling seeds, each 0 to 2**64 - 1."
+    )
     max_new_tokens: int = Field(256, gt=0, description="Longest generated answer.")
     no_repeat_ngram_size: int | None = Field(None, gt=0, description="MiniLLM used 6.")
     batch_size: int = Field(16, gt=0, description="Prompts per generation batch per rank.")
@@ -785,7 +825,7 @@ class JudgeStage(Section):
     protocol: str | None = Field(
         None, description="Which stages.eval protocol's generations to judge (null: the first)."
     )
-    seed: int = Field(10, description="Which sampling seed's generations to judge.")
+    seed: Seed = Field(10, description="Which sampling seed's generations to judge.")
 
 
 class Stages(Section):
@@ -805,7 +845,7 @@ class Recipe(Section):
         min_length=1,
     )
     description: str = Field("", description="One line on what this recipe reproduces.")
-    seed: int = Field(1234, description="Seed of model initialisation, data order and sampling.")
+    seed: Seed = Field(1234, description="Seed of model initialisation, data order and sampling, 0 to 2**64 - 1.")
     run_dir: str | None = Field(None, description="Where outputs go (default runs/<name>).")
     models: Models = Field(description="Teacher, student and tokenizer.")
     data: Data = Field(description="Instruction data, template, split and pretraining corpus.")

@@ -68,7 +68,7 @@ from bdctl.objectives.bellman_lean import lean_terms, released_lean_terms
 from bdctl.objectives.kd import exact_kd_loss, lean_sparse_kd_and_ce, mixed_kd_loss, teacher_probabilities
 from bdctl.objectives.lm import IGNORE_INDEX, lean_cross_entropy
 from bdctl.recipe.schema import DistillStage
-from bdctl.rundir import manifest
+from bdctl.rundir import manifest, stage_command
 from bdctl.topp import teacher_sets
 
 METHODS = ("bd", "kd", "seqkd")
@@ -248,7 +248,7 @@ def prepare(job: Job, log=print) -> None:
     if setup.init == "student_sft" and manifest(job.run.stage("student_sft")) is None:
         raise UserError(
             f"distill --method bd starts from the phase-1 student (init: auto) and {job.run.stage('student_sft')} "
-            f"has not finished; run it first: bdctl sft {job.recipe_path} --model student"
+            f"has not finished; run it first: {stage_command('student_sft', job.recipe_path)}"
         )
     student = resolve_weights(job, setup.init, "student")
     teacher = (

@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bdctl.errors import UserError
+from bdctl.errors import UserError, space_for
 from bdctl.job import Job, resolve_weights
 from bdctl.recipe.schema import GenerateStage, ModelSpec
 from bdctl.rundir import PREEMPT, manifest, read_json
@@ -111,7 +111,7 @@ def prepare(job: Job, log=print) -> None:
 def resumable(job: Job) -> str | None:
     """Launching process, on a rerun: say what an unfinished run left to continue from, or None
     to start over. Called by `bdctl.submit.submit` (not with --force) after `prepare`."""
-    from bdctl.cache import visible_shards, written_keys
+    from bdctl.cache import drop_damaged_shards, visible_shards, written_keys
 
     cache_dir = job.stage_dir / "cache"
     if not visible_shards(cache_dir):
@@ -126,7 +126,13 @@ def resumable(job: Job) -> str | None:
             f"{job.stage_dir}: an unfinished run made with other settings or another teacher is there; "
             "pass --force to start over (or restore the recipe it was made with)"
         )
-    return f"{len(written_keys(cache_dir))} sequences already in the cache"
+    # A shard a copy or a full disk cut short is not trusted (and not fatal): it is removed here, in
+    # the one launching process before any rank reads the cache, and only its batches are redone.
+    dropped = drop_damaged_shards(cache_dir)
+    repaired = ""
+    if dropped:
+        repaired = f"; {len(dropped)} damaged shard(s) removed, their batches are made again ({dropped[0]})"
+    return f"{len(written_keys(cache_dir))} sequences already in the cache{repaired}"
 
 
 def read_rows(path: Path, scoring: bool) -> list[dict]:
@@ -550,23 +556,27 @@ def write_dstar(cache, rows: list[dict], tokenizer, path: Path) -> None:
     prompts = {row["id"]: row["prompt"] for row in rows}
     eos = stop_id(tokenizer)
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for start in range(0, len(cache), 1024):
-            examples = [cache[i] for i in range(start, min(start + 1024, len(cache)))]
-            bodies = [e.tokens.tolist() for e in examples]
-            # The text is the answer: the final EOS is a stop signal, not part of it.
-            answers = [
-                b[:-1] if e.finish_reason == "eos" and b[-1:] == [eos] else b
-                for e, b in zip(examples, bodies, strict=True)
-            ]
-            texts = tokenizer.batch_decode(answers, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            for example, body, text in zip(examples, bodies, texts, strict=True):
-                record = {
-                    "prompt_id": example.prompt_id, "sample_index": example.sample_index, "seed": example.seed,
-                    "prompt": prompts[example.prompt_id], "response": text, "response_ids": body,
-                    "finish_reason": example.finish_reason,
-                }  # fmt: skip
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with space_for(path.parent, path.name, None), tmp.open("w", encoding="utf-8") as handle:
+            for start in range(0, len(cache), 1024):
+                examples = [cache[i] for i in range(start, min(start + 1024, len(cache)))]
+                bodies = [e.tokens.tolist() for e in examples]
+                # The text is the answer: the final EOS is a stop signal, not part of it.
+                answers = [
+                    b[:-1] if e.finish_reason == "eos" and b[-1:] == [eos] else b
+                    for e, b in zip(examples, bodies, strict=True)
+                ]
+                texts = tokenizer.batch_decode(answers, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+                for example, body, text in zip(examples, bodies, texts, strict=True):
+                    record = {
+                        "prompt_id": example.prompt_id, "sample_index": example.sample_index, "seed": example.seed,
+                        "prompt": prompts[example.prompt_id], "response": text, "response_ids": body,
+                        "finish_reason": example.finish_reason,
+                    }  # fmt: skip
+                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a partial D* neither counts nor keeps the space it took
+        raise

@@ -48,6 +48,7 @@ import numpy as np
 from bdctl.errors import UserError
 from bdctl.job import Job, resolve_weights
 from bdctl.recipe.schema import DistillStage, MiniLLM
+from bdctl.rundir import stage_command
 
 STAGE_DIR = "distill/minillm"
 LOGS = ("pg_loss", "single_kl", "mean_ratio", "clip_fraction")
@@ -226,7 +227,7 @@ def prepare(job: Job, log=print) -> None:
     if init_ref(config) == "student_sft" and manifest(job.run.stage("student_sft")) is None:
         raise UserError(
             f"distill --method minillm starts from the phase-1 student (init: auto) and {job.run.stage('student_sft')} "
-            f"has not finished; run it first: bdctl sft {job.recipe_path} --model student"
+            f"has not finished; run it first: {stage_command('student_sft', job.recipe_path)}"
         )
     student = resolve_weights(job, init_ref(config), "student")
     teacher = resolve_weights(job, job.recipe.stages.generate.model, "teacher")

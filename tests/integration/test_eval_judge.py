@@ -395,7 +395,16 @@ def test_sigterm_stops_the_judge_with_75_and_keeps_its_verdicts(evaluated, tmp_p
 
     root = copy_run(evaluated[0], tmp_path)
     verdicts = root / "runs/smoke/judge/verdicts.jsonl"
-    with ChatServer(lambda body: Reply(content="A", delay_s=0.05)) as server:
+    answered, slow = 0, True
+
+    def quick_then_slow(body) -> Reply:
+        # The first verdicts come at once, then one a second until the SIGTERM: it lands long before
+        # the 64th on any machine, however loaded (a 0.05 s delay for all once raced it).
+        nonlocal answered
+        answered += 1
+        return Reply(content="A", delay_s=1.0 if slow and answered > 5 else 0.0)
+
+    with ChatServer(quick_then_slow) as server:
         args = [*PAIR, *EVAL, "--set", f"stages.judge.base_url={server.base_url}",
                 "--set", "stages.judge.api_key_env=none", "--set", "stages.judge.concurrency=1"]  # fmt: skip
         env = {
@@ -413,6 +422,7 @@ def test_sigterm_stops_the_judge_with_75_and_keeps_its_verdicts(evaluated, tmp_p
             time.sleep(0.02)
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=120)
+        slow = False  # the rerun below gets quick replies
         assert process.returncode == 75, stderr[-3000:]
         lines = [line for line in stderr.splitlines() if line.strip()]
         assert lines[-1].startswith("error: judge: stopped by SIGTERM; the verdicts it finished are kept in "), lines[

@@ -32,6 +32,8 @@ class Reply:
     body: bytes | None = None
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
+    #: Never answer (until the server stops): a client timeout, whatever the machine's load.
+    hang: bool = False
 
 
 @dataclass
@@ -142,6 +144,9 @@ class ChatServer:
                     server._in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server._in_flight)
                 try:
+                    if reply.hang:
+                        server._stopping.wait()
+                        return
                     if reply.delay_s and server._stopping.wait(reply.delay_s):
                         return
                     self._answer(reply, body)

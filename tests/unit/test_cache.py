@@ -187,10 +187,22 @@ def test_damaged_shard_is_refused(tmp_path, fmt):
     path.write_bytes(path.read_bytes()[:-2])
     with pytest.raises(UserError, match="w0001-000000 is damaged") as damaged:
         TeacherCache(cache)
-    # The hint names a command that repairs it (a plain rerun of a complete stage does nothing).
-    assert str(damaged.value).endswith("make the cache again: bdctl generate RECIPE --force")
-    assert remake_hint(tmp_path / "score_train" / "cache").endswith("bdctl generate RECIPE --score train --force")
-    assert remake_hint(tmp_path / "generate-sharp" / "cache").endswith("bdctl generate RECIPE --variant sharp --force")
+    # The hint names a command that repairs it (a plain rerun of a complete stage does nothing),
+    # with the recipe the stage's job.json names, never a placeholder.
+    assert str(damaged.value).endswith(
+        "make the cache again: rerun the command that made it with --force (bdctl generate RECIPE)"
+    )
+    for stage, command in (
+        ("generate", "bdctl generate 'my recipes/x.yaml' --force"),
+        ("score_train", "bdctl generate 'my recipes/x.yaml' --score train --force"),
+        ("generate-sharp", "bdctl generate 'my recipes/x.yaml' --variant sharp --force"),
+    ):
+        (tmp_path / stage).mkdir(exist_ok=True)
+        (tmp_path / stage / "job.json").write_text(json.dumps({"recipe_path": "my recipes/x.yaml"}))
+        assert remake_hint(tmp_path / stage / "cache") == f"make the cache again: {command}"
+    with pytest.raises(UserError) as damaged:
+        TeacherCache(cache)
+    assert str(damaged.value).endswith("make the cache again: bdctl generate 'my recipes/x.yaml' --force")
 
 
 def test_check_tokenizer_and_p(tmp_path):

@@ -238,5 +238,23 @@ def test_set_flags_are_what_the_file_lacks():
 
     resolved = {"stages": {"distill": {"lr": 0.1, "method": "kd", "ablations": {}}, "eval": {"seeds": [1, 2]}}}
     from_file = {"stages": {"distill": {"lr": 0.2, "method": "bd", "ablations": {"p": [1.0]}}, "eval": {"seeds": [1]}}}
-    assert set_flags(resolved, from_file) == ["--set stages.distill.lr=0.1", "--set stages.eval.seeds=[1, 2]"]
+    assert set_flags(resolved, from_file) == ["--set stages.distill.lr=0.1", "--set 'stages.eval.seeds=[1, 2]'"]
     assert set_flags(resolved, None) == []
+
+
+def test_commands_in_a_card_are_shell_quoted():
+    """A recipe path or a --set value holding `$(...)` must not run when the card's command is
+    pasted into a shell: each word is quoted (shlex) and reads back as what it was."""
+    import shlex
+
+    from bdctl.modelcard import override_flags, set_flags
+    from bdctl.rundir import stage_command
+
+    path = "my recipes/$(touch pwned).yaml"
+    flags = override_flags(["stages.distill.lr=1e-4", "description=$(rm -rf ~)"])
+    flags += set_flags({"name": "a `b`"}, {"name": "x"})
+    words = shlex.split(" ".join([stage_command("distill/bd", path), *flags]))
+    assert words == [
+        "bdctl", "distill", path, "--method", "bd", "--set", "stages.distill.lr=1e-4",
+        "--set", "description=$(rm -rf ~)", "--set", 'name="a `b`"',
+    ]  # fmt: skip

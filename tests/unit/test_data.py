@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -120,7 +121,9 @@ def test_overlong_examples_are_dropped_and_counted(tmp_path):
     )
     prepare_data(recipe, RunDir(tmp_path / "run"), log=lambda *_: None)
     report = json.loads((tmp_path / "run/data/split.json").read_text())
-    assert report["dropped"] == {"prompt_too_long": 1, "too_long": 1, "empty_output": 0, "text_too_long": 0}
+    assert report["dropped"] == {
+        "prompt_too_long": 1, "too_long": 1, "empty_output": 0, "text_too_long": 0, "duplicate": 0,
+    }  # fmt: skip
     assert report["train"] == 48
 
 
@@ -156,3 +159,67 @@ def test_eval_batches_cover_everything_with_equal_counts(n, world):
     batches = [eval_batches(n, micro=2, rank=r, world=world) for r in range(world)]
     assert len({len(b) for b in batches}) == 1
     assert sorted(i for rank in batches for batch in rank for i in batch) == list(range(n))
+
+
+def test_repeated_examples_are_dropped_before_the_split(tmp_path):
+    """Records whose prompt and response repeat land in one split only: the repeats are dropped
+    (counted in split.json as `duplicate`) before the shuffle, so no test example is also a
+    training example. The same prompt with another response is a different example and stays."""
+    rows = dolly_rows(40)
+    rows += [dict(rows[i]) for i in range(10)]  # ten exact repeats
+    rows.append({**rows[0], "response": rows[0]["response"] + " Another answer."})
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe, _ = load_recipe(
+        "smoke",
+        [
+            f"data.source={{path: {tmp_path / 'd.jsonl'}, "
+            "fields: {instruction: instruction, input: context, output: response}}",
+            "data.split={valid: 10, test: 10, seed: 1}",
+        ],
+    )
+    lines = []
+    prepare_data(recipe, RunDir(tmp_path / "run"), log=lines.append)
+    report = json.loads((tmp_path / "run/data/split.json").read_text())
+    assert report["dropped"]["duplicate"] == 10 and report["train"] == 41 - 20
+    pairs = {
+        s: {(r["prompt"], r["output"]) for r in read_split(tmp_path / "run/data", s)}
+        for s in ("train", "valid", "test")
+    }
+    assert sum(len(p) for p in pairs.values()) == 41
+    assert not (pairs["train"] & pairs["test"]) and not (pairs["train"] & pairs["valid"])
+    assert "10 repeating an earlier example's prompt and response" in lines[-1]
+
+
+def test_dropped_counts_read_as_sentences():
+    from bdctl.data.prepare import _dropped_text
+
+    text = _dropped_text({"prompt_too_long": 0, "too_long": 2, "empty_output": 0, "text_too_long": 21}, 128)
+    assert text == (
+        "2 over max_length (128) tokens, 21 with more than 4096 characters, which cannot fit in max_length (128) tokens"
+    )
+    assert _dropped_text({"duplicate": 0}, 128) == "none"
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda p: os.symlink(p, p), "a loop of symbolic links that never reaches a file"),
+        (lambda p: os.mkfifo(p), "a named pipe (FIFO), not a file"),
+        (
+            lambda p: os.symlink("/nonexistent/d.jsonl", p),
+            "a symbolic link to /nonexistent/d.jsonl, which does not exist",
+        ),
+        (lambda p: os.symlink("/dev/null", p), "a device, not a file"),
+    ],
+    ids=["symlink-loop", "fifo", "dangling-link", "device"],
+)
+def test_a_data_path_that_is_not_a_file_gets_its_own_message(tmp_path, make, expected):
+    """Each used to read "file not found" (or, a FIFO, to block on reading)."""
+    path = tmp_path / "d.jsonl"
+    make(path)
+    with pytest.raises(UserError) as raised:
+        list(read_records(path))
+    assert str(raised.value) == f"{path}: {expected}" or str(raised.value).startswith(f"{path}: {expected}")
+    with pytest.raises(UserError) as raised:  # a recipe path too: a FIFO would block the read
+        load_recipe(str(path))
+    assert str(raised.value).startswith(f"{path}: {expected}")

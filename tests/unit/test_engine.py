@@ -201,3 +201,30 @@ def test_the_optimisation_is_described_in_words():
     )
     ratio = describe_optimisation(Train(warmup_ratio=0.1))
     assert ratio.endswith("linear schedule, warm-up 0.1 of the schedule, over the run")
+
+
+@pytest.mark.slow  # a fresh interpreter joins a process group of one (about 10 s)
+def test_deepspeed_startup_prints_reach_the_log_not_the_terminal(tmp_path):
+    """DeepSpeed's CPU backend print()s "deepspeed_shm_comm_op built successfully" when a rank
+    joins its group: once per rank and command, ten lines in a smoke reproduction. It is kept
+    for the rank's log (`startup_output`) instead."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import json; from bdctl.engine import init_distributed, startup_output; init_distributed(); "
+        "print('KEPT ' + json.dumps(startup_output()))"
+    )
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env={**env, "PYTHONPATH": str(root)},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = [line for line in done.stdout.splitlines() if not line.startswith("KEPT ")]
+    assert not any("built successfully" in line for line in printed + done.stderr.splitlines()), done.stdout
+    kept = json.loads(done.stdout.splitlines()[-1].removeprefix("KEPT "))
+    assert all("built successfully" in line for line in kept)  # where the op builds at all

@@ -202,3 +202,31 @@ def test_report_tables_and_plots_every_methods_diagnostics(tmp_path):
     assert figure is not None and figure.read_bytes()[:4] == b"\x89PNG"
     empty = RunDir(tmp_path / "empty")
     assert diagnostics_table(empty) == [] and diagnostic_curves(empty, figure) is None
+
+
+JUDGE_LIKE = (
+    ["model vs baseline", "win rate", "ci low", "ci high", "wins", "ties", "losses", "unparseable", "position bias"],
+    [["distill/bd-released-long-name vs teacher_sft", "0.5234 ± 0.0123", 0.41234, 0.61234, 123, 45, 67, 0, "0.1234"]],
+)
+
+
+def test_a_table_on_a_pipe_keeps_every_number_whole(capsys, monkeypatch):
+    """stdout is not a terminal (a pipe, a file, CI): rich assumed 80 columns and printed the
+    judge's numeric columns as "…"; now the table keeps its natural width."""
+    from bdctl.tables import print_table
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    print_table(*JUDGE_LIKE, title="judge")
+    out = capsys.readouterr().out
+    assert "…" not in out
+    for cell in ("0.5234 ± 0.0123", "0.4123", "0.6123", "123", "67", "position bias", "unparseable"):
+        assert cell in out, (cell, out)
+
+
+def test_a_narrow_width_never_cuts_a_number(capsys, monkeypatch):
+    from bdctl.tables import print_table
+
+    monkeypatch.setenv("COLUMNS", "60")
+    print_table(*JUDGE_LIKE)
+    out = capsys.readouterr().out
+    assert "…" not in out and "0.5234 ± 0.0123" in out and "0.6123" in out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -111,12 +111,26 @@ def test_server_error_then_success(server: ChatServer, tmp_path: Path) -> None:
 
 def test_rate_limit_honours_retry_after(server: ChatServer, tmp_path: Path) -> None:
     server.push(Reply(status=429, headers={"Retry-After": "0"}))
-    # With a 30 s base delay, only the server's "Retry-After: 0" keeps this test fast.
+    # With a 30 s base delay, only the server's "Retry-After: 0" makes the wait 0: the test checks
+    # the wait the judge chose, not the clock (a loaded machine makes any time bound flaky).
     judge = make_judge(server.base_url, concurrency=1, backoff_base_s=30.0)
-    started = time.monotonic()
+    waits = record_backoffs(judge)
     results = judge_pairs(judge, PAIRS[:1], VerdictCache(tmp_path / "v.jsonl"))
-    assert time.monotonic() - started < 5.0
+    assert waits == [0.0]
     assert results[0].score == 1.0 and server.count == 3
+
+
+def record_backoffs(judge: OpenAIJudge) -> list[float]:
+    """The waits the judge chooses between tries, in order (it still waits them)."""
+    waits: list[float] = []
+    chosen = judge._backoff
+
+    def recording(attempt: int, retry_after: float | None) -> float:
+        waits.append(chosen(attempt, retry_after))
+        return waits[-1]
+
+    judge._backoff = recording  # type: ignore[method-assign]
+    return waits
 
 
 def test_unparseable_reply_is_asked_again(server: ChatServer, tmp_path: Path) -> None:
@@ -155,12 +169,16 @@ def test_persistently_malformed_body_is_a_user_error(tmp_path: Path) -> None:
 
 
 def test_timeout_then_success(server: ChatServer, tmp_path: Path) -> None:
-    server.push(Reply(content="A", delay_s=3.0))
-    judge = make_judge(server.base_url, concurrency=1, timeout_s=0.3)
-    started = time.monotonic()
+    # The first request is never answered, so only the client's timeout ends it; the timeout is
+    # long enough that a loaded machine does not time out the replies that are not meant to be slow
+    # (a 0.3 s timeout once did), and the test checks which requests were made, not how fast.
+    server.push(Reply(hang=True))
+    judge = make_judge(server.base_url, concurrency=1, timeout_s=2.0)
     results = judge_pairs(judge, PAIRS[:1], VerdictCache(tmp_path / "v.jsonl"))
-    assert time.monotonic() - started < 2.5  # did not wait for the slow reply
-    assert results[0].score == 1.0 and server.count == 3
+    assert results[0].score == 1.0
+    bodies = [request.body for request in server.recorded]
+    assert bodies[0] in bodies[1:]  # the unanswered request was asked again
+    assert len(bodies) == 3  # the unanswered one, its retry, the other order
 
 
 def test_client_error_is_not_retried(server: ChatServer, tmp_path: Path) -> None:
@@ -210,10 +228,23 @@ def test_failure_mid_run_keeps_finished_verdicts(tmp_path: Path) -> None:
 
 
 def test_requests_run_concurrently(tmp_path: Path) -> None:
-    with ChatServer(responder=lambda body: Reply(content="Tie", delay_s=0.2)) as slow:
-        judge_pairs(make_judge(slow.base_url, concurrency=3), PAIRS, VerdictCache(tmp_path / "v.jsonl"))
-        assert slow.count == 6
-        assert 2 <= slow.max_in_flight <= 3
+    # Each reply waits until three requests have arrived together (a barrier, not a delay): with
+    # fewer at a time the barrier breaks and the replies become errors, however loaded the machine.
+    together = threading.Barrier(3, timeout=30)
+    met: list[bool] = []
+
+    def three_at_a_time(body: dict[str, Any]) -> Reply:
+        try:
+            together.wait()
+        except threading.BrokenBarrierError:
+            return Reply(status=400, body=b"fewer than three requests at a time")
+        met.append(True)
+        return Reply(content="Tie")
+
+    with ChatServer(responder=three_at_a_time) as server:
+        judge_pairs(make_judge(server.base_url, concurrency=3), PAIRS, VerdictCache(tmp_path / "v.jsonl"))
+        assert server.count == 6 and len(met) == 6
+        assert server.max_in_flight <= 3
 
 
 def test_backoff_grows_with_jitter_and_honours_retry_after() -> None:

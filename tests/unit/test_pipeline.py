@@ -168,3 +168,24 @@ def test_reproduce_reruns_eval_and_judge_when_the_recipe_asks_for_more(tmp_path)
     assert not finished(run, "judge", recipe)  # smoke judges against three baselines
     mark_complete(run.stage("teacher_sft"), stage="teacher_sft")
     assert finished(run, "teacher_sft", recipe)
+
+
+def test_a_teacher_given_as_a_path_waits_for_no_teacher_sft(tmp_path):
+    """`stages.generate.model` names the teacher generate, score_train and MiniLLM use: a path
+    (or a hub id) is there already, so `recipes show` must not plan them after teacher_sft."""
+    from typer.testing import CliRunner
+
+    from bdctl.cli import app
+
+    recipe, _ = load_recipe("smoke", [f"stages.generate.model={tmp_path / 'teacher'}"])
+    plan = {s.directory: s for s in stages(recipe)}
+    assert plan["generate"].needs == () and plan["score_train"].needs == ()
+    assert plan["distill/minillm"].needs == ("student_sft",)
+    shown = CliRunner().invoke(
+        app, ["recipes", "show", "smoke", "--set", f"stages.generate.model={tmp_path / 'teacher'}"],
+        env={"COLUMNS": "300", "NO_COLOR": "1"}, prog_name="bdctl",
+    )  # fmt: skip
+    assert shown.exit_code == 0, shown.output
+    cells = [line.split("│") for line in shown.output.splitlines()]
+    needs = {row[1].strip(): row[3].strip() for row in cells if len(row) == 5}
+    assert needs["generate"] == needs["score_train"] == "-" and needs["distill/minillm"] == "student_sft"

@@ -72,6 +72,35 @@ def test_set_overrides_are_typed_and_validated():
     assert error_of("smoke", ["seed.x=1"]) == "--set seed.x=1: seed is not a section"
 
 
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("stages.student_sft.epochs=true", "stages.student_sft.epochs: expected a number, got true"),
+        ("stages.teacher_sft.lr=false", "stages.teacher_sft.lr: expected a number, got false"),
+        ("stages.eval.seeds=[10, true]", "stages.eval.seeds: expected a number, got [10, true]"),
+        ("models.teacher.tiny.seed=true", "models.teacher.tiny.seed: expected a number, got true"),
+        ("seed=18446744073709551616", "seed: input should be less than 18446744073709551616"),
+        ("seed=-1", "seed: input should be greater than or equal to 0"),
+        ("data.split.seed=-5", "data.split.seed: input should be greater than or equal to 0"),
+    ],
+)
+def test_booleans_are_not_numbers_and_seeds_fit_the_generators(override, expected):
+    """pydantic's lax mode would read `epochs: true` as 1; a seed over 64 bits (or negative) would
+    pass validation and crash in torch.manual_seed / numpy's default_rng a minute later."""
+    assert expected in error_of("smoke", [override])
+
+
+def test_numbers_written_as_strings_and_real_booleans_still_load(tmp_path):
+    recipe, _ = load_recipe("smoke", ["stages.student_sft.epochs=2", "seed=18446744073709551615"])
+    assert recipe.stages.student_sft.epochs == 2 and recipe.seed == 2**64 - 1
+    path = write_recipe(tmp_path / "x.yaml", stages__teacher_sft__lr="1e-4", stages__distill__chi2=False)
+    recipe, _ = load_recipe(str(path))
+    assert recipe.stages.teacher_sft.lr == 1e-4 and recipe.stages.distill.chi2 is False
+    import torch
+
+    torch.manual_seed(2**64 - 1)  # the largest accepted seed fits the generator it reaches
+
+
 def test_lookup_by_name_and_missing_files(tmp_path):
     assert find_recipe("smoke") == RECIPES / "smoke.yaml"
     assert error_of(str(tmp_path / "none.yaml")) == f"{tmp_path / 'none.yaml'}: recipe file not found"
