@@ -259,7 +259,8 @@ def load_set(job: Job, spec: EvalSet, log) -> list[dict]:
             example = to_instruction(where, record, spec.fields, references=True)
             examples.append(
                 {"id": index, "instruction": example["instruction"], "input": example["input"],
-                 "prompt": render_prompt(example["instruction"], example["input"], template, tokenizer),
+                 "prompt": render_prompt(example["instruction"], example["input"], template, tokenizer,
+                                         job.recipe.data.system_prompt),
                  "references": example["output"]}
             )  # fmt: skip
             _check_references(examples[-1], where, where_set)

@@ -4,6 +4,7 @@ Runs once per run directory, in the launching process before any rank starts, so
 every later stage reads the same files:
 
     data/train.jsonl valid.jsonl test.jsonl   {"id", "instruction", "input", "output", "prompt"}
+                                               (conversations also "messages" and "turns": conversations.py)
     data/split.json                            counts, including the dropped over-long examples
     data/MANIFEST.json                         written last, with the fingerprint of what made it
 
@@ -13,7 +14,8 @@ Two more kinds are dropped and counted (beyond the paper, which does not say): e
 is empty (they teach only "stop at once"; a source where no example has a response is refused), and
 examples far longer in characters than `max_length` tokens could hold, before any tokenizer sees
 them: training a BPE on one pathological record (a long text without a space) takes time quadratic in
-its length.
+its length. Conversations (data.format: messages, sharegpt) with an unknown role, without a final
+assistant turn, or that the chat template cannot render turn by turn are dropped and counted too.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ def data_fingerprint(recipe: Recipe) -> str:
 def prepare_data(recipe: Recipe, run: RunDir, log=print) -> PreparedData:
     """Make (or reuse) the run's tokenizer and split; idempotent and safe to interrupt."""
     fingerprint = data_fingerprint(recipe)
+    unreadable: dict[str, int] = {}  # conversations dropped before rendering (data.format: messages, sharegpt)
     done = manifest(run.data)
     if done is not None:
         if done.get("fingerprint") != fingerprint:
@@ -74,7 +77,17 @@ def prepare_data(recipe: Recipe, run: RunDir, log=print) -> PreparedData:
             )
         return PreparedData(run.data, done["counts"], done["tokenizer_hash"])
 
-    if recipe.data.template == CHAT:  # prompts are rendered with the tokenizer's own chat template
+    if recipe.data.format != "instruction":  # conversations, rendered with the tokenizer's chat template
+        tokenizer, cut = _make_tokenizer(recipe, run, [])
+        examples, unreadable = load_conversations(recipe, tokenizer)
+        if not examples:
+            raise UserError(
+                f"data: no conversation of {recipe.data.source.path or recipe.data.source.hub} is usable "
+                f"(dropped {_dropped_text(unreadable)}); each needs known roles and must end with an assistant turn"
+            )
+        usable, dropped = _drop_unusable(recipe, examples)
+        dropped = {**unreadable, **dropped}
+    elif recipe.data.template == CHAT:  # prompts are rendered with the tokenizer's own chat template
         tokenizer, cut = _make_tokenizer(recipe, run, [])
         examples = load_instructions(recipe, tokenizer)
         usable, dropped = _drop_unusable(recipe, examples)
@@ -101,7 +114,7 @@ def prepare_data(recipe: Recipe, run: RunDir, log=print) -> PreparedData:
     for name, rows in parts.items():
         write_text_atomic(run.data / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     counts = {name: len(rows) for name, rows in parts.items()}
-    report = {"source_examples": len(examples), "dropped": dropped, "tokenizer_texts_cut": cut, **counts}
+    report = {"source_examples": len(examples) + sum(unreadable.values()), "dropped": dropped, "tokenizer_texts_cut": cut, **counts}
     write_json_atomic(run.data / "split.json", report)
     digest = tokenizer_hash(tokenizer)
     mark_complete(run.data, fingerprint=fingerprint, counts=counts, tokenizer_hash=digest)
@@ -137,12 +150,49 @@ def load_instructions(recipe: Recipe, tokenizer=None) -> list[dict]:
                 "instruction": example["instruction"],
                 "input": example["input"],
                 "output": example["output"],
-                "prompt": render_prompt(example["instruction"], example["input"], recipe.data.template, tokenizer),
+                "prompt": render_prompt(
+                    example["instruction"], example["input"], recipe.data.template, tokenizer, recipe.data.system_prompt
+                ),
             }
         )
     if not examples:
         raise UserError(f"data: the source {source.path or source.hub or 'synthetic'} has no examples")
     return examples
+
+
+def load_conversations(recipe: Recipe, tokenizer) -> tuple[list[dict], dict[str, int]]:
+    """The recipe's conversations (data.format: messages or sharegpt) as data rows whose prompt /
+    output are the conversation before its last assistant turn / that turn (data/conversations.py),
+    and the counts of those dropped: unknown roles, no final assistant turn, a template that cannot
+    render them turn by turn."""
+    from bdctl.data.conversations import NO_FINAL_ASSISTANT, TEMPLATE_ERROR, TEMPLATE_REWRITES, UNKNOWN_ROLE
+    from bdctl.data.conversations import conversation_row, read_conversation, with_system_prompt
+    from bdctl.models import stop_id
+
+    source, data = recipe.data.source, recipe.data
+    if source.path:
+        records = read_records(source.path)
+    else:
+        assert source.hub is not None  # Data._check: conversations come from a path or the hub
+        records = read_hub(source.hub, source.hub_config, source.hub_split)
+    stop = stop_id(tokenizer)
+    assert stop is not None  # data.template: chat (required by conversations) always finds an end-of-turn token
+    stop_text = tokenizer.decode([stop])
+    dropped = dict.fromkeys((UNKNOWN_ROLE, NO_FINAL_ASSISTANT, TEMPLATE_ERROR, TEMPLATE_REWRITES), 0)
+    examples: list[dict] = []
+    for index, (where, record) in enumerate(records):
+        turns = read_conversation(where, record, data.format)
+        if isinstance(turns, str):
+            dropped[turns] += 1
+            continue
+        row = conversation_row(with_system_prompt(turns, data.system_prompt, tokenizer), tokenizer, stop_text)
+        if isinstance(row, str):
+            dropped[row] += 1
+            continue
+        examples.append({"id": index, **row})
+    if not examples and not any(dropped.values()):
+        raise UserError(f"data: the source {source.path or source.hub} has no examples")
+    return examples, dropped
 
 
 def corpus_texts(recipe: Recipe, limit: int | None = None):
@@ -183,7 +233,10 @@ def _drop_unusable(recipe: Recipe, examples: list[dict]) -> tuple[list[dict], di
 
 def _dropped_text(dropped: dict[str, int]) -> str:
     words = {"prompt_too_long": "with long prompts", "too_long": "too long", "empty_output": "with empty responses",
-             "text_too_long": f"over {MAX_CHARS_PER_TOKEN} characters per max_length token"}  # fmt: skip
+             "text_too_long": f"over {MAX_CHARS_PER_TOKEN} characters per max_length token",
+             "unknown_role": "with unknown roles", "no_final_assistant": "not ending with an assistant turn",
+             "template_error": "the chat template refused", "template_rewrites_turns": "whose turns the chat "
+             "template rewrites"}  # fmt: skip
     return ", ".join(f"{count} {words[name]}" for name, count in dropped.items() if count) or "none"
 
 
@@ -211,13 +264,22 @@ def _make_tokenizer(recipe: Recipe, run: RunDir, examples: list[dict]):
 
 
 def _drop_overlong(recipe: Recipe, tokenizer, examples: list[dict]) -> tuple[list[dict], dict[str, int]]:
+    """Prompts over max_prompt_length, and sequences over max_length: the last turn after its prompt,
+    or for a conversation SFT's whole sequence of every turn (whichever is longer)."""
+    from bdctl.data.batching import tokenize_examples
+
     prompts = tokenizer([e["prompt"] for e in examples])["input_ids"]
     answers = tokenizer([e["output"] for e in examples], add_special_tokens=False)["input_ids"]
+    conversations = [e for e in examples if "turns" in e]
+    every_turn = iter(tokenize_examples(conversations, tokenizer, all_turns=True) if conversations else [])
     kept, dropped = [], {"prompt_too_long": 0, "too_long": 0}
     for example, prompt, answer in zip(examples, prompts, answers, strict=True):
+        length = len(prompt) + len(answer) + 1
+        if "turns" in example:
+            length = max(length, len(next(every_turn).ids))
         if len(prompt) > recipe.data.max_prompt_length:
             dropped["prompt_too_long"] += 1
-        elif len(prompt) + len(answer) + 1 > recipe.data.max_length:
+        elif length > recipe.data.max_length:
             dropped["too_long"] += 1
         else:
             kept.append(example)

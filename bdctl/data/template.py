@@ -28,13 +28,15 @@ _FIELD = re.compile(r"\{(instruction|input)\}")
 CHAT = "chat"  # data.template: chat
 
 
-def render_prompt(instruction: str, input: str, template: Template | str | None = None, tokenizer=None) -> str:
+def render_prompt(
+    instruction: str, input: str, template: Template | str | None = None, tokenizer=None, system_prompt: str | None = None
+) -> str:
     """The prompt x for one example; the model's answer follows it directly. `tokenizer`: the
-    run's tokenizer, needed (only) by data.template: chat."""
+    run's tokenizer, needed (only) by data.template: chat, as is `system_prompt` (data.system_prompt)."""
     if template == CHAT:
         if tokenizer is None:
             raise ValueError("data.template: chat renders prompts with the tokenizer; pass it")
-        return render_chat_prompt(instruction, input, tokenizer)
+        return render_chat_prompt(instruction, input, tokenizer, system_prompt)
     template = template if isinstance(template, Template) else DEFAULT_TEMPLATE
     values = {"instruction": instruction.strip(), "input": input.strip()}
     form = template.with_input if values["input"] else template.without_input
@@ -49,16 +51,15 @@ def user_turn(instruction: str, input: str) -> str:
     return f"{instruction}\n\n{input}" if input else instruction
 
 
-def render_chat_prompt(instruction: str, input: str, tokenizer) -> str:
-    """The tokenizer's chat template over one user turn, with its generation prompt (the opening
-    of the assistant turn): the answer, then the template's end-of-turn token, follows directly.
+def render_chat_prompt(instruction: str, input: str, tokenizer, system_prompt: str | None = None) -> str:
+    """The tokenizer's chat template over one user turn (after data.system_prompt's system turn, if
+    any), with its generation prompt (the opening of the assistant turn): the answer, then the
+    template's end-of-turn token, follows directly.
 
     Prompts are tokenised later with the tokenizer's own special tokens added, so a BOS the
     template writes itself is left out here when the tokenizer adds one anyway (no double BOS).
     """
+    from bdctl.data.conversations import render, with_system_prompt
+
     messages = [{"role": "user", "content": user_turn(instruction, input)}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    bos = tokenizer.bos_token
-    if bos and text.startswith(bos) and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]:
-        text = text[len(bos) :]
-    return text
+    return render(with_system_prompt(messages, system_prompt, tokenizer), tokenizer, generation_prompt=True)

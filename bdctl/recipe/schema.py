@@ -188,6 +188,22 @@ class Data(Section):
         "turn; the template's end-of-turn token then ends every response (SFT labels, D* sampling, BD's terminal "
         "transitions, eval). chat needs a tokenizer that has a chat template (models.tokenizer.path or the teacher's).",
     )
+    format: Literal["instruction", "messages", "sharegpt"] = Field(
+        "instruction",
+        description="Record format of data.source: instruction (one instruction / input / output turn, through "
+        "data.source.fields), messages (OpenAI-style {\"messages\": [{\"role\": system|user|assistant, \"content\"}, ...]}) "
+        "or sharegpt ({\"conversations\": [{\"from\": system|human|gpt, \"value\"}, ...]}). Conversations need "
+        "data.template: chat; SFT trains on every assistant turn, and generate, distill, MiniLLM and eval work on the "
+        "last assistant turn given the conversation before it. A conversation that does not end with an assistant "
+        "turn, has an unknown role, or does not fit max_length is dropped and counted in data/split.json.",
+    )
+    system_prompt: str | None = Field(
+        None,
+        description="System turn of data.template: chat: null (default) leaves the chat template's own default; a "
+        "string is the system turn of every example that has none of its own; none leaves the template's default "
+        "system text out where the template allows it (it renders with an empty system turn when that is shorter "
+        "than the default). Counted against max_prompt_length like the rest of the prompt.",
+    )
     split: Split = Field(default_factory=Split, description="Train / validation / test split.")
     max_length: int = Field(512, gt=1, description="Longest prompt + response in tokens; longer are dropped.")
     max_prompt_length: int = Field(256, gt=0, description="Longest prompt in tokens; longer are dropped.")
@@ -197,6 +213,12 @@ class Data(Section):
     def _check(self) -> Data:
         if self.max_prompt_length >= self.max_length:
             raise ValueError("max_prompt_length must be smaller than max_length")
+        if self.format != "instruction" and self.template != "chat":
+            raise ValueError(f"data.format: {self.format} is rendered with the tokenizer's chat template: set data.template: chat")
+        if self.format != "instruction" and self.source.synthetic is not None:
+            raise ValueError(f"data.format: {self.format} reads conversations from data.source.path or hub, not synthetic")
+        if self.system_prompt is not None and self.template != "chat":
+            raise ValueError("data.system_prompt is the system turn of a chat template: set data.template: chat")
         return self
 
 

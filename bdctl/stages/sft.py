@@ -98,7 +98,7 @@ def run(job: Job, rank: int, world: int) -> None:
 
     # --- data: every rank tokenises the same splits; the loop hands each rank its share
     tokenizer = load_tokenizer(job.run.tokenizer, template=job.recipe.data.template)
-    train = tokenize_examples(read_split(job.run.data, "train"), tokenizer)
+    train = tokenize_examples(read_split(job.run.data, "train"), tokenizer, all_turns=True)
     per_epoch, total_steps = training_steps(len(train), config)
 
     # --- model and engine
