@@ -44,9 +44,7 @@ def read_conversation(where: str, record: Any, format: str) -> list[dict[str, st
     turns = []
     for index, turn in enumerate(record[key]):
         if not isinstance(turn, dict) or not isinstance(turn.get(text_key), str) or role_key not in turn:
-            raise UserError(
-                f"{where}: {key}[{index}] should be an object with {role_key!r} and a string {text_key!r}"
-            )
+            raise UserError(f"{where}: {key}[{index}] should be an object with {role_key!r} and a string {text_key!r}")
         role = roles.get(turn[role_key]) if isinstance(turn[role_key], str) else None
         if role is None:
             return UNKNOWN_ROLE

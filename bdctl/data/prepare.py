@@ -114,7 +114,8 @@ def prepare_data(recipe: Recipe, run: RunDir, log=print) -> PreparedData:
     for name, rows in parts.items():
         write_text_atomic(run.data / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     counts = {name: len(rows) for name, rows in parts.items()}
-    report = {"source_examples": len(examples) + sum(unreadable.values()), "dropped": dropped, "tokenizer_texts_cut": cut, **counts}
+    source_examples = len(examples) + sum(unreadable.values())
+    report = {"source_examples": source_examples, "dropped": dropped, "tokenizer_texts_cut": cut, **counts}
     write_json_atomic(run.data / "split.json", report)
     digest = tokenizer_hash(tokenizer)
     mark_complete(run.data, fingerprint=fingerprint, counts=counts, tokenizer_hash=digest)
@@ -165,8 +166,15 @@ def load_conversations(recipe: Recipe, tokenizer) -> tuple[list[dict], dict[str,
     output are the conversation before its last assistant turn / that turn (data/conversations.py),
     and the counts of those dropped: unknown roles, no final assistant turn, a template that cannot
     render them turn by turn."""
-    from bdctl.data.conversations import NO_FINAL_ASSISTANT, TEMPLATE_ERROR, TEMPLATE_REWRITES, UNKNOWN_ROLE
-    from bdctl.data.conversations import conversation_row, read_conversation, with_system_prompt
+    from bdctl.data.conversations import (
+        NO_FINAL_ASSISTANT,
+        TEMPLATE_ERROR,
+        TEMPLATE_REWRITES,
+        UNKNOWN_ROLE,
+        conversation_row,
+        read_conversation,
+        with_system_prompt,
+    )
     from bdctl.models import stop_id
 
     source, data = recipe.data.source, recipe.data

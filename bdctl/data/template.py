@@ -29,7 +29,11 @@ CHAT = "chat"  # data.template: chat
 
 
 def render_prompt(
-    instruction: str, input: str, template: Template | str | None = None, tokenizer=None, system_prompt: str | None = None
+    instruction: str,
+    input: str,
+    template: Template | str | None = None,
+    tokenizer=None,
+    system_prompt: str | None = None,
 ) -> str:
     """The prompt x for one example; the model's answer follows it directly. `tokenizer`: the
     run's tokenizer, needed (only) by data.template: chat, as is `system_prompt` (data.system_prompt)."""

@@ -62,6 +62,18 @@ class ModelSpec(Section):
     path: str | None = Field(None, description="Hugging Face hub id or local directory.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     tiny: TinyModel | None = Field(None, description="Build a small random model instead of loading one.")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each transformer block's activations in the backward pass instead of keeping them "
+        "(transformers' gradient checkpointing): less activation memory for about one more forward pass per step. "
+        "Applies where this model trains (sft, distill, minillm); losses and gradients are unchanged.",
+    )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
+        None,
+        description="Attention kernel wherever this model trains or samples: eager (plain matmuls, keeps the "
+        "sequence x sequence score matrix), sdpa (torch's scaled_dot_product_attention), flash_attention_2 (needs "
+        "the flash-attn package and a CUDA GPU; refused when not installed); null: transformers' default.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
@@ -191,8 +203,9 @@ class Data(Section):
     format: Literal["instruction", "messages", "sharegpt"] = Field(
         "instruction",
         description="Record format of data.source: instruction (one instruction / input / output turn, through "
-        "data.source.fields), messages (OpenAI-style {\"messages\": [{\"role\": system|user|assistant, \"content\"}, ...]}) "
-        "or sharegpt ({\"conversations\": [{\"from\": system|human|gpt, \"value\"}, ...]}). Conversations need "
+        'data.source.fields), messages (OpenAI-style {"messages": [{"role": system|user|assistant, '
+        '"content"}, ...]}) '
+        'or sharegpt ({"conversations": [{"from": system|human|gpt, "value"}, ...]}). Conversations need '
         "data.template: chat; SFT trains on every assistant turn, and generate, distill, MiniLLM and eval work on the "
         "last assistant turn given the conversation before it. A conversation that does not end with an assistant "
         "turn, has an unknown role, or does not fit max_length is dropped and counted in data/split.json.",
@@ -214,9 +227,13 @@ class Data(Section):
         if self.max_prompt_length >= self.max_length:
             raise ValueError("max_prompt_length must be smaller than max_length")
         if self.format != "instruction" and self.template != "chat":
-            raise ValueError(f"data.format: {self.format} is rendered with the tokenizer's chat template: set data.template: chat")
+            raise ValueError(
+                f"data.format: {self.format} is rendered with the tokenizer's chat template: set data.template: chat"
+            )
         if self.format != "instruction" and self.source.synthetic is not None:
-            raise ValueError(f"data.format: {self.format} reads conversations from data.source.path or hub, not synthetic")
+            raise ValueError(
+                f"data.format: {self.format} reads conversations from data.source.path or hub, not synthetic"
+            )
         if self.system_prompt is not None and self.template != "chat":
             raise ValueError("data.system_prompt is the system turn of a chat template: set data.template: chat")
         return self

@@ -29,7 +29,7 @@ def prepare(job: Job, log=print) -> None:
     """Launching process: data split, shared tokenizer, vocabulary check, batch arithmetic."""
     from bdctl.data.prepare import prepare_data
     from bdctl.engine import check_batch_split
-    from bdctl.models import check_vocabularies, load_tokenizer, max_positions
+    from bdctl.models import check_attention, check_vocabularies, load_tokenizer, max_positions
     from bdctl.selection import check_rouge_selection
 
     role = job.options["model"]
@@ -47,6 +47,7 @@ def prepare(job: Job, log=print) -> None:
     }
     sources[role] = resolve_weights(job, config.init, role)
     check_vocabularies(job.recipe, tokenizer, sources)
+    check_attention(getattr(job.recipe.models, role), role)
     if config.select == "rouge_l":
         check_rouge_selection(job, config, job.stage_name, max_positions(sources[role]))
 
@@ -88,7 +89,7 @@ def run(job: Job, rank: int, world: int) -> None:
         policy_module,
         resolve_precision,
     )  # fmt: skip
-    from bdctl.models import hidden_size, load_model, load_tokenizer
+    from bdctl.models import hidden_size, load_model, load_tokenizer, memory_switches
     from bdctl.objectives.lm import lean_cross_entropy
     from bdctl.selection import Validator, selection_facts
     from bdctl.tracking import MetricsLog, StepProgress
@@ -107,7 +108,7 @@ def run(job: Job, rank: int, world: int) -> None:
         recipe, config, job.stage_name, world, total_steps, hidden_size(source), resolve_precision(recipe), on_gpu()
     )
     with_ds = hf_deepspeed_context(ds_config)  # noqa: F841  (alive while loading: ZeRO-3 partitioned load)
-    model = load_model(source, tokenizer, recipe.seed)
+    model = load_model(source, tokenizer, recipe.seed, **memory_switches(getattr(recipe.models, job.options["model"])))
     engine = make_engine(policy_module(model), ds_config, total_steps, config.warmup_ratio)
 
     def micro_batches(indices: list[int]) -> list[MicroBatch]:
