@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from bdctl.data.sources import read_hub, read_records, read_texts, to_instruction
-from bdctl.data.template import CHAT, render_prompt
+from bdctl.data.template import CHAT, jinja_chat_template, render_prompt
 from bdctl.errors import UserError
 from bdctl.models import check_model_dir, load_tokenizer, tokenizer_hash, tokenizer_source, train_tokenizer
-from bdctl.recipe.schema import Recipe
+from bdctl.recipe.schema import Recipe, Template
 from bdctl.rundir import RunDir, manifest, mark_complete, write_json_atomic, write_text_atomic
 
 SPLITS = ("train", "valid", "test")
@@ -263,12 +263,20 @@ def _make_tokenizer(recipe: Recipe, run: RunDir, examples: list[dict]):
         assert recipe.models.tokenizer.train is not None  # tokenizer_source is None only when training one
         cut = sum(len(text) > TOKENIZER_TEXT_CHARS for text in texts)
         texts = [text[:TOKENIZER_TEXT_CHARS] for text in texts]
-        return train_tokenizer(texts, recipe.models.tokenizer.train, run.tokenizer), cut
-    if recipe.models.tokenizer.path is None:  # the teacher's own: say so when its directory is at fault
-        check_model_dir(source[0], "teacher model ")
-    tokenizer = load_tokenizer(*source, template=recipe.data.template)  # chat: one line if it has no template
+        tokenizer = train_tokenizer(texts, recipe.models.tokenizer.train, run.tokenizer)
+        cut_texts = cut
+    else:
+        if recipe.models.tokenizer.path is None:  # the teacher's own: say so when its directory is at fault
+            check_model_dir(source[0], "teacher model ")
+        tokenizer = load_tokenizer(*source, template=recipe.data.template)  # chat: one line if it has no template
+        cut_texts = 0
+    if recipe.data.template != CHAT:
+        # Every export carries the prompt format it was trained on, as a chat template that renders
+        # exactly render_prompt's text (the tokenizer's own template, if any, is not what bdctl trained with).
+        template = recipe.data.template if isinstance(recipe.data.template, Template) else None
+        tokenizer.chat_template = jinja_chat_template(template)
     tokenizer.save_pretrained(run.tokenizer)  # ranks and later stages read this copy
-    return tokenizer, 0
+    return tokenizer, cut_texts
 
 
 def _drop_overlong(recipe: Recipe, tokenizer, examples: list[dict]) -> tuple[list[dict], dict[str, int]]:

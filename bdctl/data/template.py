@@ -6,6 +6,7 @@ or use the tokenizer's own chat template with `data.template: chat` (`render_cha
 
 from __future__ import annotations
 
+import json
 import re
 
 from bdctl.recipe.schema import Template
@@ -67,3 +68,35 @@ def render_chat_prompt(instruction: str, input: str, tokenizer, system_prompt: s
 
     messages = [{"role": "user", "content": user_turn(instruction, input)}]
     return render(with_system_prompt(messages, system_prompt, tokenizer), tokenizer, generation_prompt=True)
+
+
+def jinja_chat_template(template: Template | None = None) -> str:
+    """A Jinja chat template that renders exactly `render_prompt`'s prompt (bdctl's Alpaca-style
+    wording, or the recipe's own `template`), for exports: the model is then prompted through
+    `tokenizer.apply_chat_template` the way it was trained. A user turn's content is the
+    instruction, its optional `input` key the input (both stripped, as render_prompt does); an
+    assistant turn is its content and the EOS, the stop token of training; system turns are not
+    part of this format and are left out. The generation prompt is empty: the prompt already ends
+    with the response header."""
+    template = template or DEFAULT_TEMPLATE
+
+    def pieces(form: str) -> str:
+        out = []
+        for index, part in enumerate(_FIELD.split(form)):
+            if index % 2:  # a field name: the stripped value
+                out.append("{{ instruction }}" if part == "instruction" else "{{ input }}")
+            elif part:  # literal text as a Jinja string literal (json's escapes are also Jinja's)
+                out.append("{{ " + json.dumps(part) + " }}")
+        return "".join(out)
+
+    return (
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{%- set instruction = message['content'] | trim -%}"
+        "{%- set input = (message['input'] or '') | trim if message['input'] is defined else '' -%}"
+        "{%- if input -%}" + pieces(template.with_input) + "{%- else -%}" + pieces(template.without_input) + "{%- endif -%}"
+        "{%- elif message['role'] == 'assistant' -%}"
+        "{{ message['content'] }}{{ eos_token }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+    )
