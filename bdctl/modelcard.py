@@ -329,8 +329,11 @@ def _validation(
     if isinstance(info.get("val_loss"), (int, float)):
         scores.append(
             Score(
-                "loss", "validation loss (golden responses, token mean)", float(info["val_loss"]),
-                dataset_id(recipe, None), split,
+                "loss",
+                "validation loss (golden responses, token mean)",
+                float(info["val_loss"]),
+                dataset_id(recipe, None),
+                split,
             )  # fmt: skip
         )
     # rouge_l is the selection protocol's score, rouge_l@<protocol> each protocol's (select_each_protocol)

@@ -30,7 +30,9 @@ def export(
     out_dir: Annotated[Path, typer.Argument(help="New (or empty) directory to write.", show_default=False)],
     protocol: Annotated[
         str | None,
-        typer.Option("--protocol", help="The export kept for this eval protocol (export-<protocol>/, select_each_protocol)."),
+        typer.Option(
+            "--protocol", help="The export kept for this eval protocol (export-<protocol>/, select_each_protocol)."
+        ),
     ] = None,
 ) -> None:
     """Copy a finished stage's exported model (weights, config, tokenizer, model card) to DIR."""

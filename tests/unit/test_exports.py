@@ -20,7 +20,8 @@ def tokenizer(tmp_path_factory):
     from bdctl.models import train_tokenizer
     from bdctl.recipe.schema import TokenizerTraining
 
-    return train_tokenizer(["hello world, a task"] * 20, TokenizerTraining(vocab_size=300), tmp_path_factory.mktemp("t"))
+    texts = ["hello world, a task"] * 20
+    return train_tokenizer(texts, TokenizerTraining(vocab_size=300), tmp_path_factory.mktemp("t"))
 
 
 @pytest.mark.parametrize("template", [None, OWN], ids=["bdctl's", "recipe's own"])
