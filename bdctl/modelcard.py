@@ -296,7 +296,13 @@ def _data_lines(recipe: dict[str, Any], counts: dict[str, Any] | None) -> list[s
             f"(seed {data['split']['seed']}; over-long examples dropped: {json.dumps(counts.get('dropped', {}))})"
         )
     template = data.get("template")
-    if template == "chat":
+    if data.get("format", "instruction") != "instruction":
+        lines.append(
+            f"conversations (data.format: {data['format']}) in the tokenizer's own chat template: trained on every "
+            "assistant turn; sampled, distilled and evaluated on the last assistant turn given the conversation before"
+            " it" + (f"; system prompt: {data['system_prompt']!r}" if data.get("system_prompt") else "")
+        )
+    elif template == "chat":
         lines.append(
             "prompt format: the tokenizer's own chat template (user turn: the instruction, a blank line, the input); "
             "the response is the assistant turn and ends with the template's end-of-turn token"

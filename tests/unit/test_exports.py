@@ -144,3 +144,13 @@ def test_export_refuses_in_one_line(tmp_path, case, expected):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and expected.format(tmp=tmp_path, run=run) in lines[0], lines
     assert not (tmp_path / "o").exists()
+
+
+def test_the_card_names_a_conversation_format():
+    from bdctl.modelcard import card_facts, render_card
+    from tests.unit.test_chat_and_cards import INFO, variant
+
+    job = variant(recipe__data__template="chat", recipe__data__format="sharegpt", recipe__data__system_prompt="Hi.")
+    text = render_card(card_facts(job, "export", INFO, None, None, version="9", command="c"))
+    assert "conversations (data.format: sharegpt) in the tokenizer's own chat template" in text
+    assert "system prompt: 'Hi.'" in text
