@@ -60,10 +60,20 @@ def test_messages_format_reproduces_end_to_end_and_exports(tmp_path):
         stages__student_sft=tiny_run,
         stages__generate={"n_samples": 1, "max_new_tokens": 8, "batch_size": 32},
         stages__distill={
-            "lr": 1.0e-3, "max_steps": 1, "batch_size": 8, "micro_batch_size": 8, "select": "val_loss",
+            "lr": 1.0e-3,
+            "max_steps": 1,
+            "batch_size": 8,
+            "micro_batch_size": 8,
+            "select": "val_loss",
             "ablations": {},
-            "minillm": {"num_rollouts": 8, "ppo_epochs": 1, "max_new_tokens": 8, "rollout_batch_size": 8,
-                        "max_steps": 1, "eval_every": 1},
+            "minillm": {
+                "num_rollouts": 8,
+                "ppo_epochs": 1,
+                "max_new_tokens": 8,
+                "rollout_batch_size": 8,
+                "max_steps": 1,
+                "eval_every": 1,
+            },
         },  # fmt: skip
         stages__eval={"models": ["student_sft", "distill/bd"], "seeds": [10], "max_new_tokens": 8},
         stages__judge={"baselines": ["student_sft"], "max_answer_tokens": 8},

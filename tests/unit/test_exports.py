@@ -12,7 +12,9 @@ from typer.testing import CliRunner
 from bdctl.recipe.schema import Template
 
 OWN = Template(without_input="Q: {instruction}\nRéponse ✓:", with_input='Q: {instruction} "{{x}}"\\n\nIn: {input}\nA:')
-CASES = [(" Sort these. ", " b a "), ("Say {input} hi.", ""), ("x\n\ny", "{instruction}"), ("Tab\t", "  "), ("Ça?", "é")]
+CASES = [
+    (" Sort these. ", " b a "), ("Say {input} hi.", ""), ("x\n\ny", "{instruction}"), ("Tab\t", "  "), ("Ça?", "é")
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
