@@ -43,7 +43,8 @@ def tokenize_examples(rows: list[dict], tokenizer, all_turns: bool = False) -> l
     return [Tokenized(p + a + [stop], len(p)) for p, a in zip(prompts, answers, strict=True)]
 
 
-def _all_turns(row: dict, tokenizer, stop: int) -> Tokenized:
+def _all_turns(row: dict, tokenizer, stop: int | None) -> Tokenized:
+    assert stop is not None  # conversations need data.template: chat, whose end-of-turn token is always found
     ids: list[int] = []
     spans = []
     for index, (before, answer) in enumerate(row["turns"]):
