@@ -28,6 +28,10 @@ _FIELD = re.compile(r"\{(instruction|input)\}")
 
 CHAT = "chat"  # data.template: chat
 
+#: Opens every chat template `jinja_chat_template` writes, so that bdctl's own prompt format is told
+#: apart from a model's native chat template (the hf judge keeps its plain-text prompt for it).
+PROMPT_FORMAT_MARK = "{#- bdctl prompt format (data.template): not a conversational chat template -#}"
+
 
 def render_prompt(
     instruction: str,
@@ -90,7 +94,7 @@ def jinja_chat_template(template: Template | None = None) -> str:
         return "".join(out)
 
     return (
-        "{%- for message in messages -%}"
+        PROMPT_FORMAT_MARK + "{%- for message in messages -%}"
         "{%- if message['role'] == 'user' -%}"
         "{%- set instruction = message['content'] | trim -%}"
         "{%- set input = (message['input'] or '') | trim if message['input'] is defined else '' -%}"

@@ -156,3 +156,19 @@ def test_the_card_names_a_conversation_format():
     text = render_card(card_facts(job, "export", INFO, None, None, version="9", command="c"))
     assert "conversations (data.format: sharegpt) in the tokenizer's own chat template" in text
     assert "system prompt: 'Hi.'" in text
+
+
+def test_the_hf_judge_keeps_its_plain_prompt_for_a_bdctl_export(tmp_path):
+    """An export's chat template is bdctl's prompt format, not a conversation: a judge that is a bdctl export
+    (judge.hf_model: teacher_sft, the default) reads the plain-text judge prompt as before."""
+    from transformers import AutoTokenizer
+
+    from bdctl.data.template import jinja_chat_template
+    from bdctl.judges.hf_backend import HFJudge
+    from tests.unit.test_judge_core import tiny_judge_dir
+
+    directory = tiny_judge_dir(tmp_path / "judge", chat_template=False)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer.chat_template = jinja_chat_template()
+    tokenizer.save_pretrained(directory)
+    assert HFJudge.from_pretrained(directory, batch_size=1).uses_chat_template is False
