@@ -148,11 +148,10 @@ def conversations_recipe(tmp_path, tokenizer_dir, records, **changes):
         tmp_path / "r.yaml",
         models__tokenizer={"path": str(tokenizer_dir)},
         data__template="chat",
-        data__format="messages",
         data__source={"path": str(data)},
         data__split={"valid": 2, "test": 2, "seed": 1},
         data__pretrain=None,
-        **changes,
+        **{"data__format": "messages", **changes},
     )
 
 
@@ -206,3 +205,30 @@ def test_plain_chatml_conversation_matches_the_single_turn_path(tmp_path):
     assert (turns.ids, turns.prompt_len) == (plain.ids, plain.prompt_len)
     labels = collate([turns, plain], tokenizer.pad_token_id)["labels"]
     assert labels[0].tolist() == labels[1].tolist()
+
+
+def test_sharegpt_records_make_the_same_rows_as_messages(tokenizers, tmp_path):
+    from bdctl.data.prepare import prepare_data, read_split
+    from bdctl.recipe import load_recipe
+    from bdctl.rundir import RunDir
+
+    directory, _ = tokenizers["llama3"]
+    names = {"system": "system", "user": "human", "assistant": "gpt"}
+    chats = [[{"role": "system", "content": "Be brief."}, *CONVERSATION]] + [
+        [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"{i}"}] for i in range(7)
+    ]
+    rows = {}
+    for format in ("messages", "sharegpt"):
+        records = [
+            {"messages": chat} if format == "messages"
+            else {"conversations": [{"from": names[t["role"]], "value": t["content"]} for t in chat]}
+            for chat in chats
+        ]  # fmt: skip
+        (tmp_path / format).mkdir()
+        path = conversations_recipe(tmp_path / format, directory, records, data__format=format)
+        recipe, _ = load_recipe(str(path))
+        prepared = prepare_data(recipe, RunDir(tmp_path / format / "run"), log=lambda _: None)
+        rows[format] = [read_split(prepared.directory, split) for split in ("train", "valid", "test")]
+    assert rows["messages"] == rows["sharegpt"]
+    everything = [row for split in rows["sharegpt"] for row in split]
+    assert any(len(row["turns"]) == 2 and row["messages"][0]["role"] == "system" for row in everything)
