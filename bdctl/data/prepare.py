@@ -33,7 +33,7 @@ from bdctl.data.sources import read_hub, read_records, read_texts, to_instructio
 from bdctl.data.template import CHAT, jinja_chat_template, render_prompt
 from bdctl.errors import UserError
 from bdctl.models import check_model_dir, load_tokenizer, tokenizer_hash, tokenizer_source, train_tokenizer
-from bdctl.recipe.schema import Recipe, Template
+from bdctl.recipe.schema import Recipe, Template, fingerprint_view
 from bdctl.rundir import RunDir, manifest, mark_complete, write_json_atomic, write_text_atomic
 
 SPLITS = ("train", "valid", "test")
@@ -55,12 +55,10 @@ class PreparedData:
 
 def data_fingerprint(recipe: Recipe) -> str:
     """Everything that decides the data stage's output; a change means a different run directory."""
-    relevant = {
-        "data": recipe.data.model_dump(mode="json"),
-        "tokenizer": recipe.models.tokenizer.model_dump(mode="json"),
-    }
+    view = fingerprint_view(recipe.model_dump(mode="json"))
+    relevant = {"data": view["data"], "tokenizer": view["models"]["tokenizer"]}
     if recipe.models.tokenizer.train is None and recipe.models.tokenizer.path is None:
-        relevant["teacher"] = recipe.models.teacher.model_dump(mode="json")
+        relevant["teacher"] = view["models"]["teacher"]
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -19,6 +19,28 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 PARSE_TRIES = 3
 
 
+#: models.<role> keys that change how much memory a run takes, not what it computes (losses and gradients
+#: agree to fp32 tolerance): a checkpoint or data split made with other values still belongs to the run,
+#: so that a run can resume with gradient checkpointing after running out of memory.
+MEMORY_SWITCHES = ("gradient_checkpointing", "attn_implementation")
+#: data keys whose default reproduces what recipes did before the key existed.
+_DATA_DEFAULTS = {"format": "instruction", "system_prompt": None}
+
+
+def fingerprint_view(recipe: dict[str, Any]) -> dict[str, Any]:
+    """A recipe dump (`model_dump(mode="json")`) as fingerprints (resume, data split) see it: without
+    the memory switches, and without data keys at the default that reproduces the behaviour from
+    before they existed (run directories made then keep their fingerprints)."""
+    view = {**recipe, "models": dict(recipe["models"]), "data": dict(recipe["data"])}
+    for role, spec in view["models"].items():
+        if isinstance(spec, dict):
+            view["models"][role] = {k: v for k, v in spec.items() if k not in MEMORY_SWITCHES}
+    for key, default in _DATA_DEFAULTS.items():
+        if view["data"].get(key, default) == default:
+            view["data"].pop(key, None)
+    return view
+
+
 class Section(BaseModel):
     """Base of every recipe section: unknown keys are errors, values are checked on assignment,
     and numbers are finite (`lr: .inf` would only surface later as a non-finite loss)."""

@@ -94,3 +94,24 @@ def test_recipes_show_lists_the_switches_activations_and_the_chat_prompt_overhea
     empty = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n"
     overhead = len(tokenizer(empty)["input_ids"])
     assert f"every prompt starts with {overhead} tokens (system turn 'Be brief.'" in shown.output
+
+
+def test_switches_do_not_change_what_a_checkpoint_or_data_split_must_match():
+    """A run may resume with gradient checkpointing or another attention kernel (e.g. after running out of
+    memory); a conversation format or system prompt is other data."""
+    from bdctl.data.prepare import data_fingerprint
+    from bdctl.job import Job
+    from bdctl.recipe import load_recipe
+
+    def fingerprints(*overrides: str) -> tuple[str, str]:
+        recipe, _ = load_recipe("qwen2.5-3b-to-0.5b", list(overrides))
+        job = Job(stage="sft", options={"model": "student"}, recipe=recipe, recipe_path="r.yaml", run_root="runs/x",
+                  stage_name="student_sft", world_size=1)  # fmt: skip
+        return data_fingerprint(recipe), job.fingerprint()
+
+    plain = fingerprints()
+    assert plain == fingerprints(
+        "models.student.gradient_checkpointing=true", "models.teacher.attn_implementation=eager"
+    )
+    chat = fingerprints("data.template=chat")[0]
+    assert len({plain[0], chat, fingerprints("data.template=chat", "data.system_prompt=none")[0]}) == 3
