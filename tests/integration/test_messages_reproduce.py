@@ -78,7 +78,7 @@ def test_messages_format_reproduces_end_to_end_and_exports(tmp_path):
         stages__eval={"models": ["student_sft", "distill/bd"], "seeds": [10], "max_new_tokens": 8},
         stages__judge={"baselines": ["student_sft"], "max_answer_tokens": 8},
     )
-    result = run_cli("reproduce", str(recipe), cwd=tmp_path, timeout=600)
+    result = run_cli("reproduce", str(recipe), cwd=tmp_path, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "runs" / "chat"
     split = json.loads((run / "data" / "split.json").read_text())
