@@ -474,6 +474,7 @@ def write_model_card(
         facts = card_facts(
             job, directory or export_dir.name, info, stage_facts, test, version=bdctl.__version__, counts=counts,
             command=stage_command(job["stage_name"], job["recipe_path"]), flags=flags, built=built,
+            base_card=base_model_card(job),
         )  # fmt: skip
         text = render_card(facts)
     except (KeyError, TypeError, ValueError) as exc:
@@ -481,6 +482,44 @@ def write_model_card(
         logging.getLogger(__name__).warning("%s: no model card (%s: %s)", export_dir, type(exc).__name__, exc)
         return
     write_text_atomic(export_dir / MODEL_CARD, text)
+
+
+def base_model_card(job: dict) -> dict:
+    """The base model's `license` and `language` for an export's card: from its model card's front
+    matter, else its config, read from its local directory or the local hub cache (nothing is
+    downloaded); {} for a tiny model or when neither is at hand."""
+    from bdctl.modelcard import parse_front_matter
+
+    role = (job.get("options") or {}).get("model", "teacher") if job["stage"] == "sft" else "student"
+    spec = job["recipe"]["models"].get(role) or {}
+    path, revision = spec.get("path"), spec.get("revision")
+    if not path:
+        return {}
+
+    def local(name: str) -> Path | None:
+        if Path(path).expanduser().is_dir():
+            candidate = Path(path).expanduser() / name
+            return candidate if candidate.is_file() else None
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(path, name, revision=revision)
+        except Exception:  # a path that is no valid repo id, an unreadable cache: nothing known
+            return None
+        return Path(cached) if isinstance(cached, str) else None
+
+    found: dict = {}
+    for name in ("config.json", "README.md"):  # the card's word counts over the config's
+        file = local(name)
+        if file is None:
+            continue
+        try:
+            text = file.read_text(encoding="utf-8")
+            meta = json.loads(text) if name == "config.json" else parse_front_matter(text)
+        except Exception:  # unreadable, not JSON, malformed YAML front matter: a card is documentation
+            continue
+        found.update({k: meta[k] for k in ("license", "language") if isinstance(meta, dict) and meta.get(k)})
+    return found
 
 
 def save_checkpoint(engine, root: Path, tag: str, client_state: dict, keep: int, rank: int, info: dict) -> None:

@@ -160,12 +160,14 @@ def describe_model(job: Job, ref: str) -> dict[str, Any]:
         tokenizer = {"path": str(job.run.tokenizer.resolve()), "revision": None}
     if job.recipe.data.template == "chat":  # answers end at the template's end-of-turn token (models.stop_id)
         tokenizer["template"] = "chat"
-    from bdctl.models import max_positions
+    from bdctl.models import max_positions, role_of
 
     positions = max_positions(source)
     return {
         "ref": ref, "name": model_dir_name(ref, kind), "kind": kind, "path": path, "revision": revision,
         "tokenizer": tokenizer, "identity": identity, "positions": positions, "weights": weights,
+        # the attention kernel of the role these weights belong to (models.<role>.attn_implementation)
+        "attn_implementation": getattr(job.recipe.models, role_of(ref)).attn_implementation,
     }  # fmt: skip
 
 
@@ -259,7 +261,8 @@ def load_set(job: Job, spec: EvalSet, log) -> list[dict]:
             example = to_instruction(where, record, spec.fields, references=True)
             examples.append(
                 {"id": index, "instruction": example["instruction"], "input": example["input"],
-                 "prompt": render_prompt(example["instruction"], example["input"], template, tokenizer),
+                 "prompt": render_prompt(example["instruction"], example["input"], template, tokenizer,
+                                         job.recipe.data.system_prompt),
                  "references": example["output"]}
             )  # fmt: skip
             _check_references(examples[-1], where, where_set)
@@ -356,7 +359,8 @@ def generate_units(
             source: ModelSpec | Path = (
                 ModelSpec(path=model["path"], revision=model["revision"]) if model["kind"] == "hub" else Path(weights)
             )
-            network = load_model(source, tokenizer, seed).to(device=device, dtype=dtype).eval()
+            attention = model.get("attn_implementation")
+            network = load_model(source, tokenizer, seed, attention).to(device=device, dtype=dtype).eval()
             _generate_model_units(eval_dir, info, [u for u in mine if u["weights"] == weights], network, tokenizer,
                                   sampling, rank, world, progress, stop_file)  # fmt: skip
             del network

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bdctl.errors import UserError
-from bdctl.recipe.schema import ModelSpec, Recipe
+from bdctl.recipe.schema import ModelSpec, Recipe, fingerprint_view
 from bdctl.rundir import RunDir, manifest, stage_command, write_json_atomic
 
 # Stage directories other stages may refer to by name (weights, caches, generations).
@@ -44,7 +44,7 @@ class Job:
     def fingerprint(self) -> str:
         """What a checkpoint of this stage must agree with to be resumed: the recipe as it
         affects this stage (other stages' settings and cosmetic fields excluded) and the options."""
-        recipe = self.recipe.model_dump(mode="json")
+        recipe = fingerprint_view(self.recipe.model_dump(mode="json"))  # memory switches may change on resume
         for key in ("description", "run_dir", "tracking"):  # tracking: a resume may add or drop a tracker
             recipe.pop(key)
         # the recipe section of the stage: distill/bd -> distill, score_train -> generate

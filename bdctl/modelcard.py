@@ -50,10 +50,11 @@ class Score:
     metric: str  # "loss" or "rouge"
     name: str  # e.g. "validation loss", "Rouge-L"
     value: float
-    dataset: str  # e.g. "dolly"
+    dataset: str  # the data set's hub id or path (dataset_id), e.g. "databricks/databricks-dolly-15k"
     split: str  # "validation" or "test"
     protocol: str | None = None  # protocol label (sampled scores only)
     detail: str = ""  # e.g. "mean ± std over seeds [10, 20]: 23.10 ± 0.40"
+    set_name: str = ""  # the eval set's name in bdctl's tables (dolly, selfinst, ...), when not the id
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,9 @@ class CardFacts:
     command: str
     recipe_path: str  # the recipe file the stage ran (job.json), for the commands the card suggests
     tags: list[str] = field(default_factory=list)
+    license: str | None = None  # the base model's, when its card or config says
+    language: list[str] = field(default_factory=list)  # the base model's card's, when it says
+    datasets: list[str] = field(default_factory=list)  # hub ids or local paths the model was trained on
 
 
 # --------------------------------------------------------------------------- facts
@@ -184,6 +188,7 @@ def card_facts(
     command: str,
     flags: list[str] | None = None,
     built: dict[str, dict[str, Any]] | None = None,
+    base_card: dict[str, Any] | None = None,
 ) -> CardFacts:
     """The facts of one exported directory.
 
@@ -192,7 +197,8 @@ def card_facts(
     rouge_l@<protocol>); stage_facts: the stage manifest's facts (notes) when known; test: eval's
     scores of this directory, protocol -> set -> {mean, std, per_seed}; counts: data/split.json;
     command: the stage's command (`rundir.stage_command`), flags: its --set options; built: role ->
-    the manifest of the model directory a gguf or from_teacher spec was built into.
+    the manifest of the model directory a gguf or from_teacher spec was built into; base_card: the
+    base model's hub metadata when known (`license`, `language`: its card's front matter or config).
     """
     built = built or {}
     recipe, stage = job["recipe"], job["stage_name"]
@@ -265,8 +271,36 @@ def card_facts(
         test=_test_scores(recipe, test or {}),
         command=" ".join([command, *(flags or [])]),
         recipe_path=str(job["recipe_path"]),
-        tags=["bdctl", "distillation" if method != "sft" else "sft", *(["bellman-distill"] if method == "bd" else [])],
+        tags=["distillation", "bdctl", method, *(["bellman-distill"] if method == "bd" else [])],
+        license=(base_card or {}).get("license"),
+        language=_as_list((base_card or {}).get("language")),
+        datasets=[d for d in (_source_id(recipe), _pretrain_id(recipe)) if d],
     )
+
+
+def _as_list(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
+def _source_id(recipe: dict[str, Any]) -> str | None:
+    """The instruction data's id for the hub's `datasets` field: a hub id or a local path (synthetic: none)."""
+    source = recipe["data"]["source"]
+    return source.get("hub") or source.get("path")
+
+
+def _pretrain_id(recipe: dict[str, Any]) -> str | None:
+    corpus = recipe["data"].get("pretrain") or {}
+    return corpus.get("hub") or corpus.get("path")
+
+
+def dataset_id(recipe: dict[str, Any], set_name: str | None) -> str:
+    """What model-index names a score's data set by: the eval set's hub id or path, the instruction
+    data's for the run's own splits (validation, and test sets with split:), "synthetic" for bdctl's."""
+    sets = {s["name"]: s for s in recipe["stages"].get("eval", {}).get("sets") or []}
+    chosen = sets.get(set_name or "") or {}
+    return chosen.get("hub") or chosen.get("path") or _source_id(recipe) or "bdctl synthetic instruction tasks"
 
 
 def _data_lines(recipe: dict[str, Any], counts: dict[str, Any] | None) -> list[str]:
@@ -288,7 +322,13 @@ def _data_lines(recipe: dict[str, Any], counts: dict[str, Any] | None) -> list[s
             f"(seed {data['split']['seed']}; over-long examples dropped: {json.dumps(counts.get('dropped', {}))})"
         )
     template = data.get("template")
-    if template == "chat":
+    if data.get("format", "instruction") != "instruction":
+        lines.append(
+            f"conversations (data.format: {data['format']}) in the tokenizer's own chat template: trained on every "
+            "assistant turn; sampled, distilled and evaluated on the last assistant turn given the conversation before"
+            " it" + (f"; system prompt: {data['system_prompt']!r}" if data.get("system_prompt") else "")
+        )
+    elif template == "chat":
         lines.append(
             "prompt format: the tokenizer's own chat template (user turn: the instruction, a blank line, the input); "
             "the response is the assistant turn and ends with the template's end-of-turn token"
@@ -320,7 +360,13 @@ def _validation(
     scores = []
     if isinstance(info.get("val_loss"), (int, float)):
         scores.append(
-            Score("loss", "validation loss (golden responses, token mean)", float(info["val_loss"]), split, split)
+            Score(
+                "loss",
+                "validation loss (golden responses, token mean)",
+                float(info["val_loss"]),
+                dataset_id(recipe, None),
+                split,
+            )  # fmt: skip
         )
     # rouge_l is the selection protocol's score, rouge_l@<protocol> each protocol's (select_each_protocol)
     chosen = _protocol(recipe, config.get("select_protocol"))["name"]
@@ -332,7 +378,8 @@ def _validation(
             rouge.setdefault(key.removeprefix("rouge_l@"), float(value))
     detail = f"first {config['select_prompts']} prompts" if config.get("select_prompts") else ""
     for name, value in rouge.items():
-        scores.append(Score("rouge", "Rouge-L", value, split, split, protocol_text(_protocol(recipe, name)), detail))
+        label = protocol_text(_protocol(recipe, name))
+        scores.append(Score("rouge", "Rouge-L", value, dataset_id(recipe, None), split, label, detail))
     select = str(info.get("select") or config.get("select") or "")
     if select == "rouge_l":
         select = f"rouge_l, protocol {chosen}"
@@ -349,7 +396,9 @@ def _test_scores(recipe: dict[str, Any], test: dict[str, dict[str, dict[str, Any
         for name, entry in sets.items():
             seeds = list(entry.get("per_seed", {}))
             detail = f"mean ± std over seeds {', '.join(seeds)}: {entry['mean']:.2f} ± {entry['std']:.2f}"
-            scores.append(Score("rouge", "Rouge-L", float(entry["mean"]), name, "test", label, detail))
+            scores.append(
+                Score("rouge", "Rouge-L", float(entry["mean"]), dataset_id(recipe, name), "test", label, detail, name)
+            )
     return scores
 
 
@@ -357,10 +406,16 @@ def _test_scores(recipe: dict[str, Any], test: dict[str, dict[str, dict[str, Any
 
 
 def front_matter(facts: CardFacts) -> dict[str, Any]:
-    """The card's YAML metadata (the hub's model card fields)."""
+    """The card's YAML metadata (the hub's model card fields: huggingface.co/docs/hub/model-cards)."""
     meta: dict[str, Any] = {"library_name": "transformers"}
+    if facts.license:
+        meta["license"] = facts.license
+    if facts.language:
+        meta["language"] = facts.language
     if facts.base_model_id:
         meta["base_model"] = facts.base_model_id
+    if facts.datasets:
+        meta["datasets"] = facts.datasets
     meta["tags"] = facts.tags
     meta["pipeline_tag"] = "text-generation"
     results = []
@@ -408,7 +463,8 @@ def render_card(facts: CardFacts) -> str:
     lines += ["", "Test (`bdctl eval`):", ""]
     if facts.test:
         lines += _table(
-            [(f"{s.dataset}: {s.name}, protocol {s.protocol}", s.detail) for s in facts.test], ("score", "value")
+            [(f"{s.set_name or s.dataset}: {s.name}, protocol {s.protocol}", s.detail) for s in facts.test],
+            ("score", "value"),
         )
     else:
         lines.append(f"not evaluated yet; `bdctl eval {shlex.quote(facts.recipe_path)}` adds the scores here.")

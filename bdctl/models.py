@@ -12,6 +12,7 @@ import json
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from bdctl import cut, gguf_models
 from bdctl.errors import UserError
@@ -231,19 +232,53 @@ def tiny_config(spec: TinyModel, tokenizer):
     )  # fmt: skip
 
 
-def build_tiny_model(spec: TinyModel, tokenizer, seed: int):
-    """A randomly initialised model, identical for the same spec and seed on every rank."""
+def build_tiny_model(spec: TinyModel, tokenizer, seed: int, attention: dict | None = None):
+    """A randomly initialised model, identical for the same spec and seed on every rank
+    (`attention`: {"attn_implementation": ...} or nothing)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed if spec.seed is not None else seed)
-        model = AutoModelForCausalLM.from_config(tiny_config(spec, tokenizer), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(tiny_config(spec, tokenizer), dtype=torch.float32, **(attention or {}))
     return model
 
 
-def load_model(source: str | Path | ModelSpec, tokenizer, seed: int):
+def check_attention(spec: ModelSpec, role: str) -> None:
+    """One line, before any rank starts, when models.<role>.attn_implementation names a kernel whose
+    package is not installed (transformers would fail later, in every rank, with a long message)."""
+    import importlib.util
+
+    if spec.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise UserError(
+            f"models.{role}.attn_implementation: flash_attention_2 needs the flash-attn package, which is not "
+            "installed (pip install flash-attn on a machine with a CUDA GPU), or use sdpa"
+        )
+
+
+def role_of(ref: str) -> str:
+    """Whose memory switches (models.teacher or models.student) apply to a stage's weights: a
+    teacher stage's are the teacher's, every other stage trains or evaluates the student."""
+    return "teacher" if str(ref).startswith("teacher") else "student"
+
+
+def memory_switches(spec: ModelSpec) -> dict[str, Any]:
+    """models.<role>'s memory switches, as load_model's keyword arguments."""
+    return {"attn_implementation": spec.attn_implementation, "gradient_checkpointing": spec.gradient_checkpointing}
+
+
+def load_model(
+    source: str | Path | ModelSpec,
+    tokenizer,
+    seed: int,
+    attn_implementation: str | None = None,
+    gradient_checkpointing: bool | None = None,
+):
     """The weights of `source`: a tiny spec is built, a path or hub id goes through from_pretrained.
+
+    The memory switches (`memory_switches(models.<role>)`): the attention kernel, and gradient
+    checkpointing, which transformers applies only in training mode; left out, a ModelSpec source's
+    own, none for a directory.
 
     Call it while a `HfDeepSpeedConfig` for ZeRO-3 is alive and transformers partitions the
     weights as it loads them (deepspeed.zero.Init), so a large model never sits whole on one rank.
@@ -251,14 +286,19 @@ def load_model(source: str | Path | ModelSpec, tokenizer, seed: int):
     import torch
     from transformers import AutoModelForCausalLM
 
+    if isinstance(source, ModelSpec):
+        attn_implementation = attn_implementation or source.attn_implementation
+        if gradient_checkpointing is None:
+            gradient_checkpointing = source.gradient_checkpointing
+    attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if isinstance(source, ModelSpec) and source.tiny is not None:
-        model = build_tiny_model(source.tiny, tokenizer, seed)
+        model = build_tiny_model(source.tiny, tokenizer, seed, attention)
     else:
         path, revision = _path_of(source)
         if path is None:
             raise ValueError("a ModelSpec without a path is tiny: build_tiny_model builds it")
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=torch.float32, **attention)
         except Exception as exc:  # OSError, ValueError, safetensors' own error for damaged weights
             if not isinstance(exc, (OSError, ValueError)) and type(exc).__name__ != "SafetensorError":
                 raise
@@ -271,6 +311,9 @@ def load_model(source: str | Path | ModelSpec, tokenizer, seed: int):
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise UserError(f"model type {model.config.model_type!r}: an output layer with a bias is not supported")
+    if gradient_checkpointing:
+        # Non-reentrant: works under ZeRO-3's parameter hooks and without inputs that require grad.
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

@@ -84,3 +84,41 @@ def training_gib_per_gpu(params: int, gpus: int, zero_stage: int, precision: str
 def inference_gib(params: int, precision: str) -> float:
     """A full inference copy (generation holds one per GPU; KV cache not included)."""
     return params * (4 if precision == "fp32" else 2) / 2**30
+
+
+def activation_gib(
+    layers: int,
+    hidden: int,
+    heads: int,
+    sequence: int,
+    micro_batch: int,
+    gradient_checkpointing: bool,
+    attention: str | None,
+    precision: str = "bf16",
+) -> float:
+    """Activations one micro-batch keeps for its backward pass (per GPU; ZeRO does not partition them).
+
+    Per transformer block, s b h (34 + 5 a s / h) bytes in 16-bit (Korthikanti et al. 2022, "Reducing
+    Activation Recomputation in Large Transformer Models", eq. 1 without tensor parallelism): the
+    5 a s^2 b term is the attention score matrices, which only eager attention keeps (sdpa, the default,
+    and flash-attention recompute them). With gradient checkpointing each block keeps only its 2-byte
+    input, plus one block's full activations while it is recomputed. The output logits are not counted:
+    bdctl's losses compute them in chunks (objectives/lm.py: lean_cross_entropy). fp32 doubles it all.
+    """
+    s, b, h, a = sequence, micro_batch, hidden, heads
+    block = s * b * h * 34 + (5 * a * s * s * b if attention == "eager" else 0)
+    total = layers * 2 * s * b * h + block if gradient_checkpointing else layers * block
+    return total * (2 if precision == "fp32" else 1) / 2**30
+
+
+def config_shape(config) -> tuple[int, int, int]:
+    """(layers, hidden size, attention heads) of a transformers config (GPT-2's names or the common ones)."""
+
+    def first(*names: str) -> int:
+        return next(int(getattr(config, n)) for n in names if isinstance(getattr(config, n, None), int))
+
+    return (
+        first("num_hidden_layers", "n_layer"),
+        first("hidden_size", "n_embd"),
+        first("num_attention_heads", "n_head"),
+    )

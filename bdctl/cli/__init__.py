@@ -11,6 +11,7 @@ import typer
 from bdctl import __version__
 from bdctl.cli import distill as distill_command
 from bdctl.cli import eval as eval_command
+from bdctl.cli import export as export_command
 from bdctl.cli import generate as generate_command
 from bdctl.cli import judge as judge_command
 from bdctl.cli import recipes as recipes_command
@@ -35,6 +36,7 @@ app.command("judge", epilog=judge_command.EXAMPLE)(judge_command.judge)
 app.command("reproduce", epilog=reproduce_command.EXAMPLE)(reproduce_command.reproduce)
 app.add_typer(recipes_command.app, name="recipes")
 app.command("runs", epilog=runs_command.EXAMPLE)(runs_command.runs)
+app.command("export", epilog=export_command.EXAMPLE)(export_command.export)
 
 
 def _version(value: bool) -> None:

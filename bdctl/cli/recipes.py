@@ -69,7 +69,15 @@ def show(
 
         from bdctl.pipeline import stages
         from bdctl.recipe import dump_recipe, load_recipe
-        from bdctl.sizes import count_parameters, cut_choice, inference_gib, model_config, training_gib_per_gpu
+        from bdctl.sizes import (
+            activation_gib,
+            config_shape,
+            count_parameters,
+            cut_choice,
+            inference_gib,
+            model_config,
+            training_gib_per_gpu,
+        )
 
         resolved, path = load_recipe(recipe, set_ or [])
         console = Console()
@@ -90,24 +98,65 @@ def show(
         precision = "bf16" if resolved.deepspeed.precision == "auto" else resolved.deepspeed.precision
         sizes = Table(
             "model", "parameters", "train ZeRO-2 GiB/GPU", "train ZeRO-3 GiB/GPU", "inference copy GiB",
-            title=f"model states on {gpus} GPUs, {precision} (activations and KV cache not included)",
+            "activations GiB/GPU", "memory switches",
+            title=f"model states on {gpus} GPUs, {precision}; activations of the largest training micro-batch at "
+            f"data.max_length ({resolved.data.max_length} tokens; KV cache not included)",
         )  # fmt: skip
         cut = cut_choice(resolved)
+        stages_of = resolved.stages
+        micro = {  # the largest micro-batch each role trains with
+            "teacher": stages_of.teacher_sft.micro_batch_size,
+            "student": max(stages_of.student_sft.micro_batch_size, stages_of.distill.micro_batch_size),
+        }
         for role in ("teacher", "student"):
             spec = getattr(resolved.models, role)
             label = spec.label if role == "teacher" or cut is None else f"teacher's layers {cut[0]} of {cut[1]}"
             config = model_config(spec, resolved)
+            switches = ", ".join(
+                [f"attention {spec.attn_implementation or 'default (sdpa)'}"]
+                + (["gradient checkpointing"] if spec.gradient_checkpointing else [])
+            )
             if config is None:
-                sizes.add_row(f"{role}: {label}", "config not on disk", "-", "-", "-")
+                sizes.add_row(f"{role}: {label}", "config not on disk", "-", "-", "-", "-", switches)
                 continue
             n = count_parameters(config)
+            layers, hidden, heads = config_shape(config)
+            activations = activation_gib(
+                layers, hidden, heads, resolved.data.max_length, micro[role], spec.gradient_checkpointing,
+                spec.attn_implementation, precision,
+            )  # fmt: skip
             sizes.add_row(
                 f"{role}: {label}", f"{n / 1e6:,.1f} M",
                 f"{training_gib_per_gpu(n, gpus, 2, precision):.2f}",
                 f"{training_gib_per_gpu(n, gpus, 3, precision):.2f}",
-                f"{inference_gib(n, precision):.2f}",
+                f"{inference_gib(n, precision):.2f}", f"{activations:.2f}", switches,
             )  # fmt: skip
         console.print(sizes)
+        overhead = _chat_prompt_overhead(resolved)
+        if overhead is not None:
+            data = resolved.data
+            console.print(
+                f"chat template: every prompt starts with {overhead} tokens (system turn "
+                f"{'the template default' if data.system_prompt is None else repr(data.system_prompt)}, turn markers) "
+                f"of data.max_prompt_length {data.max_prompt_length}"
+            )
+
+
+def _chat_prompt_overhead(recipe) -> int | None:
+    """Tokens the chat template and data.system_prompt add to every prompt (an empty user turn),
+    when the tokenizer is a local directory (nothing is downloaded); None otherwise."""
+    from pathlib import Path
+
+    if recipe.data.template != "chat":
+        return None
+    path = recipe.models.tokenizer.location or recipe.models.teacher.location
+    if path is None or not Path(path).is_dir():
+        return None
+    from bdctl.data.template import render_chat_prompt
+    from bdctl.models import load_tokenizer
+
+    tokenizer = load_tokenizer(path, template="chat")
+    return len(tokenizer(render_chat_prompt("", "", tokenizer, recipe.data.system_prompt))["input_ids"])
 
 
 @app.command("cuts", epilog="Example: bdctl recipes cuts recipes/smollm2-cpu.yaml --keep 8 --examples 64")

@@ -16,20 +16,44 @@ IGNORE = -100  # label of positions that are not scored (prompt tokens, padding)
 @dataclass(frozen=True)
 class Tokenized:
     """One training sequence: prompt tokens, then response tokens and the stop token (EOS, or the chat
-    template's end-of-turn token: `bdctl.models.stop_id`)."""
+    template's end-of-turn token: `bdctl.models.stop_id`). `scored`: the (start, end) token spans that
+    are trained on, when there are several (every assistant turn of a conversation); None: the
+    response after `prompt_len`."""
 
     ids: list[int]
     prompt_len: int
+    scored: tuple[tuple[int, int], ...] | None = None
 
 
-def tokenize_examples(rows: list[dict], tokenizer) -> list[Tokenized]:
-    """Prompt and response tokenised separately (generation starts from the prompt's tokens)."""
-    prompts = tokenizer([r["prompt"] for r in rows])["input_ids"]
-    answers = tokenizer([r["output"] for r in rows], add_special_tokens=False)["input_ids"]
+def tokenize_examples(rows: list[dict], tokenizer, all_turns: bool = False) -> list[Tokenized]:
+    """Prompt and response tokenised separately (generation starts from the prompt's tokens).
+
+    `all_turns` (SFT): a conversation row (data/conversations.py) becomes its whole sequence, each
+    text between assistant turns and each assistant turn tokenised separately in order, with every
+    assistant turn and its stop token scored; other rows (and every row without `all_turns`) are
+    their last turn only.
+    """
     from bdctl.models import stop_id
 
     stop = stop_id(tokenizer)
+    if all_turns and any("turns" in r for r in rows):
+        return [_all_turns(r, tokenizer, stop) if "turns" in r else tokenize_examples([r], tokenizer)[0] for r in rows]
+    prompts = tokenizer([r["prompt"] for r in rows])["input_ids"]
+    answers = tokenizer([r["output"] for r in rows], add_special_tokens=False)["input_ids"]
     return [Tokenized(p + a + [stop], len(p)) for p, a in zip(prompts, answers, strict=True)]
+
+
+def _all_turns(row: dict, tokenizer, stop: int | None) -> Tokenized:
+    assert stop is not None  # conversations need data.template: chat, whose end-of-turn token is always found
+    ids: list[int] = []
+    spans = []
+    for index, (before, answer) in enumerate(row["turns"]):
+        # the first piece opens the sequence: with the tokenizer's special tokens, as a prompt is
+        ids += tokenizer(before, add_special_tokens=index == 0)["input_ids"]
+        start = len(ids)
+        ids += tokenizer(answer, add_special_tokens=False)["input_ids"] + [stop]
+        spans.append((start, len(ids)))
+    return Tokenized(ids, spans[-1][0], tuple(spans))
 
 
 def collate(examples: list[Tokenized], pad_id: int):
@@ -50,7 +74,8 @@ def collate(examples: list[Tokenized], pad_id: int):
         input_ids[row, :n] = ids
         attention_mask[row, :n] = 1
         # Position t predicts token t+1; only predictions of response tokens (and EOS) count.
-        labels[row, example.prompt_len - 1 : n - 1] = ids[example.prompt_len :]
+        for start, end in example.scored or ((example.prompt_len, n),):
+            labels[row, start - 1 : end - 1] = ids[start:end]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 

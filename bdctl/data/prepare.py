@@ -4,6 +4,7 @@ Runs once per run directory, in the launching process before any rank starts, so
 every later stage reads the same files:
 
     data/train.jsonl valid.jsonl test.jsonl   {"id", "instruction", "input", "output", "prompt"}
+                                               (conversations also "messages" and "turns": conversations.py)
     data/split.json                            counts, including the dropped over-long examples
     data/MANIFEST.json                         written last, with the fingerprint of what made it
 
@@ -16,6 +17,8 @@ them: training a BPE on one pathological record (a long text without a space) ta
 its length. Also beyond the paper: an example whose prompt and response repeat an earlier one's is
 dropped and counted (`duplicate` in split.json), so that no test or validation example can be a
 training example too.
+Conversations (data.format: messages, sharegpt) with an unknown role, without a final
+assistant turn, or that the chat template cannot render turn by turn are dropped and counted too.
 """
 
 from __future__ import annotations
@@ -30,10 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from bdctl.data.sources import read_hub, read_records, read_texts, to_instruction
-from bdctl.data.template import CHAT, render_prompt
+from bdctl.data.template import CHAT, jinja_chat_template, render_prompt
 from bdctl.errors import UserError, space_for
 from bdctl.models import check_model_dir, load_tokenizer, tokenizer_hash, tokenizer_source, train_tokenizer
-from bdctl.recipe.schema import Recipe
+from bdctl.recipe.schema import Recipe, Template, fingerprint_view
 from bdctl.rundir import RunDir, manifest, mark_complete, write_json_atomic, write_text_atomic
 
 SPLITS = ("train", "valid", "test")
@@ -55,18 +58,17 @@ class PreparedData:
 
 def data_fingerprint(recipe: Recipe) -> str:
     """Everything that decides the data stage's output; a change means a different run directory."""
-    relevant = {
-        "data": recipe.data.model_dump(mode="json"),
-        "tokenizer": recipe.models.tokenizer.model_dump(mode="json"),
-    }
+    view = fingerprint_view(recipe.model_dump(mode="json"))
+    relevant = {"data": view["data"], "tokenizer": view["models"]["tokenizer"]}
     if recipe.models.tokenizer.train is None and recipe.models.tokenizer.path is None:
-        relevant["teacher"] = recipe.models.teacher.model_dump(mode="json")
+        relevant["teacher"] = view["models"]["teacher"]
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def prepare_data(recipe: Recipe, run: RunDir, log=print) -> PreparedData:
     """Make (or reuse) the run's tokenizer and split; idempotent and safe to interrupt."""
     fingerprint = data_fingerprint(recipe)
+    unreadable: dict[str, int] = {}  # conversations dropped before rendering (data.format: messages, sharegpt)
     done = manifest(run.data)
     if done is not None:
         if done.get("fingerprint") != fingerprint:
@@ -76,7 +78,18 @@ def prepare_data(recipe: Recipe, run: RunDir, log=print) -> PreparedData:
             )
         return PreparedData(run.data, done["counts"], done["tokenizer_hash"])
 
-    if recipe.data.template == CHAT:  # prompts are rendered with the tokenizer's own chat template
+    if recipe.data.format != "instruction":  # conversations, rendered with the tokenizer's chat template
+        tokenizer, cut = _make_tokenizer(recipe, run, [])
+        examples, unreadable = load_conversations(recipe, tokenizer)
+        if not examples:
+            raise UserError(
+                f"data: no conversation of {recipe.data.source.path or recipe.data.source.hub} is usable "
+                f"(dropped {_dropped_text(unreadable, recipe.data.max_length)}); each needs known roles and must end "
+                "with an assistant turn"
+            )
+        usable, dropped = _drop_unusable(recipe, examples)
+        dropped = {**unreadable, **dropped}
+    elif recipe.data.template == CHAT:  # prompts are rendered with the tokenizer's own chat template
         tokenizer, cut = _make_tokenizer(recipe, run, [])
         examples = load_instructions(recipe, tokenizer)
         usable, dropped = _drop_unusable(recipe, examples)
@@ -104,7 +117,8 @@ def prepare_data(recipe: Recipe, run: RunDir, log=print) -> PreparedData:
     for name, rows in parts.items():
         write_text_atomic(run.data / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     counts = {name: len(rows) for name, rows in parts.items()}
-    report = {"source_examples": len(examples), "dropped": dropped, "tokenizer_texts_cut": cut, **counts}
+    source_examples = len(examples) + sum(unreadable.values())
+    report = {"source_examples": source_examples, "dropped": dropped, "tokenizer_texts_cut": cut, **counts}
     write_json_atomic(run.data / "split.json", report)
     digest = tokenizer_hash(tokenizer)
     mark_complete(run.data, fingerprint=fingerprint, counts=counts, tokenizer_hash=digest)
@@ -140,12 +154,56 @@ def load_instructions(recipe: Recipe, tokenizer=None) -> list[dict]:
                 "instruction": example["instruction"],
                 "input": example["input"],
                 "output": example["output"],
-                "prompt": render_prompt(example["instruction"], example["input"], recipe.data.template, tokenizer),
+                "prompt": render_prompt(
+                    example["instruction"], example["input"], recipe.data.template, tokenizer, recipe.data.system_prompt
+                ),
             }
         )
     if not examples:
         raise UserError(f"data: the source {source.path or source.hub or 'synthetic'} has no examples")
     return examples
+
+
+def load_conversations(recipe: Recipe, tokenizer) -> tuple[list[dict], dict[str, int]]:
+    """The recipe's conversations (data.format: messages or sharegpt) as data rows whose prompt /
+    output are the conversation before its last assistant turn / that turn (data/conversations.py),
+    and the counts of those dropped: unknown roles, no final assistant turn, a template that cannot
+    render them turn by turn."""
+    from bdctl.data.conversations import (
+        NO_FINAL_ASSISTANT,
+        TEMPLATE_ERROR,
+        TEMPLATE_REWRITES,
+        UNKNOWN_ROLE,
+        conversation_row,
+        read_conversation,
+        with_system_prompt,
+    )
+    from bdctl.models import stop_id
+
+    source, data = recipe.data.source, recipe.data
+    if source.path:
+        records = read_records(source.path)
+    else:
+        assert source.hub is not None  # Data._check: conversations come from a path or the hub
+        records = read_hub(source.hub, source.hub_config, source.hub_split)
+    stop = stop_id(tokenizer)
+    assert stop is not None  # data.template: chat (required by conversations) always finds an end-of-turn token
+    stop_text = tokenizer.decode([stop])
+    dropped = dict.fromkeys((UNKNOWN_ROLE, NO_FINAL_ASSISTANT, TEMPLATE_ERROR, TEMPLATE_REWRITES), 0)
+    examples: list[dict] = []
+    for index, (where, record) in enumerate(records):
+        turns = read_conversation(where, record, data.format)
+        if isinstance(turns, str):
+            dropped[turns] += 1
+            continue
+        row = conversation_row(with_system_prompt(turns, data.system_prompt, tokenizer), tokenizer, stop_text)
+        if isinstance(row, str):
+            dropped[row] += 1
+            continue
+        examples.append({"id": index, **row})
+    if not examples and not any(dropped.values()):
+        raise UserError(f"data: the source {source.path or source.hub} has no examples")
+    return examples, dropped
 
 
 def corpus_texts(recipe: Recipe, limit: int | None = None):
@@ -201,6 +259,10 @@ def _dropped_text(dropped: dict[str, int], max_length: int) -> str:
             f"({max_length}) tokens"
         ),
         "duplicate": "repeating an earlier example's prompt and response",
+        "unknown_role": "with unknown roles",
+        "no_final_assistant": "not ending with an assistant turn",
+        "template_error": "that the chat template refused",
+        "template_rewrites_turns": "whose turns the chat template rewrites",
     }
     return ", ".join(f"{count} {words[name]}" for name, count in dropped.items() if count) or "none"
 
@@ -220,23 +282,40 @@ def _make_tokenizer(recipe: Recipe, run: RunDir, examples: list[dict]):
         assert recipe.models.tokenizer.train is not None  # tokenizer_source is None only when training one
         cut = sum(len(text) > TOKENIZER_TEXT_CHARS for text in texts)
         texts = [text[:TOKENIZER_TEXT_CHARS] for text in texts]
-        return train_tokenizer(texts, recipe.models.tokenizer.train, run.tokenizer), cut
-    if recipe.models.tokenizer.location is None:  # the teacher's own: say so when its directory is at fault
-        check_model_dir(source[0], "teacher model ")
-    tokenizer = load_tokenizer(*source, template=recipe.data.template)  # chat: one line if it has no template
+        tokenizer = train_tokenizer(texts, recipe.models.tokenizer.train, run.tokenizer)
+        cut_texts = cut
+    else:
+        if recipe.models.tokenizer.location is None:  # the teacher's own: say so when its directory is at fault
+            check_model_dir(source[0], "teacher model ")
+        tokenizer = load_tokenizer(*source, template=recipe.data.template)  # chat: one line if it has no template
+        cut_texts = 0
+    if recipe.data.template != CHAT:
+        # Every export carries the prompt format it was trained on, as a chat template that renders
+        # exactly render_prompt's text (the tokenizer's own template, if any, is not what bdctl trained with).
+        template = recipe.data.template if isinstance(recipe.data.template, Template) else None
+        tokenizer.chat_template = jinja_chat_template(template)
     with space_for(run.tokenizer, "the tokenizer"):
         tokenizer.save_pretrained(run.tokenizer)  # ranks and later stages read this copy
-    return tokenizer, 0
+    return tokenizer, cut_texts
 
 
 def _drop_overlong(recipe: Recipe, tokenizer, examples: list[dict]) -> tuple[list[dict], dict[str, int]]:
+    """Prompts over max_prompt_length, and sequences over max_length: the last turn after its prompt,
+    or for a conversation SFT's whole sequence of every turn (whichever is longer)."""
+    from bdctl.data.batching import tokenize_examples
+
     prompts = tokenizer([e["prompt"] for e in examples])["input_ids"]
     answers = tokenizer([e["output"] for e in examples], add_special_tokens=False)["input_ids"]
+    conversations = [e for e in examples if "turns" in e]
+    every_turn = iter(tokenize_examples(conversations, tokenizer, all_turns=True) if conversations else [])
     kept, dropped = [], {"prompt_too_long": 0, "too_long": 0}
     for example, prompt, answer in zip(examples, prompts, answers, strict=True):
+        length = len(prompt) + len(answer) + 1
+        if "turns" in example:
+            length = max(length, len(next(every_turn).ids))
         if len(prompt) > recipe.data.max_prompt_length:
             dropped["prompt_too_long"] += 1
-        elif len(prompt) + len(answer) + 1 > recipe.data.max_length:
+        elif length > recipe.data.max_length:
             dropped["too_long"] += 1
         else:
             kept.append(example)

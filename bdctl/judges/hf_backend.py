@@ -20,6 +20,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bdctl.data.template import PROMPT_FORMAT_MARK
 from bdctl.errors import UserError
 from bdctl.judges.base import JudgeOutput, JudgeRequest
 from bdctl.judges.prompt import PROMPT_VERSION, VERDICTS, Verdict, build_messages, render_plain
@@ -58,7 +59,9 @@ class HFJudge:
         self.name = name
         self.batch_size = batch_size
         self.max_answer_tokens = max_answer_tokens
-        self.uses_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        template = getattr(tokenizer, "chat_template", None)
+        # A bdctl export's template is its Alpaca-style prompt format, not a conversation: plain text, as before.
+        self.uses_chat_template = bool(template) and PROMPT_FORMAT_MARK not in str(template)
         self.label_tokens = _label_token_ids(tokenizer, name)
         self.context_length = _context_length(model, tokenizer)
 

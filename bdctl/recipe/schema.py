@@ -28,6 +28,27 @@ PARSE_TRIES = 3
 SEED_BOUND = 2**64
 Seed = Annotated[int, Field(ge=0, lt=SEED_BOUND)]
 
+#: models.<role> keys that change how much memory a run takes, not what it computes (losses and gradients
+#: agree to fp32 tolerance): a checkpoint or data split made with other values still belongs to the run,
+#: so that a run can resume with gradient checkpointing after running out of memory.
+MEMORY_SWITCHES = ("gradient_checkpointing", "attn_implementation")
+#: data keys whose default reproduces what recipes did before the key existed.
+_DATA_DEFAULTS = {"format": "instruction", "system_prompt": None}
+
+
+def fingerprint_view(recipe: dict[str, Any]) -> dict[str, Any]:
+    """A recipe dump (`model_dump(mode="json")`) as fingerprints (resume, data split) see it: without
+    the memory switches, and without data keys at the default that reproduces the behaviour from
+    before they existed (run directories made then keep their fingerprints)."""
+    view = {**recipe, "models": dict(recipe["models"]), "data": dict(recipe["data"])}
+    for role, spec in view["models"].items():
+        if isinstance(spec, dict):
+            view["models"][role] = {k: v for k, v in spec.items() if k not in MEMORY_SWITCHES}
+    for key, default in _DATA_DEFAULTS.items():
+        if view["data"].get(key, default) == default:
+            view["data"].pop(key, None)
+    return view
+
 
 class Section(BaseModel):
     """Base of every recipe section: unknown keys are errors, values are checked on assignment,
@@ -135,6 +156,18 @@ class ModelSpec(Section):
     path: str | None = Field(None, description="Hugging Face hub id or local directory.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     tiny: TinyModel | None = Field(None, description="Build a small random model instead of loading one.")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each transformer block's activations in the backward pass instead of keeping them "
+        "(transformers' gradient checkpointing): less activation memory for about one more forward pass per step. "
+        "Applies where this model trains (sft, distill, minillm); losses and gradients are unchanged.",
+    )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
+        None,
+        description="Attention kernel wherever this model trains or samples: eager (plain matmuls, keeps the "
+        "sequence x sequence score matrix), sdpa (torch's scaled_dot_product_attention), flash_attention_2 (needs "
+        "the flash-attn package and a CUDA GPU; refused when not installed); null: transformers' default.",
+    )
     gguf: str | None = Field(
         None,
         description="A GGUF file (llama.cpp's format), converted once, dequantised, into a Hugging Face directory "
@@ -315,6 +348,23 @@ class Data(Section):
         "turn; the template's end-of-turn token then ends every response (SFT labels, D* sampling, BD's terminal "
         "transitions, eval). chat needs a tokenizer that has a chat template (models.tokenizer.path or the teacher's).",
     )
+    format: Literal["instruction", "messages", "sharegpt"] = Field(
+        "instruction",
+        description="Record format of data.source: instruction (one instruction / input / output turn, through "
+        'data.source.fields), messages (OpenAI-style {"messages": [{"role": system|user|assistant, '
+        '"content"}, ...]}) '
+        'or sharegpt ({"conversations": [{"from": system|human|gpt, "value"}, ...]}). Conversations need '
+        "data.template: chat; SFT trains on every assistant turn, and generate, distill, MiniLLM and eval work on the "
+        "last assistant turn given the conversation before it. A conversation that does not end with an assistant "
+        "turn, has an unknown role, or does not fit max_length is dropped and counted in data/split.json.",
+    )
+    system_prompt: str | None = Field(
+        None,
+        description="System turn of data.template: chat: null (default) leaves the chat template's own default; a "
+        "string is the system turn of every example that has none of its own; none leaves the template's default "
+        "system text out where the template allows it (it renders with an empty system turn when that is shorter "
+        "than the default). Counted against max_prompt_length like the rest of the prompt.",
+    )
     split: Split = Field(default_factory=Split, description="Train / validation / test split.")
     max_length: int = Field(512, gt=1, description="Longest prompt + response in tokens; longer are dropped.")
     max_prompt_length: int = Field(256, gt=0, description="Longest prompt in tokens; longer are dropped.")
@@ -324,6 +374,16 @@ class Data(Section):
     def _check(self) -> Data:
         if self.max_prompt_length >= self.max_length:
             raise ValueError("max_prompt_length must be smaller than max_length")
+        if self.format != "instruction" and self.template != "chat":
+            raise ValueError(
+                f"data.format: {self.format} is rendered with the tokenizer's chat template: set data.template: chat"
+            )
+        if self.format != "instruction" and self.source.synthetic is not None:
+            raise ValueError(
+                f"data.format: {self.format} reads conversations from data.source.path or hub, not synthetic"
+            )
+        if self.system_prompt is not None and self.template != "chat":
+            raise ValueError("data.system_prompt is the system turn of a chat template: set data.template: chat")
         return self
 
 

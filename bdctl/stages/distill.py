@@ -233,7 +233,7 @@ def prepare(job: Job, log=print) -> None:
     from bdctl.data.batching import training_steps
     from bdctl.data.prepare import prepare_data
     from bdctl.engine import check_batch_split, lr_schedule
-    from bdctl.models import check_vocabularies, load_tokenizer, max_positions
+    from bdctl.models import check_attention, check_vocabularies, load_tokenizer, max_positions
     from bdctl.selection import check_rouge_selection
 
     config = stage_config(job)
@@ -257,6 +257,8 @@ def prepare(job: Job, log=print) -> None:
         else job.recipe.models.teacher
     )
     check_vocabularies(job.recipe, tokenizer, {"teacher": teacher, "student": student})
+    check_attention(job.recipe.models.student, "student")
+    check_attention(job.recipe.models.teacher, "teacher")
     limit = max_positions(student)
     check_rouge_selection(job, config, "distill", limit)
 
@@ -321,7 +323,7 @@ def run(job: Job, rank: int, world: int) -> None:
         policy_module,
         resolve_precision,
     )  # fmt: skip
-    from bdctl.models import hidden_size, load_model, load_tokenizer, required_stop_id
+    from bdctl.models import hidden_size, load_model, load_tokenizer, memory_switches, required_stop_id
     from bdctl.selection import Validator, selection_facts
     from bdctl.tracking import MetricsLog, StepProgress
     from bdctl.training import MicroBatch, finish, loop_config, train_loop
@@ -347,7 +349,7 @@ def run(job: Job, rank: int, world: int) -> None:
     )
     with_ds = hf_deepspeed_context(ds_config)  # noqa: F841  (alive while loading: ZeRO-3 partitioned load)
     engine = make_engine(
-        policy_module(load_model(source, tokenizer, recipe.seed)),
+        policy_module(load_model(source, tokenizer, recipe.seed, **memory_switches(recipe.models.student))),
         ds_config,
         lr_schedule(config, "distill", total_steps),
     )
@@ -358,7 +360,8 @@ def run(job: Job, rank: int, world: int) -> None:
             recipe, config, job.stage_name, world, total_steps, hidden_size(teacher_source), precision, on_gpu()
         )
         teacher = make_inference_engine(
-            policy_module(load_model(teacher_source, tokenizer, recipe.seed)), teacher_config
+            policy_module(load_model(teacher_source, tokenizer, recipe.seed, **memory_switches(recipe.models.teacher))),
+            teacher_config,
         )
     device = engine.device
     # terminal transitions end at the stop token

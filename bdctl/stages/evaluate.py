@@ -81,6 +81,10 @@ def prepare(job: Job, log: Callable[[str], None] = print) -> None:
     refs = list(dict.fromkeys(job.options.get("models") or config.models))
     if not refs:
         raise UserError("stages.eval.models is empty; name a model with --model")
+    from bdctl.models import check_attention, role_of
+
+    for role in dict.fromkeys(role_of(ref) for ref in refs):
+        check_attention(getattr(job.recipe.models, role), role)
     job.info.update(plan_units(job, refs, config.sets, config.seeds, log))
 
 

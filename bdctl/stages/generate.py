@@ -64,7 +64,7 @@ def stage_config(job: Job) -> GenerateStage:
 def prepare(job: Job, log=print) -> None:
     """Launching process: data split, teacher export, vocabulary, prompt file, lengths."""
     from bdctl.data.prepare import prepare_data
-    from bdctl.models import check_vocabularies, load_tokenizer
+    from bdctl.models import check_attention, check_vocabularies, load_tokenizer, role_of
 
     variants = job.recipe.stages.generate.variants
     if job.options.get("variant") is not None:
@@ -85,6 +85,8 @@ def prepare(job: Job, log=print) -> None:
         )
     tokenizer = load_tokenizer(job.run.tokenizer, template=job.recipe.data.template)
     check_vocabularies(job.recipe, tokenizer, {"teacher": source, "student": job.recipe.models.student})
+    role = role_of(stage_config(job).model)
+    check_attention(getattr(job.recipe.models, role), role)
     rows = read_rows(job.run.data / f"{split}.jsonl", scoring=bool(job.options.get("score")))
 
     from bdctl.models import max_positions
@@ -392,14 +394,15 @@ def load_teacher(job: Job, tokenizer, world: int):
     import torch
 
     from bdctl.engine import hf_deepspeed_context, on_gpu, resolve_precision
-    from bdctl.models import load_model
+    from bdctl.models import load_model, memory_switches, role_of
 
     config, recipe = stage_config(job), job.recipe
+    switches = memory_switches(getattr(recipe.models, role_of(config.model)))
     source = resolve_weights(job, config.model, "teacher")
     precision = resolve_precision(recipe)
     device = _device()
     if not config.zero_inference:
-        model = load_model(source, tokenizer, recipe.seed)
+        model = load_model(source, tokenizer, recipe.seed, **switches)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
         return model.to(device=device, dtype=dtype).eval(), None
 
@@ -409,7 +412,7 @@ def load_teacher(job: Job, tokenizer, world: int):
 
     ds_config = inference_config(job, world, hidden_size(source), precision, on_gpu())
     keep = hf_deepspeed_context(ds_config)  # noqa: F841  (alive while loading: partitioned load)
-    model = load_model(source, tokenizer, recipe.seed)
+    model = load_model(source, tokenizer, recipe.seed, **switches)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     teacher = engine.module.eval()
     from bdctl.sampling import Lockstep

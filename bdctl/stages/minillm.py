@@ -216,7 +216,7 @@ def prepare(job: Job, log=print) -> None:
     memory, pretraining blocks."""
     from bdctl.data.prepare import prepare_data
     from bdctl.engine import check_batch_split, lr_schedule
-    from bdctl.models import check_vocabularies, load_tokenizer, max_positions
+    from bdctl.models import check_attention, check_vocabularies, load_tokenizer, max_positions
     from bdctl.rundir import manifest
     from bdctl.selection import check_rouge_selection
 
@@ -232,6 +232,8 @@ def prepare(job: Job, log=print) -> None:
     student = resolve_weights(job, init_ref(config), "student")
     teacher = resolve_weights(job, job.recipe.stages.generate.model, "teacher")
     check_vocabularies(job.recipe, tokenizer, {"teacher": teacher, "student": student})
+    check_attention(job.recipe.models.student, "student")
+    check_attention(job.recipe.models.teacher, "teacher")
     longest = job.recipe.data.max_prompt_length
     for role, source in (("student", student), ("teacher", teacher)):
         limit = max_positions(source)
@@ -406,7 +408,7 @@ def run(job: Job, rank: int, world: int) -> None:
         policy_module,
         resolve_precision,
     )  # fmt: skip
-    from bdctl.models import hidden_size, load_model, load_tokenizer, required_stop_id
+    from bdctl.models import hidden_size, load_model, load_tokenizer, memory_switches, required_stop_id
     from bdctl.objectives.kd import mixed_kd_loss
     from bdctl.objectives.lm import lean_cross_entropy
     from bdctl.objectives.minillm import lean_log_probs, lean_reverse_kl, lean_teacher_kd, policy_loss
@@ -446,7 +448,8 @@ def run(job: Job, rank: int, world: int) -> None:
         zero.pop("offload_optimizer", None)  # no optimizer; offload_param (weights on CPU / NVMe) is kept
         keep = hf_deepspeed_context(teacher_config)  # noqa: F841  (partitioned load)
         teacher_engine = make_inference_engine(
-            policy_module(load_model(teacher_source, tokenizer, recipe.seed)), teacher_config
+            policy_module(load_model(teacher_source, tokenizer, recipe.seed, **memory_switches(recipe.models.teacher))),
+            teacher_config,
         )
         del keep
         teacher_module, teacher_call = teacher_engine.module, teacher_engine
@@ -460,7 +463,9 @@ def run(job: Job, rank: int, world: int) -> None:
     else:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
         teacher_module = (
-            policy_module(load_model(teacher_source, tokenizer, recipe.seed)).to(device=device, dtype=dtype).eval()
+            policy_module(load_model(teacher_source, tokenizer, recipe.seed, **memory_switches(recipe.models.teacher)))
+            .to(device=device, dtype=dtype)
+            .eval()
         )
         for param in teacher_module.parameters():
             param.requires_grad_(False)
@@ -470,7 +475,8 @@ def run(job: Job, rank: int, world: int) -> None:
     ds_config = deepspeed_config_for(job, config, world, steps.total_steps, source)
     with_ds = hf_deepspeed_context(ds_config)  # noqa: F841  (alive while loading: ZeRO-3 partitioned load)
     engine = make_engine(
-        policy_module(load_model(source, tokenizer, recipe.seed)), ds_config,
+        policy_module(load_model(source, tokenizer, recipe.seed, **memory_switches(recipe.models.student))),
+        ds_config,
         lr_schedule(config, "distill", steps.total_steps),
     )  # fmt: skip
     # EOS, or the chat template's end-of-turn

@@ -30,7 +30,7 @@ def prepare(job: Job, log=print) -> None:
     from bdctl.data.batching import training_steps
     from bdctl.data.prepare import prepare_data
     from bdctl.engine import check_batch_split, lr_schedule
-    from bdctl.models import check_vocabularies, load_tokenizer, max_positions
+    from bdctl.models import check_attention, check_vocabularies, load_tokenizer, max_positions
     from bdctl.selection import check_rouge_selection
 
     role = job.options["model"]
@@ -49,6 +49,7 @@ def prepare(job: Job, log=print) -> None:
     }
     sources[role] = resolve_weights(job, config.init, role)
     check_vocabularies(job.recipe, tokenizer, sources)
+    check_attention(getattr(job.recipe.models, role), role)
     if config.select == "rouge_l":
         check_rouge_selection(job, config, job.stage_name, max_positions(sources[role]))
 
@@ -91,7 +92,7 @@ def run(job: Job, rank: int, world: int) -> None:
         policy_module,
         resolve_precision,
     )  # fmt: skip
-    from bdctl.models import hidden_size, load_model, load_tokenizer
+    from bdctl.models import hidden_size, load_model, load_tokenizer, memory_switches
     from bdctl.objectives.lm import lean_cross_entropy
     from bdctl.selection import Validator, selection_facts
     from bdctl.tracking import MetricsLog, StepProgress
@@ -101,7 +102,7 @@ def run(job: Job, rank: int, world: int) -> None:
 
     # --- data: every rank tokenises the same splits; the loop hands each rank its share
     tokenizer = load_tokenizer(job.run.tokenizer, template=job.recipe.data.template)
-    train = tokenize_examples(read_split(job.run.data, "train"), tokenizer)
+    train = tokenize_examples(read_split(job.run.data, "train"), tokenizer, all_turns=True)
     per_epoch, total_steps = training_steps(len(train), config)
 
     # --- model and engine
@@ -110,7 +111,7 @@ def run(job: Job, rank: int, world: int) -> None:
         recipe, config, job.stage_name, world, total_steps, hidden_size(source), resolve_precision(recipe), on_gpu()
     )
     with_ds = hf_deepspeed_context(ds_config)  # noqa: F841  (alive while loading: ZeRO-3 partitioned load)
-    model = load_model(source, tokenizer, recipe.seed)
+    model = load_model(source, tokenizer, recipe.seed, **memory_switches(getattr(recipe.models, job.options["model"])))
     engine = make_engine(policy_module(model), ds_config, lr_schedule(config, job.stage_name, total_steps))
 
     def micro_batches(indices: list[int]) -> list[MicroBatch]:
