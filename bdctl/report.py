@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bdctl.methods import beyond_paper
 from bdctl.pipeline import stages
 from bdctl.recipe.schema import Recipe
 from bdctl.rundir import RunDir, write_text_atomic
@@ -69,6 +70,11 @@ def training_curves(run: RunDir, path: Path) -> Path | None:
     return path
 
 
+def label(model: str) -> str:
+    """A model's name in the tables, marked when its method is beyond the paper."""
+    return f"{model} (beyond the paper)" if beyond_paper(model) else model
+
+
 def rouge_tables(results: dict, recipe: Recipe) -> list[str]:
     """Per sampling protocol: Table 1 (every evaluated model, with the paper's numbers beside ours
     where the recipe has them and says they came from this protocol or does not know) and Tables 2
@@ -104,8 +110,11 @@ def rouge_tables(results: dict, recipe: Recipe) -> list[str]:
             f"Mean ± std over seeds {seeds}, every model sampled under this protocol"
             + ("; the paper's numbers (mean of 5 seeds) beside ours, with the protocol that produced them."
                if paper else "."),
-            "", markdown_table(["model", *headers], [[m, *row(m)] for m in results["models"]]).strip(),
+            "", markdown_table(["model", *headers], [[label(m), *row(m)] for m in results["models"]]).strip(),
         ]  # fmt: skip
+        if any(beyond_paper(m) for m in results["models"]):
+            lines += ["", "(beyond the paper): a divergence of other toolkits' menu (docs/method.md §4.1), an extra "
+                      "baseline the paper does not have."]  # fmt: skip
         ablated = [m for m in results["models"] if m in runs]
         if ablated and "distill/bd" in results["models"]:
             base = (

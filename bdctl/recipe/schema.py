@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from bdctl.methods import METHODS, method_names
+
 #: Times a request is asked in all while its reply is not A, B or Tie. A sampling or overloaded
 #: endpoint often answers properly on another try; a deterministic one repeats itself, so more
 #: tries would only cost time before the reply is reported as unparsed.
@@ -501,11 +503,48 @@ class MiniLLM(Section):
         return self
 
 
-class DistillStage(Train):
-    """Bellman Distill and the KD / SeqKD baselines (docs/method.md §3 to 4)."""
+class Divergence(Section):
+    """BEYOND THE PAPER: the divergence menu of other toolkits (docs/method.md §4.1), the settings of
+    `--method forward_kl | reverse_kl | jsd | tvd | skew_kl | skew_rkl`. From a live teacher the
+    divergence is exact (dense); from the cache (teacher_source: cache) it is computed between the
+    distributions coarse-grained to the cached set A_t plus one tail bucket (never larger than exact)."""
 
-    method: Literal["bd", "kd", "seqkd", "minillm"] = Field(
-        "bd", description="Objective (`bdctl distill --method` overrides it)."
+    jsd_beta: float = Field(
+        0.5, ge=0, le=1,
+        description="jsd: beta of TRL's generalized JSD, beta KL(p||m) + (1 - beta) KL(q||m) with m = beta p + "
+        "(1 - beta) q; 0 is taken as forward KL and 1 as reverse KL (TRL's convention). TRL's default: 0.5.",
+    )  # fmt: skip
+    skew_alpha: float = Field(
+        0.1, ge=0, lt=1,
+        description="skew_kl / skew_rkl: the skew a of DistiLLM's KL(p || a p + (1 - a) q) and "
+        "KL(q || a q + (1 - a) p) (0: plain forward / reverse KL). DistiLLM's default: 0.1.",
+    )  # fmt: skip
+    temperature: float = Field(
+        1.0, gt=0,
+        description="tau dividing both logits before the softmax; the loss is scaled by tau^2. Needs "
+        "teacher_source: live unless 1 (the cache holds the teacher's probabilities at temperature 1 only).",
+    )  # fmt: skip
+    data: Literal["golden", "dstar"] = Field(
+        "golden",
+        description="The responses scored: golden (data/train.jsonl's, with the score_train cache or the live "
+        "teacher) or dstar (stages.distill.dstar's D*, with its cache or the live teacher).",
+    )
+    on_policy: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="GKD's lambda: the share of batches whose responses the student samples and the live teacher "
+        "scores. Not implemented yet: only 0 (off-policy) is accepted.",
+    )
+
+
+class DistillStage(Train):
+    """Bellman Distill, the KD / SeqKD / MiniLLM baselines and the divergence menu (docs/method.md §3 to 4.1)."""
+
+    method: str = Field(
+        "bd",
+        description=f"Objective (`bdctl distill --method` overrides it): {method_names()} "
+        "(bdctl/methods.py; the divergences are beyond the paper).",
     )
     teacher_source: Literal["cache", "live"] = Field("cache", description="Sparse cache or live teacher.")
     p: float = Field(0.8, gt=0, le=1, description="Top-p of the teacher candidate sets (1.0: no mask).")
@@ -549,6 +588,33 @@ class DistillStage(Train):
     init: str = Field("auto", description="auto: student_sft export for BD, the base student otherwise.")
     ablations: Ablations = Field(default_factory=Ablations, description="Extra BD runs, one setting changed each.")
     minillm: MiniLLM = Field(default_factory=MiniLLM, description="MiniLLM's settings (--method minillm).")
+    divergence: Divergence = Field(
+        default_factory=Divergence,
+        description="BEYOND THE PAPER: the settings of the divergence methods (--method jsd, tvd, ...).",
+    )
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in METHODS:
+            raise ValueError(f"unknown method {value!r}: expected one of {method_names()}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_divergence(self) -> DistillStage:
+        if METHODS[self.method].divergence is None:
+            return self
+        if self.divergence.on_policy > 0:
+            raise ValueError(
+                f"divergence.on_policy is {self.divergence.on_policy:g}: on-policy mixing (GKD's lambda) is not "
+                "implemented yet; set 0"
+            )
+        if self.divergence.temperature != 1.0 and self.teacher_source == "cache":
+            raise ValueError(
+                f"divergence.temperature is {self.divergence.temperature:g} but the teacher cache holds "
+                "probabilities at temperature 1 only; set teacher_source: live or temperature: 1"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_minillm(self) -> DistillStage:
