@@ -243,14 +243,19 @@ def divergence_loss(
     """The divergence menu (docs/method.md §4.1): token mean over the valid positions, from the cache's
     sets (coarse-grained, lean) or the live teacher's logits of the scored rows ([N, V], dense)."""
     settings = config.divergence
-    knobs = dict(beta=settings.jsd_beta, alpha=settings.skew_alpha, temperature=settings.temperature)
     valid = batch["valid"]
     rows = scored_rows(response_hidden(hidden, batch["positions"]), valid)
     if teacher_logits is None:
         ids, probs, mask = (scored_rows(batch[k], valid) for k in ("cand_ids", "cand_probs", "cand_mask"))
-        per_position = lean_coarse_per_token(name, rows, weight, ids, probs, mask, **knobs)
+        per_position = lean_coarse_per_token(
+            name, rows, weight, ids, probs, mask,
+            beta=settings.jsd_beta, alpha=settings.skew_alpha, temperature=settings.temperature,
+        )  # fmt: skip
     else:
-        per_position = per_token(name, rows @ weight.T, teacher_logits, **knobs)
+        per_position = per_token(
+            name, rows @ weight.T, teacher_logits,
+            beta=settings.jsd_beta, alpha=settings.skew_alpha, temperature=settings.temperature,
+        )  # fmt: skip
     loss = per_position.mean()
     return loss, {name: loss.item()}
 
