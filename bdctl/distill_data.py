@@ -41,7 +41,7 @@ class Setup:
     outside: str = "q_min"  # bd: what an action outside A_t gets (docs/method.md §3.4)
     anchor_coef: float = 0.0  # bd: + anchor_coef x CE of D*'s actions (beyond the paper)
     data: str = "dstar"  # the responses trained on: "dstar" (bd, seqkd) or "golden" (kd)
-    divergence: str | None = None  # the menu's methods (docs/method.md §4.1): its name; teacher in kd_teacher
+    divergence: str | None = None  # the menu's methods (docs/method.md §5.1): its name; teacher in kd_teacher
 
     @property
     def live_teacher(self) -> bool:

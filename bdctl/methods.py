@@ -1,6 +1,6 @@
 """The one registry of distillation methods: what `bdctl distill --method` accepts, which stage runs
 each, its model-card line and settings, and whether it is the paper's (docs/method.md §3, 4, 6) or
-beyond it (the divergence menu of other toolkits, docs/method.md §4.1).
+beyond it (the divergence menu of other toolkits, docs/method.md §5.1).
 
 The recipe schema (`stages.distill.method`), the CLI (`--method`, completion), the run directory
 (`rundir.stage_command`), the stage plan (`pipeline.stages`), the model card and the report all read

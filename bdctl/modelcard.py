@@ -25,7 +25,7 @@ BEYOND_PAPER = "beyond the paper"
 METHOD_NAMES = {
     "sft": "supervised fine-tuning (response tokens only)",
     **{
-        name: method.summary + ("" if method.in_paper else f" ({BEYOND_PAPER}: docs/method.md §4.1)")
+        name: method.summary + ("" if method.in_paper else f" ({BEYOND_PAPER}: docs/method.md §5.1)")
         for name, method in METHODS.items()
     },
 }

@@ -113,7 +113,7 @@ def rouge_tables(results: dict, recipe: Recipe) -> list[str]:
             "", markdown_table(["model", *headers], [[label(m), *row(m)] for m in results["models"]]).strip(),
         ]  # fmt: skip
         if any(beyond_paper(m) for m in results["models"]):
-            lines += ["", "(beyond the paper): a divergence of other toolkits' menu (docs/method.md §4.1), an extra "
+            lines += ["", "(beyond the paper): a divergence of other toolkits' menu (docs/method.md §5.1), an extra "
                       "baseline the paper does not have."]  # fmt: skip
         ablated = [m for m in results["models"] if m in runs]
         if ablated and "distill/bd" in results["models"]:

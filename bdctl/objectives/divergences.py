@@ -1,4 +1,4 @@
-"""The divergence menu of other distillation toolkits (docs/method.md §4.1; BEYOND THE PAPER).
+"""The divergence menu of other distillation toolkits (docs/method.md §5.1; BEYOND THE PAPER).
 
 Per scored position, with the teacher's next-token distribution ``p`` and the student's ``q``
 (temperature ``tau`` divides both logits before the softmax; the result is scaled by ``tau^2``)::

@@ -504,7 +504,7 @@ class MiniLLM(Section):
 
 
 class Divergence(Section):
-    """BEYOND THE PAPER: the divergence menu of other toolkits (docs/method.md §4.1), the settings of
+    """BEYOND THE PAPER: the divergence menu of other toolkits (docs/method.md §5.1), the settings of
     `--method forward_kl | reverse_kl | jsd | tvd | skew_kl | skew_rkl`. From a live teacher the
     divergence is exact (dense); from the cache (teacher_source: cache) it is computed between the
     distributions coarse-grained to the cached set A_t plus one tail bucket (never larger than exact)."""
@@ -539,7 +539,7 @@ class Divergence(Section):
 
 
 class DistillStage(Train):
-    """Bellman Distill, the KD / SeqKD / MiniLLM baselines and the divergence menu (docs/method.md §3 to 4.1)."""
+    """Bellman Distill, the KD / SeqKD / MiniLLM baselines and the divergence menu (docs/method.md §3 to 6)."""
 
     method: str = Field(
         "bd",

@@ -3,7 +3,7 @@
     bdctl distill RECIPE --method bd      phase 2: BD on the teacher data D* (runs/<name>/generate/cache)
     bdctl distill RECIPE --method kd      word-level KD on the golden training responses
     bdctl distill RECIPE --method seqkd   SFT on D* (optionally mixed with KD)
-    bdctl distill RECIPE --method jsd     a divergence of the menu (docs/method.md §4.1; beyond the paper):
+    bdctl distill RECIPE --method jsd     a divergence of the menu (docs/method.md §5.1; beyond the paper):
                                           forward_kl | reverse_kl | jsd | tvd | skew_kl | skew_rkl
 
 Data.
@@ -131,7 +131,7 @@ def describe(setup: Setup, job: Job) -> list[str]:
         lines.append(
             f"{BEYOND_PAPER}: {setup.divergence}"
             + (f" ({knobs})" if knobs else "")
-            + f" at temperature {settings.temperature:g} on {data}; {teacher} (docs/method.md §4.1)"
+            + f" at temperature {settings.temperature:g} on {data}; {teacher} (docs/method.md §5.1)"
         )
     else:
         data = "the golden training responses" if setup.method == "kd" else dstar_name(setup.dstar)
@@ -240,7 +240,7 @@ def divergence_loss(
     config: DistillStage,
     teacher_logits: Tensor | None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """The divergence menu (docs/method.md §4.1): token mean over the valid positions, from the cache's
+    """The divergence menu (docs/method.md §5.1): token mean over the valid positions, from the cache's
     sets (coarse-grained, lean) or the live teacher's logits of the scored rows ([N, V], dense)."""
     settings = config.divergence
     valid = batch["valid"]

@@ -1,4 +1,4 @@
-"""The divergence menu (bdctl/objectives/divergences.py, docs/method.md §4.1) against a plain loop
+"""The divergence menu (bdctl/objectives/divergences.py, docs/method.md §5.1) against a plain loop
 reference in float64 (values and gradients to 1e-6), against each other at the limits, and the
 coarse-grained and lean forms against the dense one."""
 
