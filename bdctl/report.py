@@ -115,7 +115,8 @@ def rouge_tables(results: dict, recipe: Recipe) -> list[str]:
         if any(beyond_paper(m) for m in results["models"]):
             lines += ["", "(beyond the paper): a divergence of other toolkits' menu (docs/method.md §5.1), an extra "
                       "baseline the paper does not have."]  # fmt: skip
-        ablated = [m for m in results["models"] if m in runs]
+        ablated = [m for m in results["models"] if m in runs and runs[m].get("method", "bd") == "bd"]
+        lines += other_ablations(results["models"], runs, row, headers, name)
         if ablated and "distill/bd" in results["models"]:
             base = (
                 f"p = {distill.p:g}, chi2 {'on' if distill.chi2 else 'off'} (alpha {distill.alpha:g}), "
@@ -132,6 +133,28 @@ def rouge_tables(results: dict, recipe: Recipe) -> list[str]:
                 "anchor > 0 is beyond the paper.", "",
                 markdown_table(["run", "setting", *headers], described).strip(),
             ]  # fmt: skip
+    return lines
+
+
+def other_ablations(models: list[str], runs: dict[str, dict], row, headers: list[str], protocol: str) -> list[str]:
+    """A table per method other than BD that stages.distill.ablations ablates (combined runs naming
+    `method`): its run beside distill/<method>, with the settings each changes."""
+    from bdctl.tables import markdown_table
+
+    lines: list[str] = []
+    methods = dict.fromkeys(runs[m]["method"] for m in models if m in runs and runs[m].get("method", "bd") != "bd")
+    for method in methods:
+        base = f"distill/{method}"
+        ablated = [m for m in models if m in runs and runs[m].get("method") == method]
+        described = [[label(base), "the recipe's stages.distill", *row(base)]] if base in models else []
+        described += [
+            [m, ", ".join(f"{k} = {v}" for k, v in runs[m].items() if k != "method"), *row(m)] for m in ablated
+        ]
+        lines += [
+            "", f"### Ablations of {method}, protocol {protocol}", "",
+            f"{method} with the named settings of stages.distill changed; everything else as {base}.", "",
+            markdown_table(["run", "setting", *headers], described).strip(),
+        ]  # fmt: skip
     return lines
 
 

@@ -42,8 +42,8 @@ def distill(
         typer.Option(
             "--ablation",
             "-a",
-            help="Run one BD ablation of stages.distill.ablations (e.g. bd-p1.0, bd-chi2-off, bd-released) "
-            "into runs/<name>/distill/<ablation>.",
+            help="Run one ablation of stages.distill.ablations (e.g. bd-p1.0, bd-chi2-off, bd-released; a combined "
+            "run may name another method) into runs/<name>/distill/<ablation>.",
             show_default=False,
             autocompletion=complete_ablation,
         ),
@@ -73,16 +73,16 @@ def distill(
             raise UserError(f"--method {method}: no such method; expected one of {method_names()}")
         overrides = list(set_ or [])
         if ablation is not None:
-            if method not in (None, "bd"):
-                raise UserError(f"--ablation {ablation} is a Bellman Distill run; drop --method {method}")
             runs = load_recipe(recipe, overrides)[0].stages.distill.ablations.runs()
             if ablation not in runs:
                 known = ", ".join(runs) or "none: the recipe sets no stages.distill.ablations"
                 raise UserError(f"--ablation {ablation}: no such run in stages.distill.ablations (runs: {known})")
-            chosen = "bd"
+            chosen = runs[ablation].get("method", "bd")  # a combined run may ablate another method
+            if method not in (None, chosen):
+                raise UserError(f"--ablation {ablation} is a run of --method {chosen}; drop --method {method}")
             for key, value in runs[ablation].items():  # the saved recipe says what ran
                 overrides.append(f"stages.distill.{key}={json.dumps(value)}")
-            # The run is BD with these settings; the other runs are not its business (and checked
+            # The run is its method with these settings; the other runs are not its business (and checked
             # against its settings they could clash, e.g. outside: drop beside variant: released).
             overrides.append("stages.distill.ablations={}")
         elif method is None:

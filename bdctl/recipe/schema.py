@@ -389,7 +389,8 @@ class Ablations(Section):
     """Extra Bellman Distill runs beside distill/bd, each changing one setting of stages.distill
     (the paper's Tables 2 and 4). Each value names a run: p -> distill/bd-p1.0, chi2 ->
     distill/bd-chi2-off, variant -> distill/bd-released; `bdctl distill RECIPE --ablation NAME`
-    runs one, `bdctl reproduce` runs them all."""
+    runs one, `bdctl reproduce` runs them all. A `combined` run that sets `method` ablates another
+    distill method the same way (e.g. {kd-lr1e-4: {method: kd, lr: 1.0e-4}} -> distill/kd-lr1e-4)."""
 
     p: list[Annotated[float, Field(gt=0, le=1)]] = Field(
         default_factory=list, description="Top-p values to compare with stages.distill.p, e.g. [1.0, 0.5]."
@@ -414,7 +415,9 @@ class Ablations(Section):
     combined: dict[Annotated[str, Field(pattern=_NAME)], dict[str, Any]] = Field(
         default_factory=dict,
         description="Named runs changing several stages.distill settings at once, e.g. "
-        "{bd-nucleus-drop: {dstar: generate-nucleus, outside: drop}} -> distill/bd-nucleus-drop.",
+        "{bd-nucleus-drop: {dstar: generate-nucleus, outside: drop}} -> distill/bd-nucleus-drop; with `method` "
+        "(default bd) a run of another method, e.g. {jsd-beta0.9: {method: jsd, divergence: {jsd_beta: 0.9}}} "
+        "(a nested section is replaced whole). Not minillm, and a name may not be a method's.",
     )
 
     def runs(self) -> dict[str, dict[str, Any]]:
@@ -784,6 +787,10 @@ class Recipe(Section):
                 raise ValueError(f"{where}: {key}: {first['msg']}") from None
             if run.dstar not in dstars:
                 raise ValueError(f"{where}: dstar {run.dstar!r} is not a D* of this recipe ({', '.join(dstars)})")
+            if name and name in METHODS:
+                raise ValueError(f"{where}: the run name is a method's (distill/{name}); name it another way")
+            if name and METHODS[run.method].stage != "distill":
+                raise ValueError(f"{where}: method {run.method}: ablations run the distill stage's methods only")
             if run.outside == "drop" and run.variant == "released":
                 raise ValueError(
                     f"{where}: outside: drop applies to the paper variant (the released loss ignores actions)"

@@ -110,3 +110,59 @@ def test_the_cli_refuses_an_unknown_method_in_one_line(tmp_path, monkeypatch):
     assert result.exit_code == 2
     assert "--method kl: no such method; expected one of bd, kd, seqkd, minillm, forward_kl" in result.output
     assert not (tmp_path / "runs").exists()
+
+
+# --------------------------------------------------------------------------- ablations of any method (issue 21 item 5)
+
+ABLATED = (
+    "stages.distill.ablations={combined: {jsd-beta0.9: {method: jsd, divergence: {jsd_beta: 0.9}}, "
+    "kd-lr1e-4: {method: kd, lr: 1.0e-4, init: student_sft}}}"
+)
+
+
+def test_a_combined_run_may_ablate_another_method():
+    recipe, _ = load_recipe("smoke", [ABLATED, "stages.eval.models=[distill/jsd, distill/jsd-beta0.9, distill/kd]"])
+    plan = {s.directory: s for s in stages(recipe)}
+    assert plan["distill/jsd-beta0.9"].needs == ("score_train",)
+    assert plan["distill/kd-lr1e-4"].needs == ("score_train", "student_sft")
+    assert plan["distill/kd-lr1e-4"].command == "bdctl distill RECIPE --ablation kd-lr1e-4"
+    assert plan["distill/jsd"].needs == ("score_train",)
+
+    from bdctl.report import rouge_tables
+
+    def score(mean):
+        return {"dolly": {"mean": mean, "std": 0.5, "per_seed": {}, "prompts": 32}}
+
+    models = ["distill/kd", "distill/jsd", "distill/jsd-beta0.9"]
+    results = {
+        "sets": ["dolly"], "seeds": [10], "models": models,
+        "protocols": [{"name": "minillm", "temperature": 1.0, "top_p": 1.0, "top_k": 0}],
+        "scores": {"minillm": {m: score(20.0 + i) for i, m in enumerate(models)}},
+    }  # fmt: skip
+    text = "\n".join(rouge_tables(results, recipe))
+    assert "| distill/jsd (beyond the paper) | 21.00 ± 0.50 |" in text
+    assert "(beyond the paper): a divergence of other toolkits' menu" in text
+    table = text[text.index("### Ablations of jsd, protocol minillm") :]
+    assert "| distill/jsd (beyond the paper) | the recipe's stages.distill | 21.00 ± 0.50 |" in table
+    assert "| distill/jsd-beta0.9 | divergence = {'jsd_beta': 0.9} | 22.00 ± 0.50 |" in table
+    assert "### Ablations, protocol" not in text  # no BD ablation here
+
+
+@pytest.mark.parametrize(
+    ("combined", "expected"),
+    [
+        ("{jsd: {method: jsd}}", "stages.distill.ablations (jsd): the run name is a method's"),
+        ("{mini-x: {method: minillm}}", "method minillm: ablations run the distill stage's methods only"),
+        ("{x: {method: nope}}", "stages.distill.ablations (x): method: Value error, unknown method 'nope'"),
+    ],
+)
+def test_bad_ablation_runs_are_one_line(combined, expected):
+    assert expected in error_of(f"stages.distill.ablations={{combined: {combined}}}")
+
+
+def test_the_cli_runs_an_ablation_of_its_own_method_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["distill", "smoke", "--ablation", "kd-lr1e-4", "--method", "bd", "--set", ABLATED]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "250", "NO_COLOR": "1"})
+    assert result.exit_code == 2
+    assert "--ablation kd-lr1e-4 is a run of --method kd; drop --method bd" in result.output
