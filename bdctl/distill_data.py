@@ -40,6 +40,8 @@ class Setup:
     dstar: str = "generate"  # bd, seqkd: the stage directory of the D* (and cache) trained on
     outside: str = "q_min"  # bd: what an action outside A_t gets (docs/method.md §3.4)
     anchor_coef: float = 0.0  # bd: + anchor_coef x CE of D*'s actions (beyond the paper)
+    data: str = "dstar"  # the responses trained on: "dstar" (bd, seqkd) or "golden" (kd)
+    divergence: str | None = None  # the menu's methods (docs/method.md §5.1): its name; teacher in kd_teacher
 
     @property
     def live_teacher(self) -> bool:
@@ -47,12 +49,15 @@ class Setup:
 
     @property
     def uses_dstar(self) -> bool:
-        return self.method in ("bd", "seqkd")
+        return self.data == "dstar"
 
 
 def make_setup(job: Job) -> Setup:
+    from bdctl.methods import METHODS
+
     config = job.recipe.stages.distill
     method = job.options["method"]
+    divergence = METHODS[method].divergence
     live = config.teacher_source == "live"
     corpus = job.recipe.data.pretrain
     if config.pretrain_term is None:  # auto
@@ -63,20 +68,23 @@ def make_setup(job: Job) -> Setup:
         pretrain = config.lm_coef > 0
     else:
         pretrain = False
-    ratio = {"bd": 0.0, "kd": config.kd_ratio, "seqkd": config.seqkd_kd_ratio}[method]
+    ratio = {"kd": config.kd_ratio, "seqkd": config.seqkd_kd_ratio}.get(method, 0.0)
     teacher = "live" if live else "cache"
+    data = {"bd": "dstar", "seqkd": "dstar", "kd": "golden"}.get(method, config.divergence.data)
     return Setup(
         method=method,
         variant=config.variant,
         kd_ratio=ratio,
         sets=(teacher if config.p < 1.0 else None) if method == "bd" else None,
-        kd_teacher=teacher if method != "bd" and ratio > 0 else None,
+        kd_teacher=teacher if (method != "bd" and ratio > 0) or divergence else None,
         pretrain=pretrain,
         pt_kd=pretrain and config.pt_kd_ratio > 0,
         init=config.init if config.init != "auto" else ("student_sft" if method == "bd" else "base"),
         dstar=config.dstar,
         outside=config.outside if method == "bd" else "q_min",
         anchor_coef=config.anchor_coef if method == "bd" else 0.0,
+        data=data,
+        divergence=divergence,
     )
 
 
@@ -155,7 +163,7 @@ def load_train_data(job: Job, tokenizer, setup: Setup, log=None) -> tuple[TrainD
     rows = read_split(job.run.data, "train")
     prompts = tokenizer([r["prompt"] for r in rows])["input_ids"]
     digest = tokenizer_hash(tokenizer)
-    if setup.method == "kd":
+    if not setup.uses_dstar:  # the golden responses (kd, a divergence with data: golden)
         answers = tokenizer([r["output"] for r in rows], add_special_tokens=False)["input_ids"]
         responses = [a + [stop_id(tokenizer)] for a in answers]  # as SFT scores them
         teacher = None

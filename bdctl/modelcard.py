@@ -19,26 +19,22 @@ from typing import Any
 
 import yaml
 
+from bdctl.methods import METHODS
+
 BEYOND_PAPER = "beyond the paper"
 METHOD_NAMES = {
     "sft": "supervised fine-tuning (response tokens only)",
-    "bd": "Bellman Distill (temporal-difference imitation learning on the teacher's top-p candidate sets)",
-    "kd": "word-level knowledge distillation (KD) on the golden responses",
-    "seqkd": "sequence-level knowledge distillation (SeqKD): fine-tuning on the teacher's data D*",
-    "minillm": "MiniLLM (policy gradient on the student's own rollouts, reverse KL to the teacher)",
+    **{
+        name: method.summary + ("" if method.in_paper else f" ({BEYOND_PAPER}: docs/method.md §5.1)")
+        for name, method in METHODS.items()
+    },
 }
 # The settings of each method the card lists (recipe keys of stages.distill; sft: of its stage).
 _TRAIN_KEYS = (
     "lr", "epochs", "max_steps", "batch_size", "warmup_ratio", "warmup_steps", "schedule", "schedule_steps",
     "adam_betas", "weight_decay", "select",
 )  # fmt: skip
-_METHOD_KEYS = {
-    "bd": ("variant", "p", "chi2", "alpha", "gamma", "q_min", "outside", "anchor_coef", "dstar", "teacher_source",
-           "lm_coef", "pt_kd_ratio", "pretrain_term"),
-    "kd": ("kd_ratio", "teacher_source", "pretrain_term"),
-    "seqkd": ("seqkd_kd_ratio", "dstar", "teacher_source", "pretrain_term"),
-    "minillm": (),
-}  # fmt: skip
+_METHOD_KEYS = {name: method.card_keys for name, method in METHODS.items()}
 # Whose keys the command's --set list leaves out: the CLI sets them itself (--method, --ablation).
 CLI_SET_KEYS = ("stages.distill.method", "stages.distill.ablations")
 
@@ -233,6 +229,9 @@ def card_facts(
             settings.append((key, text))
         if method == "minillm":
             settings += [(f"minillm.{k}", _value(v)) for k, v in (config.get("minillm") or {}).items() if v is not None]
+        if METHODS.get(method) is not None and METHODS[method].divergence is not None:
+            divergence = config.get("divergence") or {}
+            settings += [(f"divergence.{k}", f"{_value(v)} ({BEYOND_PAPER})") for k, v in divergence.items()]
         if method in ("bd", "seqkd"):
             dstar = config.get("dstar", "generate")
             variant = (

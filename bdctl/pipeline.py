@@ -1,14 +1,16 @@
 """The paper's pipeline as an ordered list of stages, each with the command that runs it.
 
 data split -> teacher SFT -> generate D* (+ cache) -> student SFT (phase 1)
-           -> distill: BD, its ablations and the baselines (KD, SeqKD, MiniLLM) -> eval -> judge
+           -> distill: BD, its ablations and the baselines (KD, SeqKD, MiniLLM)
+              (+ the divergence methods the recipe evaluates, beyond the paper) -> eval -> judge
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bdctl.recipe.schema import Recipe
+from bdctl.methods import METHODS
+from bdctl.recipe.schema import DistillStage, Recipe
 from bdctl.rundir import stage_command
 
 
@@ -24,12 +26,35 @@ class Stage:
         return " ".join(filter(None, [stage_command(self.directory, "RECIPE"), self.extra]))
 
 
+def distill_needs(method: str, run: DistillStage) -> tuple[str, ...]:
+    """The stages a distill run of `method` with settings `run` needs finished first: where its responses
+    and its teacher come from (D*, the scores of the golden responses, or the live teacher) and the phase-1
+    student when it starts from it. The paper's methods keep their fixed rows in `stages`."""
+    if method == "bd":
+        return (run.dstar, "student_sft")
+    on_dstar = method == "seqkd" or (method != "kd" and run.divergence.data == "dstar")
+    if run.teacher_source == "live":
+        needs = ["teacher_sft"] + ([run.dstar] if on_dstar else [])
+    else:
+        needs = [run.dstar if on_dstar else "score_train"]
+    return tuple(needs + (["student_sft"] if run.init == "student_sft" else []))
+
+
 def stages(recipe: Recipe) -> list[Stage]:
     """The pipeline for `recipe`, in the order it runs."""
     distill = recipe.stages.distill
 
-    def dstar_of(changes: dict) -> str:  # the D* stage a BD run trains on
-        return changes.get("dstar", distill.dstar)
+    def ablation(name: str, changes: dict) -> Stage:
+        run = DistillStage.model_validate({**distill.model_dump(exclude={"ablations"}), **changes})
+        return Stage(f"distill/{name}", distill_needs(run.method if "method" in changes else "bd", run))
+
+    # Beyond the paper: a divergence method runs when the recipe evaluates or judges it.
+    wanted = {*recipe.stages.eval.models, *recipe.stages.judge.baselines, recipe.stages.judge.candidate}
+    extras = [
+        Stage(f"distill/{name}", distill_needs(name, distill))
+        for name, method in METHODS.items()
+        if not method.in_paper and f"distill/{name}" in wanted
+    ]
 
     # The teacher generate, score_train and MiniLLM use: a stage that comes first when it names one
     # (teacher_sft by default), nothing to wait for when it is a path, a hub id or "base".
@@ -42,15 +67,13 @@ def stages(recipe: Recipe) -> list[Stage]:
         # the teacher's distribution on the golden responses, for KD from the cache
         Stage("score_train", teacher),
         Stage("student_sft", ()),
-        Stage("distill/bd", (dstar_of({}), "student_sft")),
-        *(
-            Stage(f"distill/{name}", (dstar_of(changes), "student_sft"))
-            for name, changes in distill.ablations.runs().items()
-        ),
+        Stage("distill/bd", (distill.dstar, "student_sft")),
+        *(ablation(name, changes) for name, changes in distill.ablations.runs().items()),
         Stage("distill/kd", ("score_train",)),
-        Stage("distill/seqkd", (dstar_of({}),)),
+        Stage("distill/seqkd", (distill.dstar,)),
         # online: the student's own rollouts with the live teacher (stages.generate.model) mixed in
         Stage("distill/minillm", tuple(dict.fromkeys((*teacher, "student_sft")))),
+        *extras,
         Stage("eval", tuple(recipe.stages.eval.models)),
         Stage("judge", ("eval",), extra=f"--backend {recipe.stages.judge.backend}"),
     ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bdctl.methods import beyond_paper
 from bdctl.pipeline import stages
 from bdctl.recipe.schema import Recipe
 from bdctl.rundir import RunDir, write_text_atomic
@@ -142,6 +143,11 @@ def diagnostic_curves(run: RunDir, path: Path) -> Path | None:
     return path
 
 
+def label(model: str) -> str:
+    """A model's name in the tables, marked when its method is beyond the paper."""
+    return f"{model} (beyond the paper)" if beyond_paper(model) else model
+
+
 def rouge_tables(results: dict, recipe: Recipe) -> list[str]:
     """Per sampling protocol: Table 1 (every evaluated model, with the paper's numbers beside ours
     where the recipe has them and says they came from this protocol or does not know) and Tables 2
@@ -177,10 +183,14 @@ def rouge_tables(results: dict, recipe: Recipe) -> list[str]:
             f"Mean ± std over seeds {seeds}, every model sampled under this protocol"
             + ("; the paper's numbers (mean of 5 seeds) beside ours, with the protocol that produced them."
                if paper else "."),
-            "", markdown_table(["model", *headers], [[m, *row(m)] for m in results["models"]]).strip(),
+            "", markdown_table(["model", *headers], [[label(m), *row(m)] for m in results["models"]]).strip(),
         ]  # fmt: skip
         lines += paper_selection_notes(recipe, results["models"])
-        ablated = [m for m in results["models"] if m in runs]
+        if any(beyond_paper(m) for m in results["models"]):
+            lines += ["", "(beyond the paper): a divergence of other toolkits' menu (docs/method.md §5.1), an extra "
+                      "baseline the paper does not have."]  # fmt: skip
+        ablated = [m for m in results["models"] if m in runs and runs[m].get("method", "bd") == "bd"]
+        lines += other_ablations(results["models"], runs, row, headers, name)
         if ablated and "distill/bd" in results["models"]:
             base = (
                 f"p = {distill.p:g}, chi2 {'on' if distill.chi2 else 'off'} (alpha {distill.alpha:g}), "
@@ -218,6 +228,28 @@ def paper_selection_notes(recipe: Recipe, models: list[str]) -> list[str]:
     lines = [""]
     lines += [f"Selection of the paper's numbers for {', '.join(rows)}: {note}" for note, rows in grouped.items()]
     return [*lines, "", OWN_SELECTION]
+
+
+def other_ablations(models: list[str], runs: dict[str, dict], row, headers: list[str], protocol: str) -> list[str]:
+    """A table per method other than BD that stages.distill.ablations ablates (combined runs naming
+    `method`): its run beside distill/<method>, with the settings each changes."""
+    from bdctl.tables import markdown_table
+
+    lines: list[str] = []
+    methods = dict.fromkeys(runs[m]["method"] for m in models if m in runs and runs[m].get("method", "bd") != "bd")
+    for method in methods:
+        base = f"distill/{method}"
+        ablated = [m for m in models if m in runs and runs[m].get("method") == method]
+        described = [[label(base), "the recipe's stages.distill", *row(base)]] if base in models else []
+        described += [
+            [m, ", ".join(f"{k} = {v}" for k, v in runs[m].items() if k != "method"), *row(m)] for m in ablated
+        ]
+        lines += [
+            "", f"### Ablations of {method}, protocol {protocol}", "",
+            f"{method} with the named settings of stages.distill changed; everything else as {base}.", "",
+            markdown_table(["run", "setting", *headers], described).strip(),
+        ]  # fmt: skip
+    return lines
 
 
 def wall_times(metrics: Path) -> dict | None:

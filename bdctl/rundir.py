@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bdctl.errors import UserError, space_for
+from bdctl.methods import METHODS
 
 # The file in a stage directory that asks its ranks to checkpoint and stop (bdctl.launch writes
 # it on SIGTERM / SIGUSR1; bdctl.training polls it).
@@ -309,7 +310,7 @@ def stage_command(stage_dir: str, recipe_path: str) -> str:
         return f"bdctl sft {recipe_path} --model {stage_dir.removesuffix('_sft')}"
     if stage_dir.startswith("distill/"):
         name = stage_dir.removeprefix("distill/")
-        method = name in ("bd", "kd", "seqkd", "minillm")
+        method = name in METHODS
         return f"bdctl distill {recipe_path} " + (f"--method {name}" if method else f"--ablation {name}")
     if stage_dir.startswith("score_"):
         return f"bdctl generate {recipe_path} --score {stage_dir.removeprefix('score_')}"

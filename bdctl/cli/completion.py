@@ -7,10 +7,26 @@ from pathlib import Path
 
 import typer
 
+from bdctl.methods import METHODS
+
+
+def _method_stages() -> list[str]:
+    """distill/<method> of every method of the registry (bdctl/methods.py)."""
+    return [f"distill/{name}" for name in METHODS]
+
+
 # Stages a model can be named by before any run exists (eval --model, reproduce --from/--only).
-_MODEL_STAGES = ["teacher_sft", "student_sft", "distill/bd", "distill/kd", "distill/seqkd", "distill/minillm"]
-_PIPELINE_STAGES = ["teacher_sft", "generate", "student_sft", "distill/bd", "distill/kd", "distill/seqkd",
-                    "distill/minillm", "eval", "judge"]  # fmt: skip
+def _model_stages() -> list[str]:
+    return ["teacher_sft", "student_sft", *_method_stages()]
+
+
+def _pipeline_stages() -> list[str]:
+    return ["teacher_sft", "generate", "student_sft", *_method_stages(), "eval", "judge"]
+
+
+def complete_method(incomplete: str) -> list[str]:
+    """`bdctl distill --method`: the methods of the registry."""
+    return [n for n in METHODS if n.startswith(incomplete)]
 
 
 def complete_recipe(incomplete: str) -> list[str]:
@@ -70,13 +86,13 @@ def _existing_stages(ctx: typer.Context, with_export: bool) -> list[str]:
 
 def complete_model_stage(ctx: typer.Context, incomplete: str) -> list[str]:
     """Stages whose export can be evaluated: the usual ones and those of the recipe's run directory."""
-    names = dict.fromkeys([*_MODEL_STAGES, *_existing_stages(ctx, with_export=True)])
+    names = dict.fromkeys([*_model_stages(), *_existing_stages(ctx, with_export=True)])
     return [n for n in names if n.startswith(incomplete)]
 
 
 def complete_pipeline_stage(ctx: typer.Context, incomplete: str) -> list[str]:
     """Stages of the pipeline (reproduce --from / --only)."""
-    names = dict.fromkeys([*_PIPELINE_STAGES, *_existing_stages(ctx, with_export=False)])
+    names = dict.fromkeys([*_pipeline_stages(), *_existing_stages(ctx, with_export=False)])
     return [n for n in names if n.startswith(incomplete)]
 
 

@@ -3,39 +3,38 @@
 from __future__ import annotations
 
 import json
-from enum import Enum
 from typing import Annotated
 
 import typer
 
 from bdctl.cli.common import ForceOpt, RecipeArg, SetOpt, job_command, say, user_errors
-from bdctl.cli.completion import complete_ablation
+from bdctl.cli.completion import complete_ablation, complete_method
 from bdctl.launch import LaunchOptions
+from bdctl.methods import METHODS, method_names
 
 EXAMPLE = """[bold]Examples[/]
 
   bdctl distill recipes/smoke.yaml --method bd
   bdctl distill recipes/smoke.yaml --method kd --set stages.distill.teacher_source=live
   bdctl distill recipes/smoke.yaml --method minillm
+  bdctl distill recipes/smoke.yaml --method jsd --set stages.distill.divergence.jsd_beta=0.9   (beyond the paper)
   bdctl distill tiny --method bd --nproc 2 --set stages.distill.p=0.5
   bdctl distill tiny --ablation bd-p1.0       (a run of stages.distill.ablations)
 """
-
-
-class Method(str, Enum):
-    bd = "bd"
-    kd = "kd"
-    seqkd = "seqkd"
-    minillm = "minillm"
 
 
 @job_command
 def distill(
     recipe: RecipeArg,
     method: Annotated[
-        Method | None,
+        str | None,
         typer.Option(
-            "--method", "-m", help="Objective (default: the recipe's stages.distill.method, bd).", show_default=False
+            "--method",
+            "-m",
+            help=f"Objective: {method_names()} (after minillm: the divergence menu, beyond the paper; "
+            "default: the recipe's stages.distill.method, bd).",
+            show_default=False,
+            autocompletion=complete_method,
         ),
     ] = None,
     ablation: Annotated[
@@ -43,8 +42,8 @@ def distill(
         typer.Option(
             "--ablation",
             "-a",
-            help="Run one BD ablation of stages.distill.ablations (e.g. bd-p1.0, bd-chi2-off, bd-released) "
-            "into runs/<name>/distill/<ablation>.",
+            help="Run one ablation of stages.distill.ablations (e.g. bd-p1.0, bd-chi2-off, bd-released; a combined "
+            "run may name another method) into runs/<name>/distill/<ablation>.",
             show_default=False,
             autocompletion=complete_ablation,
         ),
@@ -59,7 +58,8 @@ def distill(
     bd starts from the phase-1 student (runs/<name>/student_sft) and trains on the generate stage's D*
     and top-p cache; kd trains on the golden responses with the teacher's distribution (cache or live
     teacher); seqkd is SFT on D*; minillm (online) trains on the student's own teacher-mixed rollouts
-    by policy gradient.
+    by policy gradient. forward_kl, reverse_kl, jsd, tvd, skew_kl and skew_rkl (beyond the paper) train
+    on the golden responses or D* with that divergence to the teacher (stages.distill.divergence).
 
     Keeps the weights with the best validation score (stages.distill.select: rouge_l or val_loss) and
     exports them as a Hugging Face directory: runs/<name>/distill/<method>/export.
@@ -69,27 +69,29 @@ def distill(
         from bdctl.recipe import load_recipe
         from bdctl.submit import submit
 
+        if method is not None and method not in METHODS:
+            raise UserError(f"--method {method}: no such method; expected one of {method_names()}")
         overrides = list(set_ or [])
         if ablation is not None:
-            if method not in (None, Method.bd):
-                raise UserError(f"--ablation {ablation} is a Bellman Distill run; drop --method {method.value}")
             runs = load_recipe(recipe, overrides)[0].stages.distill.ablations.runs()
             if ablation not in runs:
                 known = ", ".join(runs) or "none: the recipe sets no stages.distill.ablations"
                 raise UserError(f"--ablation {ablation}: no such run in stages.distill.ablations (runs: {known})")
-            chosen = "bd"
+            chosen = runs[ablation].get("method", "bd")  # a combined run may ablate another method
+            if method not in (None, chosen):
+                raise UserError(f"--ablation {ablation} is a run of --method {chosen}; drop --method {method}")
             for key, value in runs[ablation].items():  # the saved recipe says what ran
                 overrides.append(f"stages.distill.{key}={json.dumps(value)}")
-            # The run is BD with these settings; the other runs are not its business (and checked
+            # The run is its method with these settings; the other runs are not its business (and checked
             # against its settings they could clash, e.g. outside: drop beside variant: released).
             overrides.append("stages.distill.ablations={}")
         elif method is None:
             chosen = load_recipe(recipe, overrides)[0].stages.distill.method
         else:
-            chosen = method.value
+            chosen = method
         overrides.append(f"stages.distill.method={chosen}")
         options = {"method": chosen, **({"ablation": ablation} if ablation else {})}
-        stage = "minillm" if chosen == "minillm" else "distill"  # MiniLLM is a stage of its own (online)
+        stage = METHODS[chosen].stage  # MiniLLM is a stage of its own (online)
         job = submit(stage, recipe, overrides, options, launch, force, log=say)
         if job is not None and not launch.dry_run:  # None: a task with nothing to do
             say(f"[green]done:[/] {job.stage_dir / 'export'}")

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from bdctl.methods import METHODS, method_names
+
 #: Times a request is asked in all while its reply is not A, B or Tie. A sampling or overloaded
 #: endpoint often answers properly on another try; a deterministic one repeats itself, so more
 #: tries would only cost time before the reply is reported as unparsed.
@@ -612,7 +614,8 @@ class Ablations(Section):
     """Extra Bellman Distill runs beside distill/bd, each changing one setting of stages.distill
     (the paper's Tables 2 and 4). Each value names a run: p -> distill/bd-p1.0, chi2 ->
     distill/bd-chi2-off, variant -> distill/bd-released; `bdctl distill RECIPE --ablation NAME`
-    runs one, `bdctl reproduce` runs them all."""
+    runs one, `bdctl reproduce` runs them all. A `combined` run that sets `method` ablates another
+    distill method the same way (e.g. {kd-lr1e-4: {method: kd, lr: 1.0e-4}} -> distill/kd-lr1e-4)."""
 
     p: list[Annotated[float, Field(gt=0, le=1)]] = Field(
         default_factory=list, description="Top-p values to compare with stages.distill.p, e.g. [1.0, 0.5]."
@@ -642,7 +645,9 @@ class Ablations(Section):
     combined: dict[Annotated[str, Field(pattern=_NAME)], dict[str, Any]] = Field(
         default_factory=dict,
         description="Named runs changing several stages.distill settings at once, e.g. "
-        "{bd-nucleus-drop: {dstar: generate-nucleus, outside: drop}} -> distill/bd-nucleus-drop.",
+        "{bd-nucleus-drop: {dstar: generate-nucleus, outside: drop}} -> distill/bd-nucleus-drop; with `method` "
+        "(default bd) a run of another method, e.g. {jsd-beta0.9: {method: jsd, divergence: {jsd_beta: 0.9}}} "
+        "(a nested section is replaced whole). Not minillm, and a name may not be a method's.",
     )
 
     def runs(self) -> dict[str, dict[str, Any]]:
@@ -729,11 +734,48 @@ class MiniLLM(Section):
     )
 
 
-class DistillStage(Train):
-    """Bellman Distill and the KD / SeqKD baselines (docs/method.md §3 to 4)."""
+class Divergence(Section):
+    """BEYOND THE PAPER: the divergence menu of other toolkits (docs/method.md §5.1), the settings of
+    `--method forward_kl | reverse_kl | jsd | tvd | skew_kl | skew_rkl`. From a live teacher the
+    divergence is exact (dense); from the cache (teacher_source: cache) it is computed between the
+    distributions coarse-grained to the cached set A_t plus one tail bucket (never larger than exact)."""
 
-    method: Literal["bd", "kd", "seqkd", "minillm"] = Field(
-        "bd", description="Objective (`bdctl distill --method` overrides it)."
+    jsd_beta: float = Field(
+        0.5, ge=0, le=1,
+        description="jsd: beta of TRL's generalized JSD, beta KL(p||m) + (1 - beta) KL(q||m) with m = beta p + "
+        "(1 - beta) q; 0 is taken as forward KL and 1 as reverse KL (TRL's convention). TRL's default: 0.5.",
+    )  # fmt: skip
+    skew_alpha: float = Field(
+        0.1, ge=0, lt=1,
+        description="skew_kl / skew_rkl: the skew a of DistiLLM's KL(p || a p + (1 - a) q) and "
+        "KL(q || a q + (1 - a) p) (0: plain forward / reverse KL). DistiLLM's default: 0.1.",
+    )  # fmt: skip
+    temperature: float = Field(
+        1.0, gt=0,
+        description="tau dividing both logits before the softmax; the loss is scaled by tau^2. Needs "
+        "teacher_source: live unless 1 (the cache holds the teacher's probabilities at temperature 1 only).",
+    )  # fmt: skip
+    data: Literal["golden", "dstar"] = Field(
+        "golden",
+        description="The responses scored: golden (data/train.jsonl's, with the score_train cache or the live "
+        "teacher) or dstar (stages.distill.dstar's D*, with its cache or the live teacher).",
+    )
+    on_policy: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="GKD's lambda: the share of batches whose responses the student samples and the live teacher "
+        "scores. Not implemented yet: only 0 (off-policy) is accepted.",
+    )
+
+
+class DistillStage(Train):
+    """Bellman Distill, the KD / SeqKD / MiniLLM baselines and the divergence menu (docs/method.md §3 to 6)."""
+
+    method: str = Field(
+        "bd",
+        description=f"Objective (`bdctl distill --method` overrides it): {method_names()} "
+        "(bdctl/methods.py; the divergences are beyond the paper).",
     )
     teacher_source: Literal["cache", "live"] = Field("cache", description="Sparse cache or live teacher.")
     p: float = Field(0.8, gt=0, le=1, description="Top-p of the teacher candidate sets (1.0: no mask).")
@@ -791,6 +833,33 @@ class DistillStage(Train):
     )
     ablations: Ablations = Field(default_factory=Ablations, description="Extra BD runs, one setting changed each.")
     minillm: MiniLLM = Field(default_factory=MiniLLM, description="MiniLLM's settings (--method minillm).")
+    divergence: Divergence = Field(
+        default_factory=Divergence,
+        description="BEYOND THE PAPER: the settings of the divergence methods (--method jsd, tvd, ...).",
+    )
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in METHODS:
+            raise ValueError(f"unknown method {value!r}: expected one of {method_names()}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_divergence(self) -> DistillStage:
+        if METHODS[self.method].divergence is None:
+            return self
+        if self.divergence.on_policy > 0:
+            raise ValueError(
+                f"divergence.on_policy is {self.divergence.on_policy:g}: on-policy mixing (GKD's lambda) is not "
+                "implemented yet; set 0"
+            )
+        if self.divergence.temperature != 1.0 and self.teacher_source == "cache":
+            raise ValueError(
+                f"divergence.temperature is {self.divergence.temperature:g} but the teacher cache holds "
+                "probabilities at temperature 1 only; set teacher_source: live or temperature: 1"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_minillm(self) -> DistillStage:
@@ -990,6 +1059,10 @@ class Recipe(Section):
                 raise ValueError(f"{where}: {key}: {first['msg']}") from None
             if run.dstar not in dstars:
                 raise ValueError(f"{where}: dstar {run.dstar!r} is not a D* of this recipe ({', '.join(dstars)})")
+            if name and name in METHODS:
+                raise ValueError(f"{where}: the run name is a method's (distill/{name}); name it another way")
+            if name and METHODS[run.method].stage != "distill":
+                raise ValueError(f"{where}: method {run.method}: ablations run the distill stage's methods only")
             if run.outside == "drop" and run.variant == "released":
                 raise ValueError(
                     f"{where}: outside: drop applies to the paper variant (the released loss ignores actions)"

@@ -3,6 +3,8 @@
     bdctl distill RECIPE --method bd      phase 2: BD on the teacher data D* (runs/<name>/generate/cache)
     bdctl distill RECIPE --method kd      word-level KD on the golden training responses
     bdctl distill RECIPE --method seqkd   SFT on D* (optionally mixed with KD)
+    bdctl distill RECIPE --method jsd     a divergence of the menu (docs/method.md §5.1; beyond the paper):
+                                          forward_kl | reverse_kl | jsd | tvd | skew_kl | skew_rkl
 
 Data.
 * bd, seqkd: D*, every response of the generate stage's cache after its prompt (data/train.jsonl, the row
@@ -30,6 +32,10 @@ Loss heads, and what `MicroBatch.count` (the unit of the global mean) is:
 * kd: (1 - r) CE + r KD, r = kd_ratio; KD from the cache is `kd.lean_sparse_kd_loss`, KD from the live teacher
   is `kd.exact_kd_loss` (chunked on the student side; the teacher's probabilities of the scored rows,
   [N, V], are held once). seqkd: the same on D* with r = seqkd_kd_ratio (0: plain SFT). Count: tokens.
+* the divergence menu (`divergence_loss`, stages.distill.divergence): from the cache
+  `divergences.lean_coarse_per_token` (A_t plus a tail bucket; chunked, no [N, V]); from the live teacher
+  `divergences.per_token` on the scored rows' logits, [N, V] for the student and the teacher. Token mean;
+  count: tokens. On the golden responses (data: golden, the score_train cache) or D* (data: dstar).
 * The pretraining term (pretrain_term, on for bd by default): + lm_coef * L_PT, a second forward per
   micro-batch on packed blocks of data.pretrain (`bdctl.data.pretrain`), L_PT = (1 - pt_kd_ratio) CE +
   pt_kd_ratio KD (exact, live teacher), averaged over its own tokens (the loop's aux term).
@@ -63,15 +69,17 @@ from bdctl.distill_data import (
 )
 from bdctl.errors import UserError
 from bdctl.job import Job, resolve_weights
+from bdctl.methods import METHODS as ALL_METHODS
 from bdctl.objectives.bellman import BellmanTerms, candidate_mask, dense_terms
 from bdctl.objectives.bellman_lean import lean_terms, released_lean_terms
+from bdctl.objectives.divergences import lean_coarse_per_token, per_token
 from bdctl.objectives.kd import exact_kd_loss, lean_sparse_kd_and_ce, mixed_kd_loss, teacher_probabilities
 from bdctl.objectives.lm import IGNORE_INDEX, lean_cross_entropy
 from bdctl.recipe.schema import DistillStage
 from bdctl.rundir import manifest, stage_command
 from bdctl.topp import teacher_sets
 
-METHODS = ("bd", "kd", "seqkd")
+METHODS = tuple(name for name, method in ALL_METHODS.items() if method.stage == "distill")
 BD_LOGS = ("mean_r", "mean_v", "mean_q_candidates", "chi2", "outside_share", "mean_set_size", "set_mass")
 BEYOND_PAPER = "BEYOND THE PAPER"  # how every setting the paper does not have is labelled in output
 
@@ -110,6 +118,21 @@ def describe(setup: Setup, job: Job) -> list[str]:
                 f"{BEYOND_PAPER}: anchor + {setup.anchor_coef:g} x cross-entropy of D*'s actions over BD's "
                 "transitions; this is not the paper's loss"
             )
+    elif setup.divergence is not None:
+        settings = config.divergence
+        knobs = {"jsd": f"beta = {settings.jsd_beta:g}", "skew_kl": f"a = {settings.skew_alpha:g}",
+                 "skew_rkl": f"a = {settings.skew_alpha:g}"}.get(setup.divergence)  # fmt: skip
+        data = "the golden training responses" if not setup.uses_dstar else dstar_name(setup.dstar)
+        teacher = {
+            "cache": "teacher from the sparse top-p cache, both distributions coarse-grained to A_t plus one tail "
+            "bucket (never above the exact value)",
+            "live": "live teacher: exact",
+        }[setup.kd_teacher or "live"]
+        lines.append(
+            f"{BEYOND_PAPER}: {setup.divergence}"
+            + (f" ({knobs})" if knobs else "")
+            + f" at temperature {settings.temperature:g} on {data}; {teacher} (docs/method.md §5.1)"
+        )
     else:
         data = "the golden training responses" if setup.method == "kd" else dstar_name(setup.dstar)
         teacher = {
@@ -212,6 +235,34 @@ def ce_and_kd(hidden: Tensor, weight: Tensor, batch: dict[str, Tensor], ratio: f
     return mixed_kd_loss(ce, kd, ratio), {"ce": ce.item(), "kd": kd.item()}
 
 
+def divergence_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    batch: dict[str, Tensor],
+    name: str,
+    config: DistillStage,
+    teacher_logits: Tensor | None,
+) -> tuple[Tensor, dict[str, float]]:
+    """The divergence menu (docs/method.md §5.1): token mean over the valid positions, from the cache's
+    sets (coarse-grained, lean) or the live teacher's logits of the scored rows ([N, V], dense)."""
+    settings = config.divergence
+    valid = batch["valid"]
+    rows = scored_rows(response_hidden(hidden, batch["positions"]), valid)
+    if teacher_logits is None:
+        ids, probs, mask = (scored_rows(batch[k], valid) for k in ("cand_ids", "cand_probs", "cand_mask"))
+        per_position = lean_coarse_per_token(
+            name, rows, weight, ids, probs, mask,
+            beta=settings.jsd_beta, alpha=settings.skew_alpha, temperature=settings.temperature,
+        )  # fmt: skip
+    else:
+        per_position = per_token(
+            name, rows @ weight.T, teacher_logits,
+            beta=settings.jsd_beta, alpha=settings.skew_alpha, temperature=settings.temperature,
+        )  # fmt: skip
+    loss = per_position.mean()
+    return loss, {name: loss.item()}
+
+
 def pretrain_loss(
     hidden: Tensor, weight: Tensor, blocks: Tensor, ratio: float = 0.0, teacher_probs: Tensor | None = None
 ) -> Tensor:
@@ -247,8 +298,9 @@ def prepare(job: Job, log=print) -> None:
 
     if setup.init == "student_sft" and manifest(job.run.stage("student_sft")) is None:
         raise UserError(
-            f"distill --method bd starts from the phase-1 student (init: auto) and {job.run.stage('student_sft')} "
-            f"has not finished; run it first: {stage_command('student_sft', job.recipe_path)}"
+            f"distill --method {method} starts from the phase-1 student (init: {config.init}) and "
+            f"{job.run.stage('student_sft')} has not finished; run it first: "
+            f"{stage_command('student_sft', job.recipe_path)}"
         )
     student = resolve_weights(job, setup.init, "student")
     teacher = (
@@ -392,7 +444,13 @@ def run(job: Job, rank: int, world: int) -> None:
                 lambda h, w: teacher_sets(scored_rows(response_hidden(h, batch["positions"]), valid), w, config.p, cap),
             )  # fmt: skip
             batch["cand_ids"], batch["cand_mask"] = frame_sets(valid, *found)
-        if setup.kd_teacher == "live":
+        teacher_logits = None
+        if setup.kd_teacher == "live" and setup.divergence is not None:  # the divergence menu: dense logits
+            teacher_logits = teacher_forward(
+                batch["input_ids"], batch["attention_mask"],
+                lambda h, w: scored_rows(response_hidden(h, batch["positions"]), valid) @ w.T,
+            )  # fmt: skip
+        elif setup.kd_teacher == "live":
             teacher_probs = teacher_forward(
                 batch["input_ids"], batch["attention_mask"],
                 lambda h, w: teacher_probabilities(scored_rows(response_hidden(h, batch["positions"]), valid), w),
@@ -408,6 +466,12 @@ def run(job: Job, rank: int, world: int) -> None:
                 anchor = anchor_loss(hidden, weight, batch, scored)
                 logs.update(bd_loss=float(terms.loss.detach()), anchor_ce=float(anchor.detach()))
                 return terms.loss + setup.anchor_coef * anchor, logs
+
+        elif setup.divergence is not None:
+            name = setup.divergence
+
+            def head(hidden, weight):
+                return divergence_loss(hidden, weight, batch, name, config, teacher_logits)
 
         else:
 

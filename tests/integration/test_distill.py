@@ -496,3 +496,28 @@ def test_bd_on_the_nucleus_dstar_with_drop_anchor_and_a_best_export_per_protocol
         p: json.loads((eval_dir / p / "dolly/seed10.done.json").read_text())["weights"] for p in ("minillm", "release")
     }
     assert weights["minillm"].endswith("distill/bd/export") and weights["release"].endswith("distill/bd/export-release")
+
+
+@pytest.mark.slow
+def test_divergence_methods_from_the_cache_and_from_a_live_teacher(prepared, tmp_path):
+    """The divergence menu (beyond the paper) through the real CLI: jsd from the score_train cache on the
+    golden responses (coarse-grained), then skew_rkl from the live teacher on D* (dense, temperature 2)."""
+    recipe = copy_of(prepared, tmp_path)
+    result, stage, records = distill(recipe, "jsd", tmp_path, "--set", "stages.distill.divergence.jsd_beta=0.3")
+    assert "BEYOND THE PAPER: jsd (beta = 0.3) at temperature 1 on the golden training responses" in result.stderr
+    assert "coarse-grained to A_t plus one tail bucket" in result.stderr
+    assert records[0]["train"] == json.loads((tmp_path / "runs/smoke/data/split.json").read_text())["train"]
+    steps = trains(records)
+    # JSD(beta) lies in [0, log 2] whatever the pair; the loss is the divergence alone
+    assert steps and all(0 < r["jsd"] < math.log(2) and r["loss"] == pytest.approx(r["jsd"]) for r in steps)
+    assert_loadable(stage / "export")
+    card = (stage / "export/README.md").read_text()
+    assert "beyond the paper" in card and "divergence.jsd_beta" in card
+
+    live = ["--set", "stages.distill.teacher_source=live", "--set", "stages.distill.divergence.data=dstar",
+            "--set", "stages.distill.divergence.temperature=2"]  # fmt: skip
+    result, stage, records = distill(recipe, "skew_rkl", tmp_path, *live)
+    assert "skew_rkl (a = 0.1) at temperature 2 on D*; live teacher: exact" in result.stderr
+    assert records[0]["train"] == 64  # D*: 32 prompts x 2 samples
+    assert all(math.isfinite(r["skew_rkl"]) and r["skew_rkl"] > 0 for r in trains(records))
+    assert (stage / "export/MANIFEST.json").is_file()
