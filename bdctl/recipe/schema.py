@@ -1052,7 +1052,9 @@ class Recipe(Section):
         for name, changes in {"": {}, **distill.ablations.runs()}.items():
             where = f"stages.distill.ablations ({name})" if name else "stages.distill"
             try:
-                run = DistillStage.model_validate({**distill.model_dump(exclude={"ablations"}), **changes})
+                # an ablation is a BD run unless it names its method (as `bdctl distill --ablation` runs it)
+                method = {"method": changes.get("method", "bd")} if name else {}
+                run = DistillStage.model_validate({**distill.model_dump(exclude={"ablations"}), **changes, **method})
             except ValueError as error:
                 first = error.errors()[0] if hasattr(error, "errors") else {"loc": (), "msg": str(error)}
                 key = ".".join(str(part) for part in first["loc"])
