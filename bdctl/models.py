@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from bdctl.errors import UserError
-from bdctl.recipe.schema import ModelSpec, Recipe, TinyModel, TokenizerTraining
+from bdctl.recipe.schema import LoRA, ModelSpec, Recipe, TinyModel, TokenizerTraining
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -239,8 +239,10 @@ def build_tiny_model(spec: TinyModel, tokenizer, seed: int):
     return model
 
 
-def load_model(source: str | Path | ModelSpec, tokenizer, seed: int):
+def load_model(source: str | Path | ModelSpec, tokenizer, seed: int, lora: LoRA | None = None, where: str = ""):
     """The weights of `source`: a tiny spec is built, a path or hub id goes through from_pretrained.
+    With `lora` (the trained model's `models.<role>.lora`, named by `where`), LoRA adapters are
+    injected and every base weight frozen (`bdctl.lora.apply`).
 
     Call it while a `HfDeepSpeedConfig` for ZeRO-3 is alive and transformers partitions the
     weights as it loads them (deepspeed.zero.Init), so a large model never sits whole on one rank.
@@ -268,7 +270,27 @@ def load_model(source: str | Path | ModelSpec, tokenizer, seed: int):
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise UserError(f"model type {model.config.model_type!r}: an output layer with a bias is not supported")
+    if lora is not None:
+        from bdctl import lora as adapters
+
+        base = source.path if isinstance(source, ModelSpec) else str(source)
+        model = adapters.apply(model, lora, seed, where, base)
     return model
+
+
+def check_lora(source: str | Path | ModelSpec, tokenizer, lora: LoRA | None, where: str) -> None:
+    """Launching process, before any rank starts: a recipe asking for LoRA has peft installed and
+    names target modules the model has (checked on a model built on the meta device)."""
+    if lora is None:
+        return
+    from bdctl import lora as adapters
+
+    adapters.require_peft(where)
+    if isinstance(source, ModelSpec) and source.tiny is not None:
+        config = tiny_config(source.tiny, tokenizer)
+    else:
+        config = _read_config(source)
+    adapters.check_targets_of_config(config, lora, where)
 
 
 def _read_config(source: str | Path | ModelSpec):
