@@ -193,4 +193,3 @@ def save_adapter(model, state: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     getattr(model, _CONFIG_ATTRIBUTE).save_pretrained(str(out_dir))
     save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "adapter_model.safetensors"))
-

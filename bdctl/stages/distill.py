@@ -230,7 +230,7 @@ def prepare(job: Job, log=print) -> None:
     from bdctl.data.batching import training_steps
     from bdctl.data.prepare import prepare_data
     from bdctl.engine import check_batch_split
-    from bdctl.models import check_vocabularies, load_tokenizer, max_positions
+    from bdctl.models import check_lora, check_vocabularies, load_tokenizer, max_positions
     from bdctl.selection import check_rouge_selection
 
     config = stage_config(job)
@@ -254,6 +254,7 @@ def prepare(job: Job, log=print) -> None:
         else job.recipe.models.teacher
     )
     check_vocabularies(job.recipe, tokenizer, {"teacher": teacher, "student": student})
+    check_lora(student, tokenizer, job.recipe.models.student.lora, "models.student.lora")
     limit = max_positions(student)
     check_rouge_selection(job, config, "distill", limit)
 
@@ -341,7 +342,10 @@ def run(job: Job, rank: int, world: int) -> None:
     )
     with_ds = hf_deepspeed_context(ds_config)  # noqa: F841  (alive while loading: ZeRO-3 partitioned load)
     engine = make_engine(
-        policy_module(load_model(source, tokenizer, recipe.seed)), ds_config, total_steps, config.warmup_ratio
+        policy_module(load_model(source, tokenizer, recipe.seed, recipe.models.student.lora, "models.student.lora")),
+        ds_config,
+        total_steps,
+        config.warmup_ratio,
     )
     teacher = None
     if setup.live_teacher:

@@ -213,7 +213,7 @@ def prepare(job: Job, log=print) -> None:
     memory, pretraining blocks."""
     from bdctl.data.prepare import prepare_data
     from bdctl.engine import check_batch_split
-    from bdctl.models import check_vocabularies, load_tokenizer, max_positions
+    from bdctl.models import check_lora, check_vocabularies, load_tokenizer, max_positions
     from bdctl.rundir import manifest
     from bdctl.selection import check_rouge_selection
 
@@ -229,6 +229,7 @@ def prepare(job: Job, log=print) -> None:
     student = resolve_weights(job, init_ref(config), "student")
     teacher = resolve_weights(job, job.recipe.stages.generate.model, "teacher")
     check_vocabularies(job.recipe, tokenizer, {"teacher": teacher, "student": student})
+    check_lora(student, tokenizer, job.recipe.models.student.lora, "models.student.lora")
     longest = job.recipe.data.max_prompt_length
     for role, source in (("student", student), ("teacher", teacher)):
         limit = max_positions(source)
@@ -473,7 +474,8 @@ def run(job: Job, rank: int, world: int) -> None:
     ds_config = deepspeed_config_for(job, config, world, steps.total_steps, source)
     with_ds = hf_deepspeed_context(ds_config)  # noqa: F841  (alive while loading: ZeRO-3 partitioned load)
     engine = make_engine(
-        policy_module(load_model(source, tokenizer, recipe.seed)), ds_config, steps.total_steps, config.warmup_ratio,
+        policy_module(load_model(source, tokenizer, recipe.seed, recipe.models.student.lora, "models.student.lora")),
+        ds_config, steps.total_steps, config.warmup_ratio,
         warmup_steps=own.warmup_steps,
     )  # fmt: skip
     # EOS, or the chat template's end-of-turn
