@@ -220,6 +220,91 @@ def test_every_model_under_every_protocol_with_reuse_per_protocol(evaluated, tmp
     assert "8 reused, 0 to generate" in again.stderr
 
 
+# --------------------------------------------------------------------------- lm-evaluation-harness
+
+# A multiple-choice task of the test's own over a local JSONL file: lm-eval reads it with no network.
+HARNESS_DOCS = [
+    {"question": "What is two plus two?", "choices": ["four", "five", "blue"], "answer": 0},
+    {"question": "Name a colour.", "choices": ["seven", "green", "run"], "answer": 1},
+    {"question": "Reverse the word cat.", "choices": ["tac", "dog", "act"], "answer": 0},
+    {"question": "Count to three.", "choices": ["a b", "one two three", "xyz"], "answer": 1},
+    {"question": "Sort 3 1 2.", "choices": ["3 2 1", "2 1 3", "1 2 3"], "answer": 2},
+    {"question": "Is fire hot?", "choices": ["no", "yes"], "answer": 1},
+]
+
+
+def write_harness_task(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in HARNESS_DOCS))
+    (folder / "bdctl_toy.yaml").write_text(
+        "task: bdctl_toy\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {folder / 'docs.jsonl'}\n"
+        "output_type: multiple_choice\ntest_split: test\n"
+        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    return folder
+
+
+def harness_reference(export: Path) -> float:
+    """Accuracy by hand: the choice with the highest log-probability of " <choice>" after the question
+    (lm-eval's multiple_choice with its default target delimiter " ")."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(export).eval(), AutoTokenizer.from_pretrained(export)
+    right = 0
+    for doc in HARNESS_DOCS:
+        scores = []
+        for choice in doc["choices"]:
+            context = tokenizer(doc["question"], add_special_tokens=False)["input_ids"]
+            whole = tokenizer(doc["question"] + " " + choice, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), -1)
+            scores.append(sum(logp[i - 1, whole[i]].item() for i in range(len(context), len(whole))))
+        right += int(max(range(len(scores)), key=scores.__getitem__) == doc["answer"])
+    return right / len(HARNESS_DOCS)
+
+
+def test_harness_scores_go_beside_rouge_l(evaluated, tmp_path):
+    from bdctl.recipe import load_recipe
+    from bdctl.report import write_report
+    from bdctl.rundir import RunDir
+
+    source, _ = evaluated
+    root = copy_run(source, tmp_path)
+    tasks = write_harness_task(tmp_path / "tasks")
+    result = run_cli("eval", SMOKE, *EVAL, "--harness", "bdctl_toy", "--harness-include", str(tasks), cwd=root)
+    ok(result)
+    out = root / "runs/smoke/eval"
+    results = json.loads((out / "results.json").read_text())
+    assert results["units"]["generated"] == 0  # Rouge-L reused; the harness ran on the same two models
+    harness = results["harness"]
+    assert harness["tasks"] == ["bdctl_toy"] and set(harness["scores"]) == {"teacher_sft", "student_sft"}
+    for model in ("teacher_sft", "student_sft"):
+        expected = harness_reference(root / f"runs/smoke/{model}/export")
+        assert harness["scores"][model]["bdctl_toy"]["acc"] == pytest.approx(expected)
+        assert harness["samples"][model] == {"bdctl_toy": len(HARNESS_DOCS)}
+        assert (out / "harness" / f"{model}.json").is_file()  # lm-eval's own results
+    student = harness["scores"]["student_sft"]["bdctl_toy"]["acc"]
+    assert "### lm-evaluation-harness (beyond the paper)" in (out / "table.md").read_text()
+    assert f"| student_sft | {student:.4f} ± " in (out / "table.md").read_text()
+    assert "lm-evaluation-harness" in result.stdout  # the terminal table
+    recipe, _ = load_recipe(SMOKE)
+    report = write_report(RunDir(root / "runs/smoke"), recipe, SMOKE, [], {}).read_text()
+    assert "## lm-evaluation-harness (beyond the paper)" in report and f"| student_sft | {student:.4f}" in report
+
+
+def test_unknown_harness_task_is_one_line(evaluated, tmp_path):
+    source, _ = evaluated
+    root = copy_run(source, tmp_path)
+    tasks = write_harness_task(tmp_path / "tasks")
+    result = run_cli("eval", SMOKE, *EVAL, "--harness", "bdctl_toy,bdctl_toi", "--harness-include", str(tasks),
+                     cwd=root)  # fmt: skip
+    assert_user_error(result, "--harness: unknown lm-eval task 'bdctl_toi'", f"nor in {tasks}", "close: bdctl_toy")
+
+
 def test_two_ranks_give_the_same_generations(trained, evaluated, tmp_path):
     """Batches are formed for the whole set and dealt to ranks, and each prompt's seed comes from
     (seed, prompt id): every prompt is sampled in the same batch with the same random numbers."""
