@@ -20,8 +20,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("bdctl.worker",),
     ("bdctl.stages",),
     ("bdctl.training", "bdctl.selection", "bdctl.answers", "bdctl.evalunits", "bdctl.sampling", "bdctl.topp",
-     "bdctl.cache", "bdctl.rollouts", "bdctl.judges", "bdctl.metrics", "bdctl.report_sparsity", "bdctl.distill_data"),
-    ("bdctl.engine", "bdctl.models", "bdctl.sizes", "bdctl.modelcard", "bdctl.data"),
+     "bdctl.cache", "bdctl.rollouts", "bdctl.judges", "bdctl.metrics", "bdctl.report_sparsity", "bdctl.distill_data",
+     "bdctl.harness"),
+    ("bdctl.engine", "bdctl.models", "bdctl.sizes", "bdctl.modelcard", "bdctl.data", "bdctl.lora"),
     ("bdctl.objectives",),
 ]  # fmt: skip
 # Records and helpers every layer may use; they import nothing but other leaves. The recipe is one:

@@ -49,9 +49,7 @@ def test_adapters_go_where_asked_and_only_they_train(arch, tiny_tokenizer):
     adapted_layers = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable}
     assert adapted_layers == set(TARGETS[arch])
     # r x (in + out) per adapted layer, 2 layers
-    assert trainable_parameters(model) == sum(
-        p.numel() for n, p in model.named_parameters() if p.requires_grad
-    )
+    assert trainable_parameters(model) == sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
     ids = torch.randint(0, len(tiny_tokenizer), (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():  # B = 0: before training the adapted model is the base model exactly
         assert torch.equal(model(ids).logits, base(ids).logits)
