@@ -8,14 +8,15 @@ Models, built from configs with random weights (nothing downloaded):
     tiny    the smoke recipe's student shape: GPT-2, 1 layer, hidden 32, 2 heads, vocabulary 512
     smollm  SmolLM2-135M's shape: llama, hidden 576, 30 layers, 9 heads, 3 kv heads, ffn 1536,
             vocabulary 49152, tied embeddings (134.5M parameters)
-Sides: `full` (every weight trains, as the paper does) and `lora` (bdctl.lora.apply: r 16, alpha 32, on every
+Sides: `full` (every weight trains, as the paper does) and `lora` (bdctl.lora.apply: r 8, alpha 16, on every
 attention and MLP projection: q/k/v/o/gate/up/down_proj for llama, c_attn/c_proj/c_fc for GPT-2).
 
 Every measurement runs in its own process through bdctl's training path: the model built from its config
 under the ZeRO-3 `HfDeepSpeedConfig` (for the LoRA side, `bdctl.lora.apply`, what `models.load_model` calls),
 `engine.policy_module`, `engine.make_engine` (one rank, CPU, fp32, torch's Adam), `lean_cross_entropy` on a
-random batch, `engine.backward` and `engine.step`. One warm-up step, then `--steps` measured steps. The sides alternate within each round
-(order reversed on odd rounds) and the ratios are per round, then the median over rounds.
+random batch, `engine.backward` and `engine.step`. One warm-up step, then `--steps` measured steps. The
+sides alternate within each round (order reversed on odd rounds) and the ratios are per round, then the
+median over rounds.
 
     trainable       parameters the optimizer updates
     state_mib       bytes of the optimizer's tensors after the warm-up step: its fp32 parameter partitions
@@ -90,10 +91,10 @@ def model_config(name: str):
 
 
 def optimizer_bytes(engine) -> int:
-    """The optimizer's own tensors: its parameter partitions and their state (Adam's two moments)."""
+    """The optimizer's own tensors: ZeRO-3's fp32 parameter partitions (the torch optimizer's param groups
+    point at them only during a step) and the torch optimizer's state (Adam's two moments per partition)."""
     import torch
 
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO's wrapper -> the torch optimizer
     seen: set[int] = set()
     total = 0
 
@@ -103,10 +104,12 @@ def optimizer_bytes(engine) -> int:
             seen.add(id(tensor))
             total += tensor.numel() * tensor.element_size()
 
-    for group in inner.param_groups:
-        for param in group["params"]:
-            add(param)
-            for value in inner.state.get(param, {}).values():
+    for flat in getattr(engine.optimizer, "fp32_partitioned_groups_flat", []):
+        add(flat)
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO's wrapper -> the torch optimizer
+    for state in inner.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:  # not Adam's step counter
                 add(value)
     return total
 
@@ -143,7 +146,7 @@ def run_one(args) -> dict:
 
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if args.side == "lora":  # what models.load_model does with models.<role>.lora
-        model = apply(model, LoRA(r=16, alpha=32, target_modules=TARGETS[config.model_type]), args.seed, "bench")
+        model = apply(model, LoRA(r=8, alpha=16, target_modules=TARGETS[config.model_type]), args.seed, "bench")
     engine = make_engine(policy_module(model), ds_config, 100, 0.0)
     generator = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, config.vocab_size, (args.micro, args.seq), generator=generator)
@@ -219,7 +222,7 @@ def main() -> None:
 
         pairs = list(zip(runs["lora"], runs["full"], strict=True))
         ratios = {
-            key: statistics.median(lo[key] / full[key] for lo, full in pairs if full[key])
+            key: statistics.median([lo[key] / full[key] for lo, full in pairs if full[key]] or [float("nan")])
             for key in ("seconds", "cpu_seconds", "state_mib", "peak_mib")
         }
         ratios["trainable"] = runs["lora"][0]["trainable"] / runs["full"][0]["trainable"]
