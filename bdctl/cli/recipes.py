@@ -67,7 +67,7 @@ def show(
 
         from bdctl.pipeline import stages
         from bdctl.recipe import dump_recipe, load_recipe
-        from bdctl.sizes import count_parameters, inference_gib, model_config, training_gib_per_gpu
+        from bdctl.sizes import count_parameters, inference_gib, lora_parameters, model_config, training_gib_per_gpu
 
         resolved, path = load_recipe(recipe, set_ or [])
         console = Console()
@@ -91,10 +91,15 @@ def show(
                 sizes.add_row(f"{role}: {spec.path}", "config not on disk", "-", "-", "-")
                 continue
             n = count_parameters(config)
+            trained = lora_parameters(config, spec.lora) if spec.lora is not None else None
+            name = f"{role}: {spec.path or spec.tiny.arch + ' (tiny)'}"
+            if trained is not None:  # the adapters are extra parameters, and the only trained ones
+                name += f" + LoRA r {spec.lora.r} ({trained / 1e6:,.2f} M trained)"
+                n += trained
             sizes.add_row(
-                f"{role}: {spec.path or spec.tiny.arch + ' (tiny)'}", f"{n / 1e6:,.1f} M",
-                f"{training_gib_per_gpu(n, gpus, 2, precision):.2f}",
-                f"{training_gib_per_gpu(n, gpus, 3, precision):.2f}",
+                name, f"{n / 1e6:,.1f} M",
+                f"{training_gib_per_gpu(n, gpus, 2, precision, trained):.2f}",
+                f"{training_gib_per_gpu(n, gpus, 3, precision, trained):.2f}",
                 f"{inference_gib(n, precision):.2f}",
             )  # fmt: skip
         console.print(sizes)

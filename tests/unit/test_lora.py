@@ -165,3 +165,19 @@ def test_recipe_settings_are_checked():
         LoRA(target_modules=["c_attn"], dropout=1.0)
     with pytest.raises(ValidationError, match="extra"):
         LoRA(target_modules=["c_attn"], rank=4)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_recipes_show_counts_the_adapters_the_model_gets(arch, tiny_tokenizer):
+    from bdctl.lora import trainable_parameters
+    from bdctl.models import load_model, tiny_config
+    from bdctl.sizes import lora_parameters, training_gib_per_gpu
+
+    spec = LoRA(target_modules=TARGETS[arch], r=4)
+    model = load_model(tiny(arch), tiny_tokenizer, 0, lora=spec, where="w")
+    trained = trainable_parameters(model)
+    assert lora_parameters(tiny_config(tiny(arch).tiny, tiny_tokenizer), spec) == trained
+    total = sum(p.numel() for p in model.parameters())
+    # fp32: 4 bytes of weights per parameter, 4 + 8 of gradient and Adam moments per trained one
+    assert training_gib_per_gpu(total, 2, 3, "fp32", trained) * 2**30 == pytest.approx((4 * total + 12 * trained) / 2)
+    assert training_gib_per_gpu(total, 2, 2, "fp32", trained) * 2**30 == pytest.approx(4 * total + 12 * trained / 2)
