@@ -25,6 +25,9 @@ median over rounds.
                     (activations, gradients, temporaries; glibc serves large blocks with mmap so freed
                     tensors leave the RSS at once)
     seconds         wall clock per measured step (median), and the process's CPU seconds per step beside it
+
+`--plain` runs the same policy module, loss and AdamW settings in plain torch (no DeepSpeed): a labelled
+reference that separates what LoRA saves from what ZeRO-3's per-module hooks cost on the adapters' modules.
 """
 
 from __future__ import annotations
@@ -106,12 +109,38 @@ def optimizer_bytes(engine) -> int:
 
     for flat in getattr(engine.optimizer, "fp32_partitioned_groups_flat", []):
         add(flat)
+    if isinstance(engine, PlainEngine):  # the trained parameters are the fp32 master weights themselves
+        for group in engine.optimizer.param_groups:
+            for param in group["params"]:
+                add(param)
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO's wrapper -> the torch optimizer
     for state in inner.state.values():
         for value in state.values():
             if isinstance(value, torch.Tensor) and value.dim() > 0:  # not Adam's step counter
                 add(value)
     return total
+
+
+class PlainEngine:
+    """`--plain`: the policy module with torch's AdamW over its trainable parameters, no DeepSpeed."""
+
+    def __init__(self, module, ds_config: dict):
+        import torch
+
+        self.module = module
+        params = ds_config["optimizer"]["params"]
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=params["lr"], weight_decay=params["weight_decay"])
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
 
 def run_one(args) -> dict:
@@ -141,13 +170,17 @@ def run_one(args) -> dict:
     stage = SFTStage(batch_size=args.micro, micro_batch_size=args.micro, lr=1e-4)
     hidden = getattr(config, "hidden_size", None) or config.n_embd
     ds_config = deepspeed_config(recipe, stage, "bench", 1, 100, hidden, "fp32", False)
-    with_ds = hf_deepspeed_context(ds_config)  # noqa: F841  (ZeRO-3 partitioned load, as the stages do)
+    # ZeRO-3 partitioned load, as the stages do (--plain: no DeepSpeed at all)
+    with_ds = None if args.plain else hf_deepspeed_context(ds_config)  # noqa: F841
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if args.side == "lora":  # what models.load_model does with models.<role>.lora
         model = apply(model, LoRA(r=8, alpha=16, target_modules=TARGETS[config.model_type]), args.seed, "bench")
-    engine = make_engine(policy_module(model), ds_config, 100, 0.0)
+    if args.plain:  # the same module, loss and AdamW settings in plain torch: what ZeRO-3 itself costs
+        engine = PlainEngine(policy_module(model), ds_config)
+    else:
+        engine = make_engine(policy_module(model), ds_config, 100, 0.0)
     generator = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, config.vocab_size, (args.micro, args.seq), generator=generator)
     labels = ids.clone()
@@ -185,6 +218,7 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=2, help="sequences per step")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plain", action="store_true", help="plain torch AdamW instead of the ZeRO-3 engine")
     parser.add_argument("--model", help=argparse.SUPPRESS)  # internal: run one side on one model
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path)
@@ -198,6 +232,7 @@ def main() -> None:
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     shape = {k: getattr(args, k) for k in ("steps", "seq", "micro", "threads", "seed")}
+    plain = ["--plain"] if args.plain else []
     print(f"batch {args.micro} x {args.seq} tokens, {args.steps} measured steps per process, {args.threads} thread(s)")
     report: dict[str, dict] = {}
     for model in args.models.split(","):
@@ -205,7 +240,7 @@ def main() -> None:
         for round_ in range(args.rounds):
             for side in SIDES if round_ % 2 == 0 else SIDES[::-1]:
                 command = [sys.executable, __file__, "--model", model, "--side", side,
-                           *[f"--{k}={v}" for k, v in shape.items()]]  # fmt: skip
+                           *[f"--{k}={v}" for k, v in shape.items()], *plain]  # fmt: skip
                 done = subprocess.run(command, env=env, capture_output=True, text=True)
                 line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if line is None:
@@ -233,7 +268,8 @@ def main() -> None:
         )
     if args.out:
         load = os.getloadavg()
-        args.out.write_text(json.dumps({"shape": shape, "load_average": load, "models": report}, indent=2) + "\n")
+        payload = {"shape": shape, "plain": args.plain, "load_average": load, "models": report}
+        args.out.write_text(json.dumps(payload, indent=2) + "\n")
 
 
 if __name__ == "__main__":
