@@ -377,12 +377,20 @@ def export_hf(engine, tokenizer, out_dir: Path, rank: int, info: dict | None = N
     """
     import torch.distributed as dist
 
+    from bdctl import lora
+
     model = engine.module.lm
     if hasattr(engine, "empty_partition_cache"):
         # ZeRO-3 may still have parameters in flight from the last forward (prefetching);
         # settle them before gathering one by one.
         engine.empty_partition_cache()
-    state = gathered_state_dict(model, rank)
+    adapter_spec, adapter = lora.spec_of(model), None
+    if adapter_spec is None:
+        state = gathered_state_dict(model, rank)
+    else:  # a LoRA model: the base with its adapters merged in, under the plain model's names
+        state = lora.merged_state_dict(model, rank)
+        if adapter_spec.save_adapter:
+            adapter = lora.adapter_state_dict(model, rank)
     if rank == 0:
         tmp = out_dir.with_name(f".{out_dir.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -390,6 +398,8 @@ def export_hf(engine, tokenizer, out_dir: Path, rank: int, info: dict | None = N
         try:
             with space_for(out_dir.parent, f"the export {out_dir.name}", needed):
                 model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                if adapter is not None:
+                    lora.save_adapter(model, adapter, tmp / lora.ADAPTER_DIR)
                 tokenizer.save_pretrained(tmp)
                 write_json_atomic(tmp / EXPORT_INFO, info or {})
                 write_model_card(out_dir.parent, tmp, info or {}, directory=out_dir.name)

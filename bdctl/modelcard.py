@@ -246,6 +246,9 @@ def card_facts(
         init = config.get("init", "auto")
         if init == "auto":
             init = "student_sft" if method == "bd" else "base"
+    lora = base_spec.get("lora")
+    if lora:  # models.<role>.lora: adapters trained, then merged into the exported weights
+        settings.append(("LoRA", _lora_text(lora)))
     base = _describe_spec(base_spec, built.get(role))
     if init != "base":
         base = f"{base}, starting from {init}" + (" of this run" if init.endswith("_sft") else "")
@@ -270,7 +273,13 @@ def card_facts(
         test=_test_scores(recipe, test or {}),
         command=" ".join([command, *(flags or [])]),
         recipe_path=str(job["recipe_path"]),
-        tags=["distillation", "bdctl", method, *(["bellman-distill"] if method == "bd" else [])],
+        tags=[
+            "distillation",
+            "bdctl",
+            method,
+            *(["bellman-distill"] if method == "bd" else []),
+            *(["lora"] if lora else []),
+        ],  # fmt: skip
         license=(base_card or {}).get("license"),
         language=_as_list((base_card or {}).get("language")),
         datasets=[d for d in (_source_id(recipe), _pretrain_id(recipe)) if d],
@@ -402,6 +411,15 @@ def _test_scores(recipe: dict[str, Any], test: dict[str, dict[str, dict[str, Any
 
 
 # --------------------------------------------------------------------------- text
+
+
+def _lora_text(lora: dict[str, Any]) -> str:
+    adapter = " (also kept alone in adapter/, peft's format)" if lora.get("save_adapter") else ""
+    return (
+        f"r {lora['r']}, alpha {lora['alpha']:g}, dropout {lora['dropout']:g}, target modules "
+        f"{', '.join(lora['target_modules'])}; only the adapters trained, merged into these weights{adapter} "
+        f"({BEYOND_PAPER})"
+    )
 
 
 def front_matter(facts: CardFacts) -> dict[str, Any]:

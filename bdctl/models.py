@@ -16,7 +16,7 @@ from typing import Any
 
 from bdctl import cut, gguf_models
 from bdctl.errors import UserError
-from bdctl.recipe.schema import ModelSpec, Recipe, TinyModel, TokenizerTraining
+from bdctl.recipe.schema import LoRA, ModelSpec, Recipe, TinyModel, TokenizerTraining
 from bdctl.rundir import manifest, mark_complete, recover_dir, replace_dir, stage_lock
 
 EOS_TOKEN = "<|endoftext|>"
@@ -273,8 +273,12 @@ def load_model(
     seed: int,
     attn_implementation: str | None = None,
     gradient_checkpointing: bool | None = None,
+    lora: LoRA | None = None,
+    where: str = "",
 ):
     """The weights of `source`: a tiny spec is built, a path or hub id goes through from_pretrained.
+    With `lora` (the trained model's `models.<role>.lora`, named by `where`), LoRA adapters are
+    injected and every base weight frozen (`bdctl.lora.apply`).
 
     The memory switches (`memory_switches(models.<role>)`): the attention kernel, and gradient
     checkpointing, which transformers applies only in training mode; left out, a ModelSpec source's
@@ -314,7 +318,27 @@ def load_model(
     if gradient_checkpointing:
         # Non-reentrant: works under ZeRO-3's parameter hooks and without inputs that require grad.
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if lora is not None:
+        from bdctl import lora as adapters
+
+        base = source.location if isinstance(source, ModelSpec) else str(source)
+        model = adapters.apply(model, lora, seed, where, base)
     return model
+
+
+def check_lora(source: str | Path | ModelSpec, tokenizer, lora: LoRA | None, where: str) -> None:
+    """Launching process, before any rank starts: a recipe asking for LoRA has peft installed and
+    names target modules the model has (checked on a model built on the meta device)."""
+    if lora is None:
+        return
+    from bdctl import lora as adapters
+
+    adapters.require_peft(where)
+    if isinstance(source, ModelSpec) and source.tiny is not None:
+        config = tiny_config(source.tiny, tokenizer)
+    else:
+        config = _read_config(source)
+    adapters.check_targets_of_config(config, lora, where)
 
 
 def _read_config(source: str | Path | ModelSpec):

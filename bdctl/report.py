@@ -350,7 +350,14 @@ def write_report(run: RunDir, recipe: Recipe, recipe_arg: str, overrides: list[s
     ]
     results = run.stage("eval") / "results.json"
     if results.is_file():
-        sections += ["", *rouge_tables(json.loads(results.read_text()), recipe)]
+        scored = json.loads(results.read_text())
+        sections += ["", *rouge_tables(scored, recipe)]
+        if scored.get("harness"):
+            from bdctl.harness import harness_table
+            from bdctl.tables import markdown_table
+
+            headers, rows = harness_table(scored["harness"], scored["models"])
+            sections += ["", "## lm-evaluation-harness (beyond the paper)", "", markdown_table(headers, rows).strip()]
     diagnostics = bd_diagnostics(run)
     if diagnostics:
         sections += ["", *diagnostics]

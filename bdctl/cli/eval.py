@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from bdctl.cli.common import RecipeArg, SetOpt, job_command, say, user_errors
 from bdctl.cli.completion import complete_model_stage
+from bdctl.errors import UserError
 from bdctl.launch import LaunchOptions
 
 EXAMPLE = """[bold]Examples[/]
@@ -15,6 +17,7 @@ EXAMPLE = """[bold]Examples[/]
   bdctl eval recipes/smoke.yaml --set stages.eval.max_new_tokens=24 --set "stages.eval.seeds=[10,20]"
   bdctl eval tiny --model teacher_sft --model distill/bd --nproc 2
   bdctl eval paper --model ./my-export --model gpt2
+  bdctl eval tiny --model distill/bd --harness my_task --harness-include ./lm_eval_tasks
 """
 
 ModelOpt = Annotated[
@@ -26,6 +29,25 @@ ModelOpt = Annotated[
         autocompletion=complete_model_stage,
     ),
 ]  # fmt: skip
+HarnessOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--harness", show_default=False,
+        help="Also run lm-evaluation-harness on every evaluated model: lm-eval task names, groups or tags, "
+        "comma-separated (pip install 'bdctl[harness]'). Scores go into results.json beside Rouge-L.",
+    ),
+]  # fmt: skip
+HarnessIncludeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--harness-include", show_default=False,
+        help="A directory of lm-eval task YAML files (lm-eval's include_path), e.g. a task over a local JSONL.",
+    ),
+]  # fmt: skip
+HarnessLimitOpt = Annotated[
+    int | None,
+    typer.Option("--harness-limit", min=1, show_default=False, help="Score only the first N documents of each task."),
+]
 EvalForceOpt = Annotated[
     bool,
     typer.Option("--force", help="Generate the requested (model, set, seed) results again instead of reusing them."),
@@ -38,6 +60,9 @@ def eval_(
     model: ModelOpt = None,
     set_: SetOpt = None,
     force: EvalForceOpt = False,
+    harness: HarnessOpt = None,
+    harness_include: HarnessIncludeOpt = None,
+    harness_limit: HarnessLimitOpt = None,
     *,
     launch: LaunchOptions,
 ) -> None:
@@ -61,7 +86,17 @@ def eval_(
         from bdctl.submit import submit
         from bdctl.tables import print_table
 
-        options = {"models": list(model) if model else None}
+        options: dict = {"models": list(model) if model else None}
+        if harness is not None:
+            from bdctl.harness import parse_tasks
+
+            options["harness"] = {
+                "tasks": parse_tasks(harness),
+                "include": harness_include and str(Path(harness_include).expanduser().resolve()),
+                "limit": harness_limit,
+            }
+        elif harness_include is not None or harness_limit is not None:
+            raise UserError("--harness-include and --harness-limit go with --harness TASKS")
         job = submit("eval", recipe, set_ or [], options, launch, force, log=say)
         if job is not None and not launch.dry_run and launch.is_primary:
             import json
@@ -73,4 +108,8 @@ def eval_(
                     *results_table(results, protocol["name"]),
                     title=f"Rouge-L, mean ± std over seeds {seeds}; protocol {protocol_label(protocol)}",
                 )
+            if "harness" in results:
+                from bdctl.harness import harness_table
+
+                print_table(*harness_table(results["harness"], results["models"]), title="lm-evaluation-harness")
             say(f"[green]done:[/] {job.stage_dir / 'results.json'}")

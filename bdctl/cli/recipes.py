@@ -75,6 +75,7 @@ def show(
             count_parameters,
             cut_choice,
             inference_gib,
+            lora_parameters,
             model_config,
             training_gib_per_gpu,
         )
@@ -125,10 +126,17 @@ def show(
                 layers, hidden, heads, resolved.data.max_length, micro[role], spec.gradient_checkpointing,
                 spec.attn_implementation, precision,
             )  # fmt: skip
+            trained = lora_parameters(config, spec.lora) if spec.lora is not None else None
+            name = f"{role}: {label}"
+            if (
+                spec.lora is not None and trained is not None
+            ):  # the adapters are extra parameters, the only trained ones
+                name += f" + LoRA r {spec.lora.r} ({trained / 1e6:,.2f} M trained)"
+                n += trained
             sizes.add_row(
-                f"{role}: {label}", f"{n / 1e6:,.1f} M",
-                f"{training_gib_per_gpu(n, gpus, 2, precision):.2f}",
-                f"{training_gib_per_gpu(n, gpus, 3, precision):.2f}",
+                name, f"{n / 1e6:,.1f} M",
+                f"{training_gib_per_gpu(n, gpus, 2, precision, trained):.2f}",
+                f"{training_gib_per_gpu(n, gpus, 3, precision, trained):.2f}",
                 f"{inference_gib(n, precision):.2f}", f"{activations:.2f}", switches,
             )  # fmt: skip
         console.print(sizes)

@@ -151,6 +151,29 @@ class FromTeacher(Section):
         return self
 
 
+class LoRA(Section):
+    """Train low-rank adapters instead of every weight (Hu et al. 2021, through the `peft` library;
+    `pip install 'bdctl[lora]'`). Beyond the paper, which fine-tunes every weight. The base weights
+    stay frozen; checkpoints hold the adapter and its optimizer state; every export is the base
+    with the adapter merged in, a plain Hugging Face directory."""
+
+    r: int = Field(8, gt=0, description="Rank of each adapter (the inner width of B @ A).")
+    alpha: float = Field(16.0, gt=0, description="Scale numerator: the update is (alpha / r) B @ A.")
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="Dropout on the adapter's input (0: runs repeat exactly, resume included)."
+    )
+    target_modules: list[str] = Field(
+        min_length=1,
+        description="Names of the linear layers that get an adapter, matched against the last part of each "
+        "module's name (gpt2: c_attn, c_proj, c_fc; opt: q_proj, k_proj, v_proj, out_proj, fc1, fc2; "
+        "qwen2 / llama: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj). Not the output "
+        "embedding: the losses read its weight directly.",
+    )
+    save_adapter: bool = Field(
+        False, description="Also keep the adapter alone (peft's format) in `adapter/` inside every export."
+    )
+
+
 class ModelSpec(Section):
     """Where a model comes from: a hub id or local directory (`path`), a GGUF file (`gguf`),
     the teacher's layers (`from_teacher`, students only), or a `tiny` spec."""
@@ -182,6 +205,11 @@ class ModelSpec(Section):
     # The Hugging Face directory a gguf or from_teacher model is built into; set by Recipe from the
     # run directory (RunDir.built_model), never by hand, so every process computes the same one.
     _built: str | None = PrivateAttr(None)
+    lora: LoRA | None = Field(
+        None,
+        description="Train this model through LoRA adapters in every stage that trains it (sft, distill, "
+        "minillm); default: every weight, as the paper does.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:

@@ -86,6 +86,11 @@ def prepare(job: Job, log: Callable[[str], None] = print) -> None:
     for role in dict.fromkeys(role_of(ref) for ref in refs):
         check_attention(getattr(job.recipe.models, role), role)
     job.info.update(plan_units(job, refs, config.sets, config.seeds, log))
+    harness = job.options.get("harness")
+    if harness:  # the tasks exist, before any model is loaded (beyond the paper: bdctl.harness)
+        from bdctl.harness import task_manager
+
+        task_manager(harness["tasks"], harness.get("include"))
 
 
 def begin(job: Job, force: bool, log: Callable[[str], None]) -> bool:
@@ -96,6 +101,14 @@ def begin(job: Job, force: bool, log: Callable[[str], None]) -> bool:
     # From here until write_results the directory's results are being replaced.
     (job.stage_dir / MANIFEST).unlink(missing_ok=True)
     log(f"eval: {len(units)} (model, set, seed) results: {len(units) - len(todo)} reused, {len(todo)} to generate")
+    harness = job.options.get("harness")
+    if harness:
+        # Here, in the launching process, once: lm-eval runs its own batches on one device and
+        # needs no rank; rank 0 writes its scores with the results (job.info travels in job.json).
+        from bdctl.harness import run_harness
+
+        log(f"eval: lm-evaluation-harness on {len(job.info['models'])} model(s): {', '.join(harness['tasks'])}")
+        job.info["harness"] = run_harness(job.info, harness, job.stage_dir, job.recipe.seed)
     return bool(todo)
 
 
@@ -186,6 +199,7 @@ def write_results(job: Job) -> dict[str, Any]:
         "seeds": info["seeds"],
         "settings": info["settings"],
         "scores": scores,
+        **({"harness": info["harness"]} if info.get("harness") else {}),
         "units": {
             "total": len(info["units"]),
             "generated": len(info["todo"]),
@@ -197,6 +211,11 @@ def write_results(job: Job) -> dict[str, Any]:
     for protocol in info["protocols"]:
         headers, rows = results_table(results, protocol["name"])
         blocks.append(f"### Protocol {protocol_label(protocol)}\n\n{markdown_table(headers, rows).strip()}\n")
+    if info.get("harness"):
+        from bdctl.harness import harness_table
+
+        headers, rows = harness_table(info["harness"], results["models"])
+        blocks.append(f"### lm-evaluation-harness (beyond the paper)\n\n{markdown_table(headers, rows).strip()}\n")
     write_text_atomic(out / "table.md", "\n".join(blocks))
     csv_headers = ["protocol", "model"] + [f"{s}_{stat}" for s in results["sets"] for stat in ("mean", "std")]
     csv_rows = [

@@ -216,7 +216,7 @@ def prepare(job: Job, log=print) -> None:
     memory, pretraining blocks."""
     from bdctl.data.prepare import prepare_data
     from bdctl.engine import check_batch_split, lr_schedule
-    from bdctl.models import check_attention, check_vocabularies, load_tokenizer, max_positions
+    from bdctl.models import check_attention, check_lora, check_vocabularies, load_tokenizer, max_positions
     from bdctl.rundir import manifest
     from bdctl.selection import check_rouge_selection
 
@@ -234,6 +234,7 @@ def prepare(job: Job, log=print) -> None:
     check_vocabularies(job.recipe, tokenizer, {"teacher": teacher, "student": student})
     check_attention(job.recipe.models.student, "student")
     check_attention(job.recipe.models.teacher, "teacher")
+    check_lora(student, tokenizer, job.recipe.models.student.lora, "models.student.lora")
     longest = job.recipe.data.max_prompt_length
     for role, source in (("student", student), ("teacher", teacher)):
         limit = max_positions(source)
@@ -475,7 +476,12 @@ def run(job: Job, rank: int, world: int) -> None:
     ds_config = deepspeed_config_for(job, config, world, steps.total_steps, source)
     with_ds = hf_deepspeed_context(ds_config)  # noqa: F841  (alive while loading: ZeRO-3 partitioned load)
     engine = make_engine(
-        policy_module(load_model(source, tokenizer, recipe.seed, **memory_switches(recipe.models.student))),
+        policy_module(
+            load_model(
+                source, tokenizer, recipe.seed, **memory_switches(recipe.models.student),
+                lora=recipe.models.student.lora, where="models.student.lora",
+            )
+        ),  # fmt: skip
         ds_config,
         lr_schedule(config, "distill", steps.total_steps),
     )  # fmt: skip

@@ -25,12 +25,18 @@ def stage_config(job: Job) -> SFTStage:
     return getattr(job.recipe.stages, stage_dir(job.options))
 
 
+def lora_spec(job: Job):
+    """The trained model's LoRA settings (`models.<role>.lora`), None to train every weight."""
+    role = job.options["model"]
+    return (job.recipe.models.teacher if role == "teacher" else job.recipe.models.student).lora
+
+
 def prepare(job: Job, log=print) -> None:
     """Launching process: data split, shared tokenizer, vocabulary check, batch arithmetic."""
     from bdctl.data.batching import training_steps
     from bdctl.data.prepare import prepare_data
     from bdctl.engine import check_batch_split, lr_schedule
-    from bdctl.models import check_attention, check_vocabularies, load_tokenizer, max_positions
+    from bdctl.models import check_attention, check_lora, check_vocabularies, load_tokenizer, max_positions
     from bdctl.selection import check_rouge_selection
 
     role = job.options["model"]
@@ -50,6 +56,7 @@ def prepare(job: Job, log=print) -> None:
     sources[role] = resolve_weights(job, config.init, role)
     check_vocabularies(job.recipe, tokenizer, sources)
     check_attention(getattr(job.recipe.models, role), role)
+    check_lora(sources[role], tokenizer, lora_spec(job), f"models.{role}.lora")
     if config.select == "rouge_l":
         check_rouge_selection(job, config, job.stage_name, max_positions(sources[role]))
 
@@ -111,7 +118,11 @@ def run(job: Job, rank: int, world: int) -> None:
         recipe, config, job.stage_name, world, total_steps, hidden_size(source), resolve_precision(recipe), on_gpu()
     )
     with_ds = hf_deepspeed_context(ds_config)  # noqa: F841  (alive while loading: ZeRO-3 partitioned load)
-    model = load_model(source, tokenizer, recipe.seed, **memory_switches(getattr(recipe.models, job.options["model"])))
+    role = job.options["model"]
+    model = load_model(
+        source, tokenizer, recipe.seed, **memory_switches(getattr(recipe.models, role)),
+        lora=lora_spec(job), where=f"models.{role}.lora",
+    )  # fmt: skip
     engine = make_engine(policy_module(model), ds_config, lr_schedule(config, job.stage_name, total_steps))
 
     def micro_batches(indices: list[int]) -> list[MicroBatch]:

@@ -73,3 +73,19 @@ def test_gpu_check_cpu_mode_runs_the_real_engine(tmp_path):
         assert train[name]["tokens_per_s"] > 0
         assert train[name]["mfu"] is None  # no MFU without a GPU peak
     assert set(report["sampling"]["tokens_per_s"]) == {"sampler", "sampler_with_capture"}
+
+
+@pytest.mark.slow
+def test_bench_lora_on_the_tiny_student_counts_the_optimizer_state(tmp_path):
+    out = tmp_path / "lora.json"
+    command = [sys.executable, "benchmarks/bench_lora.py", "--models", "tiny", "--rounds", "1", "--steps", "1"]
+    done = _run([*command, "--out", str(out)])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    tiny = json.loads(out.read_text())["models"]["tiny"]
+    for side in ("full", "lora"):
+        (run,) = tiny["runs"][side]
+        # fp32 partitions + Adam's two moments: 12 bytes per trained parameter, nothing else
+        assert run["state_mib"] * 2**20 == 12 * run["trainable"]
+    full, lora = tiny["runs"]["full"][0], tiny["runs"]["lora"][0]
+    assert lora["trainable"] < full["trainable"] and lora["parameters"] > full["parameters"]  # + the adapters
+    assert tiny["lora_over_full"]["state_mib"] == pytest.approx(lora["trainable"] / full["trainable"])

@@ -383,6 +383,39 @@ def test_seqkd_on_dstar(prepared, tmp_path):
     assert_loadable(stage / "export")
 
 
+LORA = "models.student.lora={r: 2, alpha: 4, target_modules: [c_attn, c_proj]}"
+
+
+def assert_low_rank_update(export, base, rank: int, adapted: tuple[str, ...]) -> None:
+    """Only the adapted layers changed, each by a matrix of rank <= r (the merged B @ A); the rest
+    of the exported student is its starting weights exactly."""
+    from safetensors.torch import load_file
+
+    after, before = load_file(str(export / "model.safetensors")), load_file(str(base / "model.safetensors"))
+    assert after.keys() == before.keys()
+    trained = json.loads((export / "MANIFEST.json").read_text())["step"] > 0  # step 0 may score best
+    changed = 0
+    for name, weight in after.items():
+        delta = (weight - before[name]).double()
+        if name.endswith(".weight") and name.rsplit(".", 2)[-2] in adapted:
+            assert torch.linalg.matrix_rank(delta).item() <= rank, name
+            changed += int(bool(delta.abs().max() > 0))
+        else:
+            assert torch.equal(weight, before[name]), name
+    assert bool(changed) == trained
+
+
+@pytest.mark.slow
+def test_bd_with_a_lora_student_on_two_ranks(prepared, tmp_path):
+    recipe = copy_of(prepared, tmp_path)
+    _, stage, records = distill(recipe, "bd", tmp_path, "--nproc", "2", "--set", LORA)
+    assert all(math.isfinite(r["loss"]) for r in trains(records)) and len(trains(records)) == STEPS
+    assert_loadable(stage / "export")
+    assert_low_rank_update(stage / "export", tmp_path / "runs/smoke/student_sft/export", 2, ("c_attn", "c_proj"))
+    card = (stage / "export/README.md").read_text()
+    assert "| LoRA | r 2, alpha 4, dropout 0, target modules c_attn, c_proj;" in card
+
+
 # --------------------------------------------------------------------------- bad input: one line, exit 2
 
 

@@ -105,6 +105,20 @@ def test_minillm_to_completion(one_rank):
     assert json.loads((export / "MANIFEST.json").read_text())["step"] == best["step"]
 
 
+def test_minillm_with_a_lora_student(prepared, tmp_path):
+    from tests.integration.test_distill import assert_low_rank_update
+
+    recipe = copy_of(prepared, tmp_path)
+    lora = "models.student.lora={r: 2, alpha: 4, target_modules: [c_fc]}"
+    result = run_cli("distill", recipe, "--method", "minillm", "--set", lora, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    trains = by_step(records_of(tmp_path), "train")
+    assert sorted(trains) == list(range(1, STEPS + 1))
+    assert all(math.isfinite(record["loss"]) for record in trains.values())
+    export = tmp_path / "runs/smoke/distill/minillm/export"
+    assert_low_rank_update(export, tmp_path / "runs/smoke/student_sft/export", 2, ("c_fc",))
+
+
 def test_sigkill_in_a_collection_then_rerun_resumes_exactly(one_rank, prepared, tmp_path):
     """Killed after the checkpoint of step 1, in the middle of the first collection: the rerun resumes
     on the checkpointed rollouts, collects the second collection again, and repeats every later step."""

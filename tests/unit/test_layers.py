@@ -21,9 +21,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("bdctl.stages",),
     ("bdctl.training", "bdctl.selection", "bdctl.answers", "bdctl.evalunits", "bdctl.sampling", "bdctl.topp",
      "bdctl.cache", "bdctl.rollouts", "bdctl.judges", "bdctl.metrics", "bdctl.report_sparsity", "bdctl.distill_data",
-     "bdctl.diagnostics"),
+     "bdctl.diagnostics", "bdctl.harness"),
     ("bdctl.engine", "bdctl.models", "bdctl.sizes", "bdctl.modelcard", "bdctl.data", "bdctl.gguf_models", "bdctl.cut",
-     "bdctl.cutcompare"),
+     "bdctl.cutcompare", "bdctl.lora"),
     ("bdctl.objectives",),
 ]  # fmt: skip
 # Records and helpers every layer may use; they import nothing but other leaves. The recipe is one:
