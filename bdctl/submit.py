@@ -24,7 +24,18 @@ from bdctl.errors import UserError
 from bdctl.job import Job
 from bdctl.launch import LaunchOptions, dry_run_text, launch
 from bdctl.recipe import dump_recipe, load_recipe
-from bdctl.rundir import RunDir, clear_dir, manifest, stage_lock, write_text_atomic
+from bdctl import provenance
+from bdctl.recipe.schema import Train
+from bdctl.rundir import (
+    MANIFEST,
+    RunDir,
+    clear_dir,
+    manifest,
+    stage_command,
+    stage_lock,
+    write_json_atomic,
+    write_text_atomic,
+)
 from bdctl.stages import Log, Stage, stage_module
 from bdctl.trackers import check_installed
 
@@ -91,6 +102,7 @@ def submit(
             log(json.dumps(module.deepspeed_preview(job), indent=2))
         return job
     if not getattr(module, "REUSES_FINISHED", False) and manifest(job.stage_dir) is not None and not force:
+        require_current(job)  # a finished stage made from other settings or inputs: one line, nothing reused
         log(f"{job.stage_dir} is already complete; pass --force to run it again")
         return job
     if not launch_options.is_primary:  # node 0 / SLURM task 0 prepares; the others run its job
@@ -116,7 +128,13 @@ def _run_primary(
     locks: contextlib.ExitStack,
 ) -> None:
     """Node 0's part of `submit`, under the stage's lock: check, get the directory ready, run."""
+    from bdctl.data.prepare import prepare_data, stale_data
+
+    if force and stale_data(job.recipe, job.run) is not None:
+        prepare_data(job.recipe, job.run, log, remake=True)  # --force redoes a split made from other data too
     module.prepare(job, log)
+    require_fresh_inputs(job)
+    job.info["made_from"] = made_from(job)  # what this command makes the stage from (stamped on its manifest)
     for other in module.also_locks(job) if hasattr(module, "also_locks") else []:
         locks.enter_context(stage_lock(other))
     begin = module.begin if hasattr(module, "begin") else functools.partial(_begin, module)
@@ -163,6 +181,92 @@ def require_finished(job: Job) -> None:
     A finished stage's recipe becomes the run's recipe.yaml ("the latest command"), and only
     then: a command that failed, whether on a bad setting or in the ranks, leaves the run's record
     of what it last ran as it was."""
-    if manifest(job.stage_dir) is None:
+    done = manifest(job.stage_dir)
+    if done is None:
         raise UserError(f"{job.stage_dir}: the stage ended without finishing its output")
+    if "made_from" in job.info and done.get("made_from") != job.info["made_from"]:
+        write_json_atomic(job.stage_dir / MANIFEST, {**done, "made_from": job.info["made_from"]})
+    drop_checkpoints(job)
     write_text_atomic(job.run.root / "recipe.yaml", dump_recipe(job.recipe))
+
+
+# --------------------------------------------------------------------------- what a stage is made from
+
+
+def made_from(job: Job) -> dict[str, Any]:
+    """The record (`bdctl.provenance`) of what this job makes its stage from, as things are now."""
+    from bdctl.data.prepare import source_digests
+    from bdctl.pipeline import inputs_of
+
+    data = provenance.identity(job.run.data)
+    record: dict[str, Any] = {
+        "stage": job.stage_name,
+        "settings": job.settings(),
+        "options": job.options,
+        "sources": source_digests(job.recipe),
+        "data": data["finished_at"] if data else None,
+        "inputs": {name: provenance.identity(job.run.stage(name)) for name in inputs_of(job.recipe, job.stage_name)},
+        "started_at": time.time(),
+    }
+    return {**record, "fingerprint": provenance.fingerprint(record)}
+
+
+def stage_changes(job: Job) -> list[str] | None:
+    """What differs between what the job's finished stage was made from and what this command would
+    make it from (empty: nothing); None when the stage is unfinished or made before records existed."""
+    old = provenance.made_from(job.stage_dir)
+    if old is None:
+        return None
+    return provenance.differences(job.stage_name, old, made_from(job)) + stale_inputs(job)
+
+
+def stale_inputs(job: Job) -> list[str]:
+    """Upstream stages that are themselves stale (their own inputs were made again since)."""
+    from bdctl.pipeline import inputs_of
+
+    found = []
+    for name in inputs_of(job.recipe, job.stage_name):
+        record = provenance.made_from(job.run.stage(name))
+        reasons = provenance.remade_inputs(job.run.root, name, record) if record else []
+        if reasons:
+            found.append(f"{name} is stale ({reasons[0]})")
+    return found
+
+
+def require_current(job: Job) -> None:
+    """A finished stage is reused only if it was made from what this command would make it from."""
+    changed = stage_changes(job)
+    if changed:
+        raise UserError(f"{job.stage_dir} is finished but {stale_text(changed)}; {CHOICES}")
+
+
+def require_fresh_inputs(job: Job) -> None:
+    """A stage is never made from a stale one: its upstream stage must be redone first."""
+    from bdctl.pipeline import inputs_of
+
+    for name in inputs_of(job.recipe, job.stage_name):
+        record = provenance.made_from(job.run.stage(name))
+        reasons = provenance.remade_inputs(job.run.root, name, record) if record else []
+        if reasons:
+            raise UserError(
+                f"{job.run.stage(name)} is stale ({reasons[0]}); redo it first: "
+                f"{stage_command(name, job.recipe_path)} --force"
+            )
+
+
+CHOICES = "pass --force to redo it (its old result is replaced), or use another name / run_dir to keep both"
+
+
+def stale_text(changed: list[str]) -> str:
+    """`changed` as one clause: the first few changes, and how many more."""
+    shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
+    return f"was made from something else: {shown}"
+
+
+def drop_checkpoints(job: Job) -> None:
+    """A finished training stage's DeepSpeed checkpoints are dead weight (a rerun of a finished stage
+    is --force, which starts over; eval, judge and the report read the export, metrics.jsonl and the
+    manifest): dropped unless the stage's keep_checkpoints_after_finish says otherwise."""
+    section = getattr(job.recipe.stages, job.stage_name.split("/")[0], None)
+    if isinstance(section, Train) and not section.keep_checkpoints_after_finish:
+        shutil.rmtree(job.stage_dir / "checkpoints", ignore_errors=True)
