@@ -56,7 +56,9 @@ class Job:
 
     def fingerprint(self) -> str:
         """What a checkpoint of this stage must agree with to be resumed: `settings()` and the options."""
-        payload = json.dumps({"recipe": self.settings(), "stage": self.stage_name, "options": self.options}, sort_keys=True)
+        payload = json.dumps(
+            {"recipe": self.settings(), "stage": self.stage_name, "options": self.options}, sort_keys=True
+        )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def save(self, path: Path) -> None:

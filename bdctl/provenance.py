@@ -157,7 +157,9 @@ def differences(stage: str, old: dict[str, Any], new: dict[str, Any]) -> list[st
     settings_old, settings_new = old.get("settings", {}), new.get("settings", {})
     for key in sorted(set(settings_old) | set(settings_new)):
         if settings_old.get(key, "(unset)") != settings_new.get(key, "(unset)"):
-            found.append(f"{key}: {_shown(settings_old.get(key, '(unset)'))} -> {_shown(settings_new.get(key, '(unset)'))}")
+            found.append(
+                f"{key}: {_shown(settings_old.get(key, '(unset)'))} -> {_shown(settings_new.get(key, '(unset)'))}"
+            )
     options_old, options_new = old.get("options", {}), new.get("options", {})
     for key in sorted(set(options_old) | set(options_new)):
         if options_old.get(key) != options_new.get(key):
@@ -177,7 +179,9 @@ def differences(stage: str, old: dict[str, Any], new: dict[str, Any]) -> list[st
     return found
 
 
-def remade_inputs(run_root: Path, stage: str, record: dict[str, Any], memo: dict[str, list[str]] | None = None) -> list[str]:
+def remade_inputs(
+    run_root: Path, stage: str, record: dict[str, Any], memo: dict[str, list[str]] | None = None
+) -> list[str]:
     """Without a recipe (`bdctl runs`, a stage's upstream check): why a finished stage no longer
     matches what its inputs hold now: an input made again since, or an input that is itself stale.
     Settings are not compared here (that needs the recipe a command names)."""

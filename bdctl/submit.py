@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bdctl import provenance
 from bdctl.engine import check_resumable, latest_checkpoint
 from bdctl.errors import UserError
 from bdctl.job import Job
 from bdctl.launch import LaunchOptions, dry_run_text, launch
 from bdctl.recipe import dump_recipe, load_recipe
-from bdctl import provenance
 from bdctl.recipe.schema import Train
 from bdctl.rundir import (
     MANIFEST,
@@ -77,6 +77,32 @@ def plan(
         world_size=launch_options.world_size,
         overrides=list(overrides),
     )
+
+
+def distill_request(
+    recipe_arg: str, overrides: list[str], method: str | None, ablation: str | None
+) -> tuple[str, list[str], dict[str, Any]]:
+    """`bdctl distill --method M / --ablation A` as a stage, its overrides and options (the CLI and
+    `bdctl reproduce`'s plan build the same job from it)."""
+    overrides = list(overrides)
+    if ablation is not None:
+        if method not in (None, "bd"):
+            raise UserError(f"--ablation {ablation} is a Bellman Distill run; drop --method {method}")
+        runs = load_recipe(recipe_arg, overrides)[0].stages.distill.ablations.runs()
+        if ablation not in runs:
+            known = ", ".join(runs) or "none: the recipe sets no stages.distill.ablations"
+            raise UserError(f"--ablation {ablation}: no such run in stages.distill.ablations (runs: {known})")
+        chosen = "bd"
+        for key, value in runs[ablation].items():  # the saved recipe says what ran
+            overrides.append(f"stages.distill.{key}={json.dumps(value)}")
+        # The run is BD with these settings; the other runs are not its business (and checked
+        # against its settings they could clash, e.g. outside: drop beside variant: released).
+        overrides.append("stages.distill.ablations={}")
+    else:
+        chosen = method or load_recipe(recipe_arg, overrides)[0].stages.distill.method
+    overrides.append(f"stages.distill.method={chosen}")
+    options = {"method": chosen, **({"ablation": ablation} if ablation else {})}
+    return ("minillm" if chosen == "minillm" else "distill"), overrides, options  # MiniLLM: a stage of its own
 
 
 def submit(
@@ -158,6 +184,8 @@ def _begin(module: Stage, job: Job, force: bool, log: Log) -> bool:
     partial = None
     if not force and resume_from is None and hasattr(module, "resumable"):
         partial = module.resumable(job)
+    if resume_from is not None or partial is not None:
+        require_same_inputs(job)
     if resume_from is not None:
         check_resumable(resume_from, job.fingerprint(), job.world_size)
         log(f"resuming {job.stage_dir} from {resume_from.name}")
@@ -252,6 +280,24 @@ def require_fresh_inputs(job: Job) -> None:
                 f"{job.run.stage(name)} is stale ({reasons[0]}); redo it first: "
                 f"{stage_command(name, job.recipe_path)} --force"
             )
+
+
+def require_same_inputs(job: Job) -> None:
+    """An unfinished stage resumes only from work made from what this command would make it from:
+    the same settings (result-neutral ones aside), data and upstream stages (a student_sft retrained
+    since distill/bd started is not resumed from)."""
+    try:
+        previous = json.loads((job.stage_dir / "job.json").read_text())["info"].get("made_from")
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return
+    if not isinstance(previous, dict) or "made_from" not in job.info:
+        return  # a job.json from before records existed: the checkpoint's fingerprint decides alone
+    changed = provenance.differences(job.stage_name, previous, job.info["made_from"])
+    if changed:
+        raise UserError(
+            f"{job.stage_dir}: the unfinished run there {stale_text(changed)}; pass --force to start over "
+            "(or restore what it was made from)"
+        )
 
 
 CHOICES = "pass --force to redo it (its old result is replaced), or use another name / run_dir to keep both"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from enum import Enum
 from typing import Annotated
 
@@ -65,31 +64,11 @@ def distill(
     exports them as a Hugging Face directory: runs/<name>/distill/<method>/export.
     """
     with user_errors():
-        from bdctl.errors import UserError
-        from bdctl.recipe import load_recipe
-        from bdctl.submit import submit
+        from bdctl.submit import distill_request, submit
 
-        overrides = list(set_ or [])
-        if ablation is not None:
-            if method not in (None, Method.bd):
-                raise UserError(f"--ablation {ablation} is a Bellman Distill run; drop --method {method.value}")
-            runs = load_recipe(recipe, overrides)[0].stages.distill.ablations.runs()
-            if ablation not in runs:
-                known = ", ".join(runs) or "none: the recipe sets no stages.distill.ablations"
-                raise UserError(f"--ablation {ablation}: no such run in stages.distill.ablations (runs: {known})")
-            chosen = "bd"
-            for key, value in runs[ablation].items():  # the saved recipe says what ran
-                overrides.append(f"stages.distill.{key}={json.dumps(value)}")
-            # The run is BD with these settings; the other runs are not its business (and checked
-            # against its settings they could clash, e.g. outside: drop beside variant: released).
-            overrides.append("stages.distill.ablations={}")
-        elif method is None:
-            chosen = load_recipe(recipe, overrides)[0].stages.distill.method
-        else:
-            chosen = method.value
-        overrides.append(f"stages.distill.method={chosen}")
-        options = {"method": chosen, **({"ablation": ablation} if ablation else {})}
-        stage = "minillm" if chosen == "minillm" else "distill"  # MiniLLM is a stage of its own (online)
+        stage, overrides, options = distill_request(
+            recipe, list(set_ or []), method.value if method else None, ablation
+        )
         job = submit(stage, recipe, overrides, options, launch, force, log=say)
         if job is not None and not launch.dry_run:  # None: a task with nothing to do
             say(f"[green]done:[/] {job.stage_dir / 'export'}")

@@ -30,8 +30,8 @@ from typing import Any
 from bdctl.data.sources import read_hub, read_records, read_texts, to_instruction
 from bdctl.data.template import CHAT, render_prompt
 from bdctl.errors import UserError
-from bdctl.provenance import file_digest
 from bdctl.models import check_model_dir, load_tokenizer, tokenizer_hash, tokenizer_source, train_tokenizer
+from bdctl.provenance import file_digest
 from bdctl.recipe.schema import Recipe
 from bdctl.rundir import MANIFEST, RunDir, manifest, mark_complete, write_json_atomic, write_text_atomic
 
@@ -135,7 +135,9 @@ def prepare_data(recipe: Recipe, run: RunDir, log=print, remake: bool = False) -
     report = {"source_examples": len(examples), "dropped": dropped, "tokenizer_texts_cut": cut, **counts}
     write_json_atomic(run.data / "split.json", report)
     digest = tokenizer_hash(tokenizer)
-    mark_complete(run.data, fingerprint=fingerprint, counts=counts, tokenizer_hash=digest, sources=source_digests(recipe))
+    mark_complete(
+        run.data, fingerprint=fingerprint, counts=counts, tokenizer_hash=digest, sources=source_digests(recipe)
+    )
     log(
         f"data: {len(examples)} examples, dropped {_dropped_text(dropped)}; "
         f"train {counts['train']} / valid {counts['valid']} / test {counts['test']}"
