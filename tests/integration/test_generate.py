@@ -419,5 +419,8 @@ def test_an_unfinished_run_with_other_settings_is_not_continued(reference, teach
     shutil.copytree(reference, run / "generate")
     (run / "generate/MANIFEST.json").unlink()  # as if killed before the end
     changed = generate(tmp_path, "--set", "stages.generate.cache_top_p=0.5")
-    assert_user_error(changed, "an unfinished run made with other settings or another teacher is there; pass --force")
+    assert_user_error(
+        changed,
+        "an unfinished run made with other settings (stages.generate.cache_top_p: 0.8 -> 0.5) is there; pass --force",
+    )
     assert len(list((run / "generate/cache").glob("*.index.json"))) > 0  # nothing was deleted
