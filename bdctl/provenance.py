@@ -191,12 +191,12 @@ def remade_inputs(
     if record.get("data") is not None and data is not None and data.get("finished_at") != record["data"]:
         reasons.append(f"the data split was made again after {stage}")
     for path, sha in (record.get("sources") or {}).items():
-        now = file_digest(path)
-        if now is not None and now != sha:
+        contents = file_digest(path)
+        if contents is not None and contents != sha:
             reasons.append(f"data source {path} changed")
-    for name, before in (record.get("inputs") or {}).items():
+    for name, recorded in (record.get("inputs") or {}).items():
         now = identity(Path(run_root) / name)
-        before = before or {}
+        before = recorded or {}
         if now is None:
             if before:
                 reasons.append(f"{name} is no longer finished")

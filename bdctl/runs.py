@@ -245,11 +245,15 @@ def as_json(runs: list[RunStatus]) -> list[dict[str, Any]]:
 
 
 def format_bytes(count: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if count < 1000 or unit == "GB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1000
-    return f"{count:.1f} TB"  # unreachable
+    """Decimal units, as `du --si` and file managers show them."""
+    if count < 1000:
+        return f"{count} B"
+    size = float(count)
+    for unit in ("KB", "MB", "GB"):
+        size /= 1000
+        if size < 1000:
+            return f"{size:.1f} {unit}"
+    return f"{size / 1000:.1f} TB"
 
 
 def format_wall(seconds: float | None) -> str:
