@@ -68,8 +68,8 @@ def inputs_of(recipe: Recipe, directory: str) -> tuple[str, ...]:
         found = list(needs.get(directory, (distill.dstar, "student_sft")))  # not planned: an ablation's own job
         if distill.teacher_source == "live":  # the teacher's distribution comes from it, not from score_train
             found = [name for name in found if name != "score_train"] + [teacher]
-        if distill.init != "auto":
-            found.append(distill.init)
+        if distill.init != "auto":  # named start weights replace the phase-1 student BD starts from
+            found = [name for name in found if name != "student_sft"] + [distill.init]
     else:
         found = list(needs.get(directory, ()))
         init = getattr(getattr(recipe.stages, directory, None), "init", "base")
