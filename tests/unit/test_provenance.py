@@ -293,3 +293,17 @@ def test_reproduce_plans_every_stage_downstream_of_a_change(finished_run):
 
     with pytest.raises(UserError, match="teacher_sft must be redone before generate"):
         reproduce(SMOKE, change, [], "generate", None, dry_run=False, log=logged.append)
+
+
+def test_no_stage_is_made_from_a_stale_one(finished_run):
+    from bdctl.submit import require_fresh_inputs
+
+    bd = job("distill/bd", ["stages.distill.method=bd"], {"method": "bd"}, root=str(finished_run))
+    require_fresh_inputs(bd)  # generate and student_sft are current
+    finish(finished_run, "teacher_sft")  # retrained: generate, made from the old teacher, is stale
+    with pytest.raises(UserError) as error:
+        require_fresh_inputs(bd)
+    assert str(error.value) == (
+        f"{finished_run}/generate is stale (teacher_sft was retrained after generate); redo it first: "
+        f"bdctl generate {SMOKE} --force"
+    )
