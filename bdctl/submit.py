@@ -249,7 +249,12 @@ def stage_changes(job: Job) -> list[str] | None:
 
 
 def stale_inputs(job: Job) -> list[str]:
-    """Upstream stages that are themselves stale (their own inputs were made again since)."""
+    """Upstream stages that are themselves stale (their own inputs were made again since), as
+    `NAME is stale (why)`."""
+    return [f"{name} is stale ({why})" for name, why in _stale_upstream(job)]
+
+
+def _stale_upstream(job: Job) -> list[tuple[str, str]]:
     from bdctl.pipeline import inputs_of
 
     found = []
@@ -257,7 +262,7 @@ def stale_inputs(job: Job) -> list[str]:
         record = provenance.made_from(job.run.stage(name))
         reasons = provenance.remade_inputs(job.run.root, name, record) if record else []
         if reasons:
-            found.append(f"{name} is stale ({reasons[0]})")
+            found.append((name, reasons[0]))
     return found
 
 
@@ -270,16 +275,10 @@ def require_current(job: Job) -> None:
 
 def require_fresh_inputs(job: Job) -> None:
     """A stage is never made from a stale one: its upstream stage must be redone first."""
-    from bdctl.pipeline import inputs_of
-
-    for name in inputs_of(job.recipe, job.stage_name):
-        record = provenance.made_from(job.run.stage(name))
-        reasons = provenance.remade_inputs(job.run.root, name, record) if record else []
-        if reasons:
-            raise UserError(
-                f"{job.run.stage(name)} is stale ({reasons[0]}); redo it first: "
-                f"{stage_command(name, job.recipe_path)} --force"
-            )
+    for name, why in _stale_upstream(job)[:1]:
+        raise UserError(
+            f"{job.run.stage(name)} is stale ({why}); redo it first: {stage_command(name, job.recipe_path)} --force"
+        )
 
 
 def require_same_inputs(job: Job) -> None:
