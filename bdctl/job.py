@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bdctl.errors import UserError
+from bdctl.provenance import drop_neutral, flatten
 from bdctl.recipe.schema import ModelSpec, Recipe, fingerprint_view
 from bdctl.rundir import RunDir, manifest, stage_command, write_json_atomic
 
@@ -41,19 +42,24 @@ class Job:
     def stage_dir(self) -> Path:
         return self.run.stage(self.stage_name)
 
-    def fingerprint(self) -> str:
-        """What a checkpoint of this stage must agree with to be resumed: the recipe as it
-        affects this stage (other stages' settings and cosmetic fields excluded) and the options."""
-        recipe = fingerprint_view(self.recipe.model_dump(mode="json"))  # memory switches may change on resume
-        for key in ("description", "run_dir", "tracking"):  # tracking: a resume may add or drop a tracker
-            recipe.pop(key)
+    def settings(self) -> dict[str, Any]:
+        """The recipe as it affects this stage, as dotted keys: other stages' settings, the
+        result-neutral ones (`bdctl.provenance.RESULT_NEUTRAL`: trackers, report sizes, ...) and the
+        memory switches (`schema.fingerprint_view`) left out."""
+        recipe = drop_neutral(fingerprint_view(self.recipe.model_dump(mode="json")))
         # the recipe section of the stage: distill/bd -> distill, score_train -> generate
         section = "generate" if self.stage_name.startswith(("score_", "generate-")) else self.stage_name.split("/")[0]
         inputs = {section, *STAGE_INPUTS.get(section, ())}
         if recipe["stages"][section].get("select") == "rouge_l":
             inputs.add("eval")  # Rouge-L selection samples with the eval stage's settings (and protocols)
         recipe["stages"] = {name: value for name, value in recipe["stages"].items() if name in inputs}
-        payload = json.dumps({"recipe": recipe, "stage": self.stage_name, "options": self.options}, sort_keys=True)
+        return flatten(recipe)
+
+    def fingerprint(self) -> str:
+        """What a checkpoint of this stage must agree with to be resumed: `settings()` and the options."""
+        payload = json.dumps(
+            {"recipe": self.settings(), "stage": self.stage_name, "options": self.options}, sort_keys=True
+        )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def save(self, path: Path) -> None:

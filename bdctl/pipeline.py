@@ -77,3 +77,28 @@ def stages(recipe: Recipe) -> list[Stage]:
         Stage("eval", tuple(recipe.stages.eval.models)),
         Stage("judge", ("eval",), extra=f"--backend {recipe.stages.judge.backend}"),
     ]
+
+
+def inputs_of(recipe: Recipe, directory: str) -> tuple[str, ...]:
+    """The stage directories whose output `directory` is made from (its fingerprint covers theirs,
+    `bdctl.provenance`): the plan's dependencies, with the teacher and the start weights (`init`) as
+    the settings name them. A name that is not a stage of the run (a path, a hub id, "base") is not
+    an input here: its settings are."""
+    known = {stage.directory for stage in stages(recipe)} | {"teacher_sft", "student_sft"}
+    needs = {stage.directory: stage.needs for stage in stages(recipe)}
+    distill, teacher = recipe.stages.distill, recipe.stages.generate.model
+    if directory.startswith(("generate", "score_")):
+        found = [teacher]  # the teacher that samples or scores
+    elif directory == "distill/minillm":  # online: the live teacher mixed in, from the phase-1 student by default
+        found = [teacher, "student_sft" if distill.init == "auto" else distill.init]
+    elif directory.startswith("distill/"):
+        found = list(needs.get(directory, (distill.dstar, "student_sft")))  # not planned: an ablation's own job
+        if distill.teacher_source == "live":  # the teacher's distribution comes from it, not from score_train
+            found = [name for name in found if name != "score_train"] + [teacher]
+        if distill.init != "auto":  # named start weights replace the phase-1 student BD starts from
+            found = [name for name in found if name != "student_sft"] + [distill.init]
+    else:
+        found = list(needs.get(directory, ()))
+        init = getattr(getattr(recipe.stages, directory, None), "init", "base")
+        found.append(init)
+    return tuple(dict.fromkeys(name for name in found if name in known and name != directory))

@@ -9,6 +9,11 @@ A stage directory is one with a job.json (written before its ranks start) or a L
     interrupted   stopped at step N (metrics.jsonl) without an error: killed or preempted; a rerun
                   resumes from the newest complete checkpoint, or starts over if there is none
     not started   a job.json and nothing else yet
+    stale         finished, but an input was made again since (an upstream stage retrained, the data
+                  split remade, a data file edited): a rerun refuses it until --force redoes it
+                  (`bdctl.provenance`; settings are compared by the commands, which know the recipe)
+
+Each stage also shows the disk its directory holds (checkpoints, export, cache, ...).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bdctl.provenance import disk_bytes, made_from, remade_inputs
 from bdctl.rundir import LOCK, MANIFEST
 
 # Pipeline order for display (a name sorts by the first prefix it starts with, then by name).
@@ -28,7 +34,7 @@ _ORDER = ("teacher_sft", "generate", "score_", "student_sft", "distill", "eval",
 @dataclass
 class StageStatus:
     stage: str
-    state: str  # finished, running, failed, interrupted, not started
+    state: str  # finished, stale, running, failed, interrupted, not started
     detail: str = ""  # why not finished, or who runs it
     step: int | None = None  # the last step metrics.jsonl records
     total_steps: int | None = None
@@ -36,6 +42,7 @@ class StageStatus:
     wall_s: float | None = None
     headline: str = ""
     score: dict[str, Any] = field(default_factory=dict)  # {"name", "value", "step"} when there is one
+    disk_bytes: int = 0  # what the stage directory holds on disk
 
 
 @dataclass
@@ -97,8 +104,14 @@ def stage_status(run: Path, directory: Path) -> StageStatus:
     manifest = _read_json(directory / MANIFEST) if (directory / MANIFEST).is_file() else None
     holder = _live_holder(directory)
     errors = sorted((directory / "logs").glob("error-rank*.txt"))
+    status.disk_bytes = disk_bytes(directory)
     if manifest is not None:
         status.state = "finished"
+        record = made_from(directory)
+        stale = remade_inputs(run, status.stage, record) if record else []
+        if stale:
+            status.state = "stale"
+            status.detail = "; ".join(stale) + "; rerun with --force to redo it"
         if status.wall_s is None and (directory / "job.json").is_file():  # eval, judge: no metrics.jsonl
             status.wall_s = max(0.0, manifest.get("finished_at", 0) - (directory / "job.json").stat().st_mtime)
     elif holder is not None:
@@ -229,6 +242,18 @@ def _read_json(path: Path) -> dict:
 
 def as_json(runs: list[RunStatus]) -> list[dict[str, Any]]:
     return [asdict(run) for run in runs]
+
+
+def format_bytes(count: int) -> str:
+    """Decimal units, as `du --si` and file managers show them."""
+    if count < 1000:
+        return f"{count} B"
+    size = float(count)
+    for unit in ("KB", "MB", "GB"):
+        size /= 1000
+        if size < 1000:
+            return f"{size:.1f} {unit}"
+    return f"{size / 1000:.1f} TB"
 
 
 def format_wall(seconds: float | None) -> str:

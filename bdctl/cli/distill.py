@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
@@ -66,32 +65,11 @@ def distill(
     """
     with user_errors():
         from bdctl.errors import UserError
-        from bdctl.recipe import load_recipe
-        from bdctl.submit import submit
+        from bdctl.submit import distill_request, submit
 
         if method is not None and method not in METHODS:
             raise UserError(f"--method {method}: no such method; expected one of {method_names()}")
-        overrides = list(set_ or [])
-        if ablation is not None:
-            runs = load_recipe(recipe, overrides)[0].stages.distill.ablations.runs()
-            if ablation not in runs:
-                known = ", ".join(runs) or "none: the recipe sets no stages.distill.ablations"
-                raise UserError(f"--ablation {ablation}: no such run in stages.distill.ablations (runs: {known})")
-            chosen = runs[ablation].get("method", "bd")  # a combined run may ablate another method
-            if method not in (None, chosen):
-                raise UserError(f"--ablation {ablation} is a run of --method {chosen}; drop --method {method}")
-            for key, value in runs[ablation].items():  # the saved recipe says what ran
-                overrides.append(f"stages.distill.{key}={json.dumps(value)}")
-            # The run is its method with these settings; the other runs are not its business (and checked
-            # against its settings they could clash, e.g. outside: drop beside variant: released).
-            overrides.append("stages.distill.ablations={}")
-        elif method is None:
-            chosen = load_recipe(recipe, overrides)[0].stages.distill.method
-        else:
-            chosen = method
-        overrides.append(f"stages.distill.method={chosen}")
-        options = {"method": chosen, **({"ablation": ablation} if ablation else {})}
-        stage = METHODS[chosen].stage  # MiniLLM is a stage of its own (online)
+        stage, overrides, options = distill_request(recipe, list(set_ or []), method, ablation)
         job = submit(stage, recipe, overrides, options, launch, force, log=say)
         if job is not None and not launch.dry_run:  # None: a task with nothing to do
             say(f"[green]done:[/] {job.stage_dir / 'export'}")

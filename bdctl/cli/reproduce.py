@@ -35,14 +35,24 @@ def reproduce(
         str | None,
         typer.Option("--only", help="Run just this stage.", show_default=False, autocompletion=complete_pipeline_stage),
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Redo finished stages that are stale for this recipe (made from other settings, data or upstream "
+            "stages); their old results are replaced. Without it a stale stage stops the run with one line.",
+        ),
+    ] = False,
     *,
     launch: LaunchOptions,
 ) -> None:
     """Run the whole pipeline: teacher SFT, generate, student SFT, distill (BD and baselines), eval,
     judge. Finished stages are skipped, so an interrupted reproduction continues where it stopped;
-    --dry-run prints the plan with each stage's command. Ends with runs/<name>/report.md.
+    a finished stage made from other settings, data or upstream stages than the recipe names now is
+    stale: planned again with --force, else the run stops with one line naming it. --dry-run prints
+    the plan with each stage's command. Ends with runs/<name>/report.md.
     """
     with user_errors():
         from bdctl.reproduce import reproduce as run_pipeline
 
-        run_pipeline(recipe, set_ or [], launch.as_args(), start, only, launch.dry_run, log=say)
+        run_pipeline(recipe, set_ or [], launch.as_args(), start, only, launch.dry_run, log=say, force=force)

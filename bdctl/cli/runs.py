@@ -25,16 +25,17 @@ def runs(
     ] = Path("runs"),
     json_: Annotated[bool, typer.Option("--json", help="Print JSON (a list of runs, each with its stages).")] = False,
 ) -> None:
-    """Each run's stages: finished, running (who holds the stage's lock), failed (the first line of
+    """Each run's stages: finished, stale (finished, but an upstream stage, the data split or a data
+    file was made again or changed since), running (who holds the stage's lock), failed (the first line of
     logs/error-rank*.txt) or interrupted at step N (and the checkpoint a rerun resumes from), the wall
     time metrics.jsonl covers (summed over attempts; eval and judge: from the job file to the
-    manifest) and the headline score: the selected validation score, eval's best model, judge's win
-    rates."""
+    manifest), the disk the stage directory holds, and the headline score: the selected validation
+    score, eval's best model, judge's win rates."""
     with user_errors():
         import json
 
         from bdctl.errors import UserError
-        from bdctl.runs import as_json, find_runs, format_wall, run_status
+        from bdctl.runs import as_json, find_runs, format_bytes, format_wall, run_status
 
         found = find_runs(run_dir)
         if not found:
@@ -47,14 +48,15 @@ def runs(
         from rich.markup import escape
         from rich.table import Table
 
-        colours = {"finished": "green", "running": "cyan", "failed": "red", "interrupted": "yellow"}
-        table = Table("run", "stage", "state", "why / who", "wall", "headline")
+        colours = {"finished": "green", "stale": "magenta", "running": "cyan", "failed": "red", "interrupted": "yellow"}
+        table = Table("run", "stage", "state", "why / who", "wall", "disk", "headline")
         for status in statuses:
             for index, stage in enumerate(status.stages):
                 colour = colours.get(stage.state, "dim")
                 table.add_row(
                     escape(status.run) if index == 0 else "", escape(stage.stage), f"[{colour}]{stage.state}[/]",
-                    escape(stage.detail), format_wall(stage.wall_s), escape(stage.headline),
+                    escape(stage.detail), format_wall(stage.wall_s), format_bytes(stage.disk_bytes),
+                    escape(stage.headline),
                 )  # fmt: skip
             table.add_section()
         Console(highlight=False).print(table)

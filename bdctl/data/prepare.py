@@ -36,8 +36,9 @@ from bdctl.data.sources import read_hub, read_records, read_texts, to_instructio
 from bdctl.data.template import CHAT, jinja_chat_template, render_prompt
 from bdctl.errors import UserError, space_for
 from bdctl.models import check_model_dir, load_tokenizer, tokenizer_hash, tokenizer_source, train_tokenizer
+from bdctl.provenance import file_digest
 from bdctl.recipe.schema import Recipe, Template, fingerprint_view
-from bdctl.rundir import RunDir, manifest, mark_complete, write_json_atomic, write_text_atomic
+from bdctl.rundir import MANIFEST, RunDir, manifest, mark_complete, write_json_atomic, write_text_atomic
 
 SPLITS = ("train", "valid", "test")
 
@@ -65,18 +66,48 @@ def data_fingerprint(recipe: Recipe) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prepare_data(recipe: Recipe, run: RunDir, log=print) -> PreparedData:
-    """Make (or reuse) the run's tokenizer and split; idempotent and safe to interrupt."""
+def source_digests(recipe: Recipe) -> dict[str, str]:
+    """sha256 of each local data file the split is made from (instruction source, pretraining
+    corpus), by the path the recipe gives: the settings fingerprint cannot see a file edited in place.
+    Hub sources are named by their settings only (id, config, split)."""
+    paths = [recipe.data.source.path, recipe.data.pretrain.path if recipe.data.pretrain else None]
+    found = {str(path): file_digest(path) for path in paths if path}
+    return {path: sha for path, sha in found.items() if sha is not None}
+
+
+def stale_data(recipe: Recipe, run: RunDir) -> str | None:
+    """Why the run's finished data split no longer matches the recipe and its files (None: it does,
+    or there is none yet)."""
+    done = manifest(run.data)
+    if done is None:
+        return None
+    if done.get("fingerprint") != data_fingerprint(recipe):
+        return "it was prepared from different data or tokenizer settings"
+    recorded = done.get("sources") or {}
+    changed = [path for path, sha in source_digests(recipe).items() if path in recorded and recorded[path] != sha]
+    return f"data source {changed[0]} changed since it was prepared" if changed else None
+
+
+def prepare_data(recipe: Recipe, run: RunDir, log=print, remake: bool = False) -> PreparedData:
+    """Make (or reuse) the run's tokenizer and split; idempotent and safe to interrupt.
+
+    A split made from other settings or from a data file that has changed since is refused, or with
+    `remake` (a command's --force) made again: the stages made from the old split then count as stale
+    (`bdctl.provenance`)."""
     fingerprint = data_fingerprint(recipe)
     unreadable: dict[str, int] = {}  # conversations dropped before rendering (data.format: messages, sharegpt)
     done = manifest(run.data)
     if done is not None:
-        if done.get("fingerprint") != fingerprint:
+        why = stale_data(recipe, run)
+        if why is None:
+            return PreparedData(run.data, done["counts"], done["tokenizer_hash"])
+        if not remake:
             raise UserError(
-                f"{run.data}: prepared from different data or tokenizer settings; "
-                f"use another run_dir or delete {run.root}"
+                f"{run.data}: {why}; pass --force to prepare it again (the stages made from the old split then "
+                "count as stale), or use another name / run_dir to keep both"
             )
-        return PreparedData(run.data, done["counts"], done["tokenizer_hash"])
+        log(f"data: {why}; preparing {run.data} again")
+        (run.data / MANIFEST).unlink()  # from here on the old split is not finished work
 
     if recipe.data.format != "instruction":  # conversations, rendered with the tokenizer's chat template
         tokenizer, cut = _make_tokenizer(recipe, run, [])
@@ -121,7 +152,9 @@ def prepare_data(recipe: Recipe, run: RunDir, log=print) -> PreparedData:
     report = {"source_examples": source_examples, "dropped": dropped, "tokenizer_texts_cut": cut, **counts}
     write_json_atomic(run.data / "split.json", report)
     digest = tokenizer_hash(tokenizer)
-    mark_complete(run.data, fingerprint=fingerprint, counts=counts, tokenizer_hash=digest)
+    mark_complete(
+        run.data, fingerprint=fingerprint, counts=counts, tokenizer_hash=digest, sources=source_digests(recipe)
+    )
     log(
         f"data: {len(examples)} examples, dropped {_dropped_text(dropped, recipe.data.max_length)}; "
         f"train {counts['train']} / valid {counts['valid']} / test {counts['test']}"

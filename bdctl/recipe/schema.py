@@ -555,6 +555,11 @@ class Train(Section):
     )
     checkpoint_every: int = Field(0, ge=0, description="DeepSpeed checkpoint every N steps (0: per epoch).")
     keep_checkpoints: int = Field(2, ge=1, description="How many DeepSpeed checkpoints to keep.")
+    keep_checkpoints_after_finish: bool = Field(
+        False,
+        description="Keep the DeepSpeed checkpoints once the stage has finished and written its export (default: "
+        "drop them; a finished stage needs only its export, metrics and manifest, and --force starts over).",
+    )
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="A NaN/inf loss stops the run, or its step is skipped (and counted)."
     )

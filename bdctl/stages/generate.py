@@ -40,6 +40,7 @@ from pathlib import Path
 
 from bdctl.errors import UserError, space_for
 from bdctl.job import Job, resolve_weights
+from bdctl.provenance import differences, drop_neutral
 from bdctl.recipe.schema import GenerateStage, ModelSpec
 from bdctl.rundir import PREEMPT, manifest, read_json
 
@@ -106,7 +107,10 @@ def prepare(job: Job, log=print) -> None:
         teacher=teacher,
         # What a partial cache must agree with to be continued (see `resumable`): the recipe as
         # it affects this stage, this stage's settings and the very teacher weights.
-        resume_key=_digest([job.fingerprint(), config.model_dump(mode="json"), job.options, identity]),
+        # Result-neutral settings (report_examples) are left out: changing them resumes.
+        resume_key=_digest(
+            [job.fingerprint(), drop_neutral(config.model_dump(mode="json"), "stages.generate."), job.options, identity]
+        ),
     )
 
 
@@ -120,12 +124,15 @@ def resumable(job: Job) -> str | None:
         return None
     try:
         # Read raw, not through Job.load: only the key matters, whatever else the schema became.
-        previous = read_json(job.stage_dir / "job.json")["info"].get("resume_key")
+        info = read_json(job.stage_dir / "job.json")["info"]
+        previous = info.get("resume_key")
     except (OSError, ValueError, TypeError, KeyError):
         return None  # shards without a readable job description: nothing to vouch for them
     if previous != job.info["resume_key"]:
+        changed = differences(job.stage_name, info.get("made_from") or {}, job.info.get("made_from") or {})
+        what = f" ({'; '.join(changed[:3])})" if changed else " or another teacher"
         raise UserError(
-            f"{job.stage_dir}: an unfinished run made with other settings or another teacher is there; "
+            f"{job.stage_dir}: an unfinished run made with other settings{what} is there; "
             "pass --force to start over (or restore the recipe it was made with)"
         )
     # A shard a copy or a full disk cut short is not trusted (and not fatal): it is removed here, in

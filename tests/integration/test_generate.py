@@ -419,5 +419,36 @@ def test_an_unfinished_run_with_other_settings_is_not_continued(reference, teach
     shutil.copytree(reference, run / "generate")
     (run / "generate/MANIFEST.json").unlink()  # as if killed before the end
     changed = generate(tmp_path, "--set", "stages.generate.cache_top_p=0.5")
-    assert_user_error(changed, "an unfinished run made with other settings or another teacher is there; pass --force")
+    assert_user_error(
+        changed,
+        "an unfinished run made with other settings (stages.generate.cache_top_p: 0.8 -> 0.5) is there; pass --force",
+    )
     assert len(list((run / "generate/cache").glob("*.index.json"))) > 0  # nothing was deleted
+    # a result-neutral setting (the sparsity report's size) is no reason to start over: it resumes
+    shorter = generate(tmp_path, "--set", "stages.generate.report_examples=16")
+    assert shorter.returncode == 0, shorter.stderr[-3000:]
+    assert "sequences already in the cache" in shorter.stderr
+    assert cache_contents(run / "generate") == cache_contents(reference)
+
+
+def test_a_retrained_teacher_makes_a_finished_generate_stale(reference, teacher_run, tmp_path):
+    """Issue 23: generate kept D* of the old teacher after `bdctl sft --model teacher --force`."""
+    run = fresh(teacher_run, tmp_path)
+    shutil.copytree(reference, run / "generate")
+    again = generate(tmp_path)
+    assert again.returncode == 0 and "already complete" in again.stderr
+    retrain = run_cli(
+        "sft", SMOKE, "--model", "teacher", *TEACHER, "--set", "stages.teacher_sft.max_steps=1", "--force", cwd=tmp_path
+    )
+    assert retrain.returncode == 0, retrain.stderr[-3000:]
+    stale = generate(tmp_path)
+    assert_user_error(
+        stale,
+        "runs/smoke/generate is finished but was made from something else: teacher_sft was retrained after "
+        "generate; pass --force to redo it (its old result is replaced), or use another name / run_dir to keep both",
+    )
+    assert (run / "generate/dstar.jsonl").read_bytes() == (reference / "dstar.jsonl").read_bytes()  # kept
+    listed = run_cli("runs", "runs/smoke", "--json", cwd=tmp_path)
+    states = {s["stage"]: s for s in json.loads(listed.stdout)[0]["stages"]}
+    assert states["teacher_sft"]["state"] == "finished" and states["generate"]["state"] == "stale"
+    assert states["generate"]["detail"].startswith("teacher_sft was retrained after generate")

@@ -15,7 +15,8 @@ from tests.conftest import RECIPES
 pytestmark = pytest.mark.slow  # every test starts two launchers (torchrun / SLURM-style ranks) in subprocesses
 
 SMOKE = str(RECIPES / "smoke.yaml")
-SHORT = ["--set", "stages.student_sft.max_steps=3"]
+# the 2-rank checkpoint is inspected after the run: kept (a finished stage drops its checkpoints by default)
+SHORT = ["--set", "stages.student_sft.max_steps=3", "--set", "stages.student_sft.keep_checkpoints_after_finish=true"]
 
 
 def clean_env(**extra) -> dict:

@@ -126,7 +126,7 @@ def test_resume_refuses_another_recipe_or_world_size(reference, tmp_path):
     changed = run_cli(
         "sft", SMOKE, "--model", "student", *SETTINGS, "--set", "stages.student_sft.lr=1e-2", cwd=tmp_path
     )
-    assert_user_error(changed, "this checkpoint belongs to a different recipe or stage settings")
+    assert_user_error(changed, "the unfinished run there was made from something else: stages.student_sft.lr: ")
     two = run_cli("sft", SMOKE, "--model", "student", "--nproc", "2", *SETTINGS, cwd=tmp_path)
     assert_user_error(two, "written by 1 ranks; resume with the same number of ranks (now 2)")
 

@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
 # the CLI loads it first, but it is data every layer reads (recipe/ imports only its schema).
 LEAVES = (
     "bdctl", "bdctl.errors", "bdctl.rundir", "bdctl.recipe", "bdctl.recipe.schema", "bdctl.tracking", "bdctl.tables",
-    "bdctl.job", "bdctl.trackers", "bdctl.runs", "bdctl.environment", "bdctl.methods",
+    "bdctl.job", "bdctl.trackers", "bdctl.runs", "bdctl.environment", "bdctl.methods", "bdctl.provenance",
 )  # fmt: skip
 
 
