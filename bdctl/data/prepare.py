@@ -9,8 +9,9 @@ every later stage reads the same files:
 
 Over-long examples (prompt over `max_prompt_length`, or prompt + response + EOS (with data.template:
 chat, the end-of-turn token) over `max_length` tokens) are dropped before splitting, as MiniLLM does, and counted.
-Two more kinds are dropped and counted (beyond the paper, which does not say): examples whose response
-is empty (they teach only "stop at once"; a source where no example has a response is refused), and
+Three more kinds are dropped and counted (beyond the paper, which does not say): examples whose response
+is empty (they teach only "stop at once"; a source where no example has a response is refused), examples
+whose reference answer is too short to score (one character: `sources.reference_too_short`), and
 examples far longer in characters than `max_length` tokens could hold, before any tokenizer sees
 them: training a BPE on one pathological record (a long text without a space) takes time quadratic in
 its length.
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bdctl.data.sources import read_hub, read_records, read_texts, to_instruction
+from bdctl.data.sources import read_hub, read_records, read_texts, reference_too_short, to_instruction
 from bdctl.data.template import CHAT, render_prompt
 from bdctl.errors import UserError
 from bdctl.models import check_model_dir, load_tokenizer, tokenizer_hash, tokenizer_source, train_tokenizer
@@ -162,20 +163,24 @@ def corpus_texts(recipe: Recipe, limit: int | None = None):
 
 
 def _drop_unusable(recipe: Recipe, examples: list[dict]) -> tuple[list[dict], dict[str, int]]:
-    """Examples no tokenizer needs to see: an empty response, or text far beyond max_length."""
+    """Examples no tokenizer needs to see: an empty response, a reference too short to score, or text
+    far beyond max_length."""
     limit = recipe.data.max_length * MAX_CHARS_PER_TOKEN
-    kept, dropped = [], {"empty_output": 0, "text_too_long": 0}
+    kept, dropped = [], {"empty_output": 0, "output_too_short": 0, "text_too_long": 0}
     for example in examples:
         if not example["output"].strip():
             dropped["empty_output"] += 1
+        elif reference_too_short(example["output"]):
+            dropped["output_too_short"] += 1
         elif len(example["prompt"]) + len(example["output"]) > limit:
             dropped["text_too_long"] += 1
         else:
             kept.append(example)
-    if dropped["empty_output"] == len(examples):
+    if dropped["empty_output"] + dropped["output_too_short"] == len(examples):
         source = recipe.data.source
         raise UserError(
-            f"data: every one of the {len(examples)} examples of {source.path or source.hub} has an empty response "
+            f"data: every one of the {len(examples)} examples of {source.path or source.hub} has an empty or "
+            f"one-character response "
             f"(field {source.fields.output!r}): nothing to train on; check data.source.fields.output"
         )
     return kept, dropped
@@ -183,6 +188,7 @@ def _drop_unusable(recipe: Recipe, examples: list[dict]) -> tuple[list[dict], di
 
 def _dropped_text(dropped: dict[str, int]) -> str:
     words = {"prompt_too_long": "with long prompts", "too_long": "too long", "empty_output": "with empty responses",
+             "output_too_short": "with one-character responses",
              "text_too_long": f"over {MAX_CHARS_PER_TOKEN} characters per max_length token"}  # fmt: skip
     return ", ".join(f"{count} {words[name]}" for name, count in dropped.items() if count) or "none"
 
