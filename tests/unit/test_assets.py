@@ -43,8 +43,15 @@ REGISTRY_ROWS = {
     "imperial_date_to_string/samples.jsonl": [
         chat("Write the date.", "1945-07-12", "Thursday, July 12, 1945."),
         # a few-shot dialogue: more turns than instruction / input / output holds
-        {"input": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
-                   {"role": "assistant", "content": "a"}, {"role": "user", "content": "u2"}], "ideal": "x y"},
+        {
+            "input": [
+                {"role": "system", "content": "s"},
+                {"role": "user", "content": "u"},
+                {"role": "assistant", "content": "a"},
+                {"role": "user", "content": "u2"},
+            ],
+            "ideal": "x y",
+        },
     ],  # fmt: skip
     "soc_codes/samples.jsonl": [chat(None, "SOC title of Metal Worker?", " Metal Workers, All Other")],
     "sql/spider_sql.jsonl": [chat("How many singers? Answer in SQL.", None, "SELECT count(*) FROM singer")],
@@ -122,7 +129,8 @@ def test_build_converts_every_shape_and_counts_what_it_drops(fake_wheels):
     }
     assert report["instructions"]["rows"] == len(rows) == 8
     # OpenWebText: the excerpt in its original order only, not the reshuffles
-    assert read_jsonl(directory / "owt.jsonl") == [{"text": "First sentence. Second one."}, {"text": "Another excerpt."}]
+    owt = read_jsonl(directory / "owt.jsonl")
+    assert owt == [{"text": "First sentence. Second one."}, {"text": "Another excerpt."}]
     # the demo subset: at most DEMO_PER_SET (1 here) of each set, every set present
     demo = read_jsonl(directory / "instructions-demo.jsonl")
     assert sorted(r["source"] for r in demo) == sorted(s.name for s in assets.INSTRUCTION_SETS)
