@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from bdctl import cut, gguf_models
 from bdctl.errors import UserError
 from bdctl.recipe.schema import ModelSpec, Recipe, TinyModel, TokenizerTraining
+from bdctl.rundir import manifest, mark_complete, recover_dir, replace_dir, stage_lock
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -144,11 +147,11 @@ def tokenizer_source(recipe: Recipe) -> tuple[str, str | None] | None:
     spec = recipe.models.tokenizer
     if spec.train is not None:
         return None
-    if spec.path is not None:
-        return spec.path, None
-    # Models._check: without tokenizer.path or tokenizer.train, the teacher has a path
-    assert recipe.models.teacher.path is not None
-    return recipe.models.teacher.path, recipe.models.teacher.revision
+    if spec.location is not None:
+        return spec.location, None
+    # Models._check: without a tokenizer of its own, the teacher has a path or a gguf file
+    assert recipe.models.teacher.location is not None
+    return recipe.models.teacher.location, recipe.models.teacher.revision
 
 
 # --------------------------------------------------------------------------- vocabulary check
@@ -191,7 +194,7 @@ def check_vocabularies(recipe: Recipe, tokenizer, sources: Mapping[str, str | Pa
 
 def _path_of(source: str | Path | ModelSpec) -> tuple[str | None, str | None]:
     if isinstance(source, ModelSpec):
-        return source.path, source.revision
+        return source.location, source.revision
     return str(source), None
 
 
@@ -311,6 +314,162 @@ def max_positions(source: str | Path | ModelSpec) -> int | None:
 def count_parameters(model) -> int:
     """Parameters of a model, also when ZeRO-3 has partitioned them (ds_numel is the full size)."""
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- models built into the run
+
+
+def build_models(recipe: Recipe, log=print) -> None:
+    """Build, once, the Hugging Face directories the recipe's gguf and from_teacher entries name
+    (runs/<name>/models/<role>/, `ModelSpec.location`), in the launching process before any rank
+    starts: a GGUF file converted (bdctl.gguf_models), a student cut from the teacher's base
+    weights (bdctl.cut). A directory counts once its MANIFEST.json is there (written last, then the
+    whole directory renamed into place). A later command reuses it while its source is the same
+    file (the sha256 recorded in the manifest) and the same layer choice; otherwise it stops with
+    one line: the stages already trained from the old one would silently mix two models."""
+    models = recipe.models
+    wanted: list[tuple[str, str]] = []  # (role, kind), teacher before the student cut from it
+    if models.tokenizer.gguf is not None:
+        wanted.append(("tokenizer", "gguf"))
+    for role in ("teacher", "student"):
+        if getattr(models, role).gguf is not None:
+            wanted.append((role, "gguf"))
+    if models.student.from_teacher is not None:
+        wanted.append(("student", "from_teacher"))
+    for role, kind in wanted:
+        spec = models.tokenizer if role == "tokenizer" else getattr(models, role)
+        assert spec.location is not None  # Recipe._place_built_models
+        built = Path(spec.location)
+        source = _gguf_source(spec.gguf, role) if kind == "gguf" else _teacher_source(recipe)
+        if _up_to_date(built, source, role):
+            continue
+        with stage_lock(built.parent):  # one builder of runs/<name>/models/ at a time
+            if _up_to_date(built, source, role):
+                continue
+            log(f"building {built} from {source['label']} ...")
+            tmp = built.with_name(f".{built.name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                if kind == "gguf":
+                    facts = gguf_models.convert(Path(source["path"]), tmp, f"models.{role}.gguf", role == "tokenizer")
+                else:
+                    facts = _cut_student(recipe, tmp)
+                mark_complete(tmp, role=role, source=_recorded(source), **facts)
+                replace_dir(tmp, built)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            log(f"built {built} ({_summary(facts)})")
+
+
+def built_facts(directory: str | Path) -> dict | None:
+    """The manifest of a directory build_models made (None for any other directory): what the
+    model card of an export that starts from it names (source, layer choice, parameter count)."""
+    found = manifest(Path(directory))
+    return found if found is not None and found.get("kind") in ("gguf", "from_teacher") else None
+
+
+def _gguf_source(file: str | None, role: str) -> dict:
+    assert file is not None
+    path = Path(file).expanduser()
+    header_error = None if path.is_file() else f"models.{role}.gguf {file}: no such file"
+    if header_error:
+        raise UserError(header_error)
+    stat = path.stat()
+    return {"label": f"{file} (gguf)", "path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _teacher_source(recipe: Recipe) -> dict:
+    """The teacher's base weights a student is cut from, and what identifies them: the manifest's
+    sha256 of a converted GGUF, or the weight files of a local directory (a hub id: id and revision)."""
+    teacher = recipe.models.teacher
+    spec = recipe.models.student.from_teacher
+    assert spec is not None and teacher.location is not None
+    chosen = spec.model_dump(mode="json")
+    if teacher.gguf is not None:
+        converted = manifest(Path(teacher.location)) or {}
+        return {"label": f"the teacher {teacher.label}", "choice": chosen, "sha256": converted["source"]["sha256"]}
+    local = _local_dir(teacher.location)
+    if local is None:
+        return {"label": f"the teacher {teacher.label}", "choice": chosen, "hub": teacher.label}
+    check_model_dir(teacher.location, "teacher model ")
+    files = sorted(p for p in local.iterdir() if p.name.endswith((".safetensors", ".bin")))
+    stats = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    return {"label": f"the teacher {teacher.label}", "choice": chosen, "path": str(local.resolve()), "files": stats}
+
+
+def _up_to_date(built: Path, source: dict, role: str) -> bool:
+    """Whether `built` was made from this very source; one line when it was made from another.
+    Unchanged file sizes and times keep the recorded sha256 (no re-hashing of a large file on
+    every command); otherwise the content is hashed and compared."""
+    recover_dir(built)
+    found = manifest(built)
+    if found is None:
+        return False
+    theirs = found.get("source", {})
+    if theirs.get("choice") != source.get("choice"):
+        raise UserError(
+            f"{built}: cut with the teacher's layers {found.get('layers')} ({theirs.get('choice')}), but the recipe "
+            f"now asks {source.get('choice')}; delete {built} (and the stages trained from it) to cut again, or use "
+            "another run_dir"
+        )
+    stat_keys = ("path", "size", "mtime_ns", "files", "hub")
+    if "sha256" not in source and all(theirs.get(k) == source.get(k) for k in stat_keys):
+        return True
+    mine = source.get("sha256") or _content_hash(source)
+    if mine != theirs.get("sha256"):
+        raise UserError(
+            f"{built}: built from a source of sha256 {str(theirs.get('sha256'))[:12]}, but {source['label']} is now "
+            f"sha256 {mine[:12]}; delete {built} (and the stages trained from it) to build it again, or use another "
+            "run_dir"
+        )
+    return True
+
+
+def _content_hash(source: dict) -> str:
+    if "files" in source:
+        digest = hashlib.sha256()
+        for name, _, _ in source["files"]:
+            digest.update(name.encode() + gguf_models.sha256_file(Path(source["path"]) / name).encode())
+        return digest.hexdigest()
+    if "path" in source:
+        return gguf_models.sha256_file(Path(source["path"]))
+    return hashlib.sha256(json.dumps(source.get("hub")).encode()).hexdigest()
+
+
+def _recorded(source: dict) -> dict:
+    """The source as the manifest records it, with its sha256."""
+    return {**source, "sha256": source.get("sha256") or _content_hash(source)}
+
+
+def _cut_student(recipe: Recipe, out: Path) -> dict:
+    """The student cut from the teacher's base weights, with the shared tokenizer, into `out`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    spec = recipe.models.student.from_teacher
+    teacher = recipe.models.teacher
+    assert spec is not None and teacher.location is not None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(teacher.location, revision=teacher.revision, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"teacher model {teacher.label}: cannot load it to cut the student ({_first_line(exc)})"
+        ) from None
+    total = cut.layer_count(model.config)
+    layers = cut.choose_layers(spec, total)
+    student = cut.cut(model, layers)
+    student.save_pretrained(out)
+    source = tokenizer_source(recipe)
+    assert source is not None  # Models._check: a from_teacher student has a real teacher, so no trained tokenizer
+    load_tokenizer(*source).save_pretrained(out)
+    return cut.facts(layers, total, student)
+
+
+def _summary(facts: dict) -> str:
+    parts = [f"{facts['parameters'] / 1e6:,.2f} M parameters"] if "parameters" in facts else []
+    if "layers" in facts:
+        parts.append(f"layers {facts['layers']} of {facts['teacher_layers']}")
+    return ", ".join(parts) or "tokenizer"
 
 
 # --------------------------------------------------------------------------- local model directories

@@ -266,6 +266,11 @@ class RunDir:
     def data(self) -> Path:
         return self.root / "data"
 
+    def built_model(self, role: str) -> Path:
+        """The Hugging Face directory a gguf or from_teacher model of `role` (teacher, student,
+        tokenizer) is built into, once, before the first stage that needs it."""
+        return self.root / "models" / role
+
     def stage(self, name: str) -> Path:
         """A stage directory: `teacher_sft`, `generate`, `distill/bd`, ..."""
         return self.root / name

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from bdctl.recipe.schema import ModelSpec, Recipe
 
 
@@ -24,10 +26,20 @@ def model_config(spec: ModelSpec, recipe: Recipe):
         return tiny_config(spec.tiny, _Vocabulary())
     from transformers import AutoConfig
 
-    assert spec.path is not None  # ModelSpec: exactly one of path, tiny
+    location = spec.location
+    assert location is not None  # not tiny: a path, or where a gguf / from_teacher model is built
+    built = spec.path is None and (Path(location) / "config.json").is_file()
+    if spec.from_teacher is not None and not built:  # not cut yet: the teacher's config with the kept layers
+        from bdctl.cut import choose_layers, layer_count, with_layers
+
+        teacher = model_config(recipe.models.teacher, recipe)
+        return None if teacher is None else with_layers(teacher, choose_layers(spec.from_teacher, layer_count(teacher)))
     try:
-        return AutoConfig.from_pretrained(spec.path, revision=spec.revision, local_files_only=True)
-    except (OSError, ValueError):
+        if spec.gguf is not None and not built:  # not converted yet: the file's own metadata
+            gguf = Path(spec.gguf).expanduser()
+            return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        return AutoConfig.from_pretrained(location, revision=spec.revision, local_files_only=True)
+    except (OSError, ValueError, ImportError):
         return None
 
 

@@ -23,6 +23,7 @@ from bdctl.engine import check_resumable, latest_checkpoint
 from bdctl.errors import UserError
 from bdctl.job import Job
 from bdctl.launch import LaunchOptions, dry_run_text, launch
+from bdctl.models import build_models
 from bdctl.recipe import dump_recipe, load_recipe
 from bdctl.rundir import RunDir, clear_dir, manifest, stage_lock, write_text_atomic
 from bdctl.stages import Log, Stage, stage_module
@@ -85,6 +86,8 @@ def submit(
     job = plan(stage, recipe_arg, overrides, options, launch_options)
     job_file = job.stage_dir / "job.json"
     module = stage_module(stage)
+    if launch_options.is_primary:  # gguf / from_teacher models, once, before any check reads them (--dry-run too)
+        build_models(job.recipe, log)
     if launch_options.dry_run:
         log(dry_run_text(job_file, launch_options))
         if hasattr(module, "deepspeed_preview"):

@@ -88,11 +88,11 @@ def show(
             spec = getattr(resolved.models, role)
             config = model_config(spec, resolved)
             if config is None:
-                sizes.add_row(f"{role}: {spec.path}", "config not on disk", "-", "-", "-")
+                sizes.add_row(f"{role}: {spec.label}", "config not on disk", "-", "-", "-")
                 continue
             n = count_parameters(config)
             sizes.add_row(
-                f"{role}: {spec.path or spec.tiny.arch + ' (tiny)'}", f"{n / 1e6:,.1f} M",
+                f"{role}: {spec.label}", f"{n / 1e6:,.1f} M",
                 f"{training_gib_per_gpu(n, gpus, 2, precision):.2f}",
                 f"{training_gib_per_gpu(n, gpus, 3, precision):.2f}",
                 f"{inference_gib(n, precision):.2f}",

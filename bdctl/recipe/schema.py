@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 #: Times a request is asked in all while its reply is not A, B or Tie. A sampling or overloaded
 #: endpoint often answers properly on another try; a deterministic one repeats itself, so more
@@ -56,17 +56,87 @@ class TinyModel(Section):
         return self
 
 
+class FromTeacher(Section):
+    """A student made of some of the teacher's decoder layers, with the teacher's embeddings, final
+    norm and output layer (DistilBERT-style initialisation; beyond the paper, whose students are
+    pretrained models of their own). Cut from the recipe's teacher *base* weights (models.teacher:
+    a path or a gguf file), never from teacher_sft's export. docs/method.md §8 defines the choices."""
+
+    layers: list[int] | None = Field(
+        None, description="The teacher's layers to keep, 0-based, increasing, e.g. [0, 1, 2, 3, 4, 27, 28, 29]."
+    )
+    keep: int | None = Field(None, gt=0, description="How many layers to keep, chosen by `how` (instead of layers).")
+    how: Literal["even", "ends"] = Field(
+        "even",
+        description="With keep: k of L layers. even: round(linspace(0, L-1, k)) (first and last included); "
+        "ends: the first k-3 and the last 3 (k <= 3: the last k).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> FromTeacher:
+        _exactly_one(self, ("layers", "keep"), "from_teacher")
+        if self.layers is not None:
+            if not self.layers:
+                raise ValueError("from_teacher.layers is empty; name at least one of the teacher's layers")
+            if min(self.layers) < 0:
+                raise ValueError(f"from_teacher.layers {self.layers}: layer numbers start at 0")
+            if any(b <= a for a, b in zip(self.layers, self.layers[1:], strict=False)):
+                raise ValueError(
+                    f"from_teacher.layers {self.layers}: expected increasing layer numbers without repeats "
+                    "(the student keeps the teacher's order)"
+                )
+        if "how" in self.model_fields_set and self.keep is None:
+            raise ValueError("from_teacher.how goes with keep, not with layers")
+        return self
+
+
 class ModelSpec(Section):
-    """Where a model comes from: a hub id or local directory (`path`), or a `tiny` spec."""
+    """Where a model comes from: a hub id or local directory (`path`), a GGUF file (`gguf`),
+    the teacher's layers (`from_teacher`, students only), or a `tiny` spec."""
 
     path: str | None = Field(None, description="Hugging Face hub id or local directory.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     tiny: TinyModel | None = Field(None, description="Build a small random model instead of loading one.")
+    gguf: str | None = Field(
+        None,
+        description="A GGUF file (llama.cpp's format), converted once, dequantised, into a Hugging Face directory "
+        "runs/<name>/models/<role>/ (needs the gguf extra: pip install 'bdctl[gguf]').",
+    )
+    from_teacher: FromTeacher | None = Field(
+        None,
+        description="(student only) Cut from the teacher's base weights, built once into runs/<name>/models/student/.",
+    )
+    # The Hugging Face directory a gguf or from_teacher model is built into; set by Recipe from the
+    # run directory (RunDir.built_model), never by hand, so every process computes the same one.
+    _built: str | None = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
-        _exactly_one(self, ("path", "tiny"), "a model")
+        _exactly_one(self, ("path", "tiny", "gguf", "from_teacher"), "a model")
+        if self.revision is not None and self.path is None:
+            raise ValueError("revision goes with path (a hub id), not with tiny, gguf or from_teacher")
         return self
+
+    @property
+    def location(self) -> str | None:
+        """Where from_pretrained reads this model: its path, the directory its gguf file or its cut is
+        built into (bdctl.models.build_models), or None for a tiny spec (built in memory)."""
+        if self.path is not None or self.tiny is not None:
+            return self.path
+        assert self._built is not None, "a gguf / from_teacher spec outside a Recipe has no directory"
+        return self._built
+
+    @property
+    def label(self) -> str:
+        """The source in a few words, as tables and messages show it."""
+        if self.tiny is not None:
+            return f"{self.tiny.arch} (tiny)"
+        if self.gguf is not None:
+            return f"{self.gguf} (gguf)"
+        if self.from_teacher is not None:
+            chosen = self.from_teacher.layers or f"{self.from_teacher.keep}, {self.from_teacher.how}"
+            return f"teacher's layers {chosen}"
+        return str(self.path) if self.revision is None else f"{self.path}@{self.revision}"
 
 
 class TokenizerTraining(Section):
@@ -80,13 +150,25 @@ class TokenizerSpec(Section):
     """The one vocabulary teacher and student share (docs/method.md §2)."""
 
     path: str | None = Field(None, description="Hub id or local directory (default: the teacher's own).")
+    gguf: str | None = Field(
+        None,
+        description="The tokenizer (and chat template) of a GGUF file, converted once into "
+        "runs/<name>/models/tokenizer/.",
+    )
     train: TokenizerTraining | None = Field(None, description="Train a BPE on the recipe's data instead.")
+    _built: str | None = PrivateAttr(None)  # as ModelSpec._built
 
     @model_validator(mode="after")
     def _check(self) -> TokenizerSpec:
-        if self.path is not None and self.train is not None:
-            raise ValueError("a tokenizer takes either path or train, not both")
+        given = [name for name in ("path", "gguf", "train") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"a tokenizer takes one of path, gguf or train, not {' and '.join(given)}")
         return self
+
+    @property
+    def location(self) -> str | None:
+        """Where the tokenizer is read from: path, the directory its gguf is converted into, or None."""
+        return self.path if self.gguf is None else self._built
 
 
 class Models(Section):
@@ -97,7 +179,14 @@ class Models(Section):
     @model_validator(mode="after")
     def _check(self) -> Models:
         tiny = self.teacher.tiny is not None or self.student.tiny is not None
-        if self.tokenizer.path is None and self.tokenizer.train is None and self.teacher.path is None:
+        if self.teacher.from_teacher is not None:
+            raise ValueError("teacher: from_teacher is for the student (a teacher is a path, gguf or tiny)")
+        if self.student.from_teacher is not None and self.teacher.tiny is not None:
+            raise ValueError(
+                "student.from_teacher needs a teacher with path or gguf (a tiny teacher has no weights to cut)"
+            )
+        own = self.tokenizer.path is None and self.tokenizer.gguf is None and self.tokenizer.train is None
+        if own and self.teacher.tiny is not None:
             raise ValueError("tiny teachers need tokenizer.train (or tokenizer.path)")
         if self.tokenizer.train is not None and not tiny:
             raise ValueError("tokenizer.train is only for tiny models; real models bring their own")
@@ -690,6 +779,21 @@ class Recipe(Section):
                 f"expected a directory name (letters, digits, '.', '_', '-'), got {name!r}; it names runs/<name>"
             )
         return name
+
+    @model_validator(mode="after")
+    def _place_built_models(self) -> Recipe:
+        """Where this run builds its gguf and from_teacher models (runs/<name>/models/<role>/): a
+        function of the run directory, so the launching process and every rank agree on it."""
+        from bdctl.rundir import RunDir
+
+        run = RunDir.of(self)
+        for role in ("teacher", "student"):
+            spec = getattr(self.models, role)
+            if spec.gguf is not None or spec.from_teacher is not None:
+                spec._built = str(run.built_model(role))
+        if self.models.tokenizer.gguf is not None:
+            self.models.tokenizer._built = str(run.built_model("tokenizer"))
+        return self
 
     @model_validator(mode="after")
     def _check_references(self) -> Recipe:

@@ -449,8 +449,7 @@ def _describe(ref: str, source: ModelSpec | Path) -> str:
         return f"{ref} ({source})" if str(source) != ref else ref
     if source.tiny is not None:
         return f"{ref} (tiny {source.tiny.arch})"
-    assert source.path is not None  # ModelSpec: exactly one of path, tiny
-    return source.path if source.revision is None else f"{source.path}@{source.revision}"
+    return source.label
 
 
 def _digest(payload) -> str:

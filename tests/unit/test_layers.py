@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("bdctl.stages",),
     ("bdctl.training", "bdctl.selection", "bdctl.answers", "bdctl.evalunits", "bdctl.sampling", "bdctl.topp",
      "bdctl.cache", "bdctl.rollouts", "bdctl.judges", "bdctl.metrics", "bdctl.report_sparsity", "bdctl.distill_data"),
-    ("bdctl.engine", "bdctl.models", "bdctl.sizes", "bdctl.modelcard", "bdctl.data"),
+    ("bdctl.engine", "bdctl.models", "bdctl.sizes", "bdctl.modelcard", "bdctl.data", "bdctl.gguf_models", "bdctl.cut"),
     ("bdctl.objectives",),
 ]  # fmt: skip
 # Records and helpers every layer may use; they import nothing but other leaves. The recipe is one:
