@@ -109,7 +109,7 @@ OWT_LICENCE = "openwebtext: CC0 (evals LICENSE.md, Schelling Point)"
 
 # instructions-demo.jsonl: this many rows of each set at most (seeded), so that the CPU recipe's
 # generate and eval stages, which visit every prompt, fit its time budget (recipes/smollm2-cpu.yaml).
-DEMO_PER_SET = 60
+DEMO_PER_SET = 30
 DEMO_SEED = 19
 # Bump when what is built from the same wheels changes; the manifest then no longer matches.
 BUILD_VERSION = 1
