@@ -95,7 +95,7 @@ def convert(source: Path, out: Path, what: str, tokenizer_only: bool = False) ->
     """Write the model (unless `tokenizer_only`) and tokenizer of a checked GGUF file into `out`,
     a fresh directory, and return the facts its manifest records."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     header = read_header(source, what)
     facts: dict[str, Any] = {"kind": "gguf", "gguf_architecture": header["architecture"], "gguf_name": header["name"]}
@@ -104,7 +104,11 @@ def convert(source: Path, out: Path, what: str, tokenizer_only: bool = False) ->
     try:
         if not tokenizer_only:
             facts["architecture"] = check_architecture(header, source, what)
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+            # dequantize=True: plain float32 weights, a model like any other (transformers would
+            # otherwise keep quantised blocks in place, which cannot be trained or saved)
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, gguf_file=name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+            )
             model.save_pretrained(out)
             facts["parameters"] = sum(p.numel() for p in model.parameters())
             facts["dtype"] = "float32 (dequantised)"
