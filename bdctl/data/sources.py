@@ -15,6 +15,15 @@ from typing import Any
 from bdctl.errors import UserError, decode_utf8, not_a_regular_file
 from bdctl.recipe.schema import FieldMap
 
+# A reference answer needs at least this many characters (after stripping) to be scored: a one-character
+# answer ("A", "7") gives Rouge-L only all or nothing and SFT labels of a single token (issue 19, item 6).
+MIN_REFERENCE_CHARS = 2
+
+
+def reference_too_short(text: str) -> bool:
+    """True for a non-empty reference answer too short to score (fewer than MIN_REFERENCE_CHARS characters)."""
+    return 0 < len(text.strip()) < MIN_REFERENCE_CHARS
+
 
 def read_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """(location, record) pairs of a local .jsonl, .json or .parquet file."""

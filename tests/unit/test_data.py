@@ -122,9 +122,53 @@ def test_overlong_examples_are_dropped_and_counted(tmp_path):
     prepare_data(recipe, RunDir(tmp_path / "run"), log=lambda *_: None)
     report = json.loads((tmp_path / "run/data/split.json").read_text())
     assert report["dropped"] == {
-        "prompt_too_long": 1, "too_long": 1, "empty_output": 0, "text_too_long": 0, "duplicate": 0,
+        "prompt_too_long": 1, "too_long": 1, "empty_output": 0, "output_too_short": 0, "text_too_long": 0,
+        "duplicate": 0,
     }  # fmt: skip
     assert report["train"] == 48
+
+
+@pytest.mark.parametrize(
+    ("answer", "dropped_as"),
+    [("B", "output_too_short"), (" 7\n", "output_too_short"), ("", "empty_output"), ("ok", None)],
+)
+def test_references_too_short_to_score_are_dropped_and_counted(tmp_path, answer, dropped_as):
+    """Issue 19 item 6: a one-character reference answer (after stripping) cannot be scored; the row is
+    dropped before the split and counted apart from empty ones. Two characters are kept."""
+    rows = dolly_rows(40)
+    for row in rows[:3]:
+        row["response"] = answer
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe, _ = load_recipe(
+        "smoke",
+        [
+            f"data.source={{path: {tmp_path / 'd.jsonl'}, "
+            "fields: {instruction: instruction, input: context, output: response}}",
+            "data.split={valid: 5, test: 5, seed: 1}",
+        ],
+    )
+    prepare_data(recipe, RunDir(tmp_path / "run"), log=lambda *_: None)
+    report = json.loads((tmp_path / "run/data/split.json").read_text())
+    for kind in ("empty_output", "output_too_short"):
+        assert report["dropped"][kind] == (3 if kind == dropped_as else 0)
+    assert report["train"] == 30 - (3 if dropped_as else 0)
+
+
+def test_a_source_of_only_one_character_answers_is_refused(tmp_path):
+    rows = dolly_rows(20)
+    for row in rows:
+        row["response"] = "A"
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe, _ = load_recipe(
+        "smoke",
+        [
+            f"data.source={{path: {tmp_path / 'd.jsonl'}, "
+            "fields: {instruction: instruction, input: context, output: response}}",
+            "data.split={valid: 5, test: 5, seed: 1}",
+        ],
+    )
+    with pytest.raises(UserError, match="has an empty or one-character response .field 'response'.: nothing to train"):
+        prepare_data(recipe, RunDir(tmp_path / "run"), log=lambda *_: None)
 
 
 def test_too_little_data_is_a_clear_error(tmp_path):
