@@ -152,6 +152,7 @@ def run_one(args) -> dict:
         deepspeed_config,
         hf_deepspeed_context,
         init_distributed,
+        lr_factor,
         make_engine,
         policy_module,
         quiet_libraries,
@@ -180,7 +181,7 @@ def run_one(args) -> dict:
     if args.plain:  # the same module, loss and AdamW settings in plain torch: what ZeRO-3 itself costs
         engine = PlainEngine(policy_module(model), ds_config)
     else:
-        engine = make_engine(policy_module(model), ds_config, 100, 0.0)
+        engine = make_engine(policy_module(model), ds_config, lr_factor("linear", 100, 0))
     generator = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, config.vocab_size, (args.micro, args.seq), generator=generator)
     labels = ids.clone()

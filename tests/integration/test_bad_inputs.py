@@ -91,7 +91,8 @@ def world(tmp_path_factory) -> Path:
     rows_file(data / "missing_field.jsonl", [{"instruction": "a", "input": ""}])
     rows_file(data / "not_string.jsonl", [{**GOOD_ROW, "output": 3}])
     rows_file(data / "empty.jsonl", [], "")
-    rows_file(data / "few.jsonl", [GOOD_ROW] * 10)
+    # ten distinct examples: repeats of one would be dropped as duplicates before the count
+    rows_file(data / "few.jsonl", [{**GOOD_ROW, "instruction": f"Say hi {i} times."} for i in range(10)])
     rows_file(data / "object.json", [], '{"instruction": "a"}')
     rows_file(data / "table.csv", [], "instruction,output\na,b\n")
     (data / "latin.jsonl").write_bytes(b'{"instruction": "caf\xe9", "input": "", "output": "x"}\n')
