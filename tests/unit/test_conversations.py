@@ -161,7 +161,7 @@ def test_data_stage_drops_counts_and_refuses(tokenizers, tmp_path):
     from bdctl.rundir import RunDir
 
     directory, _ = tokenizers["qwen2"]
-    good = [{"messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"{i}"}]}
+    good = [{"messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"It is {i}."}]}
             for i in range(8)]  # fmt: skip
     long = {"messages": CONVERSATION * 6}  # over max_prompt_length (96) tokens, under its characters limit
     records = [*good, {"messages": CONVERSATION[:3]}, {"messages": [{"role": "tool", "content": "x"}]}, long]
@@ -215,7 +215,7 @@ def test_sharegpt_records_make_the_same_rows_as_messages(tokenizers, tmp_path):
     directory, _ = tokenizers["llama3"]
     names = {"system": "system", "user": "human", "assistant": "gpt"}
     chats = [[{"role": "system", "content": "Be brief."}, *CONVERSATION]] + [
-        [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"{i}"}] for i in range(7)
+        [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"It is {i}."}] for i in range(7)
     ]
     rows = {}
     for format in ("messages", "sharegpt"):

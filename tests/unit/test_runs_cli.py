@@ -153,7 +153,8 @@ def complete(words: str) -> list[str]:
 
 def test_completion_of_recipe_and_stage_names(run_dir, monkeypatch):
     monkeypatch.chdir(run_dir.parent.parent)  # the run directory of smoke is ./runs/smoke
-    assert complete("bdctl sft sm") == ["smoke"]
+    assert complete("bdctl sft smok") == ["smoke"]
+    assert complete("bdctl sft sm") == ["smoke", "smollm2-cpu"]
     assert {"smoke", "tiny"} <= set(complete("bdctl distill "))
     assert complete("bdctl sft smoke --model ") == ["teacher", "student"]
     assert complete("bdctl distill smoke --ablation ") == ["bd-p0.5"]
